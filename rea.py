@@ -1,0 +1,6060 @@
+#!/usr/bin/env python3
+"""rea.py — a governance gateway for the Model Context Protocol, in one stdlib-only file.
+
+Point your MCP client at ``python rea.py serve`` instead of at your MCP servers. The
+gateway starts the servers listed in ``.rea/registry.yaml``, shows the client all of
+their tools as ``server__tool``, and puts every tool call through the policy of
+``.rea/policy.yaml``, a per-server circuit breaker and a hash-chained audit log
+(``.rea/audit.jsonl``). ``python rea.py status`` shows, from any other terminal, what
+the running gateway and each server are doing. Python rebuild of the gateway of the
+TypeScript tool ``rea`` (npm ``@bookedsolid/rea`` 0.9.x), file-compatible with it.
+
+The file reads bottom-up: each section uses only the sections above it.
+
+    Prelude               errors, structured logging to stderr, atomic writes
+    YAML subset           the strict parser for .rea/*.yaml
+    Configuration         Registry, ServerSpec, Policy: validated once, at load
+    Governance            tiers, autonomy, blocked paths, redaction, injection scan, caps
+    Audit log             hash chain, flock, group commit, rotation, verify
+    Breaker and state     CircuitBreaker, SessionBlocker, LiveState, `status`
+    Protocol              JSON-RPC and the two MCP eras (handshake, stateless 2026-07-28)
+    Child process         one downstream process: pipes, reader threads, timeouts
+    Downstream            one server: start, era probe, tools, supervisor restarts
+    Call pipeline         the steps every tools/call goes through (SPEC §6)
+    Gateway               the MCP server the client talks to
+    Commands, main        serve, status, check, audit, freeze, ...
+
+Threads: ``rea-stdin`` reads the client; per child ``rea-child-NAME`` reads its stdout
+and ``rea-stderr-NAME`` drains its stderr; ``rea-worker-N`` run slow requests and
+durable audit writes; ``rea-timeouts`` expires calls; ``rea-state-timer`` writes the
+live state. stdout carries only JSON-RPC; every log line goes to stderr as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import datetime as _dt
+import fcntl
+import fnmatch
+import hashlib
+import importlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unicodedata
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, BinaryIO, NoReturn, TextIO, TypeVar
+from urllib.parse import unquote
+
+VERSION = "0.1.0"
+REA_DIR = ".rea"
+ZERO_HASH = "0" * 64
+
+# JSON values once parsed: the boundary type. Parse into typed records right there.
+JSON = object
+
+
+class ReaError(Exception):
+    """An error the user can cause and fix. str(err) is one line: file, place, fix."""
+
+
+_log_lock = threading.Lock()  # guards: one whole line per write to stderr
+
+
+def log(level: str, event: str, **fields: object) -> None:
+    """Write one structured log line (a JSON object) to stderr. Never to stdout."""
+    line = json.dumps(
+        {"ts": utc_now_iso(), "level": level, "event": event, **fields},
+        ensure_ascii=False,
+        default=str,
+    )
+    with _log_lock:
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must never break the gateway
+
+
+def utc_now_iso() -> str:
+    """ISO-8601 UTC with milliseconds and a Z, as the audit log's `timestamp`."""
+    now = _dt.datetime.now(_dt.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file so that a reader sees the old or the new bytes, never a part.
+
+    Temp file in the same folder, mode, fsync, os.replace, fsync of the folder.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# YAML subset ######################################################################
+#
+# The standard library has no YAML parser, so rea carries a small strict one for the
+# subset that .rea/ files use (SPEC §2), resolving scalars by the YAML 1.2 core
+# schema as the reference tool's parser does. Whatever lies outside the subset is
+# refused with `file:line:column: what is wrong`, never guessed at: a config file
+# that means something other than what its author thinks is a security problem.
+
+_NULLS = frozenset({"~", "null", "Null", "NULL", ""})
+_TRUES = frozenset({"true", "True", "TRUE"})
+_FALSES = frozenset({"false", "False", "FALSE"})
+_INT_DEC = re.compile(r"[-+]?[0-9]+")
+_INT_OCT = re.compile(r"0o[0-7]+")
+_INT_HEX = re.compile(r"0x[0-9a-fA-F]+")
+_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
+_INF = re.compile(r"[-+]?\.(?:inf|Inf|INF)")
+_NAN = re.compile(r"\.(?:nan|NaN|NAN)")
+
+_FLOW_INDICATORS = ",[]{}"
+_SIMPLE_ESCAPES = {
+    "0": "\0",
+    "a": "\a",
+    "b": "\b",
+    "t": "\t",
+    "\t": "\t",
+    "n": "\n",
+    "v": "\v",
+    "f": "\f",
+    "r": "\r",
+    "e": "\x1b",
+    " ": " ",
+    '"': '"',
+    "/": "/",
+    "\\": "\\",
+    "N": "\x85",
+    "_": "\xa0",
+    "L": "\u2028",
+    "P": "\u2029",
+}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+
+
+def parse_yaml(text: str, filename: str) -> object:
+    """Parse the YAML subset of SPEC §2 into dict / list / str / int / float / bool / None."""
+    try:
+        return _YamlParser(text, filename).document()
+    except RecursionError:
+        raise ReaError(f"{filename}: nested too deeply to be a config file") from None
+
+
+def _resolve_plain(text: str) -> object:
+    """Give a plain scalar its YAML 1.2 core-schema type (`yes`, `on`, dates stay str)."""
+    if text in _NULLS:
+        return None
+    if text in _TRUES:
+        return True
+    if text in _FALSES:
+        return False
+    if _INT_DEC.fullmatch(text):
+        return int(text, 10)
+    if _INT_OCT.fullmatch(text):
+        return int(text[2:], 8)
+    if _INT_HEX.fullmatch(text):
+        return int(text[2:], 16)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    if _INF.fullmatch(text):
+        return -math.inf if text.startswith("-") else math.inf
+    if _NAN.fullmatch(text):
+        return math.nan
+    return text
+
+
+class _YamlParser:
+    """One pass over one document. Positions are (line index, column), both 0-based."""
+
+    def __init__(self, text: str, filename: str) -> None:
+        self.filename = filename
+        if text.startswith("\ufeff"):
+            text = text[1:]  # a byte-order mark is not content
+        self.lines = [line.removesuffix("\r") for line in text.split("\n")]
+
+    # errors and line classification
+
+    def error(self, i: int, col: int, what: str) -> ReaError:
+        return ReaError(f"{self.filename}:{i + 1}:{col + 1}: {what}")
+
+    def is_content(self, i: int) -> bool:
+        stripped = self.lines[i].lstrip(" \t")
+        return bool(stripped) and not stripped.startswith("#")
+
+    def next_content(self, i: int) -> int:
+        """The index of the first content line at or after i (len(lines) if none)."""
+        while i < len(self.lines) and not self.is_content(i):
+            i += 1
+        return i
+
+    def indent(self, i: int) -> int:
+        """Indentation of content line i; -1 at the end or at a document marker."""
+        if i >= len(self.lines) or self.is_doc_marker(i):
+            return -1
+        line = self.lines[i]
+        n = len(line) - len(line.lstrip(" "))
+        if line[n] == "\t":
+            raise self.error(i, n, "tab in indentation; indent with spaces only")
+        return n
+
+    def is_doc_marker(self, i: int) -> bool:
+        line = self.lines[i]
+        return line[:3] in ("---", "...") and (len(line) == 3 or line[3] in " \t")
+
+    def rest_is_blank(self, i: int, col: int) -> None:
+        """After a value, only whitespace or a comment may follow on the line."""
+        line = self.lines[i]
+        j = col
+        while j < len(line) and line[j] in " \t":
+            j += 1
+        if j == len(line):
+            return
+        if line[j] == "#" and j > col:
+            return
+        if line[j] == "#":
+            raise self.error(i, j, "a comment needs a space before '#'")
+        if line[j] == ":":
+            raise self.error(i, j, "unexpected ':'; only plain or quoted scalars can be keys")
+        raise self.error(i, j, f"unexpected text {line[j:].rstrip()!r} after the value")
+
+    # document and block structure
+
+    def document(self) -> object:
+        i = self.next_content(0)
+        if i < len(self.lines) and self.lines[i].startswith("---") and self.is_doc_marker(i):
+            self.rest_is_blank(i, 3)
+            i = self.next_content(i + 1)
+        value: object = None
+        if i < len(self.lines) and not self.is_doc_marker(i):
+            start = self.indent(i)
+            value, i = self.node(i, start, -1)
+            i = self.next_content(i)
+        if i < len(self.lines):
+            if self.lines[i].startswith("..."):
+                self.rest_is_blank(i, 3)
+                i = self.next_content(i + 1)
+                if i >= len(self.lines):
+                    return value
+            if self.lines[i].startswith("---") and self.is_doc_marker(i):
+                raise self.error(i, 0, "a second document; only one document per file")
+            raise self.error(i, self.indent(i), "unexpected content after the document's value")
+        return value
+
+    def node(self, i: int, col: int, parent: int) -> tuple[object, int]:
+        """Parse the node starting at (i, col), inside a block whose indent is `parent`.
+
+        Returns the value and the index of the line after the last consumed one.
+        """
+        if self.is_seq_entry(i, col):
+            return self.block_sequence(i, col, under_key=False)
+        if self.key_end(i, col) is not None:
+            return self.block_mapping(i, col)
+        value, i, end = self.inline_value(i, col, parent)
+        self.rest_is_blank(i, end)
+        nxt = self.next_content(i + 1)
+        if self.indent(nxt) > parent:
+            what = "unexpected indentation" if parent >= 0 else "unexpected content"
+            raise self.error(
+                nxt,
+                self.indent(nxt),
+                f"{what} (multi-line plain scalars are not supported; "
+                "put the value on one line or quote it)",
+            )
+        return value, i + 1
+
+    def is_seq_entry(self, i: int, col: int) -> bool:
+        line = self.lines[i]
+        return line[col] == "-" and (col + 1 == len(line) or line[col + 1] in " \t")
+
+    def block_sequence(self, i: int, n: int, under_key: bool) -> tuple[list[object], int]:
+        items: list[object] = []
+        while True:
+            line = self.lines[i]
+            j = n + 1
+            while j < len(line) and line[j] in " \t":
+                j += 1
+            if j == len(line) or line[j] == "#":
+                nxt = self.next_content(i + 1)
+                if self.indent(nxt) > n:
+                    value, i = self.node(nxt, self.indent(nxt), n)
+                else:
+                    value, i = None, i + 1
+            else:
+                value, i = self.node(i, j, n)
+            items.append(value)
+            i = self.next_content(i)
+            m = self.indent(i)
+            if m < n:
+                return items, i
+            if m > n:
+                raise self.error(i, m, f"bad indentation: expected column {n + 1}")
+            if not self.is_seq_entry(i, n):
+                if under_key:
+                    return items, i
+                raise self.error(i, n, "expected a '- ' sequence entry at this indentation")
+
+    def key_end(self, i: int, col: int) -> tuple[str, int] | None:
+        """If a `key:` starts at (i, col), return the key and the column after its ':'."""
+        line = self.lines[i]
+        c = line[col]
+        if c in "\"'":
+            key, end = self.quoted(i, col)
+            j = end
+            while j < len(line) and line[j] in " \t":
+                j += 1
+            if j < len(line) and line[j] == ":" and (j + 1 == len(line) or line[j + 1] in " \t"):
+                return key, j + 1
+            return None
+        if c in "[{":
+            return None
+        j = col
+        while j < len(line):
+            ch = line[j]
+            if ch == "#" and j > col and line[j - 1] in " \t":
+                return None
+            if ch == ":" and (j + 1 == len(line) or line[j + 1] in " \t"):
+                key = line[col:j].rstrip(" \t")
+                if not key:
+                    raise self.error(i, col, "a mapping key is empty")
+                self.check_plain_start(i, col, flow=False)
+                return key, j + 1
+            j += 1
+        return None
+
+    def block_mapping(self, i: int, n: int) -> tuple[dict[str, object], int]:
+        result: dict[str, object] = {}
+        first_line: dict[str, int] = {}
+        while True:
+            if self.is_seq_entry(i, n):
+                raise self.error(i, n, "expected 'key: value', found a '- ' sequence entry")
+            found = self.key_end(i, n)
+            if found is None:
+                raise self.error(i, n, "expected 'key: value'")
+            key, after = found
+            if key == "<<" and self.lines[i][n] == "<":
+                raise self.error(i, n, "merge keys '<<' are not supported; write the keys out")
+            if key in result:
+                raise self.error(
+                    i, n, f"duplicate key {key!r} (first at line {first_line[key] + 1})"
+                )
+            first_line[key] = i
+            line = self.lines[i]
+            j = after
+            while j < len(line) and line[j] in " \t":
+                j += 1
+            value: object
+            if j == len(line) or line[j] == "#":
+                nxt = self.next_content(i + 1)
+                m = self.indent(nxt)
+                if m > n:
+                    value, i = self.node(nxt, m, n)
+                elif m == n and self.is_seq_entry(nxt, n):
+                    value, i = self.block_sequence(nxt, n, under_key=True)
+                else:
+                    value, i = None, i + 1
+            else:
+                value, i = self.node_inline_only(i, j, n)
+            result[key] = value
+            i = self.next_content(i)
+            m = self.indent(i)
+            if m < n:
+                return result, i
+            if m > n:
+                raise self.error(i, m, f"bad indentation: expected column {n + 1}")
+
+    def node_inline_only(self, i: int, col: int, parent: int) -> tuple[object, int]:
+        """A value on the same line as its key: a scalar or a flow collection."""
+        if self.is_seq_entry(i, col):
+            raise self.error(i, col, "a block sequence cannot start on the line of its key")
+        if self.key_end(i, col) is not None:
+            raise self.error(i, col, "a nested mapping cannot start on the line of its key")
+        return self.node(i, col, parent)
+
+    # scalars and flow collections
+
+    def inline_value(self, i: int, col: int, parent: int) -> tuple[object, int, int]:
+        """A scalar or flow collection at (i, col); returns value, end line, end column."""
+        c = self.lines[i][col]
+        if c in "[{":
+            return self.flow(i, col, parent)
+        if c in "\"'":
+            text, end = self.quoted(i, col)
+            return text, i, end
+        self.check_plain_start(i, col, flow=False)
+        line = self.lines[i]
+        j = col
+        while j < len(line):
+            ch = line[j]
+            if ch == "#" and j > col and line[j - 1] in " \t":
+                break
+            if ch == ":" and (j + 1 == len(line) or line[j + 1] in " \t"):
+                raise self.error(i, j, "a mapping value is not allowed here; quote the text")
+            j += 1
+        text = line[col:j].rstrip(" \t")
+        return _resolve_plain(text), i, col + len(text)
+
+    def check_plain_start(self, i: int, col: int, flow: bool) -> None:
+        line = self.lines[i]
+        c = line[col]
+        nxt = line[col + 1] if col + 1 < len(line) else " "
+        quote_it = "; quote the value if you meant the text"
+        if c == "&":
+            raise self.error(i, col, "anchors ('&') are not supported" + quote_it)
+        if c == "*":
+            raise self.error(i, col, "aliases ('*') are not supported" + quote_it)
+        if c == "!":
+            raise self.error(i, col, "tags ('!') are not supported" + quote_it)
+        if c in "|>":
+            raise self.error(i, col, f"block scalars ('{c}') are not supported" + quote_it)
+        if c in "%@`":
+            raise self.error(i, col, f"'{c}' cannot start a plain scalar" + quote_it)
+        if c in _FLOW_INDICATORS:
+            raise self.error(i, col, f"unexpected '{c}'")
+        if c == "?" and nxt in " \t":
+            raise self.error(i, col, "complex keys ('? ') are not supported")
+        if c in "-:" and (nxt in " \t" or (flow and nxt in _FLOW_INDICATORS)):
+            raise self.error(i, col, f"unexpected '{c}'")
+
+    def quoted(self, i: int, col: int) -> tuple[str, int]:
+        """A single- or double-quoted scalar closing on the same line; (text, end col)."""
+        line = self.lines[i]
+        quote = line[col]
+        out: list[str] = []
+        j = col + 1
+        while j < len(line):
+            ch = line[j]
+            if quote == "'":
+                if ch == "'":
+                    if j + 1 < len(line) and line[j + 1] == "'":
+                        out.append("'")
+                        j += 2
+                        continue
+                    return "".join(out), j + 1
+                out.append(ch)
+                j += 1
+                continue
+            if ch == '"':
+                return "".join(out), j + 1
+            if ch != "\\":
+                out.append(ch)
+                j += 1
+                continue
+            esc = line[j + 1] if j + 1 < len(line) else ""
+            if esc in _SIMPLE_ESCAPES:
+                out.append(_SIMPLE_ESCAPES[esc])
+                j += 2
+            elif esc in _HEX_ESCAPES:
+                width = _HEX_ESCAPES[esc]
+                digits = line[j + 2 : j + 2 + width]
+                if len(digits) != width or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                    raise self.error(i, j, f"bad escape '\\{esc}': needs {width} hex digits")
+                code = int(digits, 16)
+                j += 2 + width
+                low = line[j + 2 : j + 6] if line[j : j + 2] == "\\u" else ""
+                if 0xD800 <= code < 0xDC00 and re.fullmatch(r"[dD][c-fC-F][0-9a-fA-F]{2}", low):
+                    code = 0x10000 + ((code - 0xD800) << 10) + (int(low, 16) - 0xDC00)
+                    j += 6  # a UTF-16 surrogate pair written as two \u escapes, as JSON does
+                out.append(chr(code))
+            else:
+                raise self.error(i, j, f"unknown escape '\\{esc}' in a double-quoted string")
+        kind = "single" if quote == "'" else "double"
+        raise self.error(
+            i, col, f"unterminated {kind}-quoted string (quoted strings must close on their line)"
+        )
+
+    def flow_skip(self, i: int, col: int, parent: int, opened: tuple[int, int]) -> tuple[int, int]:
+        """Skip spaces, comments and line breaks inside a flow collection."""
+        while True:
+            line = self.lines[i]
+            while col < len(line) and line[col] in " \t":
+                col += 1
+            if col < len(line) and not (line[col] == "#" and (col == 0 or line[col - 1] in " \t")):
+                return i, col
+            i += 1
+            if i >= len(self.lines):
+                raise self.error(*opened, "unterminated flow collection; close it with ']' or '}'")
+            if self.is_content(i):
+                m = self.indent(i)
+                # A closing bracket may sit at its key's column, as JSON-minded writers put it.
+                closing = m == parent and self.lines[i][m] in "]}"
+                if m <= parent and not closing:
+                    raise self.error(
+                        i, m, "a flow collection's lines must be indented more than its key"
+                    )
+            col = 0
+
+    def flow(self, i: int, col: int, parent: int) -> tuple[object, int, int]:
+        """A flow sequence or mapping from its opening bracket; (value, end line, end col)."""
+        opened = (i, col)
+        closer = "]" if self.lines[i][col] == "[" else "}"
+        seq: list[object] = []
+        mapping: dict[str, object] = {}
+        i, col = self.flow_skip(i, col + 1, parent, opened)
+        while self.lines[i][col] != closer:
+            if closer == "]":
+                value, i, col = self.flow_node(i, col, parent)
+                i, col = self.flow_skip(i, col, parent, opened)
+                if self.lines[i][col] == ":":
+                    raise self.error(i, col, "'key: value' inside [ ] is not supported; use { }")
+                seq.append(value)
+            else:
+                ch = self.lines[i][col]
+                if ch in "[{":
+                    raise self.error(i, col, "flow collections as keys are not supported")
+                key_at = (i, col)
+                if ch in "\"'":
+                    key, col = self.quoted(i, col)
+                else:
+                    key, col = self.flow_plain(i, col)
+                i, col = self.flow_skip(i, col, parent, opened)
+                if self.lines[i][col] != ":":
+                    raise self.error(i, col, "expected ':' after a flow mapping key")
+                if key in mapping:
+                    raise self.error(*key_at, f"duplicate key {key!r}")
+                i, col = self.flow_skip(i, col + 1, parent, opened)
+                if self.lines[i][col] in ",}":
+                    mapping[key] = None
+                else:
+                    mapping[key], i, col = self.flow_node(i, col, parent)
+                    i, col = self.flow_skip(i, col, parent, opened)
+            ch = self.lines[i][col]
+            if ch == ",":
+                i, col = self.flow_skip(i, col + 1, parent, opened)
+                if self.lines[i][col] == ",":
+                    raise self.error(i, col, "empty entry in a flow collection")
+            elif ch != closer:
+                raise self.error(i, col, f"expected ',' or '{closer}'")
+        result: object = seq if closer == "]" else mapping
+        return result, i, col + 1
+
+    def flow_node(self, i: int, col: int, parent: int) -> tuple[object, int, int]:
+        ch = self.lines[i][col]
+        if ch in "[{":
+            return self.flow(i, col, parent)
+        if ch in "\"'":
+            text, end = self.quoted(i, col)
+            return text, i, end
+        if ch == ",":
+            raise self.error(i, col, "empty entry in a flow collection")
+        text, end = self.flow_plain(i, col)
+        return _resolve_plain(text), i, end
+
+    def flow_plain(self, i: int, col: int) -> tuple[str, int]:
+        self.check_plain_start(i, col, flow=True)
+        line = self.lines[i]
+        j = col
+        while j < len(line):
+            ch = line[j]
+            if ch in _FLOW_INDICATORS:
+                break
+            if ch == "#" and line[j - 1] in " \t":
+                break
+            if ch == ":" and (j + 1 == len(line) or line[j + 1] in " \t" + _FLOW_INDICATORS):
+                break
+            j += 1
+        text = line[col:j].rstrip(" \t")
+        return text, col + len(text)
+
+
+# Configuration records ############################################################
+
+SERVER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+TIERS = ("read", "write", "destructive")
+LEVELS = ("L0", "L1", "L2", "L3")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# env_passthrough must not carry secrets by name: they go under env: where they are seen.
+_SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+_WITHHELD = "<withheld>"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One downstream MCP server as the registry declares it (SPEC §3)."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # raw templates, ${VAR} unexpanded
+    env_passthrough: tuple[str, ...] = ()
+    tier_overrides: Mapping[str, str] = field(default_factory=dict)  # tool -> tier
+    enabled: bool = True
+    trust_annotations: bool = False
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The downstream servers of `.rea/registry.yaml`; `source` is None without a file."""
+
+    version: str = "1"
+    servers: tuple[ServerSpec, ...] = ()
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class RedactPattern:
+    """A user secret pattern from `redact.patterns`; flags are letters among i m s x."""
+
+    name: str
+    regex: str
+    flags: str = ""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-server rate and concurrency limits from `gateway.servers.<name>`; 0 is off."""
+
+    calls_per_minute: int = 0
+    max_concurrent_calls: int = 0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The policy of `.rea/policy.yaml` (SPEC §4), every default filled in."""
+
+    profile: str | None = None
+    autonomy_level: str = "L1"
+    max_autonomy_level: str = "L2"
+    blocked_paths: tuple[str, ...] = ()
+    injection_detection: str = "warn"
+    suspicious_blocks_writes: bool = False
+    redact_patterns: tuple[RedactPattern, ...] = ()
+    audit_max_bytes: int = 50 * 1024 * 1024
+    audit_max_age_days: int | None = None
+    audit_fsync: str = "always"
+    expose_diagnostics: bool = False
+    call_timeout_s: float = 60.0
+    startup_wait_s: float = 5.0
+    max_tool_name: int = 52
+    max_result_kb: int = 512
+    breaker_failure_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
+    session_blocker_threshold: int = 3
+    server_limits: Mapping[str, ServerLimits] = field(default_factory=dict)
+    blocked_tools: tuple[str, ...] = ()
+    metrics_port: int | None = None
+    restart_backoff_s: float = 0.5  # gateway.restart_backoff_s: first supervisor restart delay
+    source: Path | None = None
+
+
+# Configuration loading ############################################################
+
+
+def find_root(root_arg: str | None, cwd: Path | None = None) -> Path:
+    """The project root (SPEC §1): --root; else the nearest ancestor holding .rea/; else cwd."""
+    here = (cwd if cwd is not None else Path.cwd()).resolve()
+    if root_arg is not None:
+        root = (here / Path(root_arg).expanduser()).resolve()
+        if not root.is_dir():
+            raise ReaError(f"--root {root_arg}: no such directory; give an existing folder")
+        return root
+    for folder in (here, *here.parents):
+        if (folder / REA_DIR).is_dir():
+            return folder
+    return here
+
+
+def _read_document(rea_dir: Path, stem: str) -> tuple[object, Path | None]:
+    """Parse `<stem>.yaml` or `<stem>.json` in rea_dir; (None, None) when neither exists."""
+    yaml_path = rea_dir / f"{stem}.yaml"
+    json_path = rea_dir / f"{stem}.json"
+    if yaml_path.exists() and json_path.exists():
+        raise ReaError(
+            f"{rea_dir}: both {stem}.yaml and {stem}.json exist; keep one and delete the other"
+        )
+    path = json_path if json_path.exists() else yaml_path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReaError(f"{path}: cannot be read ({err}); make it a readable UTF-8 file") from err
+    if path.suffix == ".json":
+        return _parse_json(text, str(path)), path
+    return parse_yaml(text, str(path)), path
+
+
+def _parse_json(text: str, filename: str) -> object:
+    """json.loads with refusals a user can act on: line:col, and no silent duplicate keys."""
+    if not text.strip():
+        return None
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        result: dict[str, object] = {}
+        for key, value in pairs:
+            if key in result:
+                raise ReaError(f"{filename}: duplicate key {key!r}; keep one of them")
+            result[key] = value
+        return result
+
+    try:
+        value: object = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise ReaError(f"{filename}:{err.lineno}:{err.colno}: {err.msg}") from err
+    except (ValueError, RecursionError) as err:  # huge integers, absurd nesting
+        raise ReaError(f"{filename}: not usable JSON ({err})") from None
+    return value
+
+
+def load_registry(rea_dir: Path) -> Registry:
+    """Load `.rea/registry.yaml` (or .json). A missing or empty file means no servers."""
+    value, path = _read_document(rea_dir, "registry")
+    if path is None:
+        return Registry()
+    return replace(registry_from_value(value, str(path)), source=path)
+
+
+def load_policy(rea_dir: Path) -> Policy:
+    """Load `.rea/policy.yaml` (or .json). A missing file means the defaults."""
+    value, path = _read_document(rea_dir, "policy")
+    if path is None:
+        return Policy()
+    return replace(policy_from_value(value, str(path)), source=path)
+
+
+def _describe(value: object) -> str:
+    """A value as an error message names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+class _Section:
+    """One mapping of a config document under validation: typed reads, strict keys.
+
+    Every refusal names the file, the key path and the fix. A key given as null
+    means its default, as if it were absent.
+    """
+
+    def __init__(
+        self,
+        value: object,
+        filename: str,
+        place: str,
+        allowed: Iterable[str],
+        ignored: Iterable[str] = (),
+    ) -> None:
+        self.filename = filename
+        self.place = place
+        self.data: dict[str, object] = {}
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            raise self.fail(
+                "", f"must be a mapping, got {_describe(value)}", "write key: value lines"
+            )
+        known = set(allowed)
+        skip = set(ignored)
+        for key, item in value.items():
+            name = str(key)
+            if name in skip:
+                continue
+            if name not in known:
+                raise self.fail(
+                    name, "unknown key", f"remove it; known keys are {', '.join(sorted(known))}"
+                )
+            self.data[name] = item
+
+    def path(self, key: str) -> str:
+        if not key:
+            return self.place or "(top level)"
+        return f"{self.place}.{key}" if self.place else key
+
+    def fail(self, key: str, what: str, fix: str) -> ReaError:
+        return ReaError(f"{self.filename}: {self.path(key)}: {what}; {fix}")
+
+    def get(self, key: str) -> object:
+        return self.data.get(key)
+
+    def section(self, key: str, allowed: Iterable[str]) -> _Section:
+        return _Section(self.get(key), self.filename, self.path(key), allowed)
+
+    def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or (choices and value not in choices):
+            if choices:
+                raise self.fail(
+                    key,
+                    f"must be one of {' | '.join(choices)}, got {_describe(value)}",
+                    f"write one of {', '.join(choices)}",
+                )
+            raise self.fail(key, f"must be text, got {_describe(value)}", "quote the value")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(
+                key, f"must be true or false, got {_describe(value)}", "write true or false"
+            )
+        return value
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.get(key)
+        if value is None:
+            return default
+        # bool is an int in Python; `true` is never a count.
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if (
+            ok
+            and isinstance(value, int)
+            and value >= minimum
+            and (maximum is None or value <= maximum)
+        ):
+            return value
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+        raise self.fail(
+            key,
+            f"must be a whole number {bound}, got {_describe(value)}",
+            f"write a number {bound}",
+        )
+
+    def optional_integer(self, key: str, minimum: int, maximum: int | None = None) -> int | None:
+        if self.get(key) is None:
+            return None
+        return self.integer(key, 0, minimum, maximum)
+
+    def number(self, key: str, default: float, positive: bool) -> float:
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+            if math.isfinite(number) and (number > 0 or (not positive and number == 0)):
+                return number
+        bound = "> 0" if positive else ">= 0"
+        raise self.fail(
+            key, f"must be a number {bound}, got {_describe(value)}", f"write a number {bound}"
+        )
+
+    def string_list(self, key: str, what: str = "text") -> tuple[str, ...]:
+        value = self.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(
+                key, f"must be a list, got {_describe(value)}", "write [a, b] or - lines"
+            )
+        result: list[str] = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise self.fail(
+                    f"{key}[{index}]",
+                    f"must be non-empty {what}, got {_describe(item)}",
+                    "quote the value",
+                )
+            result.append(item)
+        return tuple(result)
+
+    def string_map(self, key: str) -> dict[str, str]:
+        value = self.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(
+                key, f"must be a mapping, got {_describe(value)}", "write key: value lines"
+            )
+        result: dict[str, str] = {}
+        for name, item in value.items():
+            if not isinstance(item, str):
+                raise self.fail(
+                    f"{key}.{name}", f"must be text, got {_describe(item)}", "quote the value"
+                )
+            result[str(name)] = item
+        return result
+
+    def entries(self, key: str) -> list[tuple[str, object]]:
+        """A list under key, as (place, item) pairs."""
+        value = self.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be a list, got {_describe(value)}", "write - entries")
+        return [(f"{self.path(key)}[{index}]", item) for index, item in enumerate(value)]
+
+
+_SERVER_KEYS = (
+    "name",
+    "command",
+    "args",
+    "env",
+    "env_passthrough",
+    "tier_overrides",
+    "enabled",
+    "trust_annotations",
+)
+
+
+def registry_from_value(value: object, filename: str) -> Registry:
+    """Validate a parsed registry document (SPEC §3) into a Registry."""
+    top = _Section(value, filename, "", ("version", "servers"))
+    version = top.string("version", "1")
+    if version != "1":
+        raise top.fail("version", f"unsupported version {version!r}", 'write version: "1"')
+    servers: list[ServerSpec] = []
+    seen: dict[str, str] = {}
+    for place, item in top.entries("servers"):
+        spec = _server_from_value(item, filename, place)
+        if spec.name in seen:
+            raise ReaError(
+                f"{filename}: {place}.name: duplicate server name {spec.name!r} "
+                f"(also {seen[spec.name]}); give each server its own name"
+            )
+        seen[spec.name] = place
+        servers.append(spec)
+    return Registry(version=version, servers=tuple(servers))
+
+
+def _server_from_value(value: object, filename: str, place: str) -> ServerSpec:
+    if value is None:
+        raise ReaError(f"{filename}: {place}: empty server entry; give it a name and a command")
+    s = _Section(value, filename, place, _SERVER_KEYS)
+    name = s.string("name", "")
+    if not SERVER_NAME_RE.match(name):
+        raise s.fail(
+            "name",
+            f"{name!r} is not a valid server name" if name else "missing",
+            "use lowercase letters, digits and '-', starting with a letter or digit",
+        )
+    command = s.string("command", "")
+    if not command:
+        raise s.fail("command", "missing", "give the program to start, such as npx")
+    args = s.string_list("args")
+    env = s.string_map("env")
+    for key, template in env.items():
+        if not _ENV_NAME_RE.match(key):
+            raise s.fail(f"env.{key}", "not a valid variable name", "use letters, digits and _")
+        problem = _template_problem(template)
+        if problem:
+            raise s.fail(f"env.{key}", problem, "write ${NAME} with NAME a variable name")
+    passthrough = s.string_list("env_passthrough", "variable names")
+    for index, name_ in enumerate(passthrough):
+        where = f"env_passthrough[{index}]"
+        if not _ENV_NAME_RE.match(name_):
+            raise s.fail(where, f"{name_!r} is not a variable name", "use letters, digits and _")
+        if _SECRET_NAME_RE.search(name_):
+            raise s.fail(
+                where,
+                f"{name_!r} looks like a secret and cannot be passed through",
+                f'map it explicitly under env: ({name_}: "${{{name_}}}")',
+            )
+    overrides = s.string_map("tier_overrides")
+    for tool, tier in overrides.items():
+        if tier not in TIERS:
+            raise s.fail(
+                f"tier_overrides.{tool}", f"unknown tier {tier!r}", "use read, write or destructive"
+            )
+    return ServerSpec(
+        name=name,
+        command=command,
+        args=args,
+        env=env,
+        env_passthrough=passthrough,
+        tier_overrides=overrides,
+        enabled=s.boolean("enabled", True),
+        trust_annotations=s.boolean("trust_annotations", False),
+    )
+
+
+# Keys of the reference tool's policy files that the gateway accepts and ignores.
+_POLICY_IGNORED = (
+    "version",
+    "profile",
+    "installed_by",
+    "installed_at",
+    "promotion_requires_human_approval",
+    "block_ai_attribution",
+    "notification_channel",
+    "context_protection",
+    "review",
+)
+_POLICY_KEYS = (
+    "autonomy_level",
+    "max_autonomy_level",
+    "blocked_paths",
+    "injection_detection",
+    "injection",
+    "redact",
+    "audit",
+    "gateway",
+)
+_GATEWAY_KEYS = (
+    "health",
+    "call_timeout_s",
+    "startup_wait_s",
+    "max_tool_name",
+    "max_result_kb",
+    "breaker",
+    "session_blocker_threshold",
+    "servers",
+    "blocked_tools",
+    "metrics_port",
+    "restart_backoff_s",
+)
+
+
+def policy_from_value(value: object, filename: str) -> Policy:
+    """Validate a parsed policy document (SPEC §4) into a Policy."""
+    top = _Section(value, filename, "", _POLICY_KEYS, ignored=_POLICY_IGNORED)
+    profile = value.get("profile") if isinstance(value, dict) else None
+    autonomy = top.string("autonomy_level", "L1", LEVELS)
+    ceiling = top.string("max_autonomy_level", "L2", LEVELS)
+    if LEVELS.index(autonomy) > LEVELS.index(ceiling):
+        raise top.fail(
+            "autonomy_level",
+            f"{autonomy} is above max_autonomy_level {ceiling}",
+            f"lower autonomy_level to {ceiling} or raise max_autonomy_level",
+        )
+    injection = top.section("injection", ("suspicious_blocks_writes",))
+    redact = top.section("redact", ("patterns",))
+    audit = top.section("audit", ("rotation", "fsync"))
+    rotation = audit.section("rotation", ("max_bytes", "max_age_days"))
+    gateway = top.section("gateway", _GATEWAY_KEYS)
+    health = gateway.section("health", ("expose_diagnostics",))
+    breaker = gateway.section("breaker", ("failure_threshold", "cooldown_s"))
+    return Policy(
+        profile=profile if isinstance(profile, str) else None,
+        autonomy_level=autonomy,
+        max_autonomy_level=ceiling,
+        blocked_paths=top.string_list("blocked_paths", "path globs"),
+        injection_detection=top.string("injection_detection", "warn", ("block", "warn")),
+        suspicious_blocks_writes=injection.boolean("suspicious_blocks_writes", False),
+        redact_patterns=tuple(
+            _redact_pattern(item, filename, place) for place, item in redact.entries("patterns")
+        ),
+        audit_max_bytes=rotation.integer("max_bytes", 50 * 1024 * 1024, 1),
+        audit_max_age_days=rotation.optional_integer("max_age_days", 1),
+        audit_fsync=audit.string("fsync", "always", ("always", "batch", "off")),
+        expose_diagnostics=health.boolean("expose_diagnostics", False),
+        call_timeout_s=gateway.number("call_timeout_s", 60.0, positive=True),
+        startup_wait_s=gateway.number("startup_wait_s", 5.0, positive=False),
+        # Shortened names keep a hash suffix; fewer than 16 characters leaves no room.
+        max_tool_name=gateway.integer("max_tool_name", 52, 16),
+        max_result_kb=gateway.integer("max_result_kb", 512, 1),
+        breaker_failure_threshold=breaker.integer("failure_threshold", 5, 1),
+        breaker_cooldown_s=breaker.number("cooldown_s", 30.0, positive=True),
+        session_blocker_threshold=gateway.integer("session_blocker_threshold", 3, 1),
+        server_limits=_server_limits(gateway),
+        blocked_tools=gateway.string_list("blocked_tools", "tool names"),
+        metrics_port=gateway.optional_integer("metrics_port", 1, 65535),
+        restart_backoff_s=gateway.number("restart_backoff_s", 0.5, positive=True),
+    )
+
+
+def _server_limits(gateway: _Section) -> dict[str, ServerLimits]:
+    servers = gateway.get("servers")
+    if servers is None:
+        return {}
+    if not isinstance(servers, dict):
+        raise gateway.fail(
+            "servers", f"must be a mapping, got {_describe(servers)}", "write name: lines"
+        )
+    limits: dict[str, ServerLimits] = {}
+    for name, value in servers.items():
+        if not SERVER_NAME_RE.match(name):
+            raise gateway.fail(
+                f"servers.{name}", "not a valid server name", "use the name from registry.yaml"
+            )
+        s = _Section(
+            value,
+            gateway.filename,
+            gateway.path(f"servers.{name}"),
+            ("calls_per_minute", "max_concurrent_calls"),
+        )
+        limits[name] = ServerLimits(
+            calls_per_minute=s.integer("calls_per_minute", 0, 0),
+            max_concurrent_calls=s.integer("max_concurrent_calls", 0, 0),
+        )
+    return limits
+
+
+def _redact_pattern(value: object, filename: str, place: str) -> RedactPattern:
+    s = _Section(value, filename, place, ("name", "regex", "flags"))
+    name = s.string("name", "")
+    regex = s.string("regex", "")
+    if not name:
+        raise s.fail("name", "missing", "name the pattern, it shows in audit records")
+    if not regex:
+        raise s.fail("regex", "missing", "give a Python regular expression")
+    flags = s.string("flags", "")
+    bad = sorted(set(flags) - set(_REGEX_FLAGS))
+    if bad:
+        raise s.fail("flags", f"unknown flag {bad[0]!r}", "use letters among i m s x")
+    problem = check_user_regex(regex, flags)
+    if problem:
+        raise s.fail("regex", problem, "simplify the pattern")
+    return RedactPattern(name=name, regex=regex, flags=flags)
+
+
+# User regular expressions #########################################################
+#
+# Python's re cannot be timed out, so a user pattern that backtracks exponentially
+# would hang every call whose result it scans (SPEC §6). Such patterns are refused at
+# load by their shape: a variable quantifier inside a repeated group ((a+)+, (a*)*,
+# (\w+\s?)+), or a repeated group whose alternatives can start the same way ((a|a)*,
+# (a|aa)*). The check reads re's own parse tree so that escapes, classes and inline
+# flags are understood exactly as re will run them.
+
+_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+# Characters on which "can two branches start alike?" is decided: Latin-1 plus a few
+# non-ASCII digits, letters and spaces that \d, \w and \s also match.
+_PROBE = frozenset([chr(c) for c in range(256)] + ["\u0660", "\u4e2d", "\u3000", "\u2028"])
+_sre_parse: Callable[[str, int], object] = importlib.import_module("re._parser").parse
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
+
+
+def regex_flags(flags: str) -> int:
+    """The re flags for the letters of RedactPattern.flags."""
+    bits = 0
+    for letter in flags:
+        bits |= _REGEX_FLAGS[letter]
+    return bits
+
+
+def check_user_regex(regex: str, flags: str) -> str | None:
+    """None when a user regex is safe to run; else the reason it is refused."""
+    for letter in flags:
+        if letter not in _REGEX_FLAGS:
+            return f"unknown flag {letter!r} (use letters among i m s x)"
+    try:
+        compiled = re.compile(regex, regex_flags(flags))
+        tree = _sre_parse(regex, regex_flags(flags))
+    except re.error as err:
+        return f"does not compile: {err}"
+    state = getattr(tree, "state", None)
+    ignore_case = bool(getattr(state, "flags", 0) & re.IGNORECASE)
+    shape = _RegexShape(ignore_case).scan(_items(tree), None)
+    if shape is None and compiled.fullmatch(""):
+        return "matches the empty string, so it would match everywhere"
+    return shape
+
+
+def _items(node: object) -> list[tuple[str, object]]:
+    """The (op name, argument) pairs of a parsed sub-pattern."""
+    data = getattr(node, "data", node)
+    result: list[tuple[str, object]] = []
+    if isinstance(data, list):
+        for item in data:
+            if isinstance(item, tuple) and len(item) == 2:
+                result.append((str(item[0]), item[1]))
+    return result
+
+
+def _args(value: object) -> tuple[object, ...]:
+    return value if isinstance(value, tuple) else ()
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+class _RegexShape:
+    """Walks a parsed regex looking for exponential-backtracking shapes."""
+
+    def __init__(self, ignore_case: bool) -> None:
+        self.ignore_case = ignore_case
+
+    def scan(
+        self, items: list[tuple[str, object]], repeated: list[tuple[str, object]] | None
+    ) -> str | None:
+        """`repeated` is the body of the innermost enclosing variable repeat, if any."""
+        for index, (op, arg) in enumerate(items):
+            parts = _args(arg)
+            reason: str | None = None
+            if op in _REPEATS and len(parts) == 3:
+                low, high, body = _int(parts[0]), _int(parts[1]), _items(parts[2])
+                if low != high and repeated is not None:
+                    return "has a nested quantifier (like (a+)+), which can backtrack exponentially"
+                reason = self.scan(body, body if low != high and high > 1 else repeated)
+            elif op in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):
+                # No backtracking into these, so nothing inside them multiplies.
+                reason = self.scan(_items(parts[-1] if parts else arg), None)
+            elif op == "SUBPATTERN" and len(parts) == 4:
+                reason = self.scan(_items(parts[3]), repeated)
+            elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+                reason = self.scan(_items(parts[1]), repeated)
+            elif op == "GROUPREF_EXISTS" and len(parts) == 3:
+                reason = self.scan(_items(parts[1]), repeated) or self.scan(
+                    _items(parts[2]), repeated
+                )
+            elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+                alternatives = [_items(alt) for alt in parts[1]]
+                if repeated is not None:
+                    follow, _ = self.first(items[index + 1 :])
+                    follow |= self.first(repeated)[0]
+                    if self.overlap(alternatives, follow):
+                        return (
+                            "has a repeated group whose alternatives overlap (like (a|a)*), "
+                            "which can backtrack exponentially"
+                        )
+                for alternative in alternatives:
+                    reason = reason or self.scan(alternative, repeated)
+            if reason:
+                return reason
+        return None
+
+    def overlap(self, alternatives: list[list[tuple[str, object]]], follow: set[str]) -> bool:
+        firsts = [self.first(alt) for alt in alternatives]
+        if sum(1 for _, nullable in firsts if nullable) >= 2:
+            return True
+        for a, (first_a, nullable_a) in enumerate(firsts):
+            for first_b, _ in firsts[a + 1 :]:
+                if first_a & first_b:
+                    return True
+            # An empty branch lets the next repetition start where another branch could.
+            if nullable_a and any(first & follow for first, _ in firsts):
+                return True
+        return False
+
+    def first(self, items: list[tuple[str, object]]) -> tuple[set[str], bool]:
+        """The probe characters a match can start with, and whether it can be empty."""
+        result: set[str] = set()
+        for op, arg in items:
+            chars, nullable = self.first_item(op, arg)
+            result |= chars
+            if not nullable:
+                return result, False
+        return result, True
+
+    def first_item(self, op: str, arg: object) -> tuple[set[str], bool]:
+        parts = _args(arg)
+        if op == "LITERAL":
+            return self.literal(_int(arg)), False
+        if op == "NOT_LITERAL":
+            return set(_PROBE) - self.literal(_int(arg)), False
+        if op == "ANY":
+            return set(_PROBE), False
+        if op == "IN" and isinstance(arg, list):
+            return {ch for ch in _PROBE if self.in_set(_items(arg), ch)}, False
+        if op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            chars, nullable = self.first(_items(parts[2]))
+            return chars, nullable or _int(parts[0]) == 0
+        if op == "SUBPATTERN" and len(parts) == 4:
+            return self.first(_items(parts[3]))
+        if op == "ATOMIC_GROUP":
+            return self.first(_items(arg))
+        if op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            union: set[str] = set()
+            any_empty = False
+            for alt in parts[1]:
+                alt_chars, alt_empty = self.first(_items(alt))
+                union |= alt_chars
+                any_empty = any_empty or alt_empty
+            return union, any_empty
+        if op in ("AT", "ASSERT", "ASSERT_NOT"):
+            return set(), True  # zero width
+        return set(_PROBE), True  # back-references and the rest: assume the worst
+
+    def literal(self, code: int) -> set[str]:
+        ch = chr(code)
+        return {ch, ch.lower(), ch.upper()} if self.ignore_case else {ch}
+
+    def in_set(self, items: list[tuple[str, object]], ch: str) -> bool:
+        negate = False
+        hit = False
+        folded = ch.lower() if self.ignore_case else ch
+        for op, arg in items:
+            parts = _args(arg)
+            if op == "NEGATE":
+                negate = True
+            elif op == "LITERAL":
+                hit = hit or ch in self.literal(_int(arg)) or folded in self.literal(_int(arg))
+            elif op.startswith("RANGE") and len(parts) == 2:
+                low, high = _int(parts[0]), _int(parts[1])
+                hit = hit or any(low <= ord(c) <= high for c in {ch, ch.lower(), ch.upper()})
+            elif op == "CATEGORY":
+                hit = hit or _in_category(str(arg), ch)
+            else:
+                hit = True  # unknown member: assume it matches
+        return hit != negate
+
+
+def _in_category(name: str, ch: str) -> bool:
+    tests: dict[str, Callable[[str], bool]] = {
+        "CATEGORY_DIGIT": str.isdecimal,
+        "CATEGORY_SPACE": str.isspace,
+        "CATEGORY_WORD": lambda c: c.isalnum() or c == "_",
+    }
+    for base, test in tests.items():
+        if name == base:
+            return test(ch)
+        if name == base.replace("CATEGORY_", "CATEGORY_NOT_"):
+            return not test(ch)
+    return True
+
+
+# Child environment ################################################################
+
+# What every child gets from the gateway's environment (SPEC §3): neutral variables a
+# program needs to run, never the whole environment (which holds the user's secrets).
+NEUTRAL_ENV: tuple[str, ...] = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "SYSTEMROOT",
+    # Windows needs these to start node, npx and python at all.
+    "TEMP",
+    "TMP",
+    "PATHEXT",
+    "COMSPEC",
+    "WINDIR",
+    "USERPROFILE",
+    "APPDATA",
+    "LOCALAPPDATA",
+    # Language runtimes: where a child finds its interpreter and packages.
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONIOENCODING",
+    "PYTHONUTF8",
+    "VIRTUAL_ENV",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "NVM_DIR",
+)
+_TEMPLATE_RE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _template_problem(template: str) -> str | None:
+    """Why an env: value is not a valid template (only ${VAR} is a form), else None."""
+    for match in _TEMPLATE_RE.finditer(template):
+        if not _ENV_NAME_RE.match(match.group(1)):
+            return f"${{{match.group(1)}}} is not supported: only ${{VAR}} is"
+    if "${" in _TEMPLATE_RE.sub("", template):
+        return "has a '${' without a closing '}'"
+    return None
+
+
+def expand_env(template: str, environ: Mapping[str, str], server: str, key: str) -> str:
+    """Expand every ${VAR} of an env: value from environ; an unset VAR is an error."""
+    problem = _template_problem(template)
+    if problem:
+        raise ReaError(f"server {server!r}: env {key}: {problem}; write ${{NAME}}")
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ReaError(
+                f"server {server!r}: env {key} needs ${{{name}}}, which is not set; "
+                f"export {name} before starting rea, or remove it from the registry"
+            )
+        return environ[name]
+
+    return _TEMPLATE_RE.sub(value_of, template)
+
+
+def child_environment(spec: ServerSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """A child's whole environment: the neutral allowlist, then passthrough, then env:."""
+    result = {name: environ[name] for name in NEUTRAL_ENV if name in environ}
+    for name in spec.env_passthrough:
+        if name in environ:
+            result[name] = environ[name]
+    for key, template in spec.env.items():
+        result[key] = expand_env(template, environ, spec.name, key)
+    return result
+
+
+# Configuration as JSON (for `check --json`) #######################################
+
+
+def policy_to_json(policy: Policy) -> dict[str, object]:
+    """The policy nested as its YAML keys, every default filled in."""
+    return {
+        "profile": policy.profile,
+        "autonomy_level": policy.autonomy_level,
+        "max_autonomy_level": policy.max_autonomy_level,
+        "blocked_paths": list(policy.blocked_paths),
+        "injection_detection": policy.injection_detection,
+        "injection": {"suspicious_blocks_writes": policy.suspicious_blocks_writes},
+        "redact": {
+            "patterns": [
+                {"name": p.name, "regex": p.regex, "flags": p.flags} for p in policy.redact_patterns
+            ]
+        },
+        "audit": {
+            "rotation": {
+                "max_bytes": policy.audit_max_bytes,
+                "max_age_days": policy.audit_max_age_days,
+            },
+            "fsync": policy.audit_fsync,
+        },
+        "gateway": {
+            "health": {"expose_diagnostics": policy.expose_diagnostics},
+            "call_timeout_s": policy.call_timeout_s,
+            "startup_wait_s": policy.startup_wait_s,
+            "max_tool_name": policy.max_tool_name,
+            "max_result_kb": policy.max_result_kb,
+            "breaker": {
+                "failure_threshold": policy.breaker_failure_threshold,
+                "cooldown_s": policy.breaker_cooldown_s,
+            },
+            "session_blocker_threshold": policy.session_blocker_threshold,
+            "servers": {
+                name: {
+                    "calls_per_minute": limits.calls_per_minute,
+                    "max_concurrent_calls": limits.max_concurrent_calls,
+                }
+                for name, limits in policy.server_limits.items()
+            },
+            "blocked_tools": list(policy.blocked_tools),
+            "metrics_port": policy.metrics_port,
+            "restart_backoff_s": policy.restart_backoff_s,
+        },
+    }
+
+
+def registry_to_json(registry: Registry) -> dict[str, object]:
+    """The registry as JSON with every env: value withheld (SPEC §3: never shown)."""
+    return {
+        "version": registry.version,
+        "servers": [
+            {
+                "name": spec.name,
+                "command": spec.command,
+                "args": list(spec.args),
+                "env": {key: _WITHHELD for key in spec.env},
+                "env_passthrough": list(spec.env_passthrough),
+                "tier_overrides": dict(spec.tier_overrides),
+                "enabled": spec.enabled,
+                "trust_annotations": spec.trust_annotations,
+            }
+            for spec in registry.servers
+        ],
+    }
+
+
+# Tiers and autonomy ##########################################################
+
+READ_PREFIXES = (
+    "get_",
+    "list_",
+    "search_",
+    "query_",
+    "read_",
+    "fetch_",
+    "check_",
+    "health_",
+    "describe_",
+    "show_",
+    "count_",
+)
+DESTRUCTIVE_PREFIXES = (
+    "delete_",
+    "drop_",
+    "purge_",
+    "remove_",
+    "destroy_",
+    "ban_",
+    "kick_",
+    "revoke_",
+    "truncate_",
+)
+TIER_RANK = {"read": 0, "write": 1, "destructive": 2}
+
+# Which tiers each autonomy level lets run (§6 step 5).
+_AUTONOMY_TIERS: dict[str, frozenset[str]] = {
+    "L0": frozenset({"read"}),
+    "L1": frozenset({"read", "write"}),
+    "L2": frozenset({"read", "write"}),
+    "L3": frozenset({"read", "write", "destructive"}),
+}
+
+
+def tier_from_name(tool: str) -> str:
+    """The tier a bare tool name implies (§6 step 4). Case-insensitive on the prefix."""
+    lowered = tool.lower()
+    # Destructive first: a name can never read its way out of being destructive.
+    if lowered.startswith(DESTRUCTIVE_PREFIXES):
+        return "destructive"
+    if lowered.startswith(READ_PREFIXES):
+        return "read"
+    return "write"
+
+
+def resolve_tier(
+    tool: str,
+    annotations: Mapping[str, object] | None,
+    trust_annotations: bool,
+    override: str | None,
+) -> tuple[str, str | None]:
+    """The tier of one call: name, then annotations, then the policy override (§6 step 4).
+
+    Annotations are untrusted hints. Absent annotations change nothing (the protocol's
+    default `destructiveHint: true` would otherwise make every unannotated tool
+    destructive). An explicit `destructiveHint: true` always raises, even next to a
+    contradictory `readOnlyHint: true`, because raising is always safe. An explicit
+    `readOnlyHint: true` lowers to read only for a trusted server, only when the name is
+    not destructive and `destructiveHint` is not explicitly true. The override may raise
+    the tier; a lowering (or unknown) override is ignored and the warning says so.
+    """
+    tier = tier_from_name(tool)
+    ann = annotations or {}
+    destructive_hint = ann.get("destructiveHint") is True
+    read_only_hint = ann.get("readOnlyHint") is True
+    if destructive_hint:
+        tier = "destructive"
+    elif read_only_hint and trust_annotations and tier != "destructive":
+        tier = "read"
+    warning: str | None = None
+    if override is not None:
+        if override not in TIER_RANK:
+            warning = f"tier override {override!r} for {tool!r} is not a tier; ignored"
+        elif TIER_RANK[override] >= TIER_RANK[tier]:
+            tier = override
+        else:
+            warning = (
+                f"tier override {override!r} for {tool!r} would lower tier {tier!r}; "
+                "overrides may only raise a tier, ignored"
+            )
+    return tier, warning
+
+
+def autonomy_allows(level: str, tier: str) -> bool:
+    """Whether an autonomy level lets a tier run. Unknown levels or tiers allow nothing."""
+    return tier in _AUTONOMY_TIERS.get(level, frozenset())
+
+
+def glob_match_tool(patterns: Sequence[str], name: str) -> bool:
+    """Whether `server__tool` matches a `gateway.blocked_tools` glob (fnmatchcase)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+# Blocked paths ###############################################################
+
+# The governance folder is always blocked: an agent must not edit its own rules.
+_ALWAYS_BLOCKED = REA_DIR + "/"
+# PATH_MAX on Linux; longer strings are content, not paths.
+_MAX_PATH_CHARS = 4096
+_MAX_DECODE_ROUNDS = 3
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):")
+_FILE_URI = re.compile(r"file:", re.IGNORECASE)
+_LEADING_SLASHES = re.compile(r"^/+")
+_EXPLICIT_PATH_PREFIXES = ("/", "~", "./", "../")
+
+
+@dataclass(frozen=True)
+class _CompiledGlob:
+    """One blocked_paths glob, compiled once: its source text, its kind and its regex.
+
+    kind: "absolute" matches the absolute path; "anchored" (has a `/` inside) matches
+    the path relative to the root; "basename" (no `/` inside) matches any segment.
+    """
+
+    source: str
+    kind: str
+    regex: re.Pattern[str]
+
+
+def _glob_body_to_regex(body: str) -> str:
+    """Translate `*`, `**`, `?` to a regex; everything else is literal."""
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if body.startswith("**/", i):
+            out.append("(?:.*/)?")  # `**/` is zero or more whole directories
+            i += 3
+        elif body.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif ch == "*":
+            out.append("[^/]*")
+            i += 1
+        elif ch == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(ch))
+            i += 1
+    return "".join(out)
+
+
+def _compile_glob(source: str, home: str, flags: int) -> _CompiledGlob | None:
+    """Compile one glob; None for an empty one (it would block nothing or everything)."""
+    glob = source.strip().replace("\\", "/")
+    if glob == "~" or glob.startswith("~/"):
+        glob = home + glob[1:]
+    while glob.startswith("./"):
+        glob = glob[2:]
+    glob = glob.rstrip("/")  # a trailing `/` adds nothing: every match covers descendants
+    if glob.startswith("/"):
+        body = _LEADING_SLASHES.sub("", glob)
+        if not body:
+            return None
+        # A match covers the named path and everything below it.
+        pattern = "/" + _glob_body_to_regex(body) + "(?:/.*)?"
+        return _CompiledGlob(source, "absolute", re.compile(pattern, flags))
+    if not glob:
+        return None
+    if "/" in glob:
+        pattern = _glob_body_to_regex(glob) + "(?:/.*)?"
+        return _CompiledGlob(source, "anchored", re.compile(pattern, flags))
+    pattern = "(?:^|/)" + _glob_body_to_regex(glob) + "(?:/|$)"
+    return _CompiledGlob(source, "basename", re.compile(pattern, flags))
+
+
+def _detect_case_insensitive(root: Path) -> bool:
+    """Probe whether names under root compare case-insensitively (macOS, Windows)."""
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                swapped = entry.name.swapcase()
+                if swapped != entry.name:
+                    try:
+                        return os.path.samestat(
+                            entry.stat(follow_symlinks=False), os.lstat(root / swapped)
+                        )
+                    except OSError:
+                        return False
+        name = root.name
+        if name.swapcase() != name:
+            try:
+                return os.path.samestat(os.stat(root), os.stat(root.parent / name.swapcase()))
+            except OSError:
+                return False
+    except OSError:
+        pass
+    return os.path.normcase("A") == "a"
+
+
+def _home_dir_of(user: str) -> str | None:
+    """`~user` expansion; None when the user is unknown or there is no pwd module."""
+    try:
+        import pwd
+
+        return pwd.getpwnam(user).pw_dir
+    except (ImportError, KeyError):
+        return None
+
+
+def _iter_strings(value: object) -> list[str]:
+    """Every string in a JSON value: dict keys and values, list items, at any depth."""
+    found: list[str] = []
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, Mapping):
+            # Pushed reversed so strings come out in document order.
+            for key, sub in reversed(list(item.items())):
+                stack.append(sub)
+                if isinstance(key, str):
+                    stack.append(key)
+        elif isinstance(item, list | tuple):
+            stack.extend(reversed(item))
+    return found
+
+
+class PathGuard:
+    """Decides whether any string in a call's arguments names a blocked path (§6 step 6).
+
+    A string names a path when, stripped of surrounding whitespace, it has no line break
+    and either starts with `/`, `~`, `./`, `../` or `file:`, or holds no whitespace at all
+    (so `.env`, `src/.env` and `CODEOWNERS` are paths, a sentence mentioning `.env` is
+    not). Each such string is read every way a downstream server might read it: raw and
+    percent-decoded up to three times, `\\` as `/`, with a NUL removed or cut at, `file:`
+    URIs unwrapped (query and fragment kept and stripped), `~` expanded, then made
+    absolute against the root and resolved both lexically (`normpath`) and physically
+    (`realpath`, following symlinks where the path exists). If any reading matches a
+    glob, the string is blocked.
+
+    Globs (gitignore-like): `*` and `?` stay within one segment, `**` crosses them;
+    a glob with no `/` inside (`.env`, `.env.*`, `secrets/`) matches any segment at any
+    depth, inside or outside the root; a glob with a `/` inside (`.rea/HALT`) is
+    anchored at the root; a glob starting with `/` or `~/` is anchored at the file
+    system root. A match also blocks everything below the matched path, so a trailing
+    `/` only documents that the glob names a folder. `.rea/` is always added.
+
+    A URL with a scheme other than `file:` (`https://host/.env`) names a remote
+    resource and passes, unless read as a local path its `..` climbs out of the
+    `scheme:` folder (`https://../.env`), in which case that local reading is checked.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        blocked_globs: Sequence[str],
+        *,
+        case_insensitive: bool | None = None,
+        home: Path | None = None,
+    ) -> None:
+        self._root_abs = _LEADING_SLASHES.sub("/", os.path.normpath(os.path.abspath(root)))
+        self._root_real = os.path.realpath(self._root_abs)
+        if case_insensitive is None:
+            case_insensitive = _detect_case_insensitive(Path(self._root_real))
+        self.case_insensitive = case_insensitive
+        self._home = os.path.normpath(str(home) if home is not None else os.path.expanduser("~"))
+        flags = re.IGNORECASE if case_insensitive else 0
+        globs: list[_CompiledGlob] = []
+        seen: set[str] = set()
+        for source in (*blocked_globs, _ALWAYS_BLOCKED):
+            if source in seen:
+                continue
+            seen.add(source)
+            compiled = _compile_glob(source, self._home, flags)
+            if compiled is not None:
+                globs.append(compiled)
+        self._globs = tuple(globs)
+        self._roots = tuple(dict.fromkeys((self._root_abs, self._root_real)))
+
+    def check(self, arguments: object) -> tuple[str, str] | None:
+        """The first (offending string, matching glob), or None when no string is blocked."""
+        for text in _iter_strings(arguments):
+            candidate = self._path_candidate(text)
+            if candidate is None:
+                continue
+            for absolute in self._readings(candidate):
+                glob = self._match(absolute)
+                if glob is not None:
+                    return text, glob
+        return None
+
+    @staticmethod
+    def _path_candidate(text: str) -> str | None:
+        """The text as a path candidate, or None when it is content rather than a path."""
+        stripped = text.strip()
+        if not stripped or len(stripped) > _MAX_PATH_CHARS:
+            return None
+        if "\n" in stripped or "\r" in stripped:
+            return None
+        if stripped.startswith(_EXPLICIT_PATH_PREFIXES) or _FILE_URI.match(stripped):
+            return stripped
+        if any(ch.isspace() for ch in stripped):
+            return None
+        return stripped
+
+    def _readings(self, candidate: str) -> list[str]:
+        """Every absolute, normalised path a downstream server might take the text for."""
+        decoded = [candidate]
+        current = candidate
+        for _ in range(_MAX_DECODE_ROUNDS):
+            nxt = unquote(current)
+            if nxt == current:
+                break
+            decoded.append(nxt)
+            current = nxt
+        forms: list[str] = []
+        for text in decoded:
+            text = text.replace("\\", "/")
+            if "\x00" in text:
+                # C APIs stop at NUL; a sanitiser may drop it instead. Check both.
+                forms.append(text.split("\x00", 1)[0])
+                text = text.replace("\x00", "")
+            forms.append(text)
+        absolutes: list[str] = []
+        for form in dict.fromkeys(forms):
+            for local in self._local_paths(form):
+                absolutes.extend(self._resolve(local))
+        return list(dict.fromkeys(absolutes))
+
+    def _local_paths(self, form: str) -> list[str]:
+        """The local file system paths a form stands for (URI unwrapping, `~`)."""
+        if _FILE_URI.match(form):
+            rest = form[5:]
+            if rest.startswith("//"):
+                # file://host/path: the authority is dropped, the path is absolute.
+                slash = rest.find("/", 2)
+                rest = rest[slash:] if slash >= 0 else "/"
+            bare = re.split(r"[?#]", rest, maxsplit=1)[0]
+            return list(dict.fromkeys((rest, bare, unquote(rest), unquote(bare))))
+        scheme = _URI_SCHEME.match(form)
+        if scheme is not None:
+            # A remote URL is not a local path, unless `..` climbs out of `scheme:`.
+            lexical = os.path.normpath(form)
+            first = lexical.split("/", 1)[0]
+            if first.casefold() == (scheme.group(1) + ":").casefold():
+                return []
+            return [form]
+        if form == "~" or form.startswith("~/"):
+            return [self._home + form[1:]]
+        if form.startswith("~"):
+            user, _, rest = form[1:].partition("/")
+            home = _home_dir_of(user)
+            if home is not None:
+                return [home + "/" + rest, form]
+        return [form]
+
+    def _resolve(self, path: str) -> list[str]:
+        """Absolute forms of a path: lexical and with symlinks resolved where they exist."""
+        joined = path if path.startswith("/") else self._root_abs + "/" + path
+        lexical = _LEADING_SLASHES.sub("/", os.path.normpath(joined))
+        try:
+            physical = os.path.realpath(joined)
+        except (OSError, ValueError):
+            return [lexical]
+        return [lexical] if physical == lexical else [lexical, physical]
+
+    def _relative_to_root(self, absolute: str) -> list[str]:
+        """The path relative to the root (lexical and real root), empty when outside."""
+        rels: list[str] = []
+        fold = self.case_insensitive
+        probe = absolute.casefold() if fold else absolute
+        for root in self._roots:
+            base = root.casefold() if fold else root
+            if base == "/":
+                rels.append(absolute.lstrip("/"))
+            elif probe == base:
+                rels.append("")
+            elif probe.startswith(base + "/"):
+                rels.append(absolute[len(root) + 1 :])
+        return rels
+
+    def _match(self, absolute: str) -> str | None:
+        """The glob an absolute, normalised path matches, or None."""
+        rels = self._relative_to_root(absolute)
+        for glob in self._globs:
+            if glob.kind == "absolute":
+                if glob.regex.fullmatch(absolute):
+                    return glob.source
+            elif glob.kind == "anchored":
+                if any(glob.regex.fullmatch(rel) for rel in rels):
+                    return glob.source
+            elif rels:
+                # Inside the root only the part below it counts: a root that itself
+                # lives under a folder named like a glob must not block everything.
+                if any(glob.regex.search(rel) for rel in rels):
+                    return glob.source
+            elif glob.regex.search(absolute):
+                return glob.source
+        return None
+
+
+# Secret redaction ############################################################
+
+
+@dataclass(frozen=True)
+class Redaction:
+    """The outcome of redacting one text: the new text and which patterns matched."""
+
+    text: str
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _SecretPattern:
+    """One named secret regex. If it has a group named `s`, only that group is replaced,
+    so `api_key=` keeps its key and only the value disappears."""
+
+    name: str
+    regex: re.Pattern[str]
+
+
+_BUILTIN_SECRETS: tuple[tuple[str, str, int], ...] = (
+    (
+        "Private Key",
+        r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----[\s\S]*?"
+        r"(?:-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----|\Z)",
+        0,
+    ),
+    ("AWS Access Key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 0),
+    (
+        "AWS Secret Key",
+        r"(?i:aws_secret_access_key|secret_access_key)[\"']?\s*[:=]\s*[\"']?"
+        r"(?P<s>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
+        0,
+    ),
+    ("GitHub Token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})", 0),
+    ("Anthropic API Key", r"\bsk-ant-[A-Za-z0-9_\-]{20,}", 0),
+    ("OpenAI Project Key", r"\bsk-proj-[A-Za-z0-9_\-]{20,}", 0),
+    ("OpenAI API Key", r"\bsk-[A-Za-z0-9_\-]{20,}", 0),
+    ("Hugging Face Token", r"\bhf_[A-Za-z0-9]{30,}", 0),
+    ("Bearer Token", r"\b(?i:bearer)\s+(?P<s>[A-Za-z0-9\-._~+/]{8,}=*)", 0),
+    (
+        "Generic API Key",
+        r"(?i:\b(?:x-)?api[_-]?key)[\"']?\s*[:=]\s*[\"']?(?P<s>[A-Za-z0-9\-_.+/=]{12,})",
+        0,
+    ),
+)
+
+# One cheap search that every built-in match must pass: clean text stops here.
+_SECRET_PREFILTER = re.compile(
+    r"PRIVATE KEY|AKIA|ASIA|secret_access_key|gh[pousr]_|github_pat_|sk-|hf_|bearer|api[_-]?key",
+    re.IGNORECASE,
+)
+
+_FLAG_LETTERS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+
+
+class Redactor:
+    """Replaces secrets in text with `[REDACTED:<name>]` (§6 step 10)."""
+
+    def __init__(self, user_patterns: Sequence[tuple[str, str, str]] = ()) -> None:
+        self._builtin = tuple(
+            _SecretPattern(name, re.compile(regex, flags))
+            for name, regex, flags in _BUILTIN_SECRETS
+        )
+        user: list[_SecretPattern] = []
+        for name, regex, letters in user_patterns:
+            flags = 0
+            for letter in letters:
+                flags |= _FLAG_LETTERS.get(letter, 0)
+            user.append(_SecretPattern(name, re.compile(regex, flags)))
+        self._user = tuple(user)
+
+    def redact(self, text: str) -> Redaction:
+        """Redact one text; names are the matching patterns, unique, in pattern order."""
+        patterns: tuple[_SecretPattern, ...] = self._user
+        if _SECRET_PREFILTER.search(text) is not None:
+            patterns = self._builtin + self._user
+        names: list[str] = []
+        for pattern in patterns:
+            text, count = pattern.regex.subn(_replacer(pattern), text)
+            if count and pattern.name not in names:
+                names.append(pattern.name)
+        return Redaction(text, tuple(names))
+
+    def redact_value(self, value: object) -> tuple[object, tuple[str, ...]]:
+        """Redact every string in a JSON value (keys kept); returns a new value."""
+        names: list[str] = []
+
+        def walk(item: object) -> object:
+            if isinstance(item, str):
+                result = self.redact(item)
+                for name in result.names:
+                    if name not in names:
+                        names.append(name)
+                return result.text
+            if isinstance(item, Mapping):
+                return {key: walk(sub) for key, sub in item.items()}
+            if isinstance(item, list | tuple):
+                return [walk(sub) for sub in item]
+            return item
+
+        return walk(value), tuple(names)
+
+
+def _replacer(pattern: _SecretPattern) -> Callable[[re.Match[str]], str]:
+    """The substitution for a pattern: the whole match, or just its `s` group."""
+    token = f"[REDACTED:{pattern.name}]"
+
+    def replace(match: re.Match[str]) -> str:
+        if "s" in match.re.groupindex and match.group("s") is not None:
+            start, end = match.span("s")
+            whole_start = match.start()
+            whole = match.group(0)
+            return whole[: start - whole_start] + token + whole[end - whole_start :]
+        return token
+
+    return replace
+
+
+# Prompt injection ############################################################
+
+
+@dataclass(frozen=True)
+class InjectionVerdict:
+    """How a result reads for prompt injection (§6 step 10).
+
+    via_base64 is true when at least one phrase was found only inside decoded base64.
+    """
+
+    verdict: str
+    phrases: tuple[str, ...]
+    via_base64: bool
+
+
+# (phrase reported in the audit, words one of which must appear, regex over lower-cased
+# text). The words are a cheap `in` pre-check so clean text never meets the regexes.
+# Kept narrow: at read tier a single hit is `likely_injection`, so prose such as
+# "you are now connected" or "the system prompt setting" must not match.
+_W = r"\s+"
+_INSTRUCTIONS = r"(?:instructions|directions|directives|prompts?|rules|guidelines)"
+_EARLIER = r"(?:previous|prior|above|earlier|preceding|all|any|your)"
+_INJECTION_PHRASES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    (
+        "ignore previous instructions",
+        ("ignore",),
+        rf"ignore{_W}(?:all{_W}|any{_W})?(?:of{_W})?(?:the{_W}|your{_W})?{_EARLIER}{_W}{_INSTRUCTIONS}",
+    ),
+    (
+        "disregard previous instructions",
+        ("disregard",),
+        rf"disregard{_W}(?:all{_W}|any{_W})?(?:of{_W})?(?:the{_W}|your{_W})?"
+        rf"(?:{_EARLIER}{_W})?{_INSTRUCTIONS}",
+    ),
+    (
+        "forget your instructions",
+        ("forget",),
+        rf"forget{_W}(?:all{_W}|everything{_W})?(?:of{_W})?(?:your|previous|prior|the{_W}above)"
+        rf"{_W}{_INSTRUCTIONS}",
+    ),
+    (
+        "forget everything",
+        ("forget",),
+        rf"forget{_W}everything{_W}(?:above|before|you{_W}(?:were|have{_W}been))",
+    ),
+    (
+        "override your instructions",
+        ("override",),
+        rf"override{_W}(?:your|all|the|previous|prior){_W}{_INSTRUCTIONS}",
+    ),
+    (
+        "system prompt override",
+        ("override",),
+        rf"system{_W}prompt{_W}override|override{_W}(?:the{_W}|your{_W})?system{_W}prompt",
+    ),
+    (
+        "reveal your system prompt",
+        ("prompt", "hidden"),
+        rf"(?:reveal|print|show|output|repeat|leak){_W}(?:me{_W})?(?:your|the){_W}"
+        rf"(?:system{_W}prompt|hidden{_W}instructions)",
+    ),
+    ("you are now", ("now",), rf"you{_W}are{_W}now{_W}(?:a|an|the|my){_W}"),
+    ("from now on you are", ("now",), rf"from{_W}now{_W}on,?{_W}you{_W}(?:are|will|must)\b"),
+    ("new instructions:", ("instructions",), r"(?:new|updated|real)\s+instructions\s*:"),
+    ("your new instructions are", ("instructions",), rf"your{_W}new{_W}instructions{_W}are"),
+    (
+        "do not tell the user",
+        ("user",),
+        rf"(?:do{_W}not|don't|dont|never){_W}(?:tell|inform|alert|notify){_W}the{_W}user",
+    ),
+    ("exfiltrate", ("exfiltrat",), r"\bexfiltrat(?:e|ing|ion)\b"),
+    ("pretend you are", ("pretend",), rf"pretend{_W}(?:that{_W})?you{_W}are{_W}"),
+    ("roleplay as", ("play",), rf"role[\s\-]?play{_W}as{_W}"),
+    ("developer mode", ("developer",), rf"(?:enable|enter|activate){_W}developer{_W}mode"),
+    (
+        "chat template token",
+        ("<|", "inst]"),
+        r"<\|im_start\|>|<\|system\|>|\[/?inst\]",
+    ),
+)
+# Compiled once; run on lower-cased text (no IGNORECASE: literal prefixes scan fast).
+_INJECTION_CHECKS: tuple[tuple[str, tuple[str, ...], re.Pattern[str]], ...] = tuple(
+    (phrase, words, re.compile(regex)) for phrase, words, regex in _INJECTION_PHRASES
+)
+# Zero-width and invisible characters used to split a phrase so it slips past a matcher.
+_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u180e\u200b-\u200f\u2060-\u2064\u2066-\u2069\ufeff]")
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_\-]{16,}={0,2}")
+_MIN_PRINTABLE_RATIO = 0.9
+
+
+def _fold(text: str) -> str:
+    """NFKC-fold and drop invisible characters; ASCII text is already folded."""
+    if text.isascii():
+        return text
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+
+
+def _phrases_in(folded: str) -> list[str]:
+    """The distinct phrases in folded text, in list order."""
+    lowered = folded.lower()
+    return [
+        phrase
+        for phrase, words, regex in _INJECTION_CHECKS
+        if any(word in lowered for word in words) and regex.search(lowered) is not None
+    ]
+
+
+def _decode_base64_run(run: str) -> str | None:
+    """Decode a base64 (or base64url) run into mostly-printable text, else None."""
+    altchars = b"-_" if ("-" in run or "_" in run) else None
+    core = run.rstrip("=")
+    # A run glued to a preceding word may be misaligned: try the next few offsets.
+    for offset in range(4):
+        chunk = core[offset:]
+        if len(chunk) < 16:
+            return None
+        padded = chunk + "=" * (-len(chunk) % 4)
+        try:
+            raw = base64.b64decode(padded, altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        text = raw.decode("utf-8", errors="replace")
+        if not text:
+            continue
+        printable = sum(1 for ch in text if ch.isprintable() or ch in "\t\n\r")
+        if "\x00" not in text and printable / len(text) >= _MIN_PRINTABLE_RATIO:
+            return text
+    return None
+
+
+def scan_injection(text: str, tier: str) -> InjectionVerdict:
+    """Classify a result's text: clean, suspicious or likely_injection (§6 step 10)."""
+    folded = _fold(text)
+    literal = _phrases_in(folded)
+    hidden: list[str] = []
+    for run in _BASE64_RUN.finditer(folded):
+        decoded = _decode_base64_run(run.group(0))
+        if decoded is None:
+            continue
+        for phrase in _phrases_in(_fold(decoded)):
+            if phrase not in literal and phrase not in hidden:
+                hidden.append(phrase)
+    if not literal and not hidden:
+        return InjectionVerdict("clean", (), False)
+    phrases = tuple(literal + hidden)
+    if hidden or len(literal) >= 2 or tier not in ("write", "destructive"):
+        # Unknown tiers fail closed, like read.
+        return InjectionVerdict("likely_injection", phrases, bool(hidden))
+    return InjectionVerdict("suspicious", phrases, False)
+
+
+# Result size cap #############################################################
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _json_size(value: object) -> int:
+    """Bytes of the compact UTF-8 JSON form (how the gateway writes a result)."""
+    return _utf8_len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def _truncation_notice(shown: int, total: int) -> str:
+    return f"\n[TRUNCATED by rea: {shown} of {total} bytes shown]"
+
+
+def cap_text(text: str, max_bytes: int) -> tuple[str, bool]:
+    """Cut text to at most max_bytes UTF-8 bytes, notice included, at a character boundary.
+
+    The notice says how many bytes of the original are shown. When max_bytes cannot even
+    hold the notice, the result is the notice alone.
+    """
+    data = text.encode("utf-8")
+    total = len(data)
+    if total <= max_bytes:
+        return text, False
+    room = max(0, max_bytes - _utf8_len(_truncation_notice(total, total)))
+    kept = data[:room].decode("utf-8", errors="ignore")  # drops a split trailing character
+    shown = _utf8_len(kept)
+    return kept + _truncation_notice(shown, total), True
+
+
+def _cap_text_field(item: Mapping[str, object], holder: str | None, room: int) -> object | None:
+    """A copy of a text-bearing content item whose JSON fits room bytes, or None."""
+    inner: Mapping[str, object]
+    if holder is None:
+        inner = item
+    else:
+        nested = item.get(holder)
+        if not isinstance(nested, Mapping):
+            return None
+        inner = nested
+    text = inner.get("text")
+    if not isinstance(text, str):
+        return None
+
+    def rebuild(new_text: str) -> dict[str, object]:
+        new_inner = {**inner, "text": new_text}
+        return new_inner if holder is None else {**item, holder: new_inner}
+
+    limit = room - _json_size(rebuild(""))
+    # JSON escaping makes the text longer than its bytes: shrink by the overshoot.
+    for _ in range(6):
+        if limit <= 0:
+            return None
+        capped, _truncated = cap_text(text, limit)
+        candidate = rebuild(capped)
+        size = _json_size(candidate)
+        if size <= room:
+            return candidate
+        limit -= size - room
+    return None
+
+
+def _content_kind(item: object) -> tuple[str, str | None]:
+    """("text", holder) for text items, ("binary", None) for image/audio/blob, else opaque."""
+    if not isinstance(item, Mapping):
+        return "opaque", None
+    kind = item.get("type")
+    if kind == "text" and isinstance(item.get("text"), str):
+        return "text", None
+    if kind == "resource":
+        resource = item.get("resource")
+        if isinstance(resource, Mapping):
+            if isinstance(resource.get("text"), str):
+                return "text", "resource"
+            if "blob" in resource:
+                return "binary", None
+    if kind in ("image", "audio"):
+        return "binary", None
+    return "opaque", None
+
+
+def _omission_notice(omitted: int, max_bytes: int) -> dict[str, object]:
+    text = (
+        f"[TRUNCATED by rea: {omitted} content item(s) omitted, "
+        f"the result exceeds {max_bytes} bytes]"
+    )
+    return {"type": "text", "text": text}
+
+
+def cap_content(content: list[object], max_bytes: int) -> tuple[list[object], bool]:
+    """Bound an MCP content list to max_bytes of compact JSON.
+
+    Items are kept in order while they fit; the first text item that does not fit is cut
+    with a notice; an image, audio or blob item that does not fit is replaced by a short
+    text notice; anything else that does not fit is omitted and one final notice counts
+    the omissions. The bound holds for max_bytes of a few hundred bytes and more.
+    """
+    if _json_size(content) <= max_bytes:
+        return list(content), False
+    # Keep room for the final omission notice at its longest.
+    reserve = _json_size(_omission_notice(len(content), max_bytes)) + 1
+    budget = max_bytes - reserve - 2  # the list's brackets
+    out: list[object] = []
+    omitted = 0
+    for item in content:
+        size = _json_size(item) + 1  # and its comma
+        if size <= budget:
+            out.append(item)
+            budget -= size
+            continue
+        kind, holder = _content_kind(item)
+        replacement: object | None = None
+        if kind == "text" and isinstance(item, Mapping):
+            replacement = _cap_text_field(item, holder, budget - 1)
+        elif kind == "binary" and isinstance(item, Mapping):
+            replacement = {
+                "type": "text",
+                "text": f"[TRUNCATED by rea: {item.get('type')} item of {size - 1} bytes "
+                f"removed, the result exceeds {max_bytes} bytes]",
+            }
+        if replacement is not None and _json_size(replacement) + 1 <= budget:
+            out.append(replacement)
+            budget -= _json_size(replacement) + 1
+        else:
+            omitted += 1
+    if omitted:
+        out.append(_omission_notice(omitted, max_bytes))
+    return out, True
+
+
+# Audit log ###################################################################
+
+AUDIT_KEYS = (
+    "timestamp",
+    "session_id",
+    "tool_name",
+    "server_name",
+    "tier",
+    "status",
+    "autonomy_level",
+    "duration_ms",
+    "prev_hash",
+)
+OPTIONAL_KEYS = ("error", "redacted_fields", "metadata")
+FSYNC_MODES = ("always", "batch", "off")
+AUDIT_FILE = "audit.jsonl"
+AUDIT_HEAD_FILE = "audit.head"
+AUDIT_LOCK_FILE = "audit.lock"
+_ROTATED_RE = re.compile(r"^audit-(\d{8})-(\d{6})(?:-(\d+))?\.jsonl$")
+_READ_CHUNK = 1 << 16
+_HEAD_INTERVAL_S = 1.0  # SPEC §7: the head is written at most once a second while records arrive
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical_json(record: Mapping[str, object]) -> str:
+    # The reference tool's canonical form: JSON.stringify with no spaces, raw UTF-8.
+    return json.dumps(dict(record), separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: a lone surrogate that arrived in a JSON-RPC string must not make
+    # the record unwritable (the gateway never crashes on an audit write it can do).
+    return text.encode("utf-8", "surrogatepass")
+
+
+def record_hash(record_without_hash: Mapping[str, object]) -> str:
+    """The chain hash of one record: sha256 hex of its canonical JSON, as the reference tool."""
+    return _sha256_hex(_utf8(_canonical_json(record_without_hash)))
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit record before it is chained: the §7 fields, in §7 order."""
+
+    timestamp: str
+    session_id: str
+    tool_name: str
+    server_name: str
+    tier: str
+    status: str
+    autonomy_level: str
+    duration_ms: int
+    error: str | None = None
+    redacted_fields: tuple[str, ...] | None = None
+    metadata: Mapping[str, object] | None = field(default=None)
+
+    def chained(self, prev_hash: str) -> dict[str, object]:
+        """The record as written, without `hash`: keys in §7 order, optional keys only if set."""
+        out: dict[str, object] = {
+            "timestamp": self.timestamp,
+            "session_id": self.session_id,
+            "tool_name": self.tool_name,
+            "server_name": self.server_name,
+            "tier": self.tier,
+            "status": self.status,
+            "autonomy_level": self.autonomy_level,
+            "duration_ms": int(self.duration_ms),
+            "prev_hash": prev_hash,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        if self.redacted_fields is not None:
+            out["redacted_fields"] = list(self.redacted_fields)
+        if self.metadata is not None:
+            out["metadata"] = dict(self.metadata)
+        return out
+
+
+def _encode_line(record: dict[str, object]) -> tuple[bytes, str]:
+    """Serialise once: hash the body, then splice `"hash"` in as the last key."""
+    body = _canonical_json(record)
+    digest = _sha256_hex(_utf8(body))
+    # body ends with "}"; this is byte-identical to dumping the record with hash appended.
+    return _utf8(body[:-1] + f',"hash":"{digest}"}}\n'), digest
+
+
+def _line_hash(line: bytes) -> str | None:
+    """The `hash` a complete line claims, or None when it is not a record."""
+    try:
+        value = json.loads(line.decode("utf-8", "surrogatepass"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(value, dict):
+        h = value.get("hash")
+        if isinstance(h, str):
+            return h
+    return None
+
+
+def _read_last_line(fd: int, end: int) -> bytes:
+    """The line ending at byte `end` (exclusive of its newline), read backwards from there.
+
+    Reads only as much as that line needs, so the cost does not grow with the log.
+    """
+    pos = end - 1 if end > 0 else 0  # skip the line's own newline
+    chunks: list[bytes] = []
+    while pos > 0:
+        start = max(0, pos - _READ_CHUNK)
+        buf = os.pread(fd, pos - start, start)
+        i = buf.rfind(b"\n")
+        if i >= 0:
+            chunks.append(buf[i + 1 :])
+            break
+        chunks.append(buf)
+        pos = start
+    return b"".join(reversed(chunks))
+
+
+def _read_first_line(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    pos = 0
+    while True:
+        buf = os.pread(fd, _READ_CHUNK, pos)
+        if not buf:
+            return b"".join(chunks)
+        i = buf.find(b"\n")
+        if i >= 0:
+            chunks.append(buf[:i])
+            return b"".join(chunks)
+        chunks.append(buf)
+        pos += len(buf)
+
+
+def _count_newlines(fd: int, start: int, end: int) -> int:
+    count = 0
+    pos = start
+    while pos < end:
+        buf = os.pread(fd, min(1 << 22, end - pos), pos)
+        if not buf:
+            break
+        count += buf.count(b"\n")
+        pos += len(buf)
+    return count
+
+
+def _parse_iso(ts: str) -> _dt.datetime | None:
+    try:
+        return _dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.UTC)
+    except ValueError:
+        return None
+
+
+def _rotated_files(rea_dir: Path) -> list[Path]:
+    """Rotated files, oldest first: by the timestamp in the name, then the -N suffix."""
+    found: list[tuple[str, str, int, Path]] = []
+    try:
+        names = os.listdir(rea_dir)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        m = _ROTATED_RE.match(name)
+        if m:
+            found.append((m.group(1), m.group(2), int(m.group(3) or 0), rea_dir / name))
+    found.sort()
+    return [p for _, _, _, p in found]
+
+
+def _last_hash_of(path: Path) -> str | None:
+    """The chain value a file ends on: its last record's hash (or the hash of a bad line)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        if os.pread(fd, 1, size - 1) != b"\n":
+            size = size - len(_read_last_line(fd, size + 1))  # ignore a torn line
+            if size == 0:
+                return None
+        line = _read_last_line(fd, size)
+        return _line_hash(line) or _sha256_hex(line)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """`.rea/audit.head`: where the chain ended when last written (tail-truncation check)."""
+
+    records: int  # records in the current audit.jsonl (per file, not the whole chain)
+    last_hash: str
+    file: str
+    bytes: int
+
+    @staticmethod
+    def load(rea_dir: Path) -> _Head | None:
+        try:
+            raw = json.loads((rea_dir / AUDIT_HEAD_FILE).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(raw, dict):
+            return None
+        records, last_hash = raw.get("records"), raw.get("last_hash")
+        name, size = raw.get("file"), raw.get("bytes", -1)
+        if (
+            isinstance(records, int)
+            and isinstance(last_hash, str)
+            and isinstance(name, str)
+            and isinstance(size, int)
+        ):
+            return _Head(records, last_hash, name, size)
+        return None
+
+
+class AuditLog:
+    """Appends hash-chained records to <rea_dir>/audit.jsonl; thread-safe and multi-process safe.
+
+    Processes serialise on an exclusive flock of `.rea/audit.lock` (a file that is never
+    renamed, so rotation is covered by the same lock). Inside a process `_lock` guards the
+    file descriptor and the cached tail; `_sync_cond` guards the group-commit counters.
+    Lock order: `_lock`, then the flock, then `_sync_cond`; never the other way round.
+    """
+
+    def __init__(
+        self,
+        rea_dir: Path,
+        fsync: str = "always",
+        max_bytes: int = 50 * 1024 * 1024,
+        max_age_days: int | None = None,
+    ) -> None:
+        self._dir = Path(rea_dir)
+        self._path = self._dir / AUDIT_FILE
+        self._fsync = "always"
+        self._max_bytes = max_bytes
+        self._max_age_days: int | None = None
+        self.configure(fsync, max_bytes, max_age_days)
+        self._lock = threading.Lock()  # guards: fds, tail cache, counters, head timer
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._fd_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        # (size, mtime_ns) just after our last write: anything else means someone else wrote.
+        self._known: tuple[int, int] | None = None
+        self._tail_hash = ZERO_HASH
+        self._file_records = 0
+        self._first_ts: _dt.datetime | None = None
+        self._first_ts_read = False
+        self._head_written_at = 0.0
+        self._head_dirty = False
+        self._head_timer: threading.Timer | None = None
+        # Group commit (fsync "batch"): sequence numbers of records written / made durable.
+        self._sync_cond = threading.Condition()  # guards: _written_seq, _synced_seq, _syncing
+        self._written_seq = 0
+        self._synced_seq = 0
+        self._syncing = False
+        self.append_count = 0
+        self.fail_count = 0
+        self.fsync_count = 0
+        self.rotation_count = 0
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def configure(self, fsync: str, max_bytes: int, max_age_days: int | None) -> None:
+        """Apply a (re)loaded policy's `audit.*` settings."""
+        if fsync not in FSYNC_MODES:
+            raise ReaError(f"audit.fsync: {fsync!r} is not one of always, batch, off")
+        if max_bytes <= 0:
+            raise ReaError("audit.rotation.max_bytes: must be a positive integer")
+        if max_age_days is not None and max_age_days <= 0:
+            raise ReaError("audit.rotation.max_age_days: must be a positive integer")
+        self._fsync, self._max_bytes, self._max_age_days = fsync, max_bytes, max_age_days
+
+    # -- appending -------------------------------------------------------------
+
+    def append(
+        self,
+        *,
+        session_id: str,
+        tool_name: str,
+        server_name: str,
+        tier: str,
+        status: str,
+        autonomy_level: str,
+        duration_ms: int,
+        error: str | None = None,
+        redacted_fields: list[str] | None = None,
+        metadata: Mapping[str, object] | None = None,
+    ) -> dict[str, object]:
+        """Chain and write one record; durable per the fsync mode when this returns."""
+        rec = AuditRecord(
+            timestamp=utc_now_iso(),
+            session_id=session_id,
+            tool_name=tool_name,
+            server_name=server_name,
+            tier=tier,
+            status=status,
+            autonomy_level=autonomy_level,
+            duration_ms=duration_ms,
+            error=error,
+            redacted_fields=tuple(redacted_fields) if redacted_fields is not None else None,
+            metadata=metadata,
+        )
+        try:
+            with self._lock:
+                written, seq = self._append_locked(rec)
+            if self._fsync == "batch":
+                self._wait_durable(seq)
+        except OSError:
+            self.fail_count += 1
+            raise
+        return written
+
+    def _append_locked(self, rec: AuditRecord) -> tuple[dict[str, object], int]:
+        with self._flock():
+            fd = self._sync_tail()
+            record = rec.chained(self._tail_hash)
+            line, digest = _encode_line(record)
+            if self._should_rotate(fd, len(line)):
+                self._rotate_locked("size" if self._over_size(fd, len(line)) else "age")
+                fd = self._sync_tail()
+                record = rec.chained(self._tail_hash)
+                line, digest = _encode_line(record)
+            self._write(fd, line)
+            if self._fsync == "always":
+                os.fsync(fd)
+                self.fsync_count += 1
+            st = os.fstat(fd)
+            self._known = (st.st_size, st.st_mtime_ns)
+            self._tail_hash = digest
+            self._file_records += 1
+            self.append_count += 1
+            with self._sync_cond:
+                self._written_seq += 1
+                seq = self._written_seq
+            self._head_dirty = True
+            now = time.monotonic()
+            if now - self._head_written_at >= _HEAD_INTERVAL_S:
+                self._write_head_locked()
+            elif self._head_timer is None:
+                delay = _HEAD_INTERVAL_S - (now - self._head_written_at)
+                self._head_timer = threading.Timer(delay, self._flush_head_from_timer)
+                self._head_timer.name = "rea-audit-head"
+                self._head_timer.daemon = True
+                self._head_timer.start()
+        record["hash"] = digest
+        return record, seq
+
+    def _write(self, fd: int, line: bytes) -> None:
+        view = memoryview(line)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError:
+            self._known = None  # a partial line may be on disk: re-read (and repair) next time
+            raise
+
+    def _wait_durable(self, seq: int) -> None:
+        """Group commit: the first waiter fsyncs everything written so far, for everyone."""
+        while True:
+            with self._sync_cond:
+                while self._synced_seq < seq and self._syncing:
+                    self._sync_cond.wait()
+                if self._synced_seq >= seq:
+                    return
+                self._syncing = True  # we lead this round
+            target, done = 0, False
+            try:
+                with self._lock:
+                    with self._sync_cond:
+                        target = self._written_seq
+                    # dup: a rotation may close self._fd while we fsync outside the lock.
+                    fd = os.dup(self._fd) if self._fd is not None else None
+                if fd is not None:
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                done = True
+            finally:
+                with self._sync_cond:
+                    if done:
+                        self.fsync_count += fd is not None
+                        # fd None: the file was closed, and closing made every record durable.
+                        self._synced_seq = max(self._synced_seq, target)
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+
+    # -- the tail --------------------------------------------------------------
+
+    def _flock(self) -> _FileLock:
+        if self._lock_fd is None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self._dir / AUDIT_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        return _FileLock(self._lock_fd, fcntl.LOCK_EX)
+
+    def _sync_tail(self) -> int:
+        """Under the flock: open the current file and refresh the tail if it changed under us."""
+        try:
+            st_path: os.stat_result | None = os.stat(self._path)
+        except FileNotFoundError:
+            st_path = None
+        if self._fd is not None and (
+            st_path is None or (st_path.st_dev, st_path.st_ino) != self._fd_id
+        ):
+            self._close_fd()  # rotated (or removed) by someone else
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            st = os.fstat(self._fd)
+            self._fd_id = (st.st_dev, st.st_ino)
+            self._known = None
+            self._first_ts_read = False
+            if st_path is None and self._fsync != "off":
+                fsync_dir(self._dir)  # the new file's name must survive a crash too
+        fd = self._fd
+        st = os.fstat(fd)
+        if self._known != (st.st_size, st.st_mtime_ns):
+            self._reload_tail(fd, st.st_size)
+        return fd
+
+    def _reload_tail(self, fd: int, size: int) -> None:
+        """Find the chain value at the end of the file: seek from the end, never read it all."""
+        previous = self._known
+        if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+            torn = _read_last_line(fd, size + 1)
+            new_size = size - len(torn)
+            os.ftruncate(fd, new_size)
+            if self._fsync != "off":
+                os.fsync(fd)
+            log(
+                "warn",
+                "audit_torn_tail_repaired",
+                file=str(self._path),
+                cut_bytes=len(torn),
+                at_byte=new_size,
+            )
+            size = new_size
+        if size == 0:
+            self._tail_hash = self._previous_file_hash()
+            self._file_records = 0
+        else:
+            line = _read_last_line(fd, size)
+            h = _line_hash(line)
+            if h is None:
+                # Never skip silently (the reference restarts from zeros here): chain onto the
+                # bad line's own bytes so that verify names it and nothing after is orphaned.
+                h = _sha256_hex(line)
+                log(
+                    "error",
+                    "audit_invalid_tail_line",
+                    file=str(self._path),
+                    detail="last line is not a valid record; chaining onto its sha256",
+                )
+            self._tail_hash = h
+            if previous is not None and size >= previous[0]:
+                self._file_records += _count_newlines(fd, previous[0], size)
+            else:
+                self._file_records = self._count_records(fd, size)
+        st = os.fstat(fd)
+        self._known = (st.st_size, st.st_mtime_ns)
+
+    def _count_records(self, fd: int, size: int) -> int:
+        """Records in the file, for the head: from the head's own figure when it still holds."""
+        head = _Head.load(self._dir)
+        if (
+            head is not None
+            and head.file == AUDIT_FILE
+            and 0 < head.bytes <= size
+            and os.pread(fd, 1, head.bytes - 1) == b"\n"
+            and _line_hash(_read_last_line(fd, head.bytes)) == head.last_hash
+        ):
+            return head.records + _count_newlines(fd, head.bytes, size)
+        return _count_newlines(fd, 0, size)
+
+    def _previous_file_hash(self) -> str:
+        rotated = _rotated_files(self._dir)
+        if rotated:
+            h = _last_hash_of(rotated[-1])
+            if h is not None:
+                return h
+        return ZERO_HASH
+
+    # -- rotation --------------------------------------------------------------
+
+    def _over_size(self, fd: int, extra: int) -> bool:
+        size = os.fstat(fd).st_size
+        return size > 0 and size + extra > self._max_bytes
+
+    def _should_rotate(self, fd: int, extra: int) -> bool:
+        """Decide only (as RotatingFileHandler.shouldRollover); re-checked under the flock."""
+        if self._over_size(fd, extra):
+            return True
+        if self._max_age_days is None or self._file_records == 0:
+            return False
+        if not self._first_ts_read:
+            self._first_ts_read = True
+            first = _read_first_line(fd)
+            ts: object = None
+            try:
+                value = json.loads(first.decode("utf-8", "surrogatepass"))
+                if isinstance(value, dict):
+                    ts = value.get("timestamp")
+            except (ValueError, UnicodeDecodeError):
+                pass
+            self._first_ts = _parse_iso(ts) if isinstance(ts, str) else None
+        if self._first_ts is None:
+            return False
+        age = _dt.datetime.now(_dt.UTC) - self._first_ts
+        return age > _dt.timedelta(days=self._max_age_days)
+
+    def rotate(self, reason: str = "manual") -> Path | None:
+        """Rotate now; the rotated file's path, or None when there is nothing to rotate."""
+        with self._lock, self._flock():
+            fd = self._sync_tail()
+            if os.fstat(fd).st_size == 0:
+                return None
+            return self._rotate_locked(reason)
+
+    def _rotate_locked(self, reason: str) -> Path:
+        """Act (as RotatingFileHandler.doRollover): rename, then the marker record, fsynced."""
+        assert self._fd is not None
+        old_fd = self._fd
+        if self._fsync != "off":
+            os.fsync(old_fd)  # everything in the old file is durable before it is renamed
+        last_hash = self._tail_hash
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+        target = self._dir / f"audit-{stamp}.jsonl"
+        n = 0
+        while target.exists():
+            n += 1
+            target = self._dir / f"audit-{stamp}-{n}.jsonl"
+        os.rename(self._path, target)
+        self._close_fd()
+        with self._sync_cond:
+            self._synced_seq = max(self._synced_seq, self._written_seq)  # old file fsynced
+        fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        st = os.fstat(fd)
+        self._fd, self._fd_id = fd, (st.st_dev, st.st_ino)
+        self._first_ts_read = False
+        marker = AuditRecord(
+            timestamp=utc_now_iso(),
+            session_id="system",
+            tool_name="audit.rotation",
+            server_name="rea",
+            tier="read",
+            status="allowed",
+            autonomy_level="system",
+            duration_ms=0,
+            metadata={"rotated_from": target.name, "rotated_at": utc_now_iso()},
+        ).chained(last_hash)
+        line, digest = _encode_line(marker)
+        self._write(fd, line)
+        os.fsync(fd)  # rename and marker are always durable, whatever the fsync mode
+        fsync_dir(self._dir)
+        self.fsync_count += 1
+        st = os.fstat(fd)
+        self._known = (st.st_size, st.st_mtime_ns)
+        self._tail_hash = digest
+        self._file_records = 1
+        self.rotation_count += 1
+        self._write_head_locked()
+        log("info", "audit_rotated", rotated_to=target.name, reason=reason)
+        return target
+
+    # -- the head --------------------------------------------------------------
+
+    def _write_head_locked(self) -> None:
+        """Under the flock, so the head always describes a state the file really had."""
+        size = self._known[0] if self._known is not None else 0
+        data = {
+            "records": self._file_records,
+            "last_hash": self._tail_hash,
+            "file": AUDIT_FILE,
+            "bytes": size,
+            "updated_at": utc_now_iso(),
+        }
+        atomic_write(self._dir / AUDIT_HEAD_FILE, (json.dumps(data) + "\n").encode())
+        self._head_written_at = time.monotonic()
+        self._head_dirty = False
+
+    def _flush_head_from_timer(self) -> None:
+        with self._lock:
+            self._head_timer = None
+            try:
+                self._flush_head_locked()
+            except OSError as exc:
+                log("error", "audit_head_write_failed", error=str(exc))
+
+    def _flush_head_locked(self) -> None:
+        if not self._head_dirty or self._fd is None:
+            return
+        with self._flock():
+            self._sync_tail()
+            self._write_head_locked()
+
+    def close(self) -> None:
+        """Flush the head file and release the files; a later append reopens them."""
+        with self._lock:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            try:
+                self._flush_head_locked()
+            finally:
+                self._close_fd()
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                if self._fsync == "batch":
+                    os.fsync(self._fd)  # batch waiters count on this file reaching the disk
+                    with self._sync_cond:
+                        self._synced_seq = max(self._synced_seq, self._written_seq)
+            finally:
+                os.close(self._fd)
+        self._fd, self._fd_id, self._known = None, None, None
+
+
+class _FileLock:
+    """A flock held for one `with` block."""
+
+    def __init__(self, fd: int, mode: int) -> None:
+        self._fd, self._mode = fd, mode
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, self._mode)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+# Audit verify ################################################################
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of `audit verify`: intact, or the first broken link and why."""
+
+    ok: bool
+    records: int
+    files: tuple[str, ...]
+    file: str | None = None
+    line: int | None = None
+    expected: str | None = None
+    found: str | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "files": list(self.files),
+            "file": self.file,
+            "line": self.line,
+            "expected": self.expected,
+            "found": self.found,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class _Line:
+    file: str
+    number: int
+    data: bytes
+    complete: bool  # ends with a newline
+
+
+def _lines(snapshot: list[tuple[str, int, int]]) -> Iterator[_Line]:
+    """Every line of every file, oldest first, each file read only up to its snapshot size."""
+    for name, fd, size in snapshot:
+        pos, number, rest = 0, 0, b""
+        while pos < size:
+            buf = os.pread(fd, min(1 << 22, size - pos), pos)
+            if not buf:
+                break
+            pos += len(buf)
+            parts = (rest + buf).split(b"\n")
+            rest = parts.pop()
+            for part in parts:
+                number += 1
+                yield _Line(name, number, part, True)
+        if rest:
+            yield _Line(name, number + 1, rest, False)
+
+
+def _is_rotation_marker(rec: Mapping[str, object]) -> bool:
+    return rec.get("tool_name") == "audit.rotation" and rec.get("session_id") == "system"
+
+
+def verify_audit(rea_dir: Path) -> VerifyResult:
+    """Walk audit-*.jsonl oldest first, then audit.jsonl, checking every link of the chain."""
+    rea_dir = Path(rea_dir)
+    paths = [*_rotated_files(rea_dir), rea_dir / AUDIT_FILE]
+    snapshot: list[tuple[str, int, int]] = []
+    # A shared flock while taking the snapshot: no append is half-written in what we read,
+    # and appends resume at once (we read beyond the lock, only up to the sizes seen).
+    lock_fd: int | None = None
+    try:
+        lock_fd = os.open(rea_dir / AUDIT_LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        pass
+    try:
+        if lock_fd is not None:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        for p in paths:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            snapshot.append((p.name, fd, os.fstat(fd).st_size))
+        head = _Head.load(rea_dir)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)  # closing releases the flock
+    try:
+        return _verify_snapshot(snapshot, head)
+    finally:
+        for _, fd, _ in snapshot:
+            os.close(fd)
+
+
+def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -> VerifyResult:
+    files = tuple(name for name, _, _ in snapshot)
+    expected_prev: str | None = None  # None: the first record of all
+    records = 0
+    head_seen = head is None
+    last_hash = ZERO_HASH
+    last_file, last_number = AUDIT_FILE, 0
+    lines = _lines(snapshot)
+
+    def broken(
+        ln: _Line, reason: str, expected: str | None = None, found: str | None = None
+    ) -> VerifyResult:
+        return VerifyResult(False, records, files, ln.file, ln.number, expected, found, reason)
+
+    for ln in lines:
+        if not ln.complete:
+            return broken(ln, "truncated: the last line is cut off mid-record")
+        try:
+            value = json.loads(ln.data.decode("utf-8", "surrogatepass"))
+        except (ValueError, UnicodeDecodeError):
+            return broken(ln, "not JSON: the line does not parse")
+        if not isinstance(value, dict) or not isinstance(value.get("hash"), str):
+            return broken(ln, "not JSON: the line is not an audit record (no hash)")
+        rec: dict[str, object] = dict(value)
+        found_hash = str(rec.pop("hash"))
+        computed = record_hash(rec)
+        if computed != found_hash:
+            return broken(ln, "edited: the content does not match its hash", computed, found_hash)
+        prev = rec.get("prev_hash")
+        prev_s = prev if isinstance(prev, str) else repr(prev)
+        if expected_prev is None:
+            # The oldest file may start with a rotation marker: older files pruned by retention.
+            if prev_s != ZERO_HASH and not _is_rotation_marker(rec):
+                return broken(
+                    ln, "deleted: the first record does not start the chain", ZERO_HASH, prev_s
+                )
+        elif prev_s != expected_prev:
+            later = any(_line_hash(other.data) == prev_s for other in lines if other.complete)
+            if later:
+                return broken(
+                    ln, "reordered: prev_hash names a later record", expected_prev, prev_s
+                )
+            return broken(ln, "deleted: a record before this one is missing", expected_prev, prev_s)
+        records += 1
+        expected_prev = last_hash = found_hash
+        last_file, last_number = ln.file, ln.number
+        if head is not None and found_hash == head.last_hash:
+            head_seen = True
+    if not head_seen and head is not None:
+        return VerifyResult(
+            False,
+            records,
+            files,
+            last_file,
+            last_number + 1,
+            head.last_hash,
+            last_hash,
+            f"truncated: the log ends before its head ({head.records} records in {head.file})",
+        )
+    return VerifyResult(True, records, files)
+
+
+# Audit command ###############################################################
+
+_AUDIT_USAGE = "usage: rea.py audit verify [--json] | audit rotate | audit tail [-n N]"
+
+
+def cmd_audit(rea_dir: Path, argv: list[str], out: TextIO) -> int:
+    """`audit verify [--json]`, `audit rotate`, `audit tail [-n N]` (SPEC §7, §11)."""
+    if not argv:
+        raise ReaError(_AUDIT_USAGE)
+    sub, rest = argv[0], argv[1:]
+    if sub == "verify":
+        if rest not in ([], ["--json"]):
+            raise ReaError(f"audit verify: unexpected {' '.join(rest)!r}; {_AUDIT_USAGE}")
+        result = verify_audit(rea_dir)
+        if rest:
+            out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+        elif result.ok:
+            out.write(f"audit: OK — {result.records} records in {len(result.files)} files\n")
+        else:
+            hashes = ""
+            if result.expected is not None or result.found is not None:
+                hashes = f" (expected {result.expected}, found {result.found})"
+            out.write(f"audit: BROKEN at {result.file}:{result.line} — {result.reason}{hashes}\n")
+        return 0 if result.ok else 1
+    if sub == "rotate":
+        if rest:
+            raise ReaError(f"audit rotate: unexpected {' '.join(rest)!r}; {_AUDIT_USAGE}")
+        audit = AuditLog(rea_dir)
+        try:
+            rotated = audit.rotate("manual")
+        finally:
+            audit.close()
+        if rotated is None:
+            out.write("audit: nothing to rotate\n")
+        else:
+            out.write(f"audit: rotated to {rotated.name}\n")
+        return 0
+    if sub == "tail":
+        n = _parse_tail_count(rest)
+        for line in _tail_lines(rea_dir, n):
+            out.write(line.decode("utf-8", "replace") + "\n")
+        return 0
+    raise ReaError(f"audit: unknown subcommand {sub!r}; {_AUDIT_USAGE}")
+
+
+def _parse_tail_count(rest: list[str]) -> int:
+    if not rest:
+        return 10
+    text: str | None = None
+    if len(rest) == 2 and rest[0] in ("-n", "--lines"):
+        text = rest[1]
+    elif len(rest) == 1 and rest[0].startswith("-n") and len(rest[0]) > 2:
+        text = rest[0][2:]
+    if text is None or not text.isdigit():
+        raise ReaError(f"audit tail: expected -n N (a whole number); {_AUDIT_USAGE}")
+    return int(text)
+
+
+def _tail_lines(rea_dir: Path, n: int) -> list[bytes]:
+    """The last n lines of the chain, newest file first, each read backwards from its end."""
+    out: list[bytes] = []
+    for p in reversed([*_rotated_files(rea_dir), rea_dir / AUDIT_FILE]):
+        if len(out) >= n:
+            break
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            end = os.fstat(fd).st_size
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                end -= len(_read_last_line(fd, end + 1))  # a torn line is not a record
+            while end > 0 and len(out) < n:
+                line = _read_last_line(fd, end)
+                out.append(line)
+                end -= len(line) + 1
+        finally:
+            os.close(fd)
+    return list(reversed(out))
+
+
+# Breaker and session blocker ##################################################
+
+CIRCUIT_CLOSED = "closed"
+CIRCUIT_OPEN = "open"
+CIRCUIT_HALF_OPEN = "half-open"
+
+
+class CircuitBreaker:
+    """Per-server circuit: closed -> open after N consecutive failures -> half-open lets
+    exactly one probe -> closed/open (§9).
+
+    Transitions out of `open` happen lazily, when `acquire`, `state` or `retry_at` is
+    called after the cooldown; there is no timer thread. `on_transition(old, new)` is
+    called outside the lock, in the order the transitions happened.
+    """
+
+    def __init__(
+        self,
+        threshold: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[str, str], None] | None = None,
+    ) -> None:
+        _check_breaker_settings(threshold, cooldown_s)
+        self._clock = clock
+        self._on_transition = on_transition
+        # guards every field below, and the queue of transitions not yet reported
+        self._lock = threading.Lock()
+        self._threshold = threshold
+        self._cooldown_s = cooldown_s
+        self._state = CIRCUIT_CLOSED
+        self._failures = 0  # consecutive; reset by any success
+        self._opened_at = 0.0  # clock() when the circuit last opened
+        self._probe_out = False  # half-open: the one probe is in flight
+        self._pending: deque[tuple[str, str]] = deque()
+        self._delivering = False  # one thread at a time reports, so the order holds
+
+    def configure(self, threshold: int, cooldown_s: float) -> None:
+        """Take new settings (a policy reload); they apply from the next event on."""
+        _check_breaker_settings(threshold, cooldown_s)
+        with self._lock:
+            self._threshold = threshold
+            self._cooldown_s = cooldown_s
+
+    def acquire(self) -> float | None:
+        """None: the call may go ahead (in half-open this caller is THE probe).
+        Else the epoch time (time.time() based) at which a retry may succeed."""
+        with self._lock:
+            self._lazy_half_open()
+            if self._state == CIRCUIT_CLOSED:
+                result = None
+            elif self._state == CIRCUIT_HALF_OPEN and not self._probe_out:
+                self._probe_out = True
+                result = None
+            else:
+                result = self._retry_wall()
+        self._deliver()
+        return result
+
+    def record_success(self) -> None:
+        """The call completed (a result with isError counts as success: the server works)."""
+        with self._lock:
+            self._failures = 0
+            if self._state == CIRCUIT_HALF_OPEN:
+                self._probe_out = False
+                self._move(CIRCUIT_CLOSED)
+            # open: a late success of a call started before the opening; the cooldown rules
+        self._deliver()
+
+    def record_failure(self) -> None:
+        """The call failed: error, timeout or dead child."""
+        with self._lock:
+            self._failures += 1
+            if self._state == CIRCUIT_HALF_OPEN:
+                # the probe failed: open again with a fresh cooldown
+                self._probe_out = False
+                self._opened_at = self._clock()
+                self._move(CIRCUIT_OPEN)
+            elif self._state == CIRCUIT_CLOSED and self._failures >= self._threshold:
+                self._opened_at = self._clock()
+                self._move(CIRCUIT_OPEN)
+            # open: a late failure of an earlier call does not extend the cooldown
+        self._deliver()
+
+    def release_unused(self) -> None:
+        """The acquired call never ran; if it was the probe, free the probe slot."""
+        with self._lock:
+            if self._state == CIRCUIT_HALF_OPEN:
+                self._probe_out = False
+
+    @property
+    def state(self) -> str:
+        """ "closed" | "open" | "half-open"; reading it may move open -> half-open."""
+        with self._lock:
+            self._lazy_half_open()
+            state = self._state
+        self._deliver()
+        return state
+
+    def retry_at(self) -> float | None:
+        """Epoch seconds when a refused call may be retried; None unless open."""
+        with self._lock:
+            self._lazy_half_open()
+            result = self._retry_wall() if self._state == CIRCUIT_OPEN else None
+        self._deliver()
+        return result
+
+    # -- lock held below, except _deliver ------------------------------------------
+
+    def _lazy_half_open(self) -> None:
+        if self._state == CIRCUIT_OPEN and self._clock() >= self._opened_at + self._cooldown_s:
+            self._probe_out = False
+            self._move(CIRCUIT_HALF_OPEN)
+
+    def _retry_wall(self) -> float:
+        if self._state == CIRCUIT_OPEN:
+            # the injected clock is not wall time: carry the remaining offset over
+            remaining = self._opened_at + self._cooldown_s - self._clock()
+            return time.time() + max(0.0, remaining)
+        # half-open with the probe out: if it fails, a fresh cooldown starts about now
+        return time.time() + self._cooldown_s
+
+    def _move(self, new: str) -> None:
+        old = self._state
+        if old == new:
+            return
+        self._state = new
+        if self._on_transition is not None:
+            self._pending.append((old, new))
+
+    def _deliver(self) -> None:
+        """Report queued transitions outside the lock; one reporter at a time keeps order."""
+        callback = self._on_transition
+        if callback is None:
+            return
+        with self._lock:
+            if self._delivering or not self._pending:
+                return
+            self._delivering = True
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._delivering = False
+                    return
+                old, new = self._pending.popleft()
+            try:
+                callback(old, new)
+            except Exception as exc:  # a broken listener must not jam the breaker
+                log("error", "breaker_listener_failed", old=old, new=new, error=repr(exc))
+
+
+def _check_breaker_settings(threshold: int, cooldown_s: float) -> None:
+    if threshold < 1 or cooldown_s < 0:
+        raise ValueError(
+            f"breaker needs threshold >= 1, cooldown_s >= 0: {threshold}, {cooldown_s}"
+        )
+
+
+class SessionBlocker:
+    """Counts open-transitions per (session, server); fires once at the threshold (§9)."""
+
+    def __init__(self, threshold: int) -> None:
+        if threshold < 1:
+            raise ValueError(f"session blocker threshold must be >= 1: {threshold}")
+        self._threshold = threshold
+        self._lock = threading.Lock()  # guards _counts and _emitted
+        self._counts: dict[tuple[str, str], int] = {}
+        self._emitted: set[tuple[str, str]] = set()
+
+    def configure(self, threshold: int) -> None:
+        """A reloaded policy's threshold; counts so far are kept."""
+        if threshold < 1:
+            raise ValueError("session blocker threshold must be at least 1")
+        with self._lock:
+            self._threshold = threshold
+
+    def on_transition(self, session_id: str, server: str, new_state: str) -> int | None:
+        """The open-transition count when this transition makes the blocker fire, else None.
+
+        "open" counts; "closed" resets and re-arms; "half-open" does nothing. A child
+        restart is not a transition and must not be reported here.
+        """
+        key = (session_id, server)
+        with self._lock:
+            if new_state == CIRCUIT_OPEN:
+                count = self._counts.get(key, 0) + 1
+                self._counts[key] = count
+                if count >= self._threshold and key not in self._emitted:
+                    self._emitted.add(key)
+                    return count
+            elif new_state == CIRCUIT_CLOSED:
+                self._counts.pop(key, None)
+                self._emitted.discard(key)
+        return None
+
+    def count(self, session_id: str, server: str) -> int:
+        with self._lock:
+            return self._counts.get((session_id, server), 0)
+
+    def emitted(self, session_id: str, server: str) -> bool:
+        with self._lock:
+            return (session_id, server) in self._emitted
+
+
+# Live state ###################################################################
+
+STATE_FILE = "serve.state.json"
+PID_FILE = "serve.pid"
+HALT_FILE = "HALT"
+
+
+def pid_alive(pid: int) -> bool:
+    """Is there a live (not zombie) process with this pid? Permission denied means alive."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we know
+    # the state letter follows the command name, which ends at the last ")"
+    fields = stat[stat.rfind(")") + 1 :].split()
+    return not (fields and fields[0] in ("Z", "X"))
+
+
+def _read_pid_file(path: Path) -> int | None:
+    """The pid in serve.pid; None if absent. Raises ReaError if unreadable or not a pid."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReaError(f"{path}: cannot read the pid file ({exc}); remove it if stale") from exc
+    if not text.isdigit():
+        raise ReaError(f"{path}: does not hold a pid; remove it if no gateway runs")
+    return int(text)
+
+
+def _read_state_owner(path: Path) -> int | None:
+    """owner_pid of an existing live-state file, or None if there is no usable one."""
+    try:
+        raw: object = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if isinstance(raw, dict):
+        owner = raw.get("owner_pid")
+        if isinstance(owner, int) and not isinstance(owner, bool):
+            return owner
+    return None
+
+
+class LiveState:
+    """Owns .rea/serve.state.json: debounced, atomic, durable writes of the gateway's live
+    state (§8).
+
+    `changed()` starts one `threading.Timer` at the first change of a burst; when it fires
+    the current snapshot is written, so a burst costs one write and the last state always
+    lands. Only the owner (see `claim`) writes; a second gateway in the same root stays
+    silent instead of clobbering the first one's file.
+    """
+
+    def __init__(
+        self,
+        rea_dir: Path,
+        session_id: str,
+        snapshot: Callable[[], dict[str, object]],
+        debounce_s: float = 0.25,
+    ) -> None:
+        self.state_path = rea_dir / STATE_FILE
+        self.pid_path = rea_dir / PID_FILE
+        self._rea_dir = rea_dir
+        self._session_id = session_id
+        self._snapshot = snapshot
+        self._debounce_s = debounce_s
+        self._lock = threading.Lock()  # guards _timer, _owner, _closed
+        self._timer: threading.Timer | None = None
+        self._owner = False
+        self._closed = False
+        # one writer at a time: a later snapshot must never be replaced by an earlier one
+        self._write_lock = threading.Lock()
+        self.writes = 0  # file writes done; guarded by _write_lock
+
+    @property
+    def owner(self) -> bool:
+        with self._lock:
+            return self._owner
+
+    def claim(self) -> bool:
+        """Become the file's owner unless a live foreign gateway owns it; write serve.pid."""
+        me = os.getpid()
+        try:
+            pid_in_file = _read_pid_file(self.pid_path)
+        except ReaError:
+            pid_in_file = None  # a garbled pid file is taken over like a dead one
+        for other in (_read_state_owner(self.state_path), pid_in_file):
+            if other is not None and other != me and pid_alive(other):
+                log(
+                    "warning",
+                    "live_state_owned_elsewhere",
+                    file=str(self.state_path),
+                    owner_pid=other,
+                    session_id=self._session_id,
+                    detail="another gateway runs in this root; this one will not write live state",
+                )
+                return False
+        try:
+            self._rea_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.pid_path, f"{me}\n".encode())
+        except OSError as exc:
+            log("error", "live_state_claim_failed", file=str(self.pid_path), error=str(exc))
+            return False
+        with self._lock:
+            self._owner = True
+        return True
+
+    def changed(self) -> None:
+        """Mark the state dirty; the write follows `debounce_s` after the burst's first change."""
+        with self._lock:
+            if not self._owner or self._closed or self._timer is not None:
+                return
+            timer = threading.Timer(self._debounce_s, self._on_timer)
+            timer.name = "rea-state-timer"
+            timer.daemon = True  # a pending write must not keep the process alive; close() flushes
+            self._timer = timer
+        timer.start()
+
+    def flush(self) -> None:
+        """Write now (if owner), cancelling any pending timer."""
+        with self._lock:
+            timer, self._timer = self._timer, None
+            owner = self._owner
+        if timer is not None:
+            timer.cancel()
+        if owner:
+            self._write()
+
+    def close(self) -> None:
+        """Flush, stop scheduling writes, and remove serve.pid if it still holds our pid."""
+        self.flush()
+        with self._lock:
+            self._closed = True
+            owner = self._owner
+        if not owner:
+            return
+        try:
+            if _read_pid_file(self.pid_path) == os.getpid():
+                self.pid_path.unlink()
+        except (ReaError, OSError):
+            pass  # someone else's or already gone: not ours to remove
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if self._timer is not threading.current_thread():
+                return  # cancelled by flush() after it had already started
+            self._timer = None
+            if self._closed:
+                return
+        self._write()
+
+    def _write(self) -> None:
+        with self._write_lock:
+            # the snapshot is taken under the write lock so that writes land in order;
+            # changes from now on start a new timer and so a new write
+            state = dict(self._snapshot())
+            state["updated_at"] = _utc_iso_ms()
+            data = json.dumps(state, indent=2, ensure_ascii=False, default=str) + "\n"
+            try:
+                atomic_write(self.state_path, data.encode("utf-8"))
+            except OSError as exc:
+                log("error", "live_state_write_failed", file=str(self.state_path), error=str(exc))
+                return
+            self.writes += 1
+
+
+def _utc_iso_ms(epoch: float | None = None) -> str:
+    moment = _dt.datetime.fromtimestamp(time.time() if epoch is None else epoch, _dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# Status command ###############################################################
+
+_WATCH_INTERVAL_S = 1.0
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
+_CHUNK = 1 << 20
+_T = TypeVar("_T")
+
+
+class _ShapeError(Exception):
+    """The state file is JSON but not the shape rea writes."""
+
+
+@dataclass(frozen=True)
+class DownstreamStatus:
+    """One downstream's entry in serve.state.json, as status reads it."""
+
+    name: str
+    connected: bool | None
+    healthy: bool
+    circuit_state: str | None
+    retry_at: float | None  # epoch seconds
+    last_error: str | None
+    tools_count: int | None
+    open_transitions: int | None
+    session_blocker_emitted: bool | None
+    pid: int | None
+    restarts: int | None
+    calls: int | None
+    errors: int | None
+
+
+@dataclass(frozen=True)
+class ServeState:
+    """serve.state.json parsed into types (§8)."""
+
+    session_id: str
+    started_at: str | None
+    updated_at: str | None
+    owner_pid: int
+    gateway_version: str | None
+    metrics_port: int | None
+    halt_active: bool
+    halt_reason: str | None
+    downstreams: tuple[DownstreamStatus, ...]
+
+
+@dataclass(frozen=True)
+class AuditSummary:
+    """Size, record count and last record of .rea/audit.jsonl, read cheaply."""
+
+    path: str
+    exists: bool
+    size_bytes: int
+    records: int
+    last_timestamp: str | None
+    last_tool: str | None
+    last_status: str | None
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Everything `status` shows, gathered from files only."""
+
+    rea_dir: Path
+    running: bool
+    pid: int | None  # the live gateway's pid
+    stale_pid: int | None  # serve.pid names a dead process
+    raw_state: dict[str, object] | None
+    state: ServeState | None
+    state_problem: str | None  # one line when the state file is missing or unusable
+    halt_active: bool
+    halt_reason: str | None
+    policy: dict[str, object]
+    audit: AuditSummary
+
+    @property
+    def exit_code(self) -> int:
+        if not self.running:
+            return 3
+        if self.state is None:
+            return 2
+        if self.halt_active or any(not d.healthy for d in self.state.downstreams):
+            return 1
+        return 0
+
+
+def cmd_status(
+    root: Path,
+    argv: list[str],
+    out: TextIO,
+    policy_summary: Callable[[], dict[str, object]],
+) -> int:
+    """`status [--json] [--watch]`: the running gateway as its files show it (§8)."""
+    as_json = watch = False
+    for arg in argv:
+        if arg == "--json":
+            as_json = True
+        elif arg == "--watch":
+            watch = True
+        else:
+            print(
+                f"rea status: unknown argument {arg!r}; use --json and/or --watch", file=sys.stderr
+            )
+            return 2
+    if not watch:
+        try:
+            report = gather_status(root, policy_summary)
+        except ReaError as exc:
+            print(f"rea status: {exc}", file=sys.stderr)
+            return 2
+        out.write(_render(report, as_json))
+        out.flush()
+        return report.exit_code
+    try:
+        while True:
+            try:
+                text = _render(gather_status(root, policy_summary), as_json)
+            except ReaError as exc:
+                text = f"rea status: {exc}\n"  # shown, not fatal: a file may be mid-edit
+            out.write(_CLEAR_SCREEN + text)
+            out.flush()
+            time.sleep(_WATCH_INTERVAL_S)
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        return 0
+
+
+def gather_status(root: Path, policy_summary: Callable[[], dict[str, object]]) -> StatusReport:
+    """Read serve.pid, serve.state.json, HALT, audit.jsonl and the policy summary.
+
+    Raises ReaError for unreadable files (exit 2); an unusable state file is not an error
+    here but a `state_problem` line, since whether it matters depends on `running`.
+    """
+    rea_dir = root / ".rea"
+    pid_in_file = _read_pid_file(rea_dir / PID_FILE)
+    raw, state, problem = _load_state(rea_dir / STATE_FILE)
+    # serve.pid is the only proof of life: close() removes it, owner_pid stays in the file
+    running = False
+    pid: int | None = None
+    stale: int | None = None
+    if pid_in_file is not None:
+        if not pid_alive(pid_in_file):
+            stale = pid_in_file
+        elif state is None or state.owner_pid == pid_in_file:
+            running, pid = True, pid_in_file
+        else:
+            problem = (
+                f"{rea_dir / PID_FILE} names pid {pid_in_file} but the live state's owner is "
+                f"{state.owner_pid}"
+            )
+    halt_active, halt_reason = _read_halt(rea_dir / HALT_FILE)
+    return StatusReport(
+        rea_dir=rea_dir,
+        running=running,
+        pid=pid,
+        stale_pid=stale,
+        raw_state=raw,
+        state=state,
+        state_problem=problem,
+        halt_active=halt_active,
+        halt_reason=halt_reason,
+        policy=policy_summary(),
+        audit=_audit_summary(rea_dir / AUDIT_FILE),
+    )
+
+
+def _load_state(
+    path: Path,
+) -> tuple[dict[str, object] | None, ServeState | None, str | None]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None, f"no live state: {path} does not exist"
+    except OSError as exc:
+        raise ReaError(f"{path}: cannot read the live state ({exc.strerror})") from exc
+    if not data.strip():
+        return None, None, f"live state {path} is empty"
+    try:
+        raw: object = json.loads(data)
+    except ValueError:
+        return None, None, f"live state {path} is corrupt (not JSON)"
+    if not isinstance(raw, dict):
+        return None, None, f"live state {path} is not rea's format (not a JSON object)"
+    try:
+        return raw, _parse_state(raw), None
+    except _ShapeError as exc:
+        return raw, None, f"live state {path} is not rea's format ({exc})"
+
+
+def _parse_state(raw: dict[str, object]) -> ServeState:
+    halt = raw.get("halt")
+    if halt is None:
+        halt = {}
+    if not isinstance(halt, dict):
+        raise _ShapeError("'halt' is not an object")
+    items = raw.get("downstreams")
+    if not isinstance(items, list):
+        raise _ShapeError("'downstreams' is missing or not a list")
+    downstreams: list[DownstreamStatus] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _ShapeError(f"downstreams[{index}] is not an object")
+        where = f"downstreams[{index}]"
+        downstreams.append(
+            DownstreamStatus(
+                name=_req(_str(item, "name", where), "name", where),
+                connected=_bool(item, "connected", where),
+                healthy=_req(_bool(item, "healthy", where), "healthy", where),
+                circuit_state=_str(item, "circuit_state", where),
+                retry_at=_epoch(item, "retry_at", where),
+                last_error=_str(item, "last_error", where),
+                tools_count=_state_int(item, "tools_count", where),
+                open_transitions=_state_int(item, "open_transitions", where),
+                session_blocker_emitted=_bool(item, "session_blocker_emitted", where),
+                pid=_state_int(item, "pid", where),
+                restarts=_state_int(item, "restarts", where),
+                calls=_state_int(item, "calls", where),
+                errors=_state_int(item, "errors", where),
+            )
+        )
+    return ServeState(
+        session_id=_req(_str(raw, "session_id", "top level"), "session_id", "top level"),
+        started_at=_str(raw, "started_at", "top level"),
+        updated_at=_str(raw, "updated_at", "top level"),
+        owner_pid=_req(_state_int(raw, "owner_pid", "top level"), "owner_pid", "top level"),
+        gateway_version=_str(raw, "gateway_version", "top level"),
+        metrics_port=_state_int(raw, "metrics_port", "top level"),
+        halt_active=bool(_bool(halt, "active", "halt")),
+        halt_reason=_str(halt, "reason", "halt"),
+        downstreams=tuple(downstreams),
+    )
+
+
+def _req(value: _T | None, key: str, where: str) -> _T:
+    if value is None:
+        raise _ShapeError(f"{where}: '{key}' is missing")
+    return value
+
+
+def _str(obj: dict[str, object], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise _ShapeError(f"{where}: '{key}' is not a string")
+
+
+def _state_int(obj: dict[str, object], key: str, where: str) -> int | None:
+    value = obj.get(key)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise _ShapeError(f"{where}: '{key}' is not an integer")
+
+
+def _bool(obj: dict[str, object], key: str, where: str) -> bool | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise _ShapeError(f"{where}: '{key}' is not true/false")
+
+
+def _epoch(obj: dict[str, object], key: str, where: str) -> float | None:
+    """A time as epoch seconds; the gateway may write a number or an ISO-8601 string."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        moment = _iso_to_epoch(value)
+        if moment is not None:
+            return moment
+    raise _ShapeError(f"{where}: '{key}' is not a time")
+
+
+def _iso_to_epoch(text: str) -> float | None:
+    try:
+        moment = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.UTC)
+    return moment.timestamp()
+
+
+def _read_halt(path: Path) -> tuple[bool, str | None]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except FileNotFoundError:
+        return False, None
+    except OSError as exc:
+        raise ReaError(f"{path}: cannot read the HALT file ({exc.strerror})") from exc
+    return True, (text or None)
+
+
+def _audit_summary(path: Path) -> AuditSummary:
+    """Count lines in 1 MB chunks and read the last record by seeking from the end."""
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            records = 0
+            while chunk := fh.read(_CHUNK):
+                records += chunk.count(b"\n")
+            last = _last_line(fh, size)
+    except FileNotFoundError:
+        return AuditSummary(str(path), False, 0, 0, None, None, None)
+    except OSError as exc:
+        raise ReaError(f"{path}: cannot read the audit log ({exc.strerror})") from exc
+    timestamp = tool = status = None
+    try:
+        record: object = json.loads(last) if last else None
+    except ValueError:
+        record = None  # a torn or damaged tail: `audit verify` explains it
+    if isinstance(record, dict):
+        timestamp, tool, status = (
+            value if isinstance(value := record.get(key), str) else None
+            for key in ("timestamp", "tool_name", "status")
+        )
+    return AuditSummary(str(path), True, size, records, timestamp, tool, status)
+
+
+def _last_line(fh: BinaryIO, size: int) -> bytes:
+    """The last complete (newline-terminated) line, read backwards in chunks.
+
+    A torn tail (no final newline) is not a record, so it is skipped.
+    """
+    tail = b""
+    pos = size
+    while pos > 0:
+        step = min(_CHUNK, pos)
+        pos -= step
+        fh.seek(pos)
+        tail = fh.read(step) + tail
+        cut = tail.rfind(b"\n")
+        if cut == -1:
+            continue
+        body = tail[:cut]
+        start = body.rfind(b"\n")
+        if start != -1 or pos == 0:
+            return body[start + 1 :]
+    return b""
+
+
+def _render(report: StatusReport, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(_as_json(report), indent=2, ensure_ascii=False, default=str) + "\n"
+    return "\n".join(_human_lines(report)) + "\n"
+
+
+def _as_json(report: StatusReport) -> dict[str, object]:
+    state = report.state
+    audit = report.audit
+    return {
+        "running": report.running,
+        "pid": report.pid,
+        "stale_pid": report.stale_pid,
+        "exit_code": report.exit_code,
+        "uptime_s": _uptime_s(state) if report.running and state is not None else None,
+        "state_problem": report.state_problem,
+        "state": report.raw_state,
+        "halt": {"active": report.halt_active, "reason": report.halt_reason},
+        "policy": report.policy,
+        "audit": {
+            "file": audit.path,
+            "exists": audit.exists,
+            "size_bytes": audit.size_bytes,
+            "records": audit.records,
+            "last_record_at": audit.last_timestamp,
+            "last_tool_name": audit.last_tool,
+            "last_status": audit.last_status,
+        },
+    }
+
+
+def _human_lines(report: StatusReport) -> list[str]:
+    state = report.state
+    lines: list[str] = []
+    if report.running:
+        lines.append(f"gateway: running (pid {report.pid})")
+    elif report.stale_pid is not None:
+        lines.append(f"gateway: not running (stale pid {report.stale_pid})")
+    else:
+        lines.append("gateway: not running")
+    if report.state_problem is not None:
+        lines.append(f"  {report.state_problem}")
+    if state is not None:
+        version = f", version {state.gateway_version}" if state.gateway_version else ""
+        lines.append(f"session: {state.session_id}{version}")
+        if report.running:
+            uptime = _uptime_s(state)
+            shown = _duration(uptime) if uptime is not None else "unknown"
+            lines.append(f"uptime: {shown} (started {state.started_at or 'unknown'})")
+        else:
+            lines.append(f"last state written: {state.updated_at or 'unknown'}")
+    if report.halt_active:
+        lines.append(f"HALT: active — {report.halt_reason or 'no reason given'}")
+    else:
+        lines.append("HALT: not active")
+    lines.append(_policy_line(report.policy))
+    if state is not None:
+        lines.append(f"servers ({len(state.downstreams)}):")
+        lines.extend(_server_lines(state.downstreams))
+    audit = report.audit
+    if audit.exists:
+        last = audit.last_timestamp or "unknown"
+        if audit.last_tool:
+            last += f" ({audit.last_tool}, {audit.last_status or '?'})"
+        lines.append(
+            f"audit log: {audit.path} — {_size(audit.size_bytes)}, "
+            f"{audit.records} records, last at {last}"
+        )
+    else:
+        lines.append(f"audit log: {audit.path} — none yet")
+    return lines
+
+
+def _policy_line(policy: dict[str, object]) -> str:
+    level = policy.get("autonomy_level", "?")
+    parts = [f"autonomy {level}"]
+    if policy.get("max_autonomy_level") is not None:
+        parts.append(f"max {policy['max_autonomy_level']}")
+    if policy.get("profile") is not None:
+        parts.append(f"profile {policy['profile']}")
+    if policy.get("blocked_paths_count") is not None:
+        parts.append(f"{policy['blocked_paths_count']} blocked paths")
+    return f"policy: {policy.get('file', '(defaults)')} — " + ", ".join(parts)
+
+
+def _server_lines(downstreams: tuple[DownstreamStatus, ...]) -> list[str]:
+    lines: list[str] = []
+    for ds in downstreams:
+        health = "healthy" if ds.healthy else "UNHEALTHY"
+        if ds.connected is not None:
+            health += ", connected" if ds.connected else ", not connected"
+        circuit = ds.circuit_state or "unknown"
+        if ds.retry_at is not None:
+            wait = max(0.0, ds.retry_at - time.time())
+            circuit += f", retry at {_utc_iso_ms(ds.retry_at)} (in {_duration(wait)})"
+        blocker = "FIRED" if ds.session_blocker_emitted else "not fired"
+        lines += [
+            f"  {ds.name}",
+            f"    health: {health}",
+            f"    circuit: {circuit}",
+            f"    tools: {_n(ds.tools_count)}   pid: {_n(ds.pid)}   restarts: {_n(ds.restarts)}"
+            f"   calls: {_n(ds.calls)}   errors: {_n(ds.errors)}",
+            f"    open transitions: {_n(ds.open_transitions)}   SESSION_BLOCKER: {blocker}",
+            f"    last error: {_one_line(ds.last_error) if ds.last_error else '-'}",
+        ]
+    return lines
+
+
+def _uptime_s(state: ServeState) -> float | None:
+    started = _iso_to_epoch(state.started_at) if state.started_at else None
+    return None if started is None else max(0.0, time.time() - started)
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# Protocol ###################################################################
+
+JsonObj = dict[str, object]
+
+HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+STATELESS_VERSIONS = ("2026-07-28",)
+META_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CAPS = "io.modelcontextprotocol/clientCapabilities"
+META_CLIENT = "io.modelcontextprotocol/clientInfo"
+META_SERVER = "io.modelcontextprotocol/serverInfo"
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+UNSUPPORTED_VERSION = -32022
+
+HEALTH_TOOL = "__rea__health"
+MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
+DISCOVER_TIMEOUT_S = 5.0  # §5: no answer to server/discover within 5 s means handshake era
+HANDSHAKE_TIMEOUT_S = 30.0
+TOOLS_PAGE = 100
+RESTART_WINDOW_S = 60.0
+MAX_RESTARTS = 5  # more than this many restarts within RESTART_WINDOW_S gives up
+BACKOFF_MAX_S = 30.0
+STOP_GRACE_S = 5.0  # in-flight calls may finish for this long at shutdown
+KILL_AFTER_S = 2.0
+
+
+class RpcError(Exception):
+    """A JSON-RPC error to send back: code, message and optional data."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> JsonObj:
+        err: JsonObj = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+
+def as_obj(value: object) -> JsonObj | None:
+    """The value as a JSON object, or None: the one narrowing at the JSON boundary."""
+    return value if isinstance(value, dict) else None
+
+
+def meta_of(params: JsonObj | None) -> JsonObj | None:
+    return as_obj(params.get("_meta")) if params else None
+
+
+def request_era(method: str, params: JsonObj | None) -> str | None:
+    """Which protocol era a client request belongs to, or None when it does not say."""
+    if method == "initialize":
+        return "handshake"
+    meta = meta_of(params)
+    if method == "server/discover" or (meta is not None and META_VERSION in meta):
+        return "stateless"
+    return None
+
+
+def encode(msg: JsonObj) -> bytes:
+    return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def id_key(value: object) -> tuple[str, object]:
+    """A request id as a dict key: 1 and "1" are different ids in JSON-RPC."""
+    return (type(value).__name__, value)
+
+
+# Tool names ##################################################################
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def exposed_tool_name(server: str, tool: str, max_len: int) -> str:
+    """`server__tool`, shortened deterministically when too long or not name-safe (§5).
+
+    The Claude API caps tool names at 64 characters and Claude Code prefixes
+    `mcp__<gateway>__`, so one long name would otherwise break the client's whole list.
+    """
+    full = f"{server}__{tool}"
+    if len(full) <= max_len and _NAME_OK.match(full):
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    prefix = _NAME_BAD_CHARS.sub("_", full)[: max(1, max_len - 9)]
+    return f"{prefix}_{digest}"
+
+
+# Child process ###############################################################
+
+
+class ChildDied(Exception):
+    """The child process exited or its pipes broke while a request was in flight."""
+
+
+@dataclass
+class Pending:
+    """A request sent to a child, waiting for its answer, a timeout or the child's death."""
+
+    method: str
+    deadline: float
+    on_done: Callable[[JsonObj | None, Exception | None], None]
+    cancel_child_on_timeout: bool = True
+
+
+class ChildProcess:
+    """One running process of a downstream server: pipes, reader threads, in-flight requests.
+
+    Request ids towards the child are the child's own counter, so ids from the client (or
+    from other children) can never collide in flight; the caller keeps the mapping.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        on_message: Callable[[ChildProcess, JsonObj], None],
+        on_exit: Callable[[ChildProcess, int | None], None],
+        timers: DeadlineTimer,
+    ) -> None:
+        self.name = name
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._timers = timers
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,  # the client's Ctrl-C reaches the gateway, which stops us in order
+        )
+        self.pid = self.proc.pid
+        self.era = "handshake"
+        self.version = HANDSHAKE_VERSIONS[0]
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._write_lock = threading.Lock()  # guards: whole messages on the child's stdin
+        self._pending_lock = threading.Lock()  # guards: _pending, _next_id, alive
+        self._pending: dict[int, Pending] = {}
+        self._next_id = 0
+        self.alive = True
+        self.stopping = False
+        self._reader = threading.Thread(
+            target=self._read_stdout, name=f"rea-child-{name}", daemon=True
+        )
+        self._drain = threading.Thread(
+            target=self._read_stderr, name=f"rea-stderr-{name}", daemon=True
+        )
+        self._reader.start()
+        self._drain.start()
+
+    # -- sending --
+
+    def send(self, msg: JsonObj) -> None:
+        data = encode(msg)
+        stdin = self.proc.stdin
+        assert stdin is not None
+        with self._write_lock:
+            try:
+                stdin.write(data)
+                stdin.flush()
+            except (OSError, ValueError) as exc:
+                raise ChildDied(f"server {self.name}: cannot write to it ({exc})") from None
+
+    def request_async(
+        self,
+        method: str,
+        params: JsonObj | None,
+        timeout_s: float,
+        on_done: Callable[[JsonObj | None, Exception | None], None],
+    ) -> int:
+        """Send a request; on_done(result, error) is called exactly once, from some thread."""
+        with self._pending_lock:
+            if not self.alive:
+                raise ChildDied(f"server {self.name} is not running")
+            self._next_id += 1
+            child_id = self._next_id
+            deadline = time.monotonic() + timeout_s
+            self._pending[child_id] = Pending(method, deadline, on_done)
+        msg: JsonObj = {"jsonrpc": "2.0", "id": child_id, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self._timers.watch(self, deadline)
+        try:
+            self.send(msg)
+        except ChildDied:
+            if self._take(child_id) is not None:
+                raise
+        return child_id
+
+    def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
+        """Send a request and wait for its result (raises RpcError, ChildDied, TimeoutError)."""
+        done = threading.Event()
+        box: list[tuple[JsonObj | None, Exception | None]] = []
+
+        def finish(result: JsonObj | None, error: Exception | None) -> None:
+            box.append((result, error))
+            done.set()
+
+        self.request_async(method, params, timeout_s, finish)
+        done.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
+
+    def notify(self, method: str, params: JsonObj | None = None) -> None:
+        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.send(msg)
+
+    def _take(self, child_id: int) -> Pending | None:
+        with self._pending_lock:
+            return self._pending.pop(child_id, None)
+
+    def cancel(self, child_id: int, reason: str) -> bool:
+        """Forget a request and tell the child; the waiter gets a cancellation error."""
+        pending = self._take(child_id)
+        if pending is None:
+            return False
+        try:
+            self.notify("notifications/cancelled", {"requestId": child_id, "reason": reason})
+        except ChildDied:
+            pass
+        pending.on_done(None, RpcError(INTERNAL_ERROR, reason))
+        return True
+
+    def expire(self, now: float) -> float | None:
+        """Fail requests past their deadline; return the next deadline, if any."""
+        expired: list[tuple[int, Pending]] = []
+        next_deadline: float | None = None
+        with self._pending_lock:
+            for child_id, pending in list(self._pending.items()):
+                if pending.deadline <= now:
+                    expired.append((child_id, self._pending.pop(child_id)))
+                elif next_deadline is None or pending.deadline < next_deadline:
+                    next_deadline = pending.deadline
+        for child_id, pending in expired:
+            try:  # a late answer will find no pending entry and is dropped (§9)
+                self.notify("notifications/cancelled", {"requestId": child_id, "reason": "timeout"})
+            except ChildDied:
+                pass
+            pending.on_done(None, TimeoutError(f"server {self.name} did not answer in time"))
+        return next_deadline
+
+    # -- reading --
+
+    def _read_stdout(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                line = stdout.readline(MAX_LINE)
+                if not line:
+                    break
+                if not line.endswith(b"\n") and len(line) >= MAX_LINE:
+                    log("error", "child_line_too_long", server=self.name, limit=MAX_LINE)
+                    _skip_rest_of_line(stdout)
+                    continue
+                self._handle_line(line)
+        except (OSError, ValueError):
+            pass
+        self._died()
+
+    def _handle_line(self, line: bytes) -> None:
+        try:
+            msg = as_obj(json.loads(line))
+        except (ValueError, UnicodeDecodeError):
+            msg = None
+        if msg is None:
+            if line.strip():
+                log(
+                    "warn",
+                    "child_sent_non_json",
+                    server=self.name,
+                    line=line[:200].decode("utf-8", "replace"),
+                )
+            return
+        if "method" not in msg and "id" in msg:
+            child_id = msg.get("id")
+            pending = self._take(child_id) if isinstance(child_id, int) else None
+            if pending is None:
+                return  # a late answer to a timed-out or cancelled request: never delivered
+            error = as_obj(msg.get("error"))
+            if error is not None:
+                code = error.get("code")
+                pending.on_done(
+                    None,
+                    RpcError(
+                        code if isinstance(code, int) else INTERNAL_ERROR,
+                        str(error.get("message", "error")),
+                        error.get("data"),
+                    ),
+                )
+            else:
+                result = as_obj(msg.get("result"))
+                if result is None:
+                    pending.on_done(None, RpcError(INTERNAL_ERROR, "malformed result from server"))
+                else:
+                    pending.on_done(result, None)
+            return
+        self._on_message(self, msg)
+
+    def _read_stderr(self) -> None:
+        stderr = self.proc.stderr
+        assert stderr is not None
+        partial = b""
+        try:
+            while True:
+                chunk = stderr.read1(65536)  # type: ignore[attr-defined]
+                if not chunk:
+                    break
+                lines = (partial + chunk).split(b"\n")
+                partial = lines.pop()[-4096:]  # a line with no end is kept bounded
+                for raw in lines:
+                    text = raw.decode("utf-8", "replace").rstrip()
+                    if text:
+                        self.stderr_tail.append(text[:500])
+        except (OSError, ValueError):
+            pass
+        if partial.strip():
+            self.stderr_tail.append(partial.decode("utf-8", "replace")[:500])
+
+    def _died(self) -> None:
+        with self._pending_lock:
+            self.alive = False
+            pending = list(self._pending.values())
+            self._pending.clear()
+        code: int | None
+        try:
+            code = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._drain.join(timeout=1)
+        reason = f"server {self.name} exited" + (f" with code {code}" if code is not None else "")
+        tail = self.last_stderr()
+        for p in pending:
+            p.on_done(None, ChildDied(reason + (f": {tail}" if tail else "")))
+        self._on_exit(self, code)
+
+    def last_stderr(self) -> str:
+        return " | ".join(list(self.stderr_tail)[-3:])
+
+    # -- stopping --
+
+    def stop(self) -> None:
+        """Close stdin; then SIGTERM; then SIGKILL after KILL_AFTER_S; always reap."""
+        self.stopping = True
+        self.close_stdin()
+        if _wait(self.proc, 0.5):
+            return
+        self.signal(signal.SIGTERM)
+        if _wait(self.proc, KILL_AFTER_S):
+            return
+        self.signal(signal.SIGKILL)
+        _wait(self.proc, 5)
+
+    def close_stdin(self) -> None:
+        with self._write_lock:
+            try:
+                if self.proc.stdin is not None:
+                    self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)  # the child's own session: its helpers go too
+        except (ProcessLookupError, PermissionError):
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _skip_rest_of_line(stream: IO[bytes]) -> None:
+    while True:
+        chunk = stream.readline(MAX_LINE)
+        if not chunk or chunk.endswith(b"\n"):
+            return
+
+
+class DeadlineTimer:
+    """One thread that times out requests on every child: cheaper than a Timer per call."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()  # guards: _children
+        self._children: set[ChildProcess] = set()
+        self._wake_at = float("inf")  # when the thread will next look
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="rea-timeouts", daemon=True)
+        self._thread.start()
+
+    def watch(self, child: ChildProcess, deadline: float) -> None:
+        with self._cond:
+            self._children.add(child)
+            if deadline < self._wake_at:
+                self._wake_at = deadline
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                children = list(self._children)
+            now = time.monotonic()
+            soonest: float | None = None
+            for child in children:
+                nxt = child.expire(now)
+                if nxt is None:
+                    if not child.alive:
+                        with self._cond:
+                            self._children.discard(child)
+                elif soonest is None or nxt < soonest:
+                    soonest = nxt
+            with self._cond:
+                if self._closed:
+                    return
+                wait = 1.0 if soonest is None else min(1.0, max(0.005, soonest - time.monotonic()))
+                self._wake_at = time.monotonic() + wait
+                self._cond.wait(wait)
+
+
+# Downstream and supervisor ###################################################
+
+
+@dataclass
+class ToolEntry:
+    """One tool as the client sees it: exposed name, owner, bare name, definition."""
+
+    exposed: str
+    server: str
+    bare: str
+    definition: JsonObj
+
+
+class Downstream:
+    """One downstream server: spec, current child, tools, health, breaker and restarts.
+
+    It supervises itself: an unexpected exit is seen at once (stdout closes), calls in
+    flight fail at once, and a restart is scheduled with exponential backoff and jitter.
+    """
+
+    def __init__(self, spec: ServerSpec, gateway: Gateway) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.gw = gateway
+        policy = gateway.policy
+        self.breaker = CircuitBreaker(
+            policy.breaker_failure_threshold,
+            policy.breaker_cooldown_s,
+            on_transition=self._on_breaker,
+        )
+        self._lock = threading.Lock()  # guards: every field below
+        self.child: ChildProcess | None = None
+        self.status = "starting"  # starting | ready | failed | disabled | stopped
+        self.tools: list[JsonObj] = []
+        self.capabilities: JsonObj = {}
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.restart_times: collections.deque[float] = collections.deque()
+        self.calls = 0
+        self.errors = 0
+        self.in_flight = 0
+        self.call_times: collections.deque[float] = collections.deque()
+        self.ready = threading.Event()  # set when the first start attempt has ended
+        self._stopping = False
+
+    # -- life cycle --
+
+    def start(self) -> None:
+        if not self.spec.enabled:
+            self.status = "disabled"
+            self.ready.set()
+            return
+        threading.Thread(target=self._bring_up, name=f"rea-start-{self.name}", daemon=True).start()
+
+    def _bring_up(self) -> None:
+        try:
+            env = child_environment(self.spec, os.environ)
+        except ReaError as exc:  # an unset ${VAR}: this server only, never retried
+            self._fail(str(exc), retry=False)
+            return
+        argv = [self.spec.command, *self.spec.args]
+        try:
+            child = ChildProcess(
+                self.name,
+                argv,
+                env,
+                self.gw.root,
+                self.gw.on_child_message,
+                self._on_exit,
+                self.gw.timers,
+            )
+        except OSError as exc:
+            self._fail(f"cannot start {self.spec.command!r}: {exc.strerror or exc}", retry=False)
+            return
+        with self._lock:
+            if self._stopping:
+                child.stop()
+                return
+            self.child = child
+        try:
+            self._open(child)
+            tools = self._list_tools(child)
+        except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+            tail = child.last_stderr()
+            child.stopping = True
+            threading.Thread(target=child.stop, daemon=True).start()
+            self._fail(f"{exc}" + (f" (stderr: {tail})" if tail else ""), retry=True)
+            return
+        with self._lock:
+            self.tools = tools
+            was = self.status
+            self.status = "ready"
+            self.last_error = None
+        log(
+            "info",
+            "server_ready",
+            server=self.name,
+            era=child.era,
+            version=child.version,
+            tools=len(tools),
+            pid=child.pid,
+        )
+        if was != "ready":
+            log("info", "health_changed", server=self.name, healthy=True)
+        self.gw.tools_changed()  # before `ready`: the first tools/list must see these tools
+        self.ready.set()
+        if not child.alive:  # died between its last answer and `ready`: its exit was ignored
+            self._on_exit(child, child.proc.returncode)
+
+    def _open(self, child: ChildProcess) -> None:
+        """Speak to the child in the era it serves: probe server/discover, else handshake."""
+        stateless = self._probe(child)
+        if stateless is not None:
+            child.era, child.version = "stateless", stateless
+            return
+        result = child.request(
+            "initialize",
+            {
+                "protocolVersion": HANDSHAKE_VERSIONS[0],
+                "capabilities": {},
+                "clientInfo": {"name": "rea", "version": VERSION},
+            },
+            HANDSHAKE_TIMEOUT_S,
+        )
+        version = result.get("protocolVersion")
+        if version not in HANDSHAKE_VERSIONS:
+            raise ValueError(
+                f"server {self.name} answered initialize with unsupported version {version!r}"
+            )
+        assert isinstance(version, str)
+        child.era, child.version = "handshake", version
+        caps = as_obj(result.get("capabilities"))
+        with self._lock:
+            self.capabilities = caps or {}
+        child.notify("notifications/initialized")
+
+    def _probe(self, child: ChildProcess) -> str | None:
+        """The stateless version to use, or None for the handshake era (§5).
+
+        Only -32022 means "stay stateless at one of the versions it lists"; any other error,
+        a malformed answer or silence means handshake — never keyed on one error code.
+        """
+        params: JsonObj = {"_meta": self.gw.child_meta(STATELESS_VERSIONS[0])}
+        try:
+            result = child.request("server/discover", params, DISCOVER_TIMEOUT_S)
+        except RpcError as exc:
+            if exc.code != UNSUPPORTED_VERSION:
+                return None
+            data = as_obj(exc.data) or {}
+            offered = data.get("supported")
+            versions = offered if isinstance(offered, list) else []
+            for version in STATELESS_VERSIONS:
+                if version in versions:
+                    return version
+            return None
+        except TimeoutError:
+            return None
+        supported = result.get("supportedVersions")
+        if not isinstance(supported, list):
+            return None
+        for version in STATELESS_VERSIONS:
+            if version in supported:
+                caps = as_obj(result.get("capabilities"))
+                with self._lock:
+                    self.capabilities = caps or {}
+                return version
+        return None
+
+    def _list_tools(self, child: ChildProcess) -> list[JsonObj]:
+        tools: list[JsonObj] = []
+        cursor: object = None
+        for _ in range(100):  # a child that pages forever is cut off
+            params: JsonObj = {} if cursor is None else {"cursor": cursor}
+            result = child.request(
+                "tools/list", self.gw.child_params(child, params), HANDSHAKE_TIMEOUT_S
+            )
+            page = result.get("tools")
+            if not isinstance(page, list):
+                raise ValueError(f"server {self.name}: tools/list result has no tools list")
+            for item in page:
+                tool = as_obj(item)
+                if tool is None or not isinstance(tool.get("name"), str):
+                    log(
+                        "warn",
+                        "tool_skipped",
+                        server=self.name,
+                        reason="tool without a string name",
+                    )
+                    continue
+                tools.append(tool)
+            cursor = result.get("nextCursor")
+            if not cursor:
+                break
+        return tools
+
+    def refresh_tools(self) -> None:
+        """Re-read the child's tools (after notifications/tools/list_changed)."""
+        child = self.child
+        if child is None or not child.alive:
+            return
+        try:
+            tools = self._list_tools(child)
+        except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+            log("warn", "tools_refresh_failed", server=self.name, error=str(exc))
+            return
+        with self._lock:
+            self.tools = tools
+        self.gw.tools_changed()
+
+    def _fail(self, reason: str, retry: bool) -> None:
+        reason = self.gw.redactor.redact(reason).text
+        with self._lock:
+            self.status = "failed"
+            self.last_error = reason  # its last known tools stay routable, to fail clearly
+        log("error", "server_start_failed", server=self.name, error=reason)
+        log("warn", "health_changed", server=self.name, healthy=False, reason=reason)
+        self.gw.tools_changed()
+        self.ready.set()
+        if retry:
+            self._schedule_restart()
+
+    def _on_exit(self, child: ChildProcess, code: int | None) -> None:
+        if child.stopping or self._stopping:
+            return
+        with self._lock:
+            if self.child is not child or self.status != "ready":
+                return  # a death during start-up is handled by _bring_up's failure path
+            tail = child.last_stderr()
+            self.last_error = self.gw.redactor.redact(
+                f"exited with code {code}" + (f": {tail}" if tail else "")
+            ).text
+            self.status = "failed"
+        log(
+            "error",
+            "child_died_unexpectedly",
+            server=self.name,
+            pid=child.pid,
+            code=code,
+            stderr=self.last_error,
+        )
+        log("warn", "health_changed", server=self.name, healthy=False, reason=self.last_error)
+        self.gw.tools_changed()
+        self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._stopping:
+                return
+            while self.restart_times and now - self.restart_times[0] > RESTART_WINDOW_S:
+                self.restart_times.popleft()
+            if len(self.restart_times) >= MAX_RESTARTS:
+                self.last_error = f"gave up after {len(self.restart_times)} restarts in {RESTART_WINDOW_S:.0f} s: {self.last_error}"
+                log("error", "supervisor_gave_up", server=self.name, error=self.last_error)
+                self.gw.state_changed()
+                return
+            attempt = len(self.restart_times)
+            self.restart_times.append(now)
+        base = self.gw.policy.restart_backoff_s
+        delay = min(BACKOFF_MAX_S, base * (2**attempt)) * random.uniform(0.8, 1.2)
+        timer = threading.Timer(delay, self._restart)
+        timer.name = f"rea-restart-{self.name}"
+        timer.daemon = True
+        timer.start()
+        self.gw.state_changed()
+
+    def _restart(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self.restarts += 1
+            self.status = "starting"
+        log("info", "respawned", server=self.name, restarts=self.restarts)
+        self._bring_up()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self.status = "stopped"
+            child = self.child
+        if child is not None:
+            child.stop()
+
+    # -- breaker and live state --
+
+    def _on_breaker(self, old: str, new: str) -> None:
+        log(
+            "info" if new == "closed" else "warn",
+            "circuit_transition",
+            server=self.name,
+            old=old,
+            new=new,
+        )
+        self.gw.on_breaker_transition(self, new)
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "ready" and self.breaker.state != "open"
+
+    def snapshot(self, session_blocker: SessionBlocker, session_id: str) -> JsonObj:
+        with self._lock:
+            child = self.child
+            return {
+                "name": self.name,
+                "connected": self.status == "ready" and child is not None and child.alive,
+                "healthy": self.healthy,
+                "circuit_state": self.breaker.state,
+                "retry_at": _iso_or_none(self.breaker.retry_at()),
+                "last_error": self.last_error,
+                "tools_count": len(self.tools),
+                "open_transitions": session_blocker.count(session_id, self.name),
+                "session_blocker_emitted": session_blocker.emitted(session_id, self.name),
+                "pid": child.pid if child is not None and child.alive else None,
+                "restarts": self.restarts,
+                "calls": self.calls,
+                "errors": self.errors,
+                "status": self.status,
+                "era": child.era if child is not None else None,
+            }
+
+
+def _iso_or_none(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch * 1000) % 1000:03d}Z"
+    )
+
+
+# Call pipeline ###############################################################
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The policy in force and what is compiled from it; swapped whole on reload."""
+
+    policy: Policy
+    redactor: Redactor
+    guard: PathGuard
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A pipeline step's refusal: the audit status and the message for the client."""
+
+    status: str  # denied | error
+    message: str
+    rpc_code: int | None = None  # answer with this JSON-RPC error instead of a result
+
+
+@dataclass
+class Call:
+    """One tools/call on its way through the pipeline."""
+
+    req_id: object
+    name: str
+    arguments: JsonObj
+    meta: JsonObj | None
+    era: str
+    rules: Rules
+    started: float
+    entry: ToolEntry | None = None
+    downstream: Downstream | None = None
+    tier: str = "write"
+    holds_breaker: bool = False
+    holds_slot: bool = False
+    child: ChildProcess | None = None
+    child_id: int | None = None
+    cancelled: bool = False
+
+    @property
+    def server_name(self) -> str:
+        if self.entry is not None:
+            return self.entry.server
+        return self.name.split("__", 1)[0] if "__" in self.name else ""
+
+    @property
+    def tool_name(self) -> str:
+        return self.entry.bare if self.entry is not None else self.name
+
+
+Step = Callable[["Gateway", Call], Decision | None]
+
+
+def denied(why: str, allow: str) -> Decision:
+    return Decision("denied", f"rea: denied: {why}. {allow}")
+
+
+def step_halt(gw: Gateway, call: Call) -> Decision | None:
+    reason = gw.halt_reason()
+    if reason is None:
+        return None
+    return denied(
+        f"the gateway is frozen (.rea/HALT): {reason}",
+        "`python rea.py unfreeze` allows calls again",
+    )
+
+
+def step_route(gw: Gateway, call: Call) -> Decision | None:
+    entry = gw.tool_index.get(call.name)
+    if entry is None:
+        return Decision("error", f"unknown tool: {call.name}", INVALID_PARAMS)
+    call.entry = entry
+    call.downstream = gw.downstreams[entry.server]
+    return None
+
+
+def step_blocked_tools(gw: Gateway, call: Call) -> Decision | None:
+    assert call.entry is not None
+    patterns = call.rules.policy.blocked_tools
+    full = f"{call.entry.server}__{call.entry.bare}"
+    if patterns and (glob_match_tool(patterns, full) or glob_match_tool(patterns, call.name)):
+        return denied(
+            f"tool {full} is in gateway.blocked_tools",
+            "Remove it from gateway.blocked_tools in .rea/policy.yaml to allow it",
+        )
+    return None
+
+
+def step_tier(gw: Gateway, call: Call) -> Decision | None:
+    assert call.entry is not None and call.downstream is not None
+    spec = call.downstream.spec
+    override = spec.tier_overrides.get(call.entry.bare) or spec.tier_overrides.get(call.name)
+    annotations = as_obj(call.entry.definition.get("annotations"))
+    call.tier, warning = resolve_tier(
+        call.entry.bare, annotations, spec.trust_annotations, override
+    )
+    if warning:
+        gw.warn_once(
+            ("tier_override", call.name),
+            "tier_override_ignored",
+            server=spec.name,
+            tool=call.entry.bare,
+            warning=warning,
+        )
+    return None
+
+
+def step_autonomy(gw: Gateway, call: Call) -> Decision | None:
+    level = call.rules.policy.autonomy_level
+    if autonomy_allows(level, call.tier):
+        return None
+    return denied(
+        f"autonomy level {level} does not allow {call.tier}-tier tools (tool {call.tool_name})",
+        "Raise autonomy_level in .rea/policy.yaml (L3 allows destructive) to allow it",
+    )
+
+
+def step_injection_lock(gw: Gateway, call: Call) -> Decision | None:
+    if (
+        call.tier == "read"
+        or not call.rules.policy.suspicious_blocks_writes
+        or not gw.session_suspicious
+    ):
+        return None
+    return denied(
+        f"an earlier result in this session looked like a prompt injection ({gw.session_suspicious}); "
+        f"{call.tier}-tier calls are blocked for the rest of the session",
+        "Start a new session, or set injection.suspicious_blocks_writes: false",
+    )
+
+
+def step_blocked_paths(gw: Gateway, call: Call) -> Decision | None:
+    hit = call.rules.guard.check(call.arguments)
+    if hit is None:
+        return None
+    path, glob = hit
+    return denied(
+        f"argument names a blocked path {path!r} (matches {glob!r})",
+        "Edit blocked_paths in .rea/policy.yaml to allow it (.rea/ itself is always blocked)",
+    )
+
+
+def step_limits(gw: Gateway, call: Call) -> Decision | None:
+    ds = call.downstream
+    assert ds is not None
+    limits = call.rules.policy.server_limits.get(ds.name)
+    if limits is None:
+        return None
+    now = time.monotonic()
+    with ds._lock:
+        if limits.calls_per_minute:
+            while ds.call_times and now - ds.call_times[0] >= 60.0:
+                ds.call_times.popleft()
+            if len(ds.call_times) >= limits.calls_per_minute:
+                wait = 60.0 - (now - ds.call_times[0])
+                return denied(
+                    f"server {ds.name} is over its rate limit of {limits.calls_per_minute} calls per minute; retry in {wait:.1f} s",
+                    f"Raise gateway.servers.{ds.name}.calls_per_minute to allow more",
+                )
+        if limits.max_concurrent_calls and ds.in_flight >= limits.max_concurrent_calls:
+            return denied(
+                f"server {ds.name} already has {ds.in_flight} calls in flight (limit {limits.max_concurrent_calls})",
+                f"Retry later, or raise gateway.servers.{ds.name}.max_concurrent_calls",
+            )
+        if limits.calls_per_minute:
+            ds.call_times.append(now)
+    return None
+
+
+def step_breaker(gw: Gateway, call: Call) -> Decision | None:
+    ds = call.downstream
+    assert ds is not None
+    retry_at = ds.breaker.acquire()
+    if retry_at is None:
+        call.holds_breaker = True
+        return None
+    return denied(
+        f"circuit for server {ds.name} is open after repeated failures; retry after {_iso_or_none(retry_at)}",
+        "Wait for the cooldown (gateway.breaker.cooldown_s); `python rea.py status` shows the last error",
+    )
+
+
+# Every tools/call, in this order; the first refusal ends it (SPEC §6).
+PIPELINE: tuple[Step, ...] = (
+    step_halt,
+    step_route,
+    step_blocked_tools,
+    step_tier,
+    step_autonomy,
+    step_injection_lock,
+    step_blocked_paths,
+    step_limits,
+    step_breaker,
+)
+
+
+def args_digest(arguments: JsonObj) -> str:
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def content_text(result: JsonObj) -> str:
+    """The text a model will read from a tool result, for the injection scan."""
+    parts: list[str] = []
+    content = result.get("content")
+    if isinstance(content, list):
+        for item in content:
+            obj = as_obj(item)
+            if obj is None:
+                continue
+            text = obj.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+            resource = as_obj(obj.get("resource"))
+            if resource is not None and isinstance(resource.get("text"), str):
+                parts.append(str(resource["text"]))
+    structured = result.get("structuredContent")
+    if structured is not None:
+        parts.append(json.dumps(structured, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+def tool_error_result(text: str) -> JsonObj:
+    return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
+# Policy in force #############################################################
+
+
+class PolicyWatch:
+    """Keeps the policy in force, re-reading its file when it changes (§4).
+
+    A file that no longer parses keeps the last good policy and logs once per change.
+    """
+
+    def __init__(self, root: Path, rules: Rules) -> None:
+        self.root = root
+        self.rea_dir = root / ".rea"
+        self.rules = rules
+        self._lock = threading.Lock()  # guards: _signature, reloads
+        self._signature = self._stat()
+        self.on_change: Callable[[Rules], None] | None = None
+
+    def _stat(self) -> tuple[object, ...]:
+        sig: list[object] = []
+        for name in ("policy.yaml", "policy.json"):
+            try:
+                st = os.stat(self.rea_dir / name)
+                sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                sig.append(None)
+        return tuple(sig)
+
+    def current(self) -> Rules:
+        sig = self._stat()
+        if sig == self._signature:
+            return self.rules
+        with self._lock:
+            if sig == self._signature:
+                return self.rules
+            self._signature = sig
+            try:
+                rules = compile_rules(self.root, load_policy(self.rea_dir))
+            except ReaError as exc:
+                log("error", "policy_reload_failed", error=str(exc), kept="last good policy")
+                return self.rules
+            self.rules = rules
+            log("info", "policy_reloaded", autonomy_level=rules.policy.autonomy_level)
+        if self.on_change is not None:
+            self.on_change(rules)
+        return rules
+
+
+def compile_rules(root: Path, policy: Policy) -> Rules:
+    redactor = Redactor([(p.name, p.regex, p.flags) for p in policy.redact_patterns])
+    return Rules(policy, redactor, PathGuard(root, policy.blocked_paths))
+
+
+# Gateway #####################################################################
+
+
+class Gateway:
+    """The MCP server the client talks to: one session over stdin/stdout, in front of
+    every downstream. Reads the client on one thread, answers from whichever thread
+    finishes the work, and never writes anything but JSON-RPC to its stdout."""
+
+    def __init__(self, root: Path, registry: Registry, policy: Policy, out: BinaryIO) -> None:
+        self.root = root
+        self.rea_dir = root / ".rea"
+        self.session_id = str(uuid.uuid4())
+        self.started_at = utc_now_iso()
+        self.started = time.monotonic()
+        self.registry = registry
+        self.watch = PolicyWatch(root, compile_rules(root, policy))
+        self.watch.on_change = self._on_rules_changed
+        self.audit = AuditLog(
+            self.rea_dir, policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days
+        )
+        self.audit_failures = 0
+        self.blocker = SessionBlocker(policy.session_blocker_threshold)
+        self.timers = DeadlineTimer()
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rea-worker")
+        self.live = LiveState(self.rea_dir, self.session_id, self.snapshot)
+        self._out = out
+        self._out_lock = threading.Lock()  # guards: whole messages on stdout
+        self._calls_lock = threading.Lock()  # guards: _in_flight, accepting
+        self._in_flight: dict[tuple[str, object], Call] = {}
+        self.accepting = True
+        self.era: str | None = None  # locked by the client's first request that says
+        self.initialized = False
+        self.client_caps: JsonObj = {}
+        self.session_suspicious: str | None = None
+        self._warned: set[object] = set()
+        self._tools_lock = threading.Lock()  # guards: tool_index, renames, _listed
+        self.tool_index: dict[str, ToolEntry] = {}
+        self.renames: dict[str, str] = {}
+        self._listed: frozenset[str] | None = None  # names last answered to tools/list
+        self._first_list_done = False
+        self._done = threading.Event()
+        self._signal: int | None = None
+        self.downstreams: dict[str, Downstream] = {}
+        for spec in registry.servers:
+            self.downstreams[spec.name] = Downstream(spec, self)
+
+    @property
+    def rules(self) -> Rules:
+        return self.watch.current()
+
+    @property
+    def policy(self) -> Policy:
+        return self.watch.current().policy
+
+    @property
+    def redactor(self) -> Redactor:
+        return self.watch.current().redactor
+
+    # -- running --
+
+    def serve(self) -> int:
+        if not self.live.claim():
+            log(
+                "warn",
+                "state_owned_elsewhere",
+                detail="another live gateway owns .rea/serve.state.json; not writing it",
+            )
+        log(
+            "info",
+            "gateway_started",
+            session_id=self.session_id,
+            root=str(self.root),
+            servers=len(self.downstreams),
+            version=VERSION,
+        )
+        for ds in self.downstreams.values():
+            ds.start()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        reader = threading.Thread(target=self._read_client, name="rea-stdin", daemon=True)
+        reader.start()
+        self.live.flush()
+        while not self._done.wait(0.2):
+            if self._signal is not None:
+                break
+        log(
+            "info",
+            "gateway_stopping",
+            reason="signal" if self._signal is not None else "stdin closed",
+        )
+        self.shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signal = signum  # only a flag: the main loop does the work, outside any lock
+
+    def shutdown(self) -> None:
+        """Stop taking calls, let in-flight calls finish (5 s), stop every child, flush."""
+        with self._calls_lock:
+            self.accepting = False
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            with self._calls_lock:
+                if not self._in_flight:
+                    break
+            time.sleep(0.02)
+        stoppers = [
+            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}")
+            for ds in self.downstreams.values()
+        ]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+        self.timers.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.audit.close()
+        self.live.close()
+        log("info", "gateway_stopped", session_id=self.session_id)
+
+    # -- talking to the client --
+
+    def write(self, msg: JsonObj) -> None:
+        data = encode(msg)
+        with self._out_lock:
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except (OSError, ValueError):
+                self._done.set()  # the client is gone
+
+    def reply(self, req_id: object, result: JsonObj, era: str | None) -> None:
+        if era == "stateless":
+            result = {**result, "resultType": result.get("resultType", "complete")}
+        elif "resultType" in result:
+            result = {
+                k: v for k, v in result.items() if k not in ("resultType", "ttlMs", "cacheScope")
+            }
+        self.write({"jsonrpc": "2.0", "id": req_id, "result": result})
+
+    def reply_error(self, req_id: object, err: RpcError) -> None:
+        self.write({"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
+
+    def notify_client(self, method: str, params: JsonObj | None = None) -> None:
+        if self.era == "stateless" or not self.initialized:
+            return  # a stateless client re-lists (ttlMs 0); before `initialized` nothing may be sent
+        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.write(msg)
+
+    def _read_client(self) -> None:
+        stdin = sys.stdin.buffer
+        try:
+            while True:
+                line = stdin.readline(MAX_LINE)
+                if not line:
+                    break
+                if not line.endswith(b"\n") and len(line) >= MAX_LINE:
+                    _skip_rest_of_line(stdin)
+                    self.reply_error(
+                        None, RpcError(INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
+                    )
+                    continue
+                if line.strip():
+                    self.handle_line(line)
+        except (OSError, ValueError) as exc:
+            log("error", "stdin_failed", error=str(exc))
+        finally:
+            self._done.set()
+
+    def handle_line(self, line: bytes) -> None:
+        try:
+            parsed = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self.reply_error(None, RpcError(PARSE_ERROR, "parse error: not valid JSON"))
+            return
+        msg = as_obj(parsed)
+        if msg is None or msg.get("jsonrpc") != "2.0":
+            self.reply_error(
+                None, RpcError(INVALID_REQUEST, "invalid request: expected a JSON-RPC 2.0 object")
+            )
+            return
+        method = msg.get("method")
+        req_id = msg.get("id")
+        has_id = "id" in msg
+        if method is None and has_id:
+            return  # an answer to a request of ours: relaying children's requests is not wired yet
+        if (
+            not isinstance(method, str)
+            or (has_id and not isinstance(req_id, (str, int)))
+            or isinstance(req_id, bool)
+        ):
+            self.reply_error(
+                req_id if isinstance(req_id, (str, int)) else None,
+                RpcError(INVALID_REQUEST, "invalid request: bad method or id"),
+            )
+            return
+        params_raw = msg.get("params")
+        params = as_obj(params_raw)
+        if params_raw is not None and params is None:
+            if has_id:
+                self.reply_error(req_id, RpcError(INVALID_PARAMS, "params must be an object"))
+            return
+        if not has_id:
+            self.handle_notification(method, params)
+            return
+        try:
+            era = self._check_era(method, params)
+            self.dispatch(req_id, method, params, era)
+        except RpcError as err:
+            self.reply_error(req_id, err)
+        except Exception as exc:  # a bug must cost one request, never the session
+            log("error", "internal_error", method=method, error=repr(exc))
+            self.reply_error(req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
+
+    def _check_era(self, method: str, params: JsonObj | None) -> str | None:
+        """Lock the connection to the era of its first request that says one; refuse the other."""
+        era = request_era(method, params)
+        if era is not None and self.era is None:
+            self.era = era
+        if self.era == "stateless":
+            meta = meta_of(params) or {}
+            requested = meta.get(META_VERSION)
+            # server/discover may come bare: it is how a client learns the versions
+            bare_discover = method == "server/discover" and requested is None
+            if not bare_discover and requested not in STATELESS_VERSIONS:
+                raise RpcError(
+                    UNSUPPORTED_VERSION,
+                    "unsupported protocol version",
+                    {"supported": list(STATELESS_VERSIONS), "requested": requested},
+                )
+            caps = as_obj(meta.get(META_CAPS))
+            if caps is not None:
+                self.client_caps = caps
+            if method in ("ping", "logging/setLevel", "initialize"):
+                raise RpcError(
+                    METHOD_NOT_FOUND,
+                    f"method not found in protocol {STATELESS_VERSIONS[0]}: {method}",
+                )
+        elif self.era == "handshake" and era == "stateless":
+            meta = meta_of(params) or {}
+            raise RpcError(
+                UNSUPPORTED_VERSION,
+                "this connection speaks the handshake era",
+                {"supported": list(HANDSHAKE_VERSIONS), "requested": meta.get(META_VERSION)},
+            )
+        return self.era
+
+    def handle_notification(self, method: str, params: JsonObj | None) -> None:
+        if method == "notifications/initialized":
+            self.initialized = True
+        elif method == "notifications/cancelled" and params is not None:
+            self.cancel_call(
+                params.get("requestId"), str(params.get("reason") or "cancelled by the client")
+            )
+
+    def dispatch(
+        self, req_id: object, method: str, params: JsonObj | None, era: str | None
+    ) -> None:
+        p = params or {}
+        if method == "initialize":
+            self.reply(req_id, self.initialize(p), era)
+        elif method == "server/discover":
+            self.reply(req_id, self.discover(), era)
+        elif method == "ping":
+            self.reply(req_id, {}, era)
+        elif method == "tools/list":
+            self.pool.submit(self._guarded, req_id, self.list_tools, p, era)
+        elif method == "tools/call":
+            self.call_tool(req_id, p, era)
+        elif method == "logging/setLevel":
+            self.reply(req_id, {}, era)
+        else:
+            raise RpcError(METHOD_NOT_FOUND, f"method not found: {method}")
+
+    def _guarded(
+        self,
+        req_id: object,
+        fn: Callable[[JsonObj, str | None], JsonObj],
+        p: JsonObj,
+        era: str | None,
+    ) -> None:
+        try:
+            self.reply(req_id, fn(p, era), era)
+        except RpcError as err:
+            self.reply_error(req_id, err)
+        except Exception as exc:
+            log("error", "internal_error", error=repr(exc))
+            self.reply_error(req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
+
+    # -- lifecycle answers --
+
+    def capabilities(self) -> JsonObj:
+        return {"tools": {"listChanged": True}, "logging": {}}
+
+    def initialize(self, p: JsonObj) -> JsonObj:
+        requested = p.get("protocolVersion")
+        version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[0]
+        self.client_caps = as_obj(p.get("capabilities")) or {}
+        return {
+            "protocolVersion": version,
+            "capabilities": self.capabilities(),
+            "serverInfo": {"name": "rea", "title": "rea governance gateway", "version": VERSION},
+            "instructions": "Tools of every downstream server, as server__tool, governed by rea.",
+        }
+
+    def discover(self) -> JsonObj:
+        return {
+            "supportedVersions": list(STATELESS_VERSIONS),
+            "capabilities": self.capabilities(),
+            "_meta": {
+                META_SERVER: {"name": "rea", "title": "rea governance gateway", "version": VERSION}
+            },
+            "ttlMs": 0,
+            "cacheScope": "private",
+        }
+
+    def child_meta(self, version: str) -> JsonObj:
+        return {
+            META_VERSION: version,
+            META_CAPS: {},
+            META_CLIENT: {"name": "rea", "version": VERSION},
+        }
+
+    def child_params(self, child: ChildProcess, params: JsonObj) -> JsonObj:
+        """The client's params as the child's era wants them (§5: translate both ways)."""
+        meta = {
+            k: v
+            for k, v in (as_obj(params.get("_meta")) or {}).items()
+            if not k.startswith("io.modelcontextprotocol/")
+        }
+        if child.era == "stateless":
+            meta.update(self.child_meta(child.version))
+        out = {k: v for k, v in params.items() if k != "_meta"}
+        if meta:
+            out["_meta"] = meta
+        return out
+
+    # -- tools --
+
+    def tools_changed(self) -> None:
+        """Rebuild the name index from every downstream; tell the client if its list changed."""
+        max_len = self.policy.max_tool_name
+        index: dict[str, ToolEntry] = {}
+        renames: dict[str, str] = {}
+        for ds in self.downstreams.values():
+            with ds._lock:
+                tools = list(ds.tools)
+            for tool in tools:
+                bare = str(tool["name"])
+                exposed = exposed_tool_name(ds.name, bare, max_len)
+                if exposed in index or exposed == HEALTH_TOOL:
+                    self.warn_once(
+                        ("clash", exposed),
+                        "tool_name_clash",
+                        server=ds.name,
+                        tool=bare,
+                        exposed=exposed,
+                    )
+                    continue
+                if exposed != f"{ds.name}__{bare}":
+                    renames[exposed] = f"{ds.name}__{bare}"
+                    self.warn_once(
+                        ("rename", exposed),
+                        "tool_renamed",
+                        server=ds.name,
+                        tool=bare,
+                        exposed=exposed,
+                        reason=f"longer than {max_len} or not [A-Za-z0-9_.-]",
+                    )
+                index[exposed] = ToolEntry(exposed, ds.name, bare, tool)
+        with self._tools_lock:
+            self.tool_index = index
+            self.renames = renames
+            notify = self._listed is not None and frozenset(index) != self._listed
+        if notify:
+            self.notify_client("notifications/tools/list_changed")
+        self.state_changed()
+
+    def wait_for_startup(self) -> None:
+        if self._first_list_done:
+            return
+        deadline = time.monotonic() + self.policy.startup_wait_s
+        for ds in self.downstreams.values():
+            ds.ready.wait(max(0.0, deadline - time.monotonic()))
+        self._first_list_done = True
+
+    def list_tools(self, p: JsonObj, era: str | None) -> JsonObj:
+        self.wait_for_startup()
+        with self._tools_lock:
+            entries = list(self.tool_index.values())
+            self._listed = frozenset(self.tool_index)
+        tools: list[JsonObj] = [{**e.definition, "name": e.exposed} for e in entries]
+        tools.append(health_tool_definition())
+        start = 0
+        cursor = p.get("cursor")
+        if cursor is not None:
+            if not isinstance(cursor, str) or not cursor.isdigit() or int(cursor) > len(tools):
+                raise RpcError(INVALID_PARAMS, f"invalid cursor: {cursor!r}")
+            start = int(cursor)
+        page = tools[start : start + TOOLS_PAGE]
+        result: JsonObj = {"tools": page}
+        if start + TOOLS_PAGE < len(tools):
+            result["nextCursor"] = str(start + TOOLS_PAGE)
+        if era == "stateless":
+            result["ttlMs"] = 0
+            result["cacheScope"] = "private"
+        return result
+
+    # -- tools/call --
+
+    def call_tool(self, req_id: object, p: JsonObj, era: str | None) -> None:
+        name = p.get("name")
+        if not isinstance(name, str):
+            raise RpcError(INVALID_PARAMS, "tools/call needs a string name")
+        raw_args = p.get("arguments", {})
+        arguments = as_obj(raw_args) if raw_args is not None else {}
+        if arguments is None:
+            raise RpcError(INVALID_PARAMS, "tools/call arguments must be an object")
+        if name not in self.tool_index and not self._first_list_done:
+            # A call before any tools/list, for a tool whose server is still starting:
+            # wait for start-up as tools/list would, off the reader thread.
+            self.pool.submit(self._guarded_call, req_id, p, era)
+            return
+        call = Call(
+            req_id, name, arguments, meta_of(p), era or "handshake", self.rules, time.monotonic()
+        )
+        if name == HEALTH_TOOL:
+            self.health_call(call)
+            return
+        with self._calls_lock:
+            if not self.accepting:
+                raise RpcError(INTERNAL_ERROR, "the gateway is shutting down")
+            key = id_key(req_id)
+            if key in self._in_flight:
+                raise RpcError(INVALID_REQUEST, f"request id {req_id!r} is already in flight")
+            self._in_flight[key] = call
+        for step in PIPELINE:
+            decision = step(self, call)
+            if decision is not None:
+                self.refuse(call, decision)
+                return
+        self.forward(call)
+
+    def _guarded_call(self, req_id: object, p: JsonObj, era: str | None) -> None:
+        self.wait_for_startup()
+        try:
+            self.call_tool(req_id, p, era)
+        except RpcError as err:
+            self.reply_error(req_id, err)
+
+    def refuse(self, call: Call, decision: Decision) -> None:
+        self.release(call)
+        if call.holds_breaker and call.downstream is not None:
+            call.downstream.breaker.release_unused()
+        self.audit_call(call, decision.status, error=decision.message)
+        if decision.rpc_code is not None:
+            self.reply_error(call.req_id, RpcError(decision.rpc_code, decision.message))
+        else:
+            self.reply(call.req_id, tool_error_result(decision.message), call.era)
+
+    def forward(self, call: Call) -> None:
+        ds = call.downstream
+        assert ds is not None and call.entry is not None
+        with ds._lock:
+            ds.in_flight += 1
+            ds.calls += 1
+            child = ds.child
+        call.holds_slot = True
+        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments}
+        if call.meta:
+            params["_meta"] = call.meta
+        try:
+            if child is None or not child.alive:
+                raise ChildDied(f"server {ds.name} is not running: {ds.last_error or 'starting'}")
+            call.child = child
+            call.child_id = child.request_async(
+                "tools/call",
+                self.child_params(child, params),
+                call.rules.policy.call_timeout_s,
+                lambda result, error: self._call_done(call, result, error),
+            )
+        except ChildDied as exc:
+            self._call_done(call, None, exc)
+
+    def _call_done(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
+        # With fsync off the record costs microseconds: finish on this thread. Otherwise
+        # a worker waits for the disk so that this child's other answers do not queue.
+        if call.rules.policy.audit_fsync == "off":
+            self.complete(call, result, error)
+        else:
+            try:
+                self.pool.submit(self.complete, call, result, error)
+            except RuntimeError:  # pool closed at shutdown
+                self.complete(call, result, error)
+
+    def complete(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
+        ds = call.downstream
+        assert ds is not None
+        try:
+            if error is not None or result is None:
+                self._complete_error(call, ds, error)
+            else:
+                self._complete_result(call, ds, result)
+        except Exception as exc:  # never leave the client waiting on a bug
+            log("error", "internal_error", where="complete", error=repr(exc))
+            self.reply_error(call.req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
+        finally:
+            self.release(call)
+
+    def _complete_error(self, call: Call, ds: Downstream, error: Exception | None) -> None:
+        redact = call.rules.redactor.redact
+        if call.cancelled:
+            ds.breaker.release_unused()
+            self.audit_call(call, "error", error="cancelled by the client")
+            return  # MCP: a cancelled request gets no answer
+        ds.breaker.record_failure()
+        with ds._lock:
+            ds.errors += 1
+        if isinstance(error, RpcError):
+            message = redact(error.message).text
+            self.audit_call(call, "error", error=f"server error {error.code}: {message}")
+            self.reply_error(call.req_id, RpcError(error.code, message, error.data))
+            return
+        if isinstance(error, TimeoutError):
+            text = (
+                f"rea: error: server {ds.name} did not answer {call.tool_name} within "
+                f"{call.rules.policy.call_timeout_s:g} s; the call was cancelled and will not be retried"
+            )
+        else:
+            text = f"rea: error: {error}; the call was not retried (it may or may not have run)"
+        text = redact(text).text
+        self.audit_call(call, "error", error=text)
+        self.reply(call.req_id, tool_error_result(text), call.era)
+
+    def _complete_result(self, call: Call, ds: Downstream, result: JsonObj) -> None:
+        rules = call.rules
+        policy = rules.policy
+        ds.breaker.record_success()  # an isError result is the tool's answer, not a failure (§9)
+        value, names = rules.redactor.redact_value(result)
+        processed = as_obj(value) or {}
+        metadata: JsonObj = {}
+        content = processed.get("content")
+        if isinstance(content, list):
+            capped, truncated = cap_content(content, policy.max_result_kb * 1024)
+            if truncated:
+                processed["content"] = capped
+                metadata["truncated"] = True
+        verdict = scan_injection(content_text(processed), call.tier)
+        status = "allowed"
+        if verdict.verdict != "clean":
+            metadata["injection"] = {
+                "verdict": verdict.verdict,
+                "phrases": list(verdict.phrases),
+                "base64": verdict.via_base64,
+            }
+            if verdict.verdict == "suspicious" and policy.suspicious_blocks_writes:
+                self.session_suspicious = f"{call.server_name}__{call.tool_name}"
+            if verdict.verdict == "likely_injection" and policy.injection_detection == "block":
+                status = "denied"
+                processed = tool_error_result(
+                    f"rea: denied: the result of {call.tool_name} was withheld: it looks like a prompt "
+                    f"injection ({', '.join(verdict.phrases)}). Set injection_detection: warn in "
+                    ".rea/policy.yaml to let such results through with a warning"
+                )
+        if names:
+            metadata["redacted"] = list(names)
+        self.audit_call(
+            call, status, metadata=metadata, redacted_fields=["result"] if names else None
+        )
+        self.reply(call.req_id, processed, call.era)
+
+    def release(self, call: Call) -> None:
+        with self._calls_lock:
+            self._in_flight.pop(id_key(call.req_id), None)
+        if call.holds_slot and call.downstream is not None:
+            call.holds_slot = False
+            with call.downstream._lock:
+                call.downstream.in_flight -= 1
+        self.state_changed()
+
+    def cancel_call(self, req_id: object, reason: str) -> None:
+        with self._calls_lock:
+            call = self._in_flight.get(id_key(req_id))
+        if call is None or call.child is None or call.child_id is None:
+            return
+        call.cancelled = True
+        call.child.cancel(call.child_id, reason)
+
+    def health_call(self, call: Call) -> None:
+        """`__rea__health` answers even under HALT (§8) and is audited as the gateway's own."""
+        payload = self.health_snapshot(call.rules.policy)
+        call.tier = "read"
+        self.audit_call(call, "allowed", server="__rea__", tool="health")
+        text = json.dumps(payload, ensure_ascii=False, indent=2)
+        self.reply(
+            call.req_id, {"content": [{"type": "text", "text": text}], "isError": False}, call.era
+        )
+
+    # -- audit --
+
+    def audit_call(
+        self,
+        call: Call,
+        status: str,
+        *,
+        error: str | None = None,
+        metadata: JsonObj | None = None,
+        redacted_fields: list[str] | None = None,
+        server: str | None = None,
+        tool: str | None = None,
+    ) -> None:
+        redactor = call.rules.redactor
+        meta: JsonObj = {
+            "args_sha256": args_digest(call.arguments),
+            "arg_keys": [redactor.redact(str(k)).text for k in call.arguments],
+        }
+        if call.era:
+            meta["era"] = call.era
+        meta.update(metadata or {})
+        self.append_audit(
+            session_id=self.session_id,
+            tool_name=tool or call.tool_name,
+            server_name=server if server is not None else call.server_name,
+            tier=call.tier,
+            status=status,
+            autonomy_level=call.rules.policy.autonomy_level,
+            duration_ms=int((time.monotonic() - call.started) * 1000),
+            error=redactor.redact(error).text if error else None,
+            redacted_fields=redacted_fields,
+            metadata=meta,
+        )
+
+    def append_audit(self, **record: object) -> None:
+        """Append one record; a failing audit write is logged and counted, never fatal."""
+        try:
+            self.audit.append(**record)  # type: ignore[arg-type]
+        except OSError as exc:
+            self.audit_failures += 1
+            log("error", "audit_append_failed", error=str(exc), record=record)
+
+    # -- breaker, session blocker, state --
+
+    def on_breaker_transition(self, ds: Downstream, new: str) -> None:
+        count = self.blocker.on_transition(self.session_id, ds.name, new)
+        if count is not None:
+            policy = self.policy
+            emitted_at = utc_now_iso()
+            log(
+                "error",
+                "SESSION_BLOCKER",
+                server=ds.name,
+                open_transitions=count,
+                threshold=policy.session_blocker_threshold,
+                session_id=self.session_id,
+            )
+            self.append_audit(
+                session_id=self.session_id,
+                tool_name="session_blocker",
+                server_name=ds.name,
+                tier="read",
+                status="error",
+                autonomy_level=policy.autonomy_level,
+                duration_ms=0,
+                metadata={
+                    "event": "SESSION_BLOCKER",
+                    "open_transitions": count,
+                    "threshold": policy.session_blocker_threshold,
+                    "emitted_at": emitted_at,
+                },
+            )
+        self.state_changed()
+
+    def _on_rules_changed(self, rules: Rules) -> None:
+        policy = rules.policy
+        self.audit.configure(policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days)
+        for ds in self.downstreams.values():
+            ds.breaker.configure(policy.breaker_failure_threshold, policy.breaker_cooldown_s)
+        self.blocker.configure(policy.session_blocker_threshold)
+        self.tools_changed()
+
+    def state_changed(self) -> None:
+        self.live.changed()
+
+    def halt_reason(self) -> str | None:
+        try:
+            text = (self.rea_dir / "HALT").read_text(encoding="utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"HALT present but unreadable ({exc.strerror})"
+        return text or "no reason given"
+
+    def warn_once(self, key: object, event: str, **fields: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log("warn", event, **fields)
+
+    def snapshot(self) -> JsonObj:
+        reason = self.halt_reason()
+        return {
+            "session_id": self.session_id,
+            "started_at": self.started_at,
+            "updated_at": utc_now_iso(),
+            "owner_pid": os.getpid(),
+            "gateway_version": VERSION,
+            "metrics_port": None,
+            "halt": {"active": reason is not None, "reason": reason},
+            "downstreams": [
+                ds.snapshot(self.blocker, self.session_id) for ds in self.downstreams.values()
+            ],
+            "tool_renames": dict(self.renames),
+            "audit_fail_count": self.audit_failures,
+        }
+
+    def health_snapshot(self, policy: Policy) -> JsonObj:
+        state = self.snapshot()
+        downstreams = [as_obj(d) or {} for d in state["downstreams"]]  # type: ignore[attr-defined]
+        if not policy.expose_diagnostics:
+            for d in downstreams:
+                if d.get("last_error") is not None:
+                    d["last_error"] = "withheld (set gateway.health.expose_diagnostics: true)"
+        halt = as_obj(state["halt"]) or {}
+        return {
+            "gateway": {
+                "version": VERSION,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "halt": halt.get("active"),
+                "halt_reason": halt.get("reason"),
+                "session_id": self.session_id,
+            },
+            "policy": {
+                "profile": policy.profile,
+                "autonomy_level": policy.autonomy_level,
+                "max_autonomy_level": policy.max_autonomy_level,
+                "blocked_paths_count": len(policy.blocked_paths),
+            },
+            "downstreams": downstreams,
+            "summary": {
+                "registered": len(downstreams),
+                "connected": sum(1 for d in downstreams if d.get("connected")),
+                "healthy": sum(1 for d in downstreams if d.get("healthy")),
+                "total_tools": len(self.tool_index),
+                "audit_fail_count": self.audit_failures,
+            },
+        }
+
+    # -- messages from children --
+
+    def on_child_message(self, child: ChildProcess, msg: JsonObj) -> None:
+        method = msg.get("method")
+        if (
+            "id" in msg
+        ):  # a request from the child to the client: not relayed yet, never left hanging
+            child.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": msg.get("id"),
+                    "error": {
+                        "code": METHOD_NOT_FOUND,
+                        "message": f"rea does not relay {method} yet",
+                    },
+                }
+            )
+            return
+        if method == "notifications/tools/list_changed":
+            ds = self.downstreams.get(child.name)
+            if ds is not None:
+                self.pool.submit(ds.refresh_tools)
+        elif method == "notifications/progress":
+            self.notify_client("notifications/progress", as_obj(msg.get("params")))
+        elif method == "notifications/message":
+            params = as_obj(msg.get("params")) or {}
+            params = {**params, "logger": f"{child.name}:{params.get('logger', '')}".rstrip(":")}
+            self.notify_client("notifications/message", params)
+
+
+def health_tool_definition() -> JsonObj:
+    return {
+        "name": HEALTH_TOOL,
+        "title": "rea gateway health",
+        "description": "Health of the rea gateway and every downstream MCP server: circuits, "
+        "restarts, HALT state and the policy in force. Read-only.",
+        "inputSchema": {"type": "object", "properties": {}, "additionalProperties": False},
+        "annotations": {"readOnlyHint": True, "openWorldHint": False},
+    }
+
+
+# Commands ####################################################################
+
+
+def cmd_serve(root: Path, argv: list[str]) -> int:
+    rea_dir = root / ".rea"
+    registry = load_registry(rea_dir)
+    policy = load_policy(rea_dir)
+    # stdout is the protocol: keep our own handle on it, and send any stray print to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    rea_dir.mkdir(exist_ok=True)
+    gateway = Gateway(root, registry, policy, out)
+    return gateway.serve()
+
+
+def cmd_check(root: Path, as_json: bool) -> int:
+    rea_dir = root / ".rea"
+    registry = load_registry(rea_dir)
+    policy = load_policy(rea_dir)
+    renames = _recorded_renames(rea_dir)
+    if as_json:
+        doc = {
+            "registry": registry_to_json(registry),
+            "policy": policy_to_json(policy),
+            "tool_renames": renames,
+        }
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return 0
+    print(f"root: {root}")
+    print(f"registry: {registry.source or '(none: no servers)'}")
+    for spec in registry.servers:
+        state = "enabled" if spec.enabled else "disabled"
+        print(f"  {spec.name} ({state}): {' '.join([spec.command, *spec.args])}")
+        if spec.env:
+            print(f"    env: {', '.join(sorted(spec.env))} (values withheld)")
+        if spec.env_passthrough:
+            print(f"    env_passthrough: {', '.join(spec.env_passthrough)}")
+        for tool, tier in spec.tier_overrides.items():
+            print(f"    tier override: {tool} -> {tier}")
+    print(f"policy: {policy.source or '(none: defaults)'}")
+    print(f"  autonomy_level: {policy.autonomy_level} (max {policy.max_autonomy_level})")
+    print(f"  blocked_paths: {', '.join(policy.blocked_paths) or '(none)'} (+ .rea/ always)")
+    print(f"  audit.fsync: {policy.audit_fsync}; injection_detection: {policy.injection_detection}")
+    if renames:
+        print("tool names shortened for clients (from the last serve):")
+        for exposed, full in sorted(renames.items()):
+            print(f"  {exposed} <- {full}")
+    print("check: OK")
+    return 0
+
+
+def _recorded_renames(rea_dir: Path) -> dict[str, str]:
+    try:
+        state = as_obj(json.loads((rea_dir / "serve.state.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+    renames = as_obj(state.get("tool_renames")) if state else None
+    return {str(k): str(v) for k, v in (renames or {}).items()}
+
+
+def cmd_freeze(root: Path, reason: str | None) -> int:
+    rea_dir = root / ".rea"
+    rea_dir.mkdir(exist_ok=True)
+    text = reason or f"frozen by {os.environ.get('USER', 'someone')} at {utc_now_iso()}"
+    (rea_dir / "HALT").write_text(text + "\n", encoding="utf-8")
+    print(f"frozen: every tool call is refused until `python rea.py unfreeze` ({text})")
+    return 0
+
+
+def cmd_unfreeze(root: Path) -> int:
+    try:
+        (root / ".rea" / "HALT").unlink()
+    except FileNotFoundError:
+        print("not frozen: .rea/HALT does not exist")
+        return 0
+    print("unfrozen: tool calls are allowed again")
+    return 0
+
+
+# main ########################################################################
+
+USAGE = """usage: python rea.py COMMAND [options] [--root DIR]
+
+commands:
+  serve                         run the gateway on stdin/stdout (point your MCP client here)
+  status [--json] [--watch]     what the running gateway and each server are doing
+  check [--json]                validate .rea/ files and print the resolved registry and policy
+  audit verify [--json] | audit rotate | audit tail [-n N]
+  freeze [--reason TEXT]        refuse every tool call (kill switch: .rea/HALT)
+  unfreeze                      allow tool calls again
+  --version, --help
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ReaError line, not usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ReaError(f"{self.prog}: {message} (see `python rea.py --help`)")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="rea.py", add_help=False)
+    parser.add_argument("--version", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    commands: dict[str, _Parser] = {}
+    for name in ("serve", "status", "check", "audit", "freeze", "unfreeze"):
+        p = sub.add_parser(name, add_help=False)
+        p.add_argument("--root", default=None)
+        commands[name] = p
+    commands["status"].add_argument("--json", action="store_true")
+    commands["status"].add_argument("--watch", action="store_true")
+    commands["check"].add_argument("--json", action="store_true")
+    commands["freeze"].add_argument("--reason", default=None)
+    commands["audit"].add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(args_list)
+    except ReaError as exc:
+        print(f"rea: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["audit"]:  # argparse REMAINDER would swallow --root: take it out first
+        argv, root_arg = _pop_root(argv)
+    else:
+        root_arg = None
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(f"rea.py {VERSION}")
+        return 0
+    if args.help or not args.command:
+        print(USAGE, end="")
+        return 0 if args.help else 2
+    root = find_root(root_arg or args.root)
+    command: str = args.command
+    if command == "serve":
+        return cmd_serve(root, [])
+    if command == "check":
+        return cmd_check(root, args.json)
+    if command == "status":
+        flags = [f for f, on in (("--json", args.json), ("--watch", args.watch)) if on]
+        return cmd_status(root, flags, sys.stdout, lambda: policy_summary(root))
+    if command == "audit":
+        return cmd_audit(root / ".rea", list(args.rest), sys.stdout)
+    if command == "freeze":
+        return cmd_freeze(root, args.reason)
+    if command == "unfreeze":
+        return cmd_unfreeze(root)
+    raise ReaError(f"unknown command {command!r} (see `python rea.py --help`)")
+
+
+def _pop_root(argv: list[str]) -> tuple[list[str], str | None]:
+    out: list[str] = []
+    root: str | None = None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--root":
+            if i + 1 >= len(argv):
+                raise ReaError("--root needs a directory")
+            root = argv[i + 1]
+            i += 2
+            continue
+        if argv[i].startswith("--root="):
+            root = argv[i].split("=", 1)[1]
+        else:
+            out.append(argv[i])
+        i += 1
+    return out, root
+
+
+def policy_summary(root: Path) -> dict[str, object]:
+    policy = load_policy(root / ".rea")
+    return {
+        "file": str(policy.source.relative_to(root)) if policy.source else None,
+        "profile": policy.profile,
+        "autonomy_level": policy.autonomy_level,
+        "max_autonomy_level": policy.max_autonomy_level,
+        "blocked_paths_count": len(policy.blocked_paths),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
