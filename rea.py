@@ -37,6 +37,7 @@ import base64
 import binascii
 import collections
 import datetime as _dt
+import difflib
 import fcntl
 import fnmatch
 import hashlib
@@ -4019,6 +4020,653 @@ def _one_line(text: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+# Trust on first use ###############################################################
+#
+# The file, sorted keys, mode 0600:
+#
+#   {"version": 1,
+#    "servers": {"github": {"definition": {"command": …, "args": […], "env_keys": […],
+#                                          "env_passthrough": […]},
+#                           "definition_hash": "<sha256>", "pinned_at": "…Z",
+#                           "tools": {"create_issue": {"hash": "<sha256>", "pinned_at": "…Z",
+#                                                      "pinned": {"name", "description",
+#                                                        "inputSchema", "outputSchema",
+#                                                        "annotations"}}}}},
+#    "held": {"gitlab": "why it is held until `trust gitlab`"}}
+#
+# The definition and the pinned tool fields are stored beside their hashes so that
+# `trust` can show what changed; on load every hash is recomputed, so a hand-edited
+# field (or hash) makes the whole file untrusted. The hashes are not keyed: they
+# catch a server or a tool changing under the user (a "rug pull"), not someone who
+# can already write `.rea/`.
+
+FINGERPRINTS_FILE = "fingerprints.json"
+FINGERPRINTS_FORMAT = 1
+TOOL_PINNED_FIELDS = ("name", "description", "inputSchema", "outputSchema", "annotations")
+_DEFINITION_FIELDS = ("command", "args", "env_keys", "env_passthrough")
+_DEFINITION_LABELS = {  # field -> how a reason names it
+    "command": "command",
+    "args": "args",
+    "env_keys": "env keys",
+    "env_passthrough": "env_passthrough",
+}
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_TRUST_USAGE = "usage: rea.py trust SERVER [--tool NAME] [--yes] [--dry-run] [--root DIR]"
+
+
+def server_definition(spec: ServerSpec) -> dict[str, object]:
+    """What is pinned of a server: how it is started, never the values of its env."""
+    return {
+        "command": spec.command,
+        "args": list(spec.args),
+        # env values are secrets or per-machine paths: only which names are set is pinned
+        "env_keys": sorted(spec.env),
+        "env_passthrough": sorted(spec.env_passthrough),
+    }
+
+
+def definition_hash(defn: Mapping[str, object]) -> str:
+    """SHA-256 (hex) of a server definition in canonical JSON."""
+    return _trust_sha256(defn)
+
+
+def tool_fingerprint(tool: Mapping[str, object]) -> dict[str, object]:
+    """The pinned fields of a tool as `tools/list` gives it; an absent field is null."""
+    return {name: tool.get(name) for name in TOOL_PINNED_FIELDS}
+
+
+def tool_hash(tool: Mapping[str, object]) -> str:
+    """SHA-256 (hex) of a tool's pinned fields in canonical JSON."""
+    return _trust_sha256(tool_fingerprint(tool))
+
+
+def _trust_sha256(value: object) -> str:
+    """Hash of a JSON value written one way only: sorted keys, no spaces, UTF-8."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _pretty(value: object) -> str:
+    return json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ToolVerdict:
+    """How a server's current tools compare with their pins (one `tools/list`)."""
+
+    trusted: tuple[str, ...]  # pin matches: list them
+    new: tuple[str, ...]  # never pinned: pinned now and listed (trust on first use)
+    changed: Mapping[str, str]  # name -> "description changed", …: withheld and refused
+    removed: tuple[str, ...]  # pinned, no longer listed: reported; the pin is kept
+
+
+@dataclass(frozen=True)
+class _ToolPin:
+    """One tool's pin: its pinned fields and their hash."""
+
+    pinned: Mapping[str, object]
+    hash: str
+    pinned_at: str
+
+
+@dataclass(frozen=True)
+class _ServerPin:
+    """One server's pin: its definition, the hash of it, and its tools' pins."""
+
+    definition: Mapping[str, object]
+    hash: str
+    pinned_at: str
+    tools: Mapping[str, _ToolPin]
+
+
+class _PinsUnusable(Exception):
+    """fingerprints.json cannot be trusted; str() is the one-line reason."""
+
+
+class Fingerprints:
+    """The trust-on-first-use pins of .rea/fingerprints.json: servers' definitions and tools.
+
+    A missing file is an empty one. A corrupt or hand-edited file sets `error` and fails
+    closed: every server is held with that reason (and nothing is written, so the file
+    stays as evidence) until `rea.py trust SERVER` sets it aside and writes a valid one.
+    Pins are never dropped when a server leaves the registry, so putting a server back
+    with a different definition is held, not silently trusted again. The file is re-read
+    when it changed on disk (by `trust` while `serve` runs) before each check.
+    """
+
+    def __init__(self, rea_dir: Path) -> None:
+        self.path = rea_dir / FINGERPRINTS_FILE
+        # _lock guards: _servers, _held, error, _seen and every write of the file, so
+        # that concurrent check_tools calls neither lose a pin nor interleave writes.
+        self._lock = threading.Lock()
+        self._servers: dict[str, _ServerPin] = {}
+        self._held: dict[str, str] = {}  # name -> reason, set when earlier pins were lost
+        self.error: str | None = None
+        self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) loaded
+        self._lost: set[str] = set()  # server names an unusable file still shows
+        # log lines decided under _lock, written after it is released (never nest locks)
+        self._pending_logs: list[tuple[str, str, dict[str, object]]] = []
+        with self._lock:
+            self._load()
+        self._flush_logs()
+
+    def _flush_logs(self) -> None:
+        with self._lock:
+            pending, self._pending_logs = self._pending_logs, []
+        for level, event, fields in pending:
+            log(level, event, **fields)
+
+    # Reading ------------------------------------------------------------------------
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return (-1, -1, -1)  # unreadable: _load reports it
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _refresh(self) -> None:
+        """Reload if the file changed on disk since it was last read or written."""
+        if self._stat() != self._seen:
+            self._load()
+
+    def _load(self) -> None:
+        self._seen = self._stat()
+        self._servers, self._held, self.error, self._lost = {}, {}, None, set()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            self.error = f"{self.path}: cannot be read ({err.strerror or err})"
+        else:
+            try:
+                self._servers, self._held = _parse_pins(raw)
+            except _PinsUnusable as err:
+                self.error = f"{self.path}: {err}"
+                self._lost = _salvage_server_names(raw)
+        if self.error is not None:
+            fields: dict[str, object] = {"path": str(self.path), "reason": self.error}
+            self._pending_logs.append(("error", "fingerprints_unusable", fields))
+
+    # Checks ---------------------------------------------------------------------------
+
+    def check_server(self, spec: ServerSpec) -> str | None:
+        """None if the server may start (pinning it when first seen); else why it is held."""
+        with self._lock:
+            self._refresh()
+            held = self._check_server_locked(spec)
+        self._flush_logs()
+        return held
+
+    def _check_server_locked(self, spec: ServerSpec) -> str | None:
+        accept = f"run `python rea.py trust {spec.name}`"
+        if self.error is not None:
+            return f"fingerprints.json is unusable ({self.error}); {accept} to re-pin"
+        if spec.name in self._held:
+            return f"{self._held[spec.name]}; {accept}"
+        defn = server_definition(spec)
+        pin = self._servers.get(spec.name)
+        if pin is None:
+            self._servers[spec.name] = _ServerPin(defn, definition_hash(defn), utc_now_iso(), {})
+            self._save_logged()
+            return None
+        if pin.hash == definition_hash(defn):
+            return None
+        fields = [_DEFINITION_LABELS[f] for f in _DEFINITION_FIELDS if pin.definition[f] != defn[f]]
+        return f"definition changed since pinned: {', '.join(fields)} changed; {accept}"
+
+    def check_tools(self, server: str, tools: Sequence[Mapping[str, object]]) -> ToolVerdict:
+        """Compare a server's `tools/list` with the pins; new tools are pinned (and written).
+
+        A server without a trusted pin (never checked, held, or the file unusable) has
+        every tool withheld: fail closed.
+        """
+        current = _tools_by_name(tools)
+        with self._lock:
+            self._refresh()
+            pin = self._servers.get(server)
+            if self.error is None and pin is not None and server not in self._held:
+                verdict = self._compare_tools_locked(server, pin, current)
+            else:
+                why = "server is not trusted" if self.error is None else "fingerprints unusable"
+                verdict = ToolVerdict((), (), {name: why for name in current}, ())
+                pin = None  # nothing to report: the server itself is held
+        self._flush_logs()
+        if pin is not None and verdict.new:
+            log("info", "tools_pinned", server=server, tools=list(verdict.new))
+        if pin is not None and verdict.changed:
+            log("warning", "tools_changed", server=server, changed=dict(verdict.changed))
+        if pin is not None and verdict.removed:
+            log("info", "tools_removed", server=server, tools=list(verdict.removed))
+        return verdict
+
+    def _compare_tools_locked(
+        self, server: str, pin: _ServerPin, current: Mapping[str, Mapping[str, object]]
+    ) -> ToolVerdict:
+        trusted: list[str] = []
+        new: dict[str, _ToolPin] = {}
+        changed: dict[str, str] = {}
+        now = utc_now_iso()
+        for name, tool in current.items():
+            old = pin.tools.get(name)
+            fingerprint = tool_fingerprint(tool)
+            if old is None:
+                new[name] = _ToolPin(fingerprint, _trust_sha256(fingerprint), now)
+            elif old.hash == _trust_sha256(fingerprint):
+                trusted.append(name)
+            else:
+                changed[name] = _tool_change_reason(old.pinned, fingerprint)
+        removed = tuple(sorted(set(pin.tools) - set(current)))
+        if new:
+            self._servers[server] = replace(pin, tools={**pin.tools, **new})
+            self._save_logged()
+        return ToolVerdict(tuple(trusted), tuple(new), changed, removed)
+
+    # Writing --------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the pins atomically (mode 0600); ReaError if the disk refuses."""
+        with self._lock:
+            self._save()
+
+    def _save(self) -> None:
+        if self.error is not None:
+            # never overwrite an unusable file: it is the evidence; `trust` replaces it
+            raise ReaError(f"{self.error}; run `python rea.py trust SERVER` to re-pin")
+        document: dict[str, object] = {
+            "version": FINGERPRINTS_FORMAT,
+            "servers": {name: _server_pin_json(pin) for name, pin in self._servers.items()},
+            "held": dict(self._held),
+        }
+        data = (json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, data, 0o600)
+        except OSError as err:
+            raise ReaError(
+                f"{self.path}: cannot be written ({err}); free space or fix permissions"
+            ) from err
+        self._seen = self._stat()
+
+    def _save_logged(self) -> None:
+        """Save for the gateway: a failed write is logged, the pin stays in memory."""
+        try:
+            self._save()
+        except ReaError as err:
+            fields: dict[str, object] = {"path": str(self.path), "reason": str(err)}
+            self._pending_logs.append(("error", "fingerprints_write_failed", fields))
+
+    # For `trust` ------------------------------------------------------------------------
+
+    def _pin_of(self, server: str) -> _ServerPin | None:
+        with self._lock:
+            return self._servers.get(server)
+
+    def _accept(
+        self,
+        spec: ServerSpec,
+        tools: Sequence[Mapping[str, object]] | None,
+        others: Sequence[str],
+    ) -> None:
+        """Re-pin a server's definition (and its whole tool set when tools are given).
+
+        On an unusable file the old one is set aside, and every other server it may
+        have pinned (`others`) is held until trusted by name: their pins are lost, and
+        pinning them afresh on the next start would be exactly the silent re-trust the
+        pins exist to prevent.
+        """
+        with self._lock:
+            self._refresh()
+            if self.error is not None:
+                aside = self.path.with_name(f"{FINGERPRINTS_FILE}.unusable")
+                try:
+                    os.replace(self.path, aside)
+                except OSError as err:
+                    raise ReaError(f"{self.path}: cannot be moved aside ({err})") from err
+                reason = f"its pin was lost when {self.path} was unusable (kept as {aside.name})"
+                self._servers, self.error, self._lost = {}, None, set()
+                self._held = {name: reason for name in others if name != spec.name}
+            defn = server_definition(spec)
+            now = utc_now_iso()
+            old = self._servers.get(spec.name)
+            if tools is None:
+                pinned_tools = dict(old.tools) if old is not None else {}
+            else:
+                pinned_tools = {}
+                for name, tool in _tools_by_name(tools).items():
+                    fingerprint = tool_fingerprint(tool)
+                    pinned_tools[name] = _ToolPin(fingerprint, _trust_sha256(fingerprint), now)
+            self._servers[spec.name] = _ServerPin(defn, definition_hash(defn), now, pinned_tools)
+            self._held.pop(spec.name, None)
+            self._save()
+
+    def _accept_tool(self, server: str, name: str, tool: Mapping[str, object] | None) -> None:
+        """Re-pin one tool of a trusted server; None drops its pin (accepts its removal)."""
+        with self._lock:
+            self._refresh()
+            pin = self._servers.get(server)
+            if self.error is not None or pin is None or server in self._held:
+                raise ReaError(
+                    f"{self.path}: server {server!r} has no trusted definition; "
+                    f"run `python rea.py trust {server}` without --tool first"
+                )
+            tools = dict(pin.tools)
+            if tool is None:
+                tools.pop(name, None)
+            else:
+                fingerprint = tool_fingerprint(tool)
+                tools[name] = _ToolPin(fingerprint, _trust_sha256(fingerprint), utc_now_iso())
+            self._servers[server] = replace(pin, tools=tools)
+            self._save()
+
+    def _known_names(self) -> list[str]:
+        """Every server the file pins or holds, or (unusable) still shows."""
+        with self._lock:
+            return sorted({*self._servers, *self._held, *self._lost})
+
+
+def _tool_change_reason(old: Mapping[str, object], new: Mapping[str, object]) -> str:
+    """ "description changed", "inputSchema, annotations changed", …"""
+    fields = [f for f in TOOL_PINNED_FIELDS if old.get(f) != new.get(f)]
+    return f"{', '.join(fields) or 'pinned fields'} changed"
+
+
+def _server_pin_json(pin: _ServerPin) -> dict[str, object]:
+    return {
+        "definition": dict(pin.definition),
+        "definition_hash": pin.hash,
+        "pinned_at": pin.pinned_at,
+        "tools": {
+            name: {"hash": t.hash, "pinned": dict(t.pinned), "pinned_at": t.pinned_at}
+            for name, t in pin.tools.items()
+        },
+    }
+
+
+# fingerprints.json parsing: typed pins, or _PinsUnusable with the first problem found.
+
+
+def _parse_pins(raw: bytes) -> tuple[dict[str, _ServerPin], dict[str, str]]:
+    try:
+        value: object = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _PinsUnusable("not UTF-8 text; run `python rea.py trust SERVER`") from None
+    except json.JSONDecodeError as err:
+        raise _PinsUnusable(f"not JSON (line {err.lineno} column {err.colno}: {err.msg})") from None
+    except (ValueError, RecursionError) as err:
+        raise _PinsUnusable(f"not usable JSON ({err})") from None
+    top = _pins_object(value, "the file", {"version", "servers", "held"}, {"version", "servers"})
+    if top["version"] != FINGERPRINTS_FORMAT or isinstance(top["version"], bool):
+        raise _PinsUnusable(f"format version {top['version']!r} is not {FINGERPRINTS_FORMAT}")
+    servers: dict[str, _ServerPin] = {}
+    for name, entry in _pins_object(top["servers"], "servers", None, set()).items():
+        servers[name] = _parse_server_pin(name, entry)
+    held: dict[str, str] = {}
+    for name, reason in _pins_object(top.get("held", {}), "held", None, set()).items():
+        if not isinstance(reason, str):
+            raise _PinsUnusable(f"held.{name} is not text")
+        held[name] = reason
+    return servers, held
+
+
+def _salvage_server_names(raw: bytes) -> set[str]:
+    """The server names an unusable file still shows, so `trust` can hold them."""
+    try:
+        value: object = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return set()
+    names: set[str] = set()
+    if isinstance(value, dict):
+        for key in ("servers", "held"):
+            section = value.get(key)
+            if isinstance(section, dict):
+                names.update(str(name) for name in section)
+    return names
+
+
+def _parse_server_pin(name: str, entry: object) -> _ServerPin:
+    keys = {"definition", "definition_hash", "pinned_at", "tools"}
+    obj = _pins_object(entry, f"servers.{name}", keys, keys)
+    defn = _pins_object(
+        obj["definition"], f"servers.{name}.definition", set(_DEFINITION_FIELDS), None
+    )
+    if not isinstance(defn["command"], str):
+        raise _PinsUnusable(f"servers.{name}.definition.command is not text")
+    for key in ("args", "env_keys", "env_passthrough"):
+        items = defn[key]
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise _PinsUnusable(f"servers.{name}.definition.{key} is not a list of text")
+    pinned_hash = _pins_hash(obj["definition_hash"], f"servers.{name}.definition_hash")
+    if pinned_hash != definition_hash(defn):
+        raise _PinsUnusable(
+            f"servers.{name}.definition_hash does not match its definition (hand-edited?)"
+        )
+    tools: dict[str, _ToolPin] = {}
+    for tool_name, tool_entry in _pins_object(
+        obj["tools"], f"servers.{name}.tools", None, set()
+    ).items():
+        where = f"servers.{name}.tools.{tool_name}"
+        tool_keys = {"hash", "pinned", "pinned_at"}
+        tool_obj = _pins_object(tool_entry, where, tool_keys, tool_keys)
+        pinned = _pins_object(tool_obj["pinned"], f"{where}.pinned", set(TOOL_PINNED_FIELDS), None)
+        if pinned["name"] != tool_name:
+            raise _PinsUnusable(f"{where}.pinned.name is not {tool_name!r}")
+        if _pins_hash(tool_obj["hash"], f"{where}.hash") != _trust_sha256(pinned):
+            raise _PinsUnusable(f"{where}.hash does not match its pinned fields (hand-edited?)")
+        tools[tool_name] = _ToolPin(pinned, _trust_sha256(pinned), _pins_text(tool_obj, where))
+    return _ServerPin(defn, pinned_hash, _pins_text(obj, f"servers.{name}"), tools)
+
+
+def _pins_object(
+    value: object, where: str, allowed: set[str] | None, required: set[str] | None
+) -> dict[str, object]:
+    """A JSON object with string keys; `allowed`/`required` None means any / exactly allowed."""
+    if not isinstance(value, dict):
+        raise _PinsUnusable(f"{where} is not a JSON object")
+    obj: dict[str, object] = {str(k): v for k, v in value.items()}
+    if allowed is not None:
+        extra = sorted(set(obj) - allowed)
+        if extra:
+            raise _PinsUnusable(f"{where} has unknown key {extra[0]!r}")
+        missing = sorted((allowed if required is None else required) - set(obj))
+        if missing:
+            raise _PinsUnusable(f"{where} lacks {missing[0]!r}")
+    return obj
+
+
+def _pins_hash(value: object, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.match(value):
+        raise _PinsUnusable(f"{where} is not a SHA-256 hex digest")
+    return value
+
+
+def _pins_text(obj: Mapping[str, object], where: str) -> str:
+    value = obj["pinned_at"]
+    if not isinstance(value, str):
+        raise _PinsUnusable(f"{where}.pinned_at is not text")
+    return value
+
+
+# `rea.py trust` ###################################################################
+
+
+def cmd_trust(
+    root: Path,
+    argv: list[str],
+    out: TextIO,
+    list_tools: Callable[[ServerSpec], list[dict[str, object]]] | None,
+) -> int:
+    """`trust SERVER [--tool NAME] [--yes] [--dry-run]`: show what changed, then re-pin it.
+
+    Running the command is the acceptance, with or without a terminal; `--yes` is
+    accepted for scripts and changes nothing. `--dry-run` shows the diff and pins
+    nothing. Without --tool the definition and the whole current tool set are pinned
+    (removed tools' pins are dropped); with --tool only that tool's pin changes.
+    """
+    server, tool_name, dry_run = _parse_trust_args(argv)
+    rea_dir = root / REA_DIR
+    registry = load_registry(rea_dir)
+    specs = {spec.name: spec for spec in registry.servers}
+    if server not in specs:
+        source = registry.source or rea_dir / "registry.yaml"
+        known = ", ".join(sorted(specs)) or "none"
+        raise ReaError(
+            f"{source}: no server named {server!r} (known: {known}); "
+            "trust a server the registry declares"
+        )
+    spec = specs[server]
+    pins = Fingerprints(rea_dir)
+    if pins.error is not None:
+        out.write(f"{pins.error}\n  its pins cannot be trusted; {server} is pinned afresh\n")
+    old = pins._pin_of(server)
+    tools = list_tools(spec) if list_tools is not None else None
+
+    if tool_name is not None:
+        if tools is None:
+            raise ReaError(f"trust {server} --tool {tool_name}: the server's tools are unknown")
+        return _trust_one_tool(pins, server, tool_name, tools, old, dry_run, out)
+
+    defn = server_definition(spec)
+    if old is None:
+        out.write(f"{server}: no pin yet; its definition:\n{_pretty(defn)}\n")
+    else:
+        for key in _DEFINITION_FIELDS:
+            if old.definition[key] != defn[key]:
+                out.write(_field_diff(f"{server} {key}", old.definition[key], defn[key]))
+    lines = 0
+    if tools is not None:
+        lines = _write_tools_diff(server, old, tools, out)
+    unchanged = old is not None and old.hash == definition_hash(defn) and lines == 0
+    if unchanged:
+        out.write(f"{server}: definition and tools match their pins\n")
+    if dry_run:
+        out.write(f"{server}: --dry-run, nothing pinned\n")
+        return 0
+    pins._accept(spec, tools, [*pins._known_names(), *specs])
+    what = "definition" if tools is None else f"definition and {len(_tools_by_name(tools))} tool(s)"
+    out.write(f"{server}: pinned {what} in {pins.path}\n")
+    return 0
+
+
+def _tools_by_name(tools: Sequence[Mapping[str, object]]) -> dict[str, Mapping[str, object]]:
+    """A `tools/list` result by tool name; a tool without a text name is skipped."""
+    by_name: dict[str, Mapping[str, object]] = {}
+    for tool in tools:
+        name = tool.get("name")
+        if isinstance(name, str):
+            by_name[name] = tool
+    return by_name
+
+
+def _parse_trust_args(argv: list[str]) -> tuple[str, str | None, bool]:
+    server: str | None = None
+    tool_name: str | None = None
+    dry_run = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--tool", "--root"):
+            if i + 1 >= len(argv):
+                raise ReaError(f"trust: {arg} needs a value; {_TRUST_USAGE}")
+            if arg == "--tool":
+                tool_name = argv[i + 1]
+            i += 2  # --root is the caller's: the root is already resolved
+            continue
+        if arg.startswith("--tool="):
+            tool_name = arg.removeprefix("--tool=")
+        elif arg.startswith("--root="):
+            pass
+        elif arg in ("--yes", "-y"):
+            pass  # running the command is the acceptance
+        elif arg == "--dry-run":
+            dry_run = True
+        elif arg.startswith("-") or server is not None:
+            raise ReaError(f"trust: unexpected {arg!r}; {_TRUST_USAGE}")
+        else:
+            server = arg
+        i += 1
+    if server is None:
+        raise ReaError(f"trust: which server? {_TRUST_USAGE}")
+    return server, tool_name, dry_run
+
+
+def _field_diff(label: str, old: object, new: object) -> str:
+    """A unified diff of two JSON values, pretty-printed, headed by what they are."""
+    diff = difflib.unified_diff(
+        _pretty(old).splitlines(),
+        _pretty(new).splitlines(),
+        f"pinned   {label}",
+        f"current  {label}",
+        lineterm="",
+    )
+    return "\n".join(diff) + "\n"
+
+
+def _write_tools_diff(
+    server: str,
+    old: _ServerPin | None,
+    tools: Sequence[Mapping[str, object]],
+    out: TextIO,
+) -> int:
+    """Write the changed, new and removed tools; return how many were written."""
+    pinned = old.tools if old is not None else {}
+    current = _tools_by_name(tools)
+    count = 0
+    for key in sorted(current):
+        fingerprint = tool_fingerprint(current[key])
+        if key not in pinned:
+            out.write(f"{server}: new tool {key}: {_pretty(fingerprint.get('description'))}\n")
+            count += 1
+        elif pinned[key].hash != _trust_sha256(fingerprint):
+            for fname in TOOL_PINNED_FIELDS:
+                before, after = pinned[key].pinned.get(fname), fingerprint.get(fname)
+                if before != after:
+                    out.write(_field_diff(f"{server} tool {key} {fname}", before, after))
+            count += 1
+    for key in sorted(set(pinned) - set(current)):
+        out.write(f"{server}: removed tool {key}\n")
+        count += 1
+    return count
+
+
+def _trust_one_tool(
+    pins: Fingerprints,
+    server: str,
+    tool_name: str,
+    tools: Sequence[Mapping[str, object]],
+    old: _ServerPin | None,
+    dry_run: bool,
+    out: TextIO,
+) -> int:
+    current = _tools_by_name(tools)
+    tool = current.get(tool_name)
+    pinned = old.tools.get(tool_name) if old is not None else None
+    if tool is None and pinned is None:
+        names = ", ".join(sorted(current)) or "none"
+        raise ReaError(f"trust {server} --tool {tool_name}: no such tool (it lists: {names})")
+    if tool is None:
+        out.write(f"{server}: tool {tool_name} was removed; its pin is dropped\n")
+    elif pinned is None:
+        out.write(f"{server}: new tool {tool_name}:\n{_pretty(tool_fingerprint(tool))}\n")
+    elif pinned.hash == tool_hash(tool):
+        out.write(f"{server}: tool {tool_name} matches its pin\n")
+    else:
+        fingerprint = tool_fingerprint(tool)
+        for field in TOOL_PINNED_FIELDS:
+            if pinned.pinned.get(field) != fingerprint.get(field):
+                label = f"{server} tool {tool_name} {field}"
+                out.write(_field_diff(label, pinned.pinned.get(field), fingerprint.get(field)))
+    if dry_run:
+        out.write(f"{server}: --dry-run, nothing pinned\n")
+        return 0
+    pins._accept_tool(server, tool_name, tool)
+    out.write(f"{server}: pinned tool {tool_name} in {pins.path}\n")
+    return 0
+
+
 # Protocol ###################################################################
 
 JsonObj = dict[str, object]
@@ -4467,6 +5115,104 @@ class DeadlineTimer:
                 self._cond.wait(wait)
 
 
+def child_meta(version: str) -> JsonObj:
+    """The `_meta` a stateless-era request to a child must carry."""
+    return {
+        META_VERSION: version,
+        META_CAPS: {},
+        META_CLIENT: {"name": "rea", "version": VERSION},
+    }
+
+
+def child_params(child: ChildProcess, params: JsonObj) -> JsonObj:
+    """The client's params as the child's era wants them (§5: translate both ways)."""
+    meta = {
+        k: v
+        for k, v in (as_obj(params.get("_meta")) or {}).items()
+        if not k.startswith("io.modelcontextprotocol/")
+    }
+    if child.era == "stateless":
+        meta.update(child_meta(child.version))
+    out = {k: v for k, v in params.items() if k != "_meta"}
+    if meta:
+        out["_meta"] = meta
+    return out
+
+
+def open_child(child: ChildProcess) -> JsonObj:
+    """Speak to the child in the era it serves; return its capabilities.
+
+    Probe server/discover first; fall back to the handshake (initialize) otherwise.
+    """
+    stateless, caps = probe_stateless(child)
+    if stateless is not None:
+        child.era, child.version = "stateless", stateless
+        return caps
+    result = child.request(
+        "initialize",
+        {
+            "protocolVersion": HANDSHAKE_VERSIONS[0],
+            "capabilities": {},
+            "clientInfo": {"name": "rea", "version": VERSION},
+        },
+        HANDSHAKE_TIMEOUT_S,
+    )
+    version = result.get("protocolVersion")
+    if not isinstance(version, str) or version not in HANDSHAKE_VERSIONS:
+        raise ValueError(
+            f"server {child.name} answered initialize with unsupported version {version!r}"
+        )
+    child.era, child.version = "handshake", version
+    child.notify("notifications/initialized")
+    return as_obj(result.get("capabilities")) or {}
+
+
+def probe_stateless(child: ChildProcess) -> tuple[str | None, JsonObj]:
+    """The stateless version to use (None: handshake era) and the capabilities seen (§5).
+
+    Only -32022 means "stay stateless at one of the versions it lists"; any other error,
+    a malformed answer or silence means handshake — never keyed on one error code.
+    """
+    params: JsonObj = {"_meta": child_meta(STATELESS_VERSIONS[0])}
+    try:
+        result = child.request("server/discover", params, DISCOVER_TIMEOUT_S)
+    except RpcError as exc:
+        if exc.code != UNSUPPORTED_VERSION:
+            return None, {}
+        offered = (as_obj(exc.data) or {}).get("supported")
+        versions = offered if isinstance(offered, list) else []
+        return next((v for v in STATELESS_VERSIONS if v in versions), None), {}
+    except TimeoutError:
+        return None, {}
+    supported = result.get("supportedVersions")
+    if not isinstance(supported, list):
+        return None, {}
+    version = next((v for v in STATELESS_VERSIONS if v in supported), None)
+    return version, (as_obj(result.get("capabilities")) or {}) if version else {}
+
+
+def list_child_tools(child: ChildProcess) -> list[JsonObj]:
+    """Every tool the child lists, following nextCursor (bounded)."""
+    tools: list[JsonObj] = []
+    cursor: object = None
+    for _ in range(100):  # a child that pages forever is cut off
+        params: JsonObj = {} if cursor is None else {"cursor": cursor}
+        result = child.request("tools/list", child_params(child, params), HANDSHAKE_TIMEOUT_S)
+        page = result.get("tools")
+        if not isinstance(page, list):
+            raise ValueError(f"server {child.name}: tools/list result has no tools list")
+        for item in page:
+            tool = as_obj(item)
+            if tool is None or not isinstance(tool.get("name"), str):
+                log("warn", "tool_skipped", server=child.name, reason="tool without a string name")
+                continue
+            tools.append(tool)
+        cursor = result.get("nextCursor")
+        if not cursor:
+            break
+    return tools
+
+
 # Downstream and supervisor ###################################################
 
 
@@ -4478,6 +5224,7 @@ class ToolEntry:
     server: str
     bare: str
     definition: JsonObj
+    withheld: str | None = None  # why trust-on-first-use refuses it (§10), else None
 
 
 class Downstream:
@@ -4509,6 +5256,9 @@ class Downstream:
         self.errors = 0
         self.in_flight = 0
         self.call_times: collections.deque[float] = collections.deque()
+        self.withheld: dict[str, str] = {}  # tool -> what changed since it was pinned (§10)
+        self.new_tools: tuple[str, ...] = ()
+        self.removed_tools: tuple[str, ...] = ()
         self.ready = threading.Event()  # set when the first start attempt has ended
         self._stopping = False
 
@@ -4522,6 +5272,10 @@ class Downstream:
         threading.Thread(target=self._bring_up, name=f"rea-start-{self.name}", daemon=True).start()
 
     def _bring_up(self) -> None:
+        held = self.gw.fingerprints.check_server(self.spec)
+        if held is not None:
+            self._hold(held)
+            return
         try:
             env = child_environment(self.spec, os.environ)
         except ReaError as exc:  # an unset ${VAR}: this server only, never retried
@@ -4555,6 +5309,7 @@ class Downstream:
             threading.Thread(target=child.stop, daemon=True).start()
             self._fail(f"{exc}" + (f" (stderr: {tail})" if tail else ""), retry=True)
             return
+        self._apply_trust(tools)
         with self._lock:
             self.tools = tools
             was = self.status
@@ -4577,90 +5332,12 @@ class Downstream:
             self._on_exit(child, child.proc.returncode)
 
     def _open(self, child: ChildProcess) -> None:
-        """Speak to the child in the era it serves: probe server/discover, else handshake."""
-        stateless = self._probe(child)
-        if stateless is not None:
-            child.era, child.version = "stateless", stateless
-            return
-        result = child.request(
-            "initialize",
-            {
-                "protocolVersion": HANDSHAKE_VERSIONS[0],
-                "capabilities": {},
-                "clientInfo": {"name": "rea", "version": VERSION},
-            },
-            HANDSHAKE_TIMEOUT_S,
-        )
-        version = result.get("protocolVersion")
-        if version not in HANDSHAKE_VERSIONS:
-            raise ValueError(
-                f"server {self.name} answered initialize with unsupported version {version!r}"
-            )
-        assert isinstance(version, str)
-        child.era, child.version = "handshake", version
-        caps = as_obj(result.get("capabilities"))
+        caps = open_child(child)
         with self._lock:
-            self.capabilities = caps or {}
-        child.notify("notifications/initialized")
-
-    def _probe(self, child: ChildProcess) -> str | None:
-        """The stateless version to use, or None for the handshake era (§5).
-
-        Only -32022 means "stay stateless at one of the versions it lists"; any other error,
-        a malformed answer or silence means handshake — never keyed on one error code.
-        """
-        params: JsonObj = {"_meta": self.gw.child_meta(STATELESS_VERSIONS[0])}
-        try:
-            result = child.request("server/discover", params, DISCOVER_TIMEOUT_S)
-        except RpcError as exc:
-            if exc.code != UNSUPPORTED_VERSION:
-                return None
-            data = as_obj(exc.data) or {}
-            offered = data.get("supported")
-            versions = offered if isinstance(offered, list) else []
-            for version in STATELESS_VERSIONS:
-                if version in versions:
-                    return version
-            return None
-        except TimeoutError:
-            return None
-        supported = result.get("supportedVersions")
-        if not isinstance(supported, list):
-            return None
-        for version in STATELESS_VERSIONS:
-            if version in supported:
-                caps = as_obj(result.get("capabilities"))
-                with self._lock:
-                    self.capabilities = caps or {}
-                return version
-        return None
+            self.capabilities = caps
 
     def _list_tools(self, child: ChildProcess) -> list[JsonObj]:
-        tools: list[JsonObj] = []
-        cursor: object = None
-        for _ in range(100):  # a child that pages forever is cut off
-            params: JsonObj = {} if cursor is None else {"cursor": cursor}
-            result = child.request(
-                "tools/list", self.gw.child_params(child, params), HANDSHAKE_TIMEOUT_S
-            )
-            page = result.get("tools")
-            if not isinstance(page, list):
-                raise ValueError(f"server {self.name}: tools/list result has no tools list")
-            for item in page:
-                tool = as_obj(item)
-                if tool is None or not isinstance(tool.get("name"), str):
-                    log(
-                        "warn",
-                        "tool_skipped",
-                        server=self.name,
-                        reason="tool without a string name",
-                    )
-                    continue
-                tools.append(tool)
-            cursor = result.get("nextCursor")
-            if not cursor:
-                break
-        return tools
+        return list_child_tools(child)
 
     def refresh_tools(self) -> None:
         """Re-read the child's tools (after notifications/tools/list_changed)."""
@@ -4672,9 +5349,39 @@ class Downstream:
         except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
             log("warn", "tools_refresh_failed", server=self.name, error=str(exc))
             return
+        self._apply_trust(tools)
         with self._lock:
             self.tools = tools
         self.gw.tools_changed()
+
+    def _apply_trust(self, tools: list[JsonObj]) -> None:
+        """Compare the tools with their pins: changed ones are withheld, new ones pinned."""
+        verdict = self.gw.fingerprints.check_tools(self.name, tools)
+        with self._lock:
+            self.withheld = dict(verdict.changed)
+            self.new_tools = verdict.new
+            self.removed_tools = verdict.removed
+
+    def _hold(self, reason: str) -> None:
+        """Trust on first use refuses to start a server whose definition changed (§10)."""
+        with self._lock:
+            self.status = "held"
+            self.last_error = reason
+        log("error", "server_held", server=self.name, reason=reason)
+        policy = self.gw.policy
+        self.gw.append_audit(
+            session_id=self.gw.session_id,
+            tool_name="server_start",
+            server_name=self.name,
+            tier="read",
+            status="denied",
+            autonomy_level=policy.autonomy_level,
+            duration_ms=0,
+            error=f"rea: denied: server {self.name} not started: {reason}",
+            metadata={"event": "SERVER_HELD"},
+        )
+        self.gw.tools_changed()
+        self.ready.set()
 
     def _fail(self, reason: str, retry: bool) -> None:
         reason = self.gw.redactor.redact(reason).text
@@ -4785,6 +5492,9 @@ class Downstream:
                 "errors": self.errors,
                 "status": self.status,
                 "era": child.era if child is not None else None,
+                "withheld_tools": dict(self.withheld),
+                "new_tools": list(self.new_tools),
+                "removed_tools": list(self.removed_tools),
             }
 
 
@@ -4872,6 +5582,16 @@ def step_route(gw: Gateway, call: Call) -> Decision | None:
     call.entry = entry
     call.downstream = gw.downstreams[entry.server]
     return None
+
+
+def step_trust(gw: Gateway, call: Call) -> Decision | None:
+    assert call.entry is not None
+    if call.entry.withheld is None:
+        return None
+    return denied(
+        f"tool {call.entry.server}__{call.entry.bare} changed since it was pinned ({call.entry.withheld})",
+        f"Review it with `python rea.py trust {call.entry.server} --tool {call.entry.bare}`, which re-pins it",
+    )
 
 
 def step_blocked_tools(gw: Gateway, call: Call) -> Decision | None:
@@ -4984,6 +5704,7 @@ def step_breaker(gw: Gateway, call: Call) -> Decision | None:
 PIPELINE: tuple[Step, ...] = (
     step_halt,
     step_route,
+    step_trust,
     step_blocked_tools,
     step_tier,
     step_autonomy,
@@ -5098,6 +5819,7 @@ class Gateway:
         )
         self.audit_failures = 0
         self.blocker = SessionBlocker(policy.session_blocker_threshold)
+        self.fingerprints = Fingerprints(self.rea_dir)
         self.timers = DeadlineTimer()
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rea-worker")
         self.live = LiveState(self.rea_dir, self.session_id, self.snapshot)
@@ -5394,27 +6116,6 @@ class Gateway:
             "cacheScope": "private",
         }
 
-    def child_meta(self, version: str) -> JsonObj:
-        return {
-            META_VERSION: version,
-            META_CAPS: {},
-            META_CLIENT: {"name": "rea", "version": VERSION},
-        }
-
-    def child_params(self, child: ChildProcess, params: JsonObj) -> JsonObj:
-        """The client's params as the child's era wants them (§5: translate both ways)."""
-        meta = {
-            k: v
-            for k, v in (as_obj(params.get("_meta")) or {}).items()
-            if not k.startswith("io.modelcontextprotocol/")
-        }
-        if child.era == "stateless":
-            meta.update(self.child_meta(child.version))
-        out = {k: v for k, v in params.items() if k != "_meta"}
-        if meta:
-            out["_meta"] = meta
-        return out
-
     # -- tools --
 
     def tools_changed(self) -> None:
@@ -5425,6 +6126,7 @@ class Gateway:
         for ds in self.downstreams.values():
             with ds._lock:
                 tools = list(ds.tools)
+                withheld = dict(ds.withheld)
             for tool in tools:
                 bare = str(tool["name"])
                 exposed = exposed_tool_name(ds.name, bare, max_len)
@@ -5447,7 +6149,7 @@ class Gateway:
                         exposed=exposed,
                         reason=f"longer than {max_len} or not [A-Za-z0-9_.-]",
                     )
-                index[exposed] = ToolEntry(exposed, ds.name, bare, tool)
+                index[exposed] = ToolEntry(exposed, ds.name, bare, tool, withheld.get(bare))
         with self._tools_lock:
             self.tool_index = index
             self.renames = renames
@@ -5469,7 +6171,9 @@ class Gateway:
         with self._tools_lock:
             entries = list(self.tool_index.values())
             self._listed = frozenset(self.tool_index)
-        tools: list[JsonObj] = [{**e.definition, "name": e.exposed} for e in entries]
+        tools: list[JsonObj] = [
+            {**e.definition, "name": e.exposed} for e in entries if e.withheld is None
+        ]
         tools.append(health_tool_definition())
         start = 0
         cursor = p.get("cursor")
@@ -5555,7 +6259,7 @@ class Gateway:
             call.child = child
             call.child_id = child.request_async(
                 "tools/call",
-                self.child_params(child, params),
+                child_params(child, params),
                 call.rules.policy.call_timeout_s,
                 lambda result, error: self._call_done(call, result, error),
             )
@@ -5917,6 +6621,34 @@ def cmd_check(root: Path, as_json: bool) -> int:
     return 0
 
 
+def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
+    """Start a server just long enough to list its tools (for `trust`)."""
+    timers = DeadlineTimer()
+    try:
+        child = ChildProcess(
+            spec.name,
+            [spec.command, *spec.args],
+            child_environment(spec, os.environ),
+            root,
+            lambda c, m: None,
+            lambda c, code: None,
+            timers,
+        )
+    except OSError as exc:
+        raise ReaError(
+            f"server {spec.name}: cannot start {spec.command!r}: {exc.strerror or exc}"
+        ) from None
+    try:
+        open_child(child)
+        return list_child_tools(child)
+    except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+        raise ReaError(f"server {spec.name}: cannot list its tools: {exc}") from None
+    finally:
+        child.stopping = True
+        child.stop()
+        timers.close()
+
+
 def _recorded_renames(rea_dir: Path) -> dict[str, str]:
     try:
         state = as_obj(json.loads((rea_dir / "serve.state.json").read_text()))
@@ -5955,6 +6687,7 @@ commands:
   check [--json]                validate .rea/ files and print the resolved registry and policy
   audit verify [--json] | audit rotate | audit tail [-n N]
   freeze [--reason TEXT]        refuse every tool call (kill switch: .rea/HALT)
+  trust SERVER [--tool NAME]    accept a server's changed definition or tools (re-pin them)
   unfreeze                      allow tool calls again
   --version, --help
 """
@@ -5973,7 +6706,7 @@ def _parser() -> _Parser:
     parser.add_argument("-h", "--help", action="store_true")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     commands: dict[str, _Parser] = {}
-    for name in ("serve", "status", "check", "audit", "freeze", "unfreeze"):
+    for name in ("serve", "status", "check", "audit", "freeze", "unfreeze", "trust"):
         p = sub.add_parser(name, add_help=False)
         p.add_argument("--root", default=None)
         commands[name] = p
@@ -5982,6 +6715,7 @@ def _parser() -> _Parser:
     commands["check"].add_argument("--json", action="store_true")
     commands["freeze"].add_argument("--reason", default=None)
     commands["audit"].add_argument("rest", nargs=argparse.REMAINDER)
+    commands["trust"].add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -5997,7 +6731,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    if argv[:1] == ["audit"]:  # argparse REMAINDER would swallow --root: take it out first
+    if argv[:1] in (
+        ["audit"],
+        ["trust"],
+    ):  # argparse REMAINDER would swallow --root: take it out first
         argv, root_arg = _pop_root(argv)
     else:
         root_arg = None
@@ -6019,6 +6756,8 @@ def _main(argv: list[str]) -> int:
         return cmd_status(root, flags, sys.stdout, lambda: policy_summary(root))
     if command == "audit":
         return cmd_audit(root / ".rea", list(args.rest), sys.stdout)
+    if command == "trust":
+        return cmd_trust(root, list(args.rest), sys.stdout, lambda spec: probe_tools(spec, root))
     if command == "freeze":
         return cmd_freeze(root, args.reason)
     if command == "unfreeze":
