@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -4219,3 +4220,147 @@ class TestTrustCommand:
     def test_trust_without_a_server_is_a_usage_error(self, tmp_path: Path) -> None:
         with pytest.raises(rea.ReaError, match="which server"):
             rea.cmd_trust(tmp_path, ["--yes"], io.StringIO(), None)
+
+
+REA_PATH = Path(rea.__file__).resolve()
+ECHO_CMD = [sys.executable, str(REA_PATH), "_echo-server"]
+TINY = ["--calls", "40", "--warmup", "5"]
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """bench's temporary project lands under tmp_path, so leftovers can be found."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    yield tmp_path
+
+
+def processes_touching(folder: Path) -> list[int]:
+    """Live processes whose command line or working directory is inside `folder`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if str(folder) in cmdline or cwd.startswith(str(folder)):
+            found.append(int(entry.name))
+    return found
+
+
+def run_bench(root: Path, argv: list[str]) -> str:
+    out = io.StringIO()
+    assert rea.cmd_bench(root, argv, out, REA_PATH) == 0
+    return out.getvalue()
+
+
+class TestPerformance:
+    """SPEC §12: `bench` runs and reports; speeds themselves are not asserted."""
+
+    def test_json_has_every_figure_and_leaves_nothing_behind(self, private_tmp: Path) -> None:
+        report = json.loads(run_bench(private_tmp, [*TINY, "--json"]))
+        assert report["tool"] == "echo__echo"
+        assert report["calls"] == 40
+        assert report["fsync"] == "off"
+        for path in ("direct", "gateway"):
+            for key in ("p50_ms", "p99_ms", "calls_per_s_1", "calls_per_s_16"):
+                assert isinstance(report[path][key], float) and report[path][key] > 0
+        for key in ("child_start_ms", "gateway_start_ms", "gateway_rss_kb", "gateway_peak_rss_kb"):
+            assert report[key] > 0
+        for key in ("added_p50_ms", "added_p99_ms", "gateway_own_start_ms"):
+            assert isinstance(report[key], float)
+        assert report["throughput_ratio_1"] > 0 and report["throughput_ratio_16"] > 0
+        assert set(report["audit_appends_per_s"]) == {"off", "batch", "always"}
+        assert all(rate > 0 for rate in report["audit_appends_per_s"].values())
+        assert set(report["targets"]) == {"added_p50", "throughput_16", "start"}
+        assert all(isinstance(v, bool) for v in report["targets"].values())
+        assert list(private_tmp.glob("rea-bench-*")) == []
+        assert processes_touching(private_tmp) == []
+
+    def test_table_marks_each_target_pass_or_fail(self, private_tmp: Path) -> None:
+        text = run_bench(private_tmp, [*TINY, "--fsync", "batch"])
+        assert "audit.fsync batch" in text
+        for label in ("p50 latency", "p99 latency", "1 in flight", "16 in flight", "tools/list"):
+            assert label in text
+        marks = [line.split()[0] for line in text.splitlines() if "under" in line or ">=" in line]
+        assert len(marks) == 3 and set(marks) <= {"PASS", "FAIL"}
+        assert "+ one fsync" in text  # batch is judged against the fsync-off target plus one fsync
+
+    def test_server_option_benches_the_users_own_server(self, private_tmp: Path) -> None:
+        root = private_tmp / "project"
+        (root / ".rea").mkdir(parents=True)
+        server = {"name": "mine", "command": ECHO_CMD[0], "args": ECHO_CMD[1:]}
+        (root / ".rea" / "registry.json").write_text(json.dumps({"servers": [server]}))
+        argv = [*TINY, "--json", "--server", "mine", "--tool", "echo", "--args", '{"n": 1}']
+        report = json.loads(run_bench(root, argv))
+        assert report["downstream"] == "mine"
+        assert report["tool"] == "mine__echo"
+        assert report["gateway"]["calls_per_s_1"] > 0
+        assert processes_touching(private_tmp) == []
+
+    def test_unknown_server_is_one_clear_error(self, tmp_path: Path) -> None:
+        (tmp_path / ".rea").mkdir()
+        (tmp_path / ".rea" / "registry.json").write_text('{"servers": []}')
+        with pytest.raises(rea.ReaError, match="no server named 'ghost'"):
+            rea.cmd_bench(tmp_path, ["--server", "ghost", "--tool", "t"], io.StringIO(), REA_PATH)
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["--fsync", "sometimes"], "--fsync must be off, always or batch"),
+            (["--calls", "0"], "--calls must be at least 1"),
+            (["--warmup", "many"], "--warmup must be a whole number"),
+            (["--server", "x"], "--server and --tool go together"),
+            (["--server", "x", "--tool", "t", "--args", "[1]"], "--args must be a JSON object"),
+            (["--frobnicate"], "unknown option"),
+        ],
+    )
+    def test_bad_options_are_refused_before_anything_starts(
+        self, private_tmp: Path, argv: list[str], message: str
+    ) -> None:
+        with pytest.raises(rea.ReaError, match=message):
+            rea.cmd_bench(private_tmp, argv, io.StringIO(), REA_PATH, ECHO_CMD)
+        assert list(private_tmp.iterdir()) == []
+
+
+class TestEchoServer:
+    """The hidden `_echo-server` bench drives (SPEC §5 handshake era)."""
+
+    def test_answers_pipelined_requests_in_order(self) -> None:
+        lines = [
+            {"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {}},
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-03-26"},
+            },
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}},
+        ]
+        lines += [
+            {
+                "jsonrpc": "2.0",
+                "id": 10 + i,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"i": i}},
+            }
+            for i in range(50)
+        ]
+        lines.append(
+            {"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "nope"}}
+        )
+        stdin = "".join(json.dumps(m) + "\n" for m in lines) + "not json\n"
+        done = subprocess.run(ECHO_CMD, input=stdin, capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0
+        answers = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [a["id"] for a in answers] == [0, 1, 2, *range(10, 60), 99, None]
+        assert answers[0]["error"]["code"] == -32601  # server/discover: stay in the handshake era
+        assert answers[1]["result"]["protocolVersion"] == "2025-03-26"
+        assert [t["name"] for t in answers[2]["result"]["tools"]] == ["echo"]
+        for i, answer in enumerate(answers[3:53]):
+            assert json.loads(answer["result"]["content"][0]["text"]) == {"i": i}
+        assert answers[53]["error"]["code"] == -32602
+        assert answers[54]["error"]["code"] == -32700
