@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import datetime as _dt
@@ -42,6 +43,7 @@ import difflib
 import fcntl
 import fnmatch
 import hashlib
+import http.server
 import importlib
 import json
 import math
@@ -5545,6 +5547,1044 @@ def _bench_table(r: BenchReport) -> str:
     return "".join(lines)
 
 
+# init ##########################################################################
+
+# The default policy, written once by `init` and never overwritten. Every key of SPEC §4
+# is here, explained; optional ones are commented out. It must load with load_policy.
+INIT_POLICY_YAML = """\
+# rea policy: what the gateway lets tool calls do (SPEC §4).
+# Written by `python rea.py init`; init never overwrites this file, so edit it freely.
+# The gateway re-reads it when it changes; a version that no longer parses keeps the
+# last good policy in force. Check your edits with `python rea.py check`.
+# Keys of the TypeScript rea's policy files (version, profile, installed_by, review, ...)
+# are accepted and ignored.
+
+# What tool tiers may run. Tools are read, write or destructive (tier_overrides in
+# registry.yaml, or the tool's name):
+#   L0: read only   L1: read + write   L2: + destructive   L3: everything, no limits
+autonomy_level: "L1"
+# An autonomy_level above this ceiling is a load error, so that raising autonomy is
+# a deliberate two-key change.
+max_autonomy_level: "L2"
+
+# Globs of paths that no tool argument may name. .rea/ itself is always protected.
+blocked_paths:
+  - ".env"
+  - ".env.*"
+  - ".rea/policy.yaml"
+  - ".rea/HALT"
+
+# A likely prompt injection in a tool result: "warn" (log and audit) or "block".
+injection_detection: "warn"
+injection:
+  # true: once a result looked suspicious, later write-tier calls in the session are refused.
+  suspicious_blocks_writes: false
+
+# Extra secret patterns, redacted from results, errors and the audit log:
+#   - name: "internal-token"
+#     regex: "itk_[A-Za-z0-9]{32}"
+#     flags: "i"          # optional: letters among i m s x
+redact:
+  patterns: []
+
+audit:
+  rotation:
+    # Rotate .rea/audit.jsonl when it would grow past this many bytes (50 MiB).
+    max_bytes: 52428800
+    # Also rotate when its first record is older than this many days (default: never).
+    # max_age_days: 30
+  # Durability of each audit record: "always" (fsync each), "batch" or "off".
+  fsync: "always"
+
+gateway:
+  health:
+    # true: the __rea__health tool shows each server's last_error text.
+    expose_diagnostics: false
+  # A tool call with no answer after this many seconds fails.
+  call_timeout_s: 60
+  # How long the first tools/list waits for servers still starting.
+  startup_wait_s: 5
+  # Longer server__tool names are shortened (with a hash) for clients with name limits.
+  max_tool_name: 52
+  # Larger tool results are truncated with a notice.
+  max_result_kb: 512
+  breaker:
+    # Consecutive failures (error, timeout, dead child) that open a server's circuit.
+    failure_threshold: 5
+    # Seconds an open circuit waits before letting one probe call through.
+    cooldown_s: 30
+  # Circuit openings per session and server that raise one SESSION_BLOCKER alert.
+  session_blocker_threshold: 3
+  # First delay before a crashed server is restarted (doubles up to 30 s).
+  restart_backoff_s: 0.5
+  # Per-server limits; 0 is off.
+  # servers:
+  #   github:
+  #     calls_per_minute: 60
+  #     max_concurrent_calls: 4
+  # Tools never callable (server__tool; globs allowed).
+  blocked_tools: []
+  # Serve Prometheus metrics on 127.0.0.1:PORT (or set REA_METRICS_PORT).
+  # metrics_port: 9464
+"""
+
+INIT_REGISTRY_HEADER = """\
+# rea registry: the MCP servers the gateway starts (SPEC §3).
+# Each server:
+#   - name: "github"        # lowercase letters, digits, '-'; its tools show as github__TOOL
+#     command: "npx"        # found through PATH
+#     args: ["-y", "@modelcontextprotocol/server-github"]
+#     env:                  # ${VAR} takes VAR from the gateway's environment
+#       GITHUB_TOKEN: "${GITHUB_TOKEN}"
+#     env_passthrough: []   # variable names copied from the gateway's environment
+#     tier_overrides: {}    # tool -> read | write | destructive
+#     enabled: true         # false: declared, not started
+#     trust_annotations: false
+# Servers see only a neutral environment plus what is named here.
+# Check your edits with `python rea.py check`.
+"""
+
+# Env names whose values are secrets (a superset of the registry's env_passthrough rule).
+_INIT_SECRET_NAME_RE = re.compile(
+    r"TOKEN|KEY|SECRET|PASS|CREDENTIAL|AUTH|PRIVATE|COOKIE", re.IGNORECASE
+)
+# Values that are tokens by their shape: well-known prefixes, credentials in a URL,
+# a bearer header, a JWT, long hex, or a long mixed-case-and-digit run.
+_INIT_SECRET_VALUE_RES = (
+    re.compile(
+        r"^(?:gh[pousr]_|github_pat_|glpat-|sk-|sk_live_|rk_live_|xox[abprs]-|AKIA|ASIA|AIza"
+        r"|ya29\.|npm_|hf_|pypi-|dop_v1_|shpat_|SG\.)"
+    ),
+    re.compile(r"://[^/\s:@]+:[^/\s@]+@"),
+    re.compile(r"^(?:Bearer|Basic|token)\s+\S", re.IGNORECASE),
+    re.compile(r"^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\."),
+    re.compile(r"^[0-9a-fA-F]{32,}$"),
+    re.compile(r"^(?=.*[a-z])(?=.*[A-Z])(?=.*[0-9])[A-Za-z0-9_\-+=.][A-Za-z0-9_\-+/=.]{19,}$"),
+)
+_INIT_REA_PY_RE = re.compile(r"(?:^|[/\\])rea\.py$")
+_INIT_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_INIT_TEMPLATE_RE = re.compile(r"\$\{([^}]*)\}")
+# Claude Code's `${VAR:-default}`: the registry knows only `${VAR}`.
+_INIT_DEFAULTED_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*):-[^}]*\}$")
+_INIT_REMOTE_TYPES = ("http", "sse", "streamable-http", "streamableHttp", "ws", "websocket")
+# Keys of an mcpServers entry that rea reads; the rest are named as ignored.
+_INIT_ENTRY_KEYS = ("command", "args", "env", "type", "disabled")
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One server as `init` writes it into registry.yaml: every field of SPEC §3."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # ordered (name, template)
+    env_passthrough: tuple[str, ...] = ()
+    tier_overrides: tuple[tuple[str, str], ...] = ()
+    enabled: bool = True
+    trust_annotations: bool = False
+
+    def definition(self) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """What an import compares: a re-import is 'the same server' when these match."""
+        return self.command, self.args, tuple(sorted(self.env))
+
+
+@dataclass(frozen=True)
+class SecretReference:
+    """An env value of the client's config that init replaced by `${NAME}`."""
+
+    name: str  # the variable the user must export
+    origin: str  # where the value is, e.g. mcpServers["github"].env.GITHUB_TOKEN in FILE
+
+
+@dataclass(frozen=True)
+class ClientEntry:
+    """One entry of the client's `mcpServers`, classified by what init does with it.
+
+    outcome: "import" (a stdio server for the registry), "present" (the registry has it
+    already, same definition), "clash" (the registry has a different server of that name),
+    "remote" (url / http / sse: rea cannot host it), "rea" (already routes through rea),
+    "invalid" (cannot be read, or the registry would refuse it).
+    """
+
+    key: str
+    outcome: str
+    why: str
+    value: object  # the plain JSON value, kept as is in the new .mcp.json when not imported
+    server: RegistryEntry | None = None
+    notes: tuple[str, ...] = ()
+    secrets: tuple[SecretReference, ...] = ()
+
+
+class _JsonPairs(list[tuple[str, object]]):
+    """A JSON object as its (key, value) pairs in order, duplicates included."""
+
+
+def cmd_init(root: Path, argv: list[str], out: TextIO, rea_path: Path) -> int:
+    """`python rea.py init [--from PATH] [--write]`: set up .rea/ and route a client through rea.
+
+    - Creates root/.rea/. Writes a commented default `policy.yaml` only when no policy
+      file (yaml or json) exists: re-running never overwrites the user's policy.
+    - Writes `registry.yaml` (version "1", no servers) when no registry exists.
+    - `--from PATH` (relative to the working directory) reads a Claude Code `.mcp.json` or a Claude Desktop config (both hold a
+      top-level `mcpServers` object). Every entry gets one report line:
+        * stdio entries (`command`, `args`, `env`) are imported under a name normalised
+          to ^[a-z0-9][a-z0-9-]*$ (lowercase, other characters -> '-', runs collapsed,
+          trimmed, "server" if nothing is left); names that clash within the file get
+          -2, -3, ... in file order (so a re-run gives the same names);
+        * a name the registry already has: the same command/args/env is "already in the
+          registry"; a different one is a clash, reported, the registry's entry kept;
+        * remote entries (`url`, or `type` http/sse) and unreadable entries are skipped
+          and kept unchanged in the new .mcp.json so the client still has them;
+        * an entry that already runs `rea.py serve` is skipped (it is replaced).
+      Keys rea does not use (e.g. `cwd`) are named in the line; `disabled: true` becomes
+      `enabled: false`.
+    - Env values: `${VAR}` references are kept (`${VAR:-default}` becomes `${VAR}`, the
+      default is reported). A literal value whose name looks like a secret (TOKEN, KEY,
+      SECRET, PASS, CREDENTIAL, AUTH, PRIVATE, COOKIE) or whose value looks like one (known
+      token prefixes, credentials in a URL, Bearer/Basic, JWT, 32+ hex, 20+ mixed-case
+      letters and digits) is written as `${NAME}` (NAME the variable's own name, or
+      SERVER_NAME if two servers set NAME differently) and the user is told to export NAME;
+      the value itself is never written to the registry nor printed. Other literals stay.
+    - The registry is merged: existing servers are kept untouched; only new names are
+      added. A rewritten registry that held text init would not write (comments, edits)
+      is first copied to registry.yaml.bak (.bak.N when that exists).
+    - Prints the .mcp.json that routes the client through `python3 rea.py serve --root
+      ROOT`, plus every entry rea does not host. `--write` (needs --from) writes it into
+      the --from file, other top-level keys unchanged, after copying the file to
+      FILE.bak (.bak.N); an unchanged file is not rewritten, so re-running is idempotent.
+    Returns 0, or 1 when some entry needs the user (unreadable entry or a name clash).
+    Errors (bad usage, unreadable or malformed files) raise ReaError.
+    """
+    source, write = _init_parse_argv(argv)
+    rea_dir = root / REA_DIR
+    if rea_dir.exists() and not rea_dir.is_dir():
+        raise ReaError(f"{rea_dir}: exists but is not a folder; move it away and re-run init")
+    # Read and check everything first: a bad file stops init before it writes anything.
+    entries: list[ClientEntry] = []
+    document: _JsonPairs | None = None
+    if source is not None:
+        document = _init_read_client_config(source)
+        entries = _init_classify(_init_mcp_servers(document, source), str(source))
+    registry_source, existing = _init_existing(rea_dir)
+    entries = _init_against_registry(entries, existing)
+
+    if not rea_dir.exists():
+        rea_dir.mkdir(parents=True)
+        out.write(f"created {rea_dir}\n")
+    _init_policy(rea_dir, out)
+    added = [e.server for e in entries if e.outcome == "import" and e.server is not None]
+    _init_registry(rea_dir, registry_source, existing, added, out)
+
+    if source is not None:
+        out.write(f"from {source} ({len(entries)} entries in mcpServers):\n")
+        registry_name = (registry_source or rea_dir / "registry.yaml").name
+        for entry in entries:
+            out.write(f"  {_init_line(entry, registry_name)}\n")
+        secrets: dict[str, list[str]] = {}
+        for entry in entries:
+            if entry.outcome == "import":
+                for secret in entry.secrets:
+                    secrets.setdefault(secret.name, []).append(secret.origin)
+        if secrets:
+            out.write(
+                "env values that look like secrets (or that ${VAR} cannot hold) were not "
+                "copied into the registry; export them where the gateway runs:\n"
+            )
+            for variable, origins in secrets.items():
+                out.write(f"  export {variable}=...   # the value of {' and '.join(origins)}\n")
+
+    servers = _init_client_servers(root, rea_path, entries)
+    if write and source is not None and document is not None:
+        _init_write_client_config(source, document, servers, out)
+    else:
+        text = json.dumps({"mcpServers": servers}, indent=2, ensure_ascii=False)
+        out.write(f"to route your MCP client through rea, use this as its mcpServers:\n{text}\n")
+    needs_user = any(e.outcome in ("invalid", "clash") for e in entries)
+    return 1 if needs_user else 0
+
+
+def _init_parse_argv(argv: list[str]) -> tuple[Path | None, bool]:
+    source: Path | None = None
+    write = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--from" or arg.startswith("--from="):
+            if arg == "--from":
+                if i + 1 >= len(argv) or not argv[i + 1]:
+                    raise ReaError(
+                        "init --from: needs a path (a .mcp.json or Claude Desktop config)"
+                    )
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = arg.split("=", 1)[1]
+            if source is not None:
+                raise ReaError("init: --from given twice; import one file at a time")
+            source = (Path.cwd() / Path(value).expanduser()).absolute()
+        elif arg == "--write":
+            write = True
+        else:
+            raise ReaError(f"init: unknown argument {arg!r}; use init [--from PATH] [--write]")
+        i += 1
+    if write and source is None:
+        raise ReaError("init --write: needs --from PATH, the .mcp.json to rewrite")
+    return source, write
+
+
+def _init_read_client_config(path: Path) -> _JsonPairs:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReaError(f"{path}: no such file; give the path of a .mcp.json") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReaError(f"{path}: cannot be read ({err}); make it a readable UTF-8 file") from None
+    if not text.strip():
+        raise ReaError(f'{path}: empty; a client config is a JSON object with "mcpServers"')
+    try:
+        value: object = json.loads(text, object_pairs_hook=_JsonPairs)
+    except json.JSONDecodeError as err:
+        raise ReaError(
+            f"{path}:{err.lineno}:{err.colno}: {err.msg}; fix the JSON "
+            "(JSON allows no comments and no trailing commas)"
+        ) from None
+    except (ValueError, RecursionError) as err:
+        raise ReaError(f"{path}: not usable JSON ({err})") from None
+    if not isinstance(value, _JsonPairs):
+        raise ReaError(f'{path}: the top level must be a JSON object with "mcpServers"')
+    return value
+
+
+def _init_mcp_servers(document: _JsonPairs, path: Path) -> _JsonPairs:
+    found = [value for key, value in document if key == "mcpServers"]
+    if len(found) > 1:
+        raise ReaError(f'{path}: "mcpServers" appears {len(found)} times; keep one')
+    if not found:
+        raise ReaError(
+            f'{path}: no top-level "mcpServers" object; give a Claude Code .mcp.json '
+            "or a Claude Desktop claude_desktop_config.json"
+        )
+    servers = found[0]
+    if not isinstance(servers, _JsonPairs):
+        raise ReaError(f'{path}: "mcpServers" must be an object of name: server entries')
+    return servers
+
+
+def _init_classify(servers: _JsonPairs, filename: str) -> list[ClientEntry]:
+    """Classify every entry, name imports uniquely in file order, map secret env values."""
+    entries: list[ClientEntry] = []
+    taken: set[str] = set()
+    secret_values: dict[str, str] = {}  # variable -> the literal first mapped to it
+    seen_keys: set[str] = set()
+    for key, value in servers:
+        entry = _init_entry(key, value)
+        notes = list(entry.notes)
+        if key in seen_keys:
+            notes.append(f"{key!r} appears again in mcpServers (a client would keep only the last)")
+        seen_keys.add(key)
+        if entry.outcome != "import" or entry.server is None:
+            entries.append(_init_with(entry, notes=tuple(notes)))
+            continue
+        base = _init_server_name(key)
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name)
+        if name != key:
+            if name != base:
+                notes.append(f"renamed: {base!r} was already taken in this file")
+            else:
+                notes.append("name normalised to the registry's rules")
+        env, secrets = _init_env(entry.server.env, name, key, filename, secret_values, notes)
+        server = RegistryEntry(
+            name=name,
+            command=entry.server.command,
+            args=entry.server.args,
+            env=env,
+            enabled=entry.server.enabled,
+        )
+        problem = _init_registry_problem([server])
+        if problem is not None:  # e.g. an empty argument, which the registry refuses
+            what = problem.removeprefix("servers[0].").split("; ")[0]  # the fix is for YAML
+            why = f"the registry cannot hold it ({what})"
+            entries.append(_init_with(entry, outcome="invalid", why=why, notes=tuple(notes)))
+            continue
+        entries.append(_init_with(entry, server=server, notes=tuple(notes), secrets=secrets))
+    return entries
+
+
+def _init_registry_problem(servers: list[RegistryEntry]) -> str | None:
+    """Why the registry text init would write does not load back, else None."""
+    try:
+        registry_from_value(parse_yaml(render_registry_yaml(servers), "<init>"), "<init>")
+    except ReaError as err:
+        return str(err).removeprefix("<init>: ")
+    return None
+
+
+def _init_with(
+    entry: ClientEntry,
+    *,
+    outcome: str | None = None,
+    why: str | None = None,
+    server: RegistryEntry | None = None,
+    notes: tuple[str, ...] | None = None,
+    secrets: tuple[SecretReference, ...] | None = None,
+) -> ClientEntry:
+    return ClientEntry(
+        key=entry.key,
+        outcome=outcome if outcome is not None else entry.outcome,
+        why=why if why is not None else entry.why,
+        value=entry.value,
+        server=server if server is not None else entry.server,
+        notes=notes if notes is not None else entry.notes,
+        secrets=secrets if secrets is not None else entry.secrets,
+    )
+
+
+def _init_entry(key: str, value: object) -> ClientEntry:
+    """Classify one mcpServers entry; a stdio one gets a RegistryEntry with its raw env."""
+
+    def skip(outcome: str, why: str) -> ClientEntry:
+        return ClientEntry(key=key, outcome=outcome, why=why, value=plain)
+
+    plain = _init_plain(value)
+    if not isinstance(value, _JsonPairs):
+        return skip("invalid", "not a JSON object")
+    keys = [k for k, _ in value]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        return skip("invalid", f"key {twice[0]!r} appears twice in the entry")
+    fields = dict(value)
+    kind = fields.get("type")
+    if "url" in fields or kind in _INIT_REMOTE_TYPES:
+        shown = kind if isinstance(kind, str) else "url"
+        return skip("remote", f"remote server ({shown}); rea hosts stdio servers only")
+    if kind is not None and kind != "stdio":
+        return skip("invalid", f"type {kind!r} is not supported; rea hosts stdio servers")
+    command = fields.get("command")
+    args_value = fields.get("args", [])
+    env_value = fields.get("env", _JsonPairs())
+    if not isinstance(command, str) or not command.strip():
+        return skip("invalid", '"command" is missing or not text')
+    if not isinstance(args_value, list) or not all(isinstance(a, str) for a in args_value):
+        return skip("invalid", '"args" must be a list of text')
+    args = tuple(a for a in args_value if isinstance(a, str))
+    if _init_routes_through_rea(command, args):
+        return skip("rea", "already routes through rea (replaced by the entry below)")
+    if not isinstance(env_value, _JsonPairs):
+        return skip("invalid", '"env" must be an object of NAME: "value"')
+    env: list[tuple[str, str]] = []
+    for name, text in env_value:
+        if not isinstance(text, str):
+            return skip("invalid", f'"env".{name} must be text')
+        if not _INIT_ENV_NAME_RE.match(name):
+            return skip("invalid", f'"env" name {name!r} is not a variable name')
+        if any(name == n for n, _ in env):
+            return skip("invalid", f'"env".{name} appears twice')
+        env.append((name, text))
+    disabled = fields.get("disabled", False)
+    if not isinstance(disabled, bool):
+        return skip("invalid", '"disabled" must be true or false')
+    notes: list[str] = []
+    ignored = [k for k in fields if k not in _INIT_ENTRY_KEYS]
+    if ignored:
+        notes.append(f"ignored keys rea does not use: {', '.join(ignored)}")
+    if disabled:
+        notes.append("disabled: written as enabled: false")
+    server = RegistryEntry(
+        name=key, command=command, args=args, env=tuple(env), enabled=not disabled
+    )
+    return ClientEntry(
+        key=key, outcome="import", why="", value=plain, server=server, notes=tuple(notes)
+    )
+
+
+def _init_routes_through_rea(command: str, args: tuple[str, ...]) -> bool:
+    """An entry like `python3 /x/rea.py serve ...`: the gateway itself, not a server."""
+    runs_rea = any(_INIT_REA_PY_RE.search(word) for word in (command, *args))
+    return runs_rea and "serve" in args
+
+
+def _init_server_name(raw: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower())
+    name = re.sub(r"-{2,}", "-", name).strip("-")
+    return name if SERVER_NAME_RE.match(name) else "server"
+
+
+def _init_env(
+    raw: tuple[tuple[str, str], ...],
+    server: str,
+    key: str,
+    filename: str,
+    secret_values: dict[str, str],
+    notes: list[str],
+) -> tuple[tuple[tuple[str, str], ...], tuple[SecretReference, ...]]:
+    """The env as the registry gets it: references kept, secret literals made references."""
+    env: list[tuple[str, str]] = []
+    secrets: list[SecretReference] = []
+    for name, value in raw:
+        defaulted = _INIT_DEFAULTED_RE.match(value)
+        if defaulted:
+            env.append((name, f"${{{defaulted.group(1)}}}"))
+            notes.append(f"env {name}: the default in {value!r} dropped (rea has only ${{VAR}})")
+            continue
+        templated = bool(_INIT_TEMPLATE_RE.search(value))
+        if templated and _init_template_ok(value):
+            env.append((name, value))
+            continue
+        if not templated and "${" not in value and not _init_looks_secret(name, value):
+            env.append((name, value))
+            continue
+        # A secret, or a value the registry's ${VAR} syntax cannot hold: read it from the
+        # gateway's environment instead, under the variable's own name when that is free.
+        variable = name
+        if secret_values.get(variable, value) != value:
+            variable = f"{server.upper().replace('-', '_')}_{name}"
+        secret_values.setdefault(variable, value)
+        env.append((name, f"${{{variable}}}"))
+        origin = f"mcpServers[{json.dumps(key, ensure_ascii=False)}].env.{name} in {filename}"
+        secrets.append(SecretReference(name=variable, origin=origin))
+    return tuple(env), tuple(secrets)
+
+
+def _init_template_ok(value: str) -> bool:
+    if any(not _INIT_ENV_NAME_RE.match(m.group(1)) for m in _INIT_TEMPLATE_RE.finditer(value)):
+        return False
+    return "${" not in _INIT_TEMPLATE_RE.sub("", value)
+
+
+def _init_looks_secret(name: str, value: str) -> bool:
+    """A literal env value that must not be written in plain text (see cmd_init)."""
+    if not value:
+        return False
+    if _INIT_SECRET_NAME_RE.search(name):
+        return True
+    return any(pattern.search(value) for pattern in _INIT_SECRET_VALUE_RES)
+
+
+def _init_existing(rea_dir: Path) -> tuple[Path | None, list[RegistryEntry]]:
+    """The registry as it is (validated: a broken one stops init before any write)."""
+    registry = load_registry(rea_dir)
+    entries = [
+        RegistryEntry(
+            name=spec.name,
+            command=spec.command,
+            args=spec.args,
+            env=tuple(spec.env.items()),
+            env_passthrough=spec.env_passthrough,
+            tier_overrides=tuple(spec.tier_overrides.items()),
+            enabled=spec.enabled,
+            trust_annotations=spec.trust_annotations,
+        )
+        for spec in registry.servers
+    ]
+    return registry.source, entries
+
+
+def _init_against_registry(
+    entries: list[ClientEntry], existing: list[RegistryEntry]
+) -> list[ClientEntry]:
+    """Imports whose name the registry has: the same server is 'present', else a clash."""
+    by_name = {server.name: server for server in existing}
+    result: list[ClientEntry] = []
+    for entry in entries:
+        server = entry.server
+        if entry.outcome != "import" or server is None or server.name not in by_name:
+            result.append(entry)
+        elif by_name[server.name].definition() == server.definition():
+            result.append(_init_with(entry, outcome="present"))
+        else:
+            why = f"the registry already has a different server {server.name!r} (kept)"
+            result.append(_init_with(entry, outcome="clash", why=why))
+    return result
+
+
+def _init_line(entry: ClientEntry, registry_name: str) -> str:
+    """The one report line of an entry: what became of it, then any notes."""
+    name = entry.server.name if entry.server is not None else entry.key
+    if entry.outcome == "import":
+        head = f"imported as {name}"
+    elif entry.outcome == "present":
+        head = f"already in {registry_name} as {name} (unchanged)"
+    elif entry.outcome == "rea":
+        head = f"skipped: {entry.why}"
+    else:
+        head = f"skipped: {entry.why}; kept in .mcp.json as it was"
+    return "; ".join([f"{json.dumps(entry.key, ensure_ascii=False)}: {head}", *entry.notes])
+
+
+def _init_policy(rea_dir: Path, out: TextIO) -> None:
+    existing = [p for p in (rea_dir / "policy.yaml", rea_dir / "policy.json") if p.exists()]
+    if existing:
+        try:
+            level = f"autonomy {load_policy(rea_dir).autonomy_level}"
+        except ReaError as err:  # init leaves the user's file alone, but says it is broken
+            level = f"it does not load: {err}"
+        out.write(f"kept {existing[0]} (init never overwrites a policy; {level})\n")
+        return
+    path = rea_dir / "policy.yaml"
+    atomic_write(path, INIT_POLICY_YAML.encode("utf-8"), 0o644)
+    out.write(f"wrote {path} (autonomy L1; .env, .env.*, .rea/policy.yaml, .rea/HALT blocked)\n")
+
+
+def _init_registry(
+    rea_dir: Path,
+    source: Path | None,
+    existing: list[RegistryEntry],
+    added: list[RegistryEntry],
+    out: TextIO,
+) -> None:
+    servers = [*existing, *added]
+    if source is not None and not added:
+        out.write(f"kept {source} ({len(existing)} servers, nothing new to add)\n")
+        return
+    problem = _init_registry_problem(servers)
+    if problem is not None:  # a bug guard: never write a registry that does not load
+        raise ReaError(f"init: the merged registry would not load ({problem}); nothing written")
+    path = source or rea_dir / "registry.yaml"
+    as_json = path.suffix == ".json"
+    text = render_registry_json(servers) if as_json else render_registry_yaml(servers)
+    mode = 0o644
+    if source is not None:
+        old = source.read_text(encoding="utf-8")
+        mode = source.stat().st_mode & 0o777
+        was_ours = old == (render_registry_json if as_json else render_registry_yaml)(existing)
+        if not was_ours:
+            backup = _init_backup(source)
+            out.write(f"saved the old registry (with its comments) as {backup}\n")
+    atomic_write(path, text.encode("utf-8"), mode)
+    names = ", ".join(s.name for s in added) or "no servers yet"
+    out.write(f"wrote {path} ({len(servers)} servers; added: {names})\n")
+
+
+def render_registry_yaml(servers: Iterable[RegistryEntry]) -> str:
+    """registry.yaml text, every string double-quoted so no value can change meaning."""
+    lines = [INIT_REGISTRY_HEADER.rstrip("\n"), 'version: "1"']
+    items = list(servers)
+    if not items:
+        lines.append("servers: []")
+    else:
+        lines.append("servers:")
+    for server in items:
+        lines.append(f"  - name: {_init_yaml_str(server.name)}")
+        lines.append(f"    command: {_init_yaml_str(server.command)}")
+        lines.append(f"    args: [{', '.join(_init_yaml_str(a) for a in server.args)}]")
+        for key, pairs in (("env", server.env), ("tier_overrides", server.tier_overrides)):
+            if pairs:
+                lines.append(f"    {key}:")
+                lines.extend(f"      {_init_yaml_str(k)}: {_init_yaml_str(v)}" for k, v in pairs)
+        if server.env_passthrough:
+            names = ", ".join(_init_yaml_str(n) for n in server.env_passthrough)
+            lines.append(f"    env_passthrough: [{names}]")
+        if not server.enabled:
+            lines.append("    enabled: false")
+        if server.trust_annotations:
+            lines.append("    trust_annotations: true")
+    return "\n".join(lines) + "\n"
+
+
+def render_registry_json(servers: Iterable[RegistryEntry]) -> str:
+    """registry.json text (for a user who keeps the registry as JSON)."""
+    doc: list[dict[str, object]] = []
+    for server in servers:
+        item: dict[str, object] = {
+            "name": server.name,
+            "command": server.command,
+            "args": list(server.args),
+        }
+        if server.env:
+            item["env"] = dict(server.env)
+        if server.env_passthrough:
+            item["env_passthrough"] = list(server.env_passthrough)
+        if server.tier_overrides:
+            item["tier_overrides"] = dict(server.tier_overrides)
+        if not server.enabled:
+            item["enabled"] = False
+        if server.trust_annotations:
+            item["trust_annotations"] = True
+        doc.append(item)
+    return json.dumps({"version": "1", "servers": doc}, indent=2, ensure_ascii=False) + "\n"
+
+
+def _init_yaml_str(text: str) -> str:
+    """A YAML double-quoted scalar: JSON escapes, plus \\u escapes for anything unprintable.
+
+    Line separators (U+0085, U+2028, U+2029) are escaped too: a line-based reader must
+    never see a string broken across lines.
+    """
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= code < 0x7F or (code >= 0xA0 and ch.isprintable() and code != 0xFEFF):
+            out.append(ch)
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _init_client_servers(
+    root: Path, rea_path: Path, entries: list[ClientEntry]
+) -> dict[str, object]:
+    """The new mcpServers: rea first, then every entry rea does not host, unchanged."""
+    kept: list[tuple[str, object]] = [
+        (e.key, e.value) for e in entries if e.outcome in ("remote", "invalid", "clash")
+    ]
+    kept_keys = {k for k, _ in kept}
+    rea_key = "rea" if "rea" not in kept_keys else "rea-gateway"
+    servers: dict[str, object] = {
+        rea_key: {
+            "command": "python3",
+            "args": [str(rea_path.absolute()), "serve", "--root", str(root.absolute())],
+        }
+    }
+    for key, value in kept:
+        unique, n = key, 1
+        while unique in servers:  # a key the file had twice: keep both
+            n += 1
+            unique = f"{key}-{n}"
+        servers[unique] = value
+    return servers
+
+
+def _init_write_client_config(
+    path: Path, document: _JsonPairs, servers: dict[str, object], out: TextIO
+) -> None:
+    new: dict[str, object] = {}
+    for key, value in document:
+        new[key] = servers if key == "mcpServers" else _init_plain(value)
+    text = json.dumps(new, indent=2, ensure_ascii=False) + "\n"
+    old = path.read_bytes()
+    if old == text.encode("utf-8"):
+        out.write(f"{path} already routes your client through rea (unchanged)\n")
+        return
+    backup = _init_backup(path)
+    atomic_write(path, text.encode("utf-8"), path.stat().st_mode & 0o777)
+    out.write(f"wrote {path} (the original is saved as {backup}); restart your MCP client\n")
+
+
+def _init_backup(path: Path) -> Path:
+    """Copy path to path.bak, or path.bak.N when that exists; never overwrite a backup."""
+    data = path.read_bytes()
+    mode = path.stat().st_mode & 0o777
+    n = 0
+    while True:
+        backup = path.with_name(path.name + (".bak" if n == 0 else f".bak.{n}"))
+        try:
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            n += 1
+            continue
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return backup
+
+
+def _init_plain(value: object) -> object:
+    """A parsed JSON value with its objects as dicts again (the last of a repeated key wins)."""
+    if isinstance(value, _JsonPairs):
+        return {k: _init_plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_init_plain(v) for v in value]
+    return value
+
+
+# Metrics #######################################################################
+
+# Latency buckets (seconds): sub-millisecond gateway overhead up to the call timeout.
+METRICS_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# Label values come partly from the client (tool names): cap the series so a client
+# inventing names cannot grow the gateway's memory without bound.
+METRICS_MAX_SERIES = 5000
+_METRICS_OTHER = "__other__"
+_CIRCUIT_STATES = ("closed", "open", "half-open")
+_PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LatencyHistogram:
+    """Per-bucket (non-cumulative) counts, sum and count of one server's call latency."""
+
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(METRICS_BUCKETS) + 1)  # the last is above 60 s (+Inf only)
+        self.total = 0.0
+        self.count = 0
+
+
+class Metrics:
+    """Counters and histograms for the Prometheus text endpoint; thread-safe, cheap on the hot path."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards: _calls, _latency (one short section per call)
+        self._calls: dict[tuple[str, str, str, str], int] = {}
+        self._latency: dict[str, _LatencyHistogram] = {}
+        self._gauges: Callable[[], Mapping[str, object]] | None = None
+        self._gauge_failed = False
+
+    def observe_call(self, server: str, tool: str, tier: str, status: str, seconds: float) -> None:
+        """Count one finished tool call and its latency."""
+        if not seconds >= 0.0:  # negative or NaN: a clock oddity, counted as instant
+            seconds = 0.0
+        slot = bisect.bisect_left(METRICS_BUCKETS, seconds)  # first bound >= seconds
+        key = (server, tool, tier, status)
+        with self._lock:
+            if key not in self._calls and len(self._calls) >= METRICS_MAX_SERIES:
+                key = (server, _METRICS_OTHER, tier, status)
+            self._calls[key] = self._calls.get(key, 0) + 1
+            histogram = self._latency.get(server)
+            if histogram is None:
+                if len(self._latency) >= METRICS_MAX_SERIES:
+                    histogram = self._latency.setdefault(_METRICS_OTHER, _LatencyHistogram())
+                else:
+                    histogram = self._latency[server] = _LatencyHistogram()
+            histogram.buckets[slot] += 1
+            histogram.total += seconds
+            histogram.count += 1
+
+    def set_gauges(self, fn: Callable[[], Mapping[str, object]]) -> None:
+        """Read gauges at each scrape from fn, a live snapshot shaped like serve.state.json."""
+        self._gauges = fn
+
+    def render(self) -> str:
+        """The Prometheus text exposition format 0.0.4."""
+        with self._lock:
+            calls = sorted(self._calls.items())
+            latency = sorted(
+                (name, list(h.buckets), h.total, h.count) for name, h in self._latency.items()
+            )
+        lines: list[str] = []
+        _prom_family(lines, "rea_up", "gauge", "1 while the gateway serves.")
+        lines.append("rea_up 1")
+        _prom_family(
+            lines, "rea_tool_calls_total", "counter", "Tool calls by server, tool, tier and status."
+        )
+        for (server, tool, tier, status), count in calls:
+            labels = _prom_labels(server=server, tool=tool, tier=tier, status=status)
+            lines.append(f"rea_tool_calls_total{labels} {count}")
+        name = "rea_tool_call_duration_seconds"
+        _prom_family(lines, name, "histogram", "Tool call latency through the gateway, by server.")
+        for server, buckets, total, count in latency:
+            cumulative = 0
+            for bound, in_bucket in zip(METRICS_BUCKETS, buckets, strict=False):
+                cumulative += in_bucket
+                labels = _prom_labels(server=server, le=repr(bound))
+                lines.append(f"{name}_bucket{labels} {cumulative}")
+            lines.append(f"{name}_bucket{_prom_labels(server=server, le='+Inf')} {count}")
+            lines.append(f"{name}_sum{_prom_labels(server=server)} {_prom_number(total)}")
+            lines.append(f"{name}_count{_prom_labels(server=server)} {count}")
+        self._render_gauges(lines)
+        return "\n".join(lines) + "\n"
+
+    def _render_gauges(self, lines: list[str]) -> None:
+        snapshot = self._snapshot()
+        downstreams: list[tuple[str, str, bool, int]] = []
+        seen: set[str] = set()
+        raw = snapshot.get("downstreams")
+        for item in raw if isinstance(raw, list) else []:
+            if not isinstance(item, dict):
+                continue
+            server, state = item.get("name"), item.get("circuit_state")
+            restarts, healthy = item.get("restarts"), item.get("healthy")
+            if not isinstance(server, str) or server in seen:
+                continue
+            seen.add(server)
+            downstreams.append(
+                (
+                    server,
+                    state if isinstance(state, str) else "",
+                    healthy is True,
+                    restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else 0,
+                )
+            )
+        _prom_family(
+            lines, "rea_circuit_state", "gauge", "1 for the circuit's current state, else 0."
+        )
+        for server, state, _, _ in downstreams:
+            for candidate in _CIRCUIT_STATES:
+                value = 1 if candidate == state else 0
+                lines.append(
+                    f"rea_circuit_state{_prom_labels(server=server, state=candidate)} {value}"
+                )
+        _prom_family(lines, "rea_downstream_healthy", "gauge", "1 if the server is healthy.")
+        for server, _, healthy, _ in downstreams:
+            lines.append(f"rea_downstream_healthy{_prom_labels(server=server)} {int(healthy)}")
+        _prom_family(
+            lines,
+            "rea_downstream_restarts_total",
+            "counter",
+            "Restarts of the server's process by the supervisor.",
+        )
+        for server, _, _, restarts in downstreams:
+            lines.append(f"rea_downstream_restarts_total{_prom_labels(server=server)} {restarts}")
+        failures = snapshot.get("audit_fail_count")
+        if not isinstance(failures, int) or isinstance(failures, bool):
+            failures = 0
+        _prom_family(
+            lines,
+            "rea_audit_append_failures_total",
+            "counter",
+            "Audit records that could not be appended.",
+        )
+        lines.append(f"rea_audit_append_failures_total {failures}")
+        halt = snapshot.get("halt")
+        active = isinstance(halt, dict) and halt.get("active") is True
+        _prom_family(lines, "rea_halt_active", "gauge", "1 while .rea/HALT refuses every call.")
+        lines.append(f"rea_halt_active {int(active)}")
+
+    def _snapshot(self) -> Mapping[str, object]:
+        fn = self._gauges
+        if fn is None:
+            return {}
+        try:
+            snapshot = fn()
+        except Exception as exc:  # a scrape must not take the gateway down; say so once
+            if not self._gauge_failed:
+                self._gauge_failed = True
+                log("error", "metrics_snapshot_failed", error=repr(exc))
+            return {}
+        return snapshot if isinstance(snapshot, Mapping) else {}
+
+
+def _prom_family(lines: list[str], name: str, kind: str, help_text: str) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+
+
+def _prom_labels(**labels: str) -> str:
+    parts = []
+    for key, value in labels.items():
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{key}="{escaped}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def _prom_number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class _MetricsHTTPServer(http.server.ThreadingHTTPServer):
+    """The HTTP server behind MetricsServer; carries the Metrics its handler renders."""
+
+    daemon_threads = True  # a stuck scraper never holds the gateway's exit
+
+    def __init__(self, metrics: Metrics, port: int) -> None:
+        self.metrics = metrics
+        super().__init__(("127.0.0.1", port), _MetricsHandler)
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """Answers GET /metrics; everything else is 404. Quiet: stdout is the protocol."""
+
+    timeout = 10  # a client that sends nothing does not hold a thread forever
+    server_version = "rea-metrics"
+
+    def do_GET(self) -> None:
+        self._answer(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(with_body=False)
+
+    def _answer(self, with_body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if not self._host_is_local():
+            # DNS rebinding: a web page must not read tool names through a browser.
+            self._send(403, b"forbidden: use http://127.0.0.1:PORT/metrics\n", with_body)
+            return
+        if path != "/metrics":
+            self._send(404, b"not found: try /metrics\n", with_body)
+            return
+        server = self.server
+        assert isinstance(server, _MetricsHTTPServer)
+        self._send(200, server.metrics.render().encode("utf-8"), with_body)
+
+    def _host_is_local(self) -> bool:
+        host = self.headers.get("Host")
+        if host is None:
+            return True  # HTTP/1.0 without Host: only a local process reaches 127.0.0.1
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return name in ("127.0.0.1", "localhost", "[::1]")
+
+    def _send(self, code: int, body: bytes, with_body: bool) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", _PROM_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # stdout carries JSON-RPC, and a scrape every few seconds is not news
+
+
+class MetricsServer:
+    """The Prometheus endpoint: http://127.0.0.1:PORT/metrics, never on another address."""
+
+    def __init__(self, metrics: Metrics, port: int) -> None:
+        try:
+            self._server = _MetricsHTTPServer(metrics, port)
+        except OSError as err:
+            raise ReaError(
+                f"metrics port {port}: cannot listen on 127.0.0.1 ({err.strerror or err}); "
+                "choose a free port in REA_METRICS_PORT or gateway.metrics_port"
+            ) from None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.25}, name="rea-metrics"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and free the port; safe to call twice or before start()."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._server.shutdown()  # waits for serve_forever to return: only if it runs
+            thread.join(timeout=5)
+        self._server.server_close()
+
+
 # Protocol ###################################################################
 
 JsonObj = dict[str, object]
@@ -6700,6 +7740,9 @@ class Gateway:
         self.audit_failures = 0
         self.blocker = SessionBlocker(policy.session_blocker_threshold)
         self.fingerprints = Fingerprints(self.rea_dir)
+        self.metrics = Metrics()
+        self.metrics.set_gauges(self.snapshot)
+        self.metrics_server: MetricsServer | None = None
         self.timers = DeadlineTimer()
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rea-worker")
         self.live = LiveState(self.rea_dir, self.session_id, self.snapshot)
@@ -6753,6 +7796,7 @@ class Gateway:
             servers=len(self.downstreams),
             version=VERSION,
         )
+        self._start_metrics()
         for ds in self.downstreams.values():
             ds.start()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -6770,6 +7814,23 @@ class Gateway:
         )
         self.shutdown()
         return 0
+
+    def _start_metrics(self) -> None:
+        """REA_METRICS_PORT (or gateway.metrics_port): Prometheus text on 127.0.0.1 only."""
+        raw = os.environ.get("REA_METRICS_PORT")
+        port = self.policy.metrics_port
+        if raw:
+            if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+                raise ReaError(
+                    f"REA_METRICS_PORT={raw!r}: not a port number; set 0-65535 or unset it"
+                )
+            port = int(raw)
+        if port is None:
+            return
+        server = MetricsServer(self.metrics, port)
+        server.start()
+        self.metrics_server = server
+        log("info", "metrics_listening", address=f"http://127.0.0.1:{server.port}/metrics")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signal = signum  # only a flag: the main loop does the work, outside any lock
@@ -6796,6 +7857,8 @@ class Gateway:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.audit.close()
         self.live.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log("info", "gateway_stopped", session_id=self.session_id)
 
     # -- talking to the client --
@@ -7281,6 +8344,14 @@ class Gateway:
         if call.era:
             meta["era"] = call.era
         meta.update(metadata or {})
+        seconds = time.monotonic() - call.started
+        self.metrics.observe_call(
+            server if server is not None else (call.server_name if call.entry else "__unknown__"),
+            tool or (call.tool_name if call.entry else "__unknown__"),
+            call.tier,
+            status,
+            seconds,
+        )
         self.append_audit(
             session_id=self.session_id,
             tool_name=tool or call.tool_name,
@@ -7369,7 +8440,7 @@ class Gateway:
             "updated_at": utc_now_iso(),
             "owner_pid": os.getpid(),
             "gateway_version": VERSION,
-            "metrics_port": None,
+            "metrics_port": self.metrics_server.port if self.metrics_server else None,
             "halt": {"active": reason is not None, "reason": reason},
             "downstreams": [
                 ds.snapshot(self.blocker, self.session_id) for ds in self.downstreams.values()
@@ -7564,6 +8635,7 @@ def cmd_unfreeze(root: Path) -> int:
 USAGE = """usage: python rea.py COMMAND [options] [--root DIR]
 
 commands:
+  init [--from .mcp.json] [--write]   create .rea/ (policy, registry), import a client config
   serve                         run the gateway on stdin/stdout (point your MCP client here)
   status [--json] [--watch]     what the running gateway and each server are doing
   check [--json]                validate .rea/ files and print the resolved registry and policy
@@ -7614,13 +8686,15 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["_echo-server"]:  # hidden: the downstream `bench` measures against
         return cmd_echo_server(argv[1:])
-    if argv[:1] in (["audit"], ["trust"], ["bench"]):  # these parse their own words
+    if argv[:1] in (["audit"], ["trust"], ["bench"], ["init"]):  # these parse their own words
         rest, root_arg = _pop_root(argv[1:])
         root = find_root(root_arg)
         if argv[0] == "audit":
             return cmd_audit(root / ".rea", rest, sys.stdout)
         if argv[0] == "trust":
             return cmd_trust(root, rest, sys.stdout, lambda spec: probe_tools(spec, root))
+        if argv[0] == "init":
+            return cmd_init(root, rest, sys.stdout, Path(__file__).resolve())
         return cmd_bench(root, rest, sys.stdout, Path(__file__).resolve())
     args = _parser().parse_args(argv)
     if args.version:

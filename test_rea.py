@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +29,9 @@ import pytest
 
 import rea
 
-VECTORS = Path("/work/shared/vectors/upstream-yaml")
+# The reference tool's shipped files: ../shared/ beside the checkout (as CI has it).
+SHARED_VECTORS = Path(__file__).resolve().parent.parent / "shared" / "vectors"
+VECTORS = SHARED_VECTORS / "upstream-yaml"
 YAML_VECTORS = sorted(VECTORS.glob("*.yaml"))
 POLICY_VECTORS = [p for p in YAML_VECTORS if not p.name.startswith("registry-")]
 
@@ -877,9 +884,6 @@ class TestUserRegex:
         assert rea.check_user_regex("(Ab|aC)+", "i") is not None
 
 
-VECTORS = Path("/work/shared/vectors/upstream-yaml")
-
-
 def _blocked_paths(profile: str) -> list[str]:
     data = json.loads((VECTORS / f"{profile}.expected.json").read_text())
     paths = data["blocked_paths"]
@@ -1507,7 +1511,7 @@ class TestResultCap:
         assert "TRUNCATED by rea" in json.dumps(capped)
 
 
-VECTOR = Path("/work/shared/vectors/audit-chain.jsonl")
+VECTOR = SHARED_VECTORS / "audit-chain.jsonl"
 HERE = Path(__file__).resolve().parent
 
 
@@ -2049,9 +2053,6 @@ def test_log_file_mode_is_private(rea_dir: Path) -> None:
     add(log)
     log.close()
     assert os.stat(rea_dir / "audit.jsonl").st_mode & 0o777 == 0o600
-
-
-HERE = Path(__file__).resolve().parent
 
 
 class FakeClock:
@@ -2876,7 +2877,7 @@ class TestSection8Status:
         assert audit["last_record_at"] == "2026-01-01T00:00:00.000Z"
 
     def test_audit_against_the_shared_vector(self, tmp_path, sleeper):
-        vector = Path("/work/shared/vectors/audit-chain.jsonl")
+        vector = SHARED_VECTORS / "audit-chain.jsonl"
         if not vector.exists():
             pytest.skip("shared vectors not present")
         running_gateway(tmp_path, sleeper.pid)
@@ -3819,6 +3820,84 @@ class TestSection9SessionBlockerEndToEnd:
         assert sum("SESSION_BLOCKER" in line and '"error"' in line for line in c.stderr_lines) == 1
 
 
+# §11 init, §12 metrics, end to end ############################################
+
+
+def run_rea(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REA_PY), *args], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
+
+
+class TestSection11InitEndToEnd:
+    def test_init_from_mcp_json_routes_the_client_through_rea(self, fake_server, tmp_path):
+        mcp = tmp_path / ".mcp.json"
+        original = {
+            "mcpServers": {
+                "My Echo": {"command": sys.executable, "args": [fake_server, "--tools", "echo"]},
+                "remote": {"type": "http", "url": "https://example.invalid/mcp"},
+            }
+        }
+        mcp.write_text(json.dumps(original))
+        done = run_rea("init", "--from", str(mcp), "--write", "--root", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert "my-echo" in done.stdout and "remote" in done.stdout
+        rewritten = json.loads(mcp.read_text())
+        assert rewritten["mcpServers"]["remote"] == original["mcpServers"]["remote"]
+        rea_entry = rewritten["mcpServers"]["rea"]
+        assert (
+            rea_entry["args"][1:3] == ["serve", "--root"] and Path(rea_entry["args"][0]) == REA_PY
+        )
+        backups = list(tmp_path.glob(".mcp.json.bak*"))
+        assert len(backups) == 1 and json.loads(backups[0].read_text()) == original
+        assert run_rea("check", "--root", str(tmp_path)).returncode == 0
+        again = run_rea("init", "--from", str(mcp), "--write", "--root", str(tmp_path))
+        assert again.returncode == 0, again.stderr
+        assert json.loads(mcp.read_text()) == rewritten
+        assert len(list(tmp_path.glob(".mcp.json.bak*"))) == 1
+        # The client's command line now starts the gateway, which serves the imported server.
+        c = Client(tmp_path)
+        try:
+            c.initialize()
+            assert "my-echo__echo" in c.tools()
+        finally:
+            c.close()
+
+    def test_init_refuses_malformed_json_in_one_line(self, tmp_path):
+        bad = tmp_path / "claude_desktop_config.json"
+        bad.write_text('{"mcpServers": {"x": }')
+        done = run_rea("init", "--from", str(bad), "--root", str(tmp_path))
+        assert done.returncode == 2
+        assert (
+            len(done.stderr.strip().splitlines()) == 1
+            and "claude_desktop_config.json:1:" in done.stderr
+        )
+        assert "Traceback" not in done.stderr
+
+
+class TestSection12MetricsEndToEnd:
+    def test_metrics_endpoint_counts_calls_on_loopback(self, fake_server, rea_project, gateway):
+        import urllib.request
+
+        root = rea_project([server(fake_server, "a")])
+        c = gateway(root, env={"REA_METRICS_PORT": "0"})
+        c.initialize()
+        c.tools()
+        c.call("a__echo", {"x": 1})
+        c.call("a__read_file", {"path": "README"})
+        state_path = root / ".rea" / "serve.state.json"
+        port = poll(
+            lambda: state_path.exists() and json.loads(state_path.read_text()).get("metrics_port")
+        )
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert (
+            'rea_tool_calls_total{server="a",tool="echo",tier="write",status="allowed"} 1' in body
+        )
+        assert 'tier="read"' in body and "rea_tool_call_duration_seconds_bucket" in body
+        assert 'rea_circuit_state{server="a",state="closed"} 1' in body
+        assert "rea_halt_active 0" in body
+
+
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
     fields: dict[str, object] = {
         "name": name,
@@ -4364,3 +4443,836 @@ class TestEchoServer:
             assert json.loads(answer["result"]["content"][0]["text"]) == {"i": i}
         assert answers[53]["error"]["code"] == -32602
         assert answers[54]["error"]["code"] == -32700
+
+
+# init fixtures ##################################################################
+
+INIT_REA_PY = Path("/opt/tools/rea.py")
+TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0" * 2  # shaped like a GitHub token; never to be copied
+
+CLAUDE_CODE_MCP = {
+    "mcpServers": {
+        "github": {
+            "command": "npx",
+            "args": ["-y", "@modelcontextprotocol/server-github"],
+            "env": {"GITHUB_TOKEN": TOKEN, "LOG_LEVEL": "debug"},
+        },
+        "filesystem": {
+            "type": "stdio",
+            "command": "npx",
+            "args": ["-y", "@modelcontextprotocol/server-filesystem", "/home/me/src"],
+        },
+        "linear": {"type": "sse", "url": "https://mcp.linear.app/sse"},
+        "notion": {"url": "https://mcp.notion.com/mcp?key=abc"},
+    }
+}
+
+CLAUDE_DESKTOP_CONFIG = {
+    "globalShortcut": "Ctrl+Space",
+    "mcpServers": {
+        "sqlite": {"command": "uvx", "args": ["mcp-server-sqlite", "--db-path", "/tmp/t.db"]},
+    },
+    "theme": {"dark": True},
+}
+
+
+def run_init(root: Path, *argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = rea.cmd_init(root, list(argv), out, INIT_REA_PY)
+    return code, out.getvalue()
+
+
+def write_json(path: Path, doc: object) -> Path:
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def printed_servers(output: str) -> dict[str, object]:
+    """The mcpServers object init printed for the client (the JSON after its last line)."""
+    start = output.index("\n{", output.index("use this as its mcpServers")) + 1
+    doc = json.loads(output[start:])
+    assert isinstance(doc, dict)
+    servers = doc["mcpServers"]
+    assert isinstance(servers, dict)
+    return servers
+
+
+def entry_lines(output: str) -> list[str]:
+    """The per-entry report lines (before the printed JSON, which is indented too)."""
+    report = output.split("to route your MCP client")[0]
+    return [line for line in report.splitlines() if line.startswith('  "')]
+
+
+def rea_entry(root: Path) -> dict[str, object]:
+    return {
+        "command": "python3",
+        "args": [str(INIT_REA_PY), "serve", "--root", str(root)],
+    }
+
+
+# init ###########################################################################
+
+
+class TestInitCommand:
+    """SPEC §11 `init`: first run, import of a client's mcpServers, routing the client."""
+
+    def test_fresh_init_writes_a_default_policy_that_loads_with_l1_and_blocked_paths(
+        self, tmp_path: Path
+    ) -> None:
+        code, output = run_init(tmp_path)
+        assert code == 0
+        policy = rea.load_policy(tmp_path / ".rea")
+        assert policy.source == tmp_path / ".rea" / "policy.yaml"
+        assert policy.autonomy_level == "L1"
+        assert policy.max_autonomy_level == "L2"
+        assert policy.audit_fsync == "always"
+        assert policy.blocked_paths == (".env", ".env.*", ".rea/policy.yaml", ".rea/HALT")
+        defaults = rea.load_policy(tmp_path / "nothing-here")
+        assert dataclasses.replace(policy, blocked_paths=(), source=None) == defaults
+        assert "wrote" in output and "policy.yaml" in output
+
+    def test_default_policy_explains_every_key_of_spec_section_4(self, tmp_path: Path) -> None:
+        run_init(tmp_path)
+        text = (tmp_path / ".rea" / "policy.yaml").read_text(encoding="utf-8")
+        keys = [
+            *("autonomy_level", "max_autonomy_level", "blocked_paths", "injection_detection"),
+            *("suspicious_blocks_writes", "redact", "patterns", "rotation", "max_bytes"),
+            *("max_age_days", "fsync", "expose_diagnostics", "call_timeout_s", "startup_wait_s"),
+            *("max_tool_name", "max_result_kb", "breaker", "failure_threshold", "cooldown_s"),
+            *("session_blocker_threshold", "servers", "calls_per_minute", "max_concurrent_calls"),
+            *("blocked_tools", "metrics_port", "restart_backoff_s"),
+        ]
+        for key in keys:
+            assert re.search(rf"^\s*#?\s*{key}:", text, re.MULTILINE), key
+        comments = [line for line in text.splitlines() if line.lstrip().startswith("#")]
+        assert len(comments) > 30
+
+    def test_fresh_init_writes_an_empty_registry_that_loads(self, tmp_path: Path) -> None:
+        run_init(tmp_path)
+        registry = rea.load_registry(tmp_path / ".rea")
+        assert registry.servers == ()
+        assert registry.source == tmp_path / ".rea" / "registry.yaml"
+        assert 'version: "1"' in registry.source.read_text(encoding="utf-8")
+
+    def test_rerun_never_overwrites_the_users_policy_and_says_so(self, tmp_path: Path) -> None:
+        run_init(tmp_path)
+        policy = tmp_path / ".rea" / "policy.yaml"
+        policy.write_text('autonomy_level: "L0"\n', encoding="utf-8")
+        code, output = run_init(tmp_path)
+        assert code == 0
+        assert policy.read_text(encoding="utf-8") == 'autonomy_level: "L0"\n'
+        assert "never overwrites" in output and "autonomy L0" in output
+
+    def test_a_policy_json_counts_as_existing_policy(self, tmp_path: Path) -> None:
+        (tmp_path / ".rea").mkdir()
+        (tmp_path / ".rea" / "policy.json").write_text('{"autonomy_level": "L2"}')
+        run_init(tmp_path)
+        assert not (tmp_path / ".rea" / "policy.yaml").exists()
+        assert rea.load_policy(tmp_path / ".rea").autonomy_level == "L2"
+
+    def test_a_broken_existing_policy_is_kept_and_reported(self, tmp_path: Path) -> None:
+        (tmp_path / ".rea").mkdir()
+        (tmp_path / ".rea" / "policy.yaml").write_text("autonomy_level: L9\n")
+        _, output = run_init(tmp_path)
+        assert (tmp_path / ".rea" / "policy.yaml").read_text() == "autonomy_level: L9\n"
+        assert "does not load" in output
+
+    def test_import_from_claude_code_mcp_json_round_trips_through_load_registry(
+        self, tmp_path: Path
+    ) -> None:
+        source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
+        code, output = run_init(tmp_path, "--from", str(source))
+        assert code == 0
+        servers = {s.name: s for s in rea.load_registry(tmp_path / ".rea").servers}
+        assert sorted(servers) == ["filesystem", "github"]
+        github = servers["github"]
+        assert github.command == "npx"
+        assert github.args == ("-y", "@modelcontextprotocol/server-github")
+        assert dict(github.env) == {"GITHUB_TOKEN": "${GITHUB_TOKEN}", "LOG_LEVEL": "debug"}
+        fs = servers["filesystem"]
+        assert fs.args[-1] == "/home/me/src" and dict(fs.env) == {} and fs.enabled
+        assert '"github": imported as github' in output
+
+    def test_a_literal_secret_is_never_written_nor_printed_and_the_user_is_told_to_export_it(
+        self, tmp_path: Path
+    ) -> None:
+        source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
+        _, output = run_init(tmp_path, "--from", str(source))
+        registry_text = (tmp_path / ".rea" / "registry.yaml").read_text(encoding="utf-8")
+        assert TOKEN not in registry_text and TOKEN not in output
+        assert '"GITHUB_TOKEN": "${GITHUB_TOKEN}"' in registry_text
+        assert "export GITHUB_TOKEN=" in output
+        assert 'mcpServers["github"].env.GITHUB_TOKEN' in output
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("API_KEY", "short"),
+            ("DB_PASSWORD", "hunter2"),
+            ("DATABASE_URL", "postgres://app:s3cret@db:5432/app"),
+            ("HEADER", "Bearer abc.def"),
+            ("OPENAI", "sk-proj-abcdefghij0123456789"),
+            ("SIGNING", "0123456789abcdef0123456789abcdef"),
+            ("OPAQUE", "Zx9Qk2LmP4rT7vW1yB3nC5dF"),
+            ("BROKEN_TEMPLATE", "pre${oops"),
+        ],
+    )
+    def test_values_that_look_secret_become_references(
+        self, tmp_path: Path, name: str, value: str
+    ) -> None:
+        doc = {"mcpServers": {"s": {"command": "srv", "env": {name: value}}}}
+        source = write_json(tmp_path / ".mcp.json", doc)
+        _, output = run_init(tmp_path, "--from", str(source))
+        (spec,) = rea.load_registry(tmp_path / ".rea").servers
+        assert dict(spec.env) == {name: f"${{{name}}}"}
+        assert value not in (tmp_path / ".rea" / "registry.yaml").read_text(encoding="utf-8")
+        assert f"export {name}=" in output
+
+    @pytest.mark.parametrize(
+        "value", ["debug", "/usr/local/share/data-files", "https://api.example.com/v1", "8080", ""]
+    )
+    def test_plain_values_are_copied_as_they_are(self, tmp_path: Path, value: str) -> None:
+        doc = {"mcpServers": {"s": {"command": "srv", "env": {"SETTING": value}}}}
+        source = write_json(tmp_path / ".mcp.json", doc)
+        _, output = run_init(tmp_path, "--from", str(source))
+        (spec,) = rea.load_registry(tmp_path / ".rea").servers
+        assert dict(spec.env) == {"SETTING": value}
+        assert "export" not in output
+
+    def test_references_stay_and_a_default_is_dropped_with_a_note(self, tmp_path: Path) -> None:
+        env = {"TOKEN": "${GH_TOKEN}", "URL": "${HOST}/api", "MODE": "${MODE:-fast}"}
+        source = write_json(
+            tmp_path / ".mcp.json", {"mcpServers": {"s": {"command": "x", "env": env}}}
+        )
+        _, output = run_init(tmp_path, "--from", str(source))
+        (spec,) = rea.load_registry(tmp_path / ".rea").servers
+        assert dict(spec.env) == {"TOKEN": "${GH_TOKEN}", "URL": "${HOST}/api", "MODE": "${MODE}"}
+        assert "default" in output and "${MODE:-fast}" in output
+        assert "export" not in output
+
+    def test_one_name_with_two_different_secrets_gets_a_server_scoped_variable(
+        self, tmp_path: Path
+    ) -> None:
+        doc = {
+            "mcpServers": {
+                "work": {"command": "gh-mcp", "env": {"GITHUB_TOKEN": "first-secret"}},
+                "home": {"command": "gh-mcp", "env": {"GITHUB_TOKEN": "second-secret"}},
+                "again": {"command": "gh-mcp", "env": {"GITHUB_TOKEN": "first-secret"}},
+            }
+        }
+        source = write_json(tmp_path / ".mcp.json", doc)
+        _, output = run_init(tmp_path, "--from", str(source))
+        env = {s.name: dict(s.env) for s in rea.load_registry(tmp_path / ".rea").servers}
+        assert env["work"] == {"GITHUB_TOKEN": "${GITHUB_TOKEN}"}
+        assert env["home"] == {"GITHUB_TOKEN": "${HOME_GITHUB_TOKEN}"}
+        assert env["again"] == {"GITHUB_TOKEN": "${GITHUB_TOKEN}"}
+        assert "export GITHUB_TOKEN=" in output and "export HOME_GITHUB_TOKEN=" in output
+        assert output.count("export GITHUB_TOKEN=") == 1
+
+    def test_remote_servers_are_reported_and_kept_in_the_printed_mcp_json(
+        self, tmp_path: Path
+    ) -> None:
+        source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
+        _, output = run_init(tmp_path, "--from", str(source))
+        lines = entry_lines(output)
+        assert any(line.startswith('  "linear": skipped: remote server (sse)') for line in lines)
+        assert any(line.startswith('  "notion": skipped: remote server (url)') for line in lines)
+        assert "abc" not in "\n".join(lines)  # a remote URL may carry a key: not echoed
+        servers = printed_servers(output)
+        assert list(servers) == ["rea", "linear", "notion"]
+        assert servers["rea"] == rea_entry(tmp_path)
+        assert servers["linear"] == CLAUDE_CODE_MCP["mcpServers"]["linear"]  # type: ignore[index]
+        assert all(
+            s.name not in ("linear", "notion") for s in rea.load_registry(tmp_path / ".rea").servers
+        )
+
+    def test_every_entry_gets_exactly_one_report_line(self, tmp_path: Path) -> None:
+        doc = {
+            "mcpServers": {
+                "ok": {"command": "a"},
+                "remote": {"type": "http", "url": "https://x"},
+                "no-command": {"args": []},
+                "bad-args": {"command": "a", "args": "not-a-list"},
+                "bad-env": {"command": "a", "env": {"PORT": 8080}},
+                "bad-env-name": {"command": "a", "env": {"MY-VAR": "1"}},
+                "scalar": 42,
+                "odd-type": {"type": "grpc", "command": "a"},
+                "gw": {"command": "python3", "args": ["/x/rea.py", "serve", "--root", "/x"]},
+            }
+        }
+        source = write_json(tmp_path / ".mcp.json", doc)
+        code, output = run_init(tmp_path, "--from", str(source))
+        assert code == 1  # some entries need the user
+        lines = entry_lines(output)
+        assert [line.split('"')[1] for line in lines] == list(doc["mcpServers"])
+        text = "\n".join(lines)
+        assert '"command" is missing' in text and '"args" must be a list' in text
+        assert '"env".PORT must be text' in text and "'MY-VAR' is not a variable name" in text
+        assert "not a JSON object" in text and "type 'grpc' is not supported" in text
+        assert '"gw": skipped: already routes through rea' in text
+        kept = printed_servers(output)
+        assert "gw" not in kept and kept["bad-args"] == doc["mcpServers"]["bad-args"]
+        assert [s.name for s in rea.load_registry(tmp_path / ".rea").servers] == ["ok"]
+
+    def test_names_are_normalised_and_clashes_get_numbered_suffixes(self, tmp_path: Path) -> None:
+        doc = {
+            "mcpServers": {
+                "My Server": {"command": "a"},
+                "my_server": {"command": "b"},
+                "MY--SERVER!": {"command": "c"},
+                "__": {"command": "d"},
+                "Ünïcode": {"command": "e"},
+            }
+        }
+        source = write_json(tmp_path / ".mcp.json", doc)
+        _, output = run_init(tmp_path, "--from", str(source))
+        servers = rea.load_registry(tmp_path / ".rea").servers
+        assert [(s.name, s.command) for s in servers] == [
+            ("my-server", "a"),
+            ("my-server-2", "b"),
+            ("my-server-3", "c"),
+            ("server", "d"),
+            ("n-code", "e"),
+        ]
+        assert all(rea.SERVER_NAME_RE.match(s.name) for s in servers)
+        assert '"my_server": imported as my-server-2; renamed' in output
+
+    def test_duplicate_keys_in_mcp_servers_are_both_imported_not_silently_dropped(
+        self, tmp_path: Path
+    ) -> None:
+        source = tmp_path / ".mcp.json"
+        source.write_text(
+            '{"mcpServers": {"dup": {"command": "first"}, "dup": {"command": "second"}}}'
+        )
+        _, output = run_init(tmp_path, "--from", str(source))
+        servers = rea.load_registry(tmp_path / ".rea").servers
+        assert [(s.name, s.command) for s in servers] == [("dup", "first"), ("dup-2", "second")]
+        assert "appears again" in output
+
+    def test_malformed_json_is_an_error_with_file_line_column_and_nothing_is_written(
+        self, tmp_path: Path
+    ) -> None:
+        source = tmp_path / ".mcp.json"
+        source.write_text('{\n  "mcpServers": {\n    "a": {"command": "x",}\n  }\n}\n')
+        with pytest.raises(rea.ReaError, match=rf"^{re.escape(str(source))}:3:\d+: ") as err:
+            run_init(tmp_path, "--from", str(source), "--write")
+        assert "trailing commas" in str(err.value)
+        assert not (tmp_path / ".rea").exists()
+        assert not (tmp_path / ".mcp.json.bak").exists()
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("", "empty"),
+            ("[1, 2]", "top level must be a JSON object"),
+            ('{"servers": {}}', 'no top-level "mcpServers"'),
+            ('{"mcpServers": []}', "must be an object"),
+            ('{"mcpServers": {}, "mcpServers": {}}', "appears 2 times"),
+        ],
+    )
+    def test_a_file_that_is_not_a_client_config_is_refused(
+        self, tmp_path: Path, text: str, message: str
+    ) -> None:
+        source = tmp_path / "config.json"
+        source.write_text(text)
+        with pytest.raises(rea.ReaError, match=re.escape(message)):
+            run_init(tmp_path, "--from", str(source))
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["--write"], "needs --from"),
+            (["--from"], "needs a path"),
+            (["--force"], "unknown argument"),
+            (["--from", "missing.json"], "no such file"),
+        ],
+    )
+    def test_usage_mistakes_are_one_line_errors(
+        self, tmp_path: Path, argv: list[str], message: str
+    ) -> None:
+        with pytest.raises(rea.ReaError, match=message):
+            run_init(tmp_path, *argv)
+
+    def test_write_rewrites_mcp_json_after_a_byte_exact_backup(self, tmp_path: Path) -> None:
+        source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
+        original = source.read_bytes()
+        _, output = run_init(tmp_path, "--from=" + str(source), "--write")
+        assert (tmp_path / ".mcp.json.bak").read_bytes() == original
+        doc = json.loads(source.read_text(encoding="utf-8"))
+        assert list(doc) == ["mcpServers"]
+        assert doc["mcpServers"]["rea"] == rea_entry(tmp_path)
+        assert list(doc["mcpServers"]) == ["rea", "linear", "notion"]
+        assert TOKEN not in source.read_text(encoding="utf-8")
+        assert "saved as" in output
+
+    def test_rerunning_with_write_is_idempotent(self, tmp_path: Path) -> None:
+        source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
+        run_init(tmp_path, "--from", str(source), "--write")
+        registry = tmp_path / ".rea" / "registry.yaml"
+        after_first = (source.read_bytes(), registry.read_bytes())
+        code, output = run_init(tmp_path, "--from", str(source), "--write")
+        assert code == 0
+        assert (source.read_bytes(), registry.read_bytes()) == after_first
+        assert not (tmp_path / ".mcp.json.bak.1").exists()
+        assert '"rea": skipped: already routes through rea' in output
+        assert "unchanged" in output
+
+    def test_a_second_real_change_keeps_every_backup(self, tmp_path: Path) -> None:
+        source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
+        run_init(tmp_path, "--from", str(source), "--write")
+        first_rewrite = source.read_bytes()
+        doc = json.loads(first_rewrite)
+        doc["mcpServers"]["extra"] = {"command": "extra-mcp"}
+        write_json(source, doc)
+        run_init(tmp_path, "--from", str(source), "--write")
+        assert (tmp_path / ".mcp.json.bak").read_bytes() != first_rewrite
+        assert json.loads((tmp_path / ".mcp.json.bak.1").read_bytes()) == doc
+        names = [s.name for s in rea.load_registry(tmp_path / ".rea").servers]
+        assert names == ["github", "filesystem", "extra"]
+
+    def test_claude_desktop_config_keeps_its_other_keys_when_written(self, tmp_path: Path) -> None:
+        source = write_json(tmp_path / "claude_desktop_config.json", CLAUDE_DESKTOP_CONFIG)
+        source.chmod(0o600)
+        run_init(tmp_path, "--from", str(source), "--write")
+        doc = json.loads(source.read_text(encoding="utf-8"))
+        assert list(doc) == ["globalShortcut", "mcpServers", "theme"]
+        assert doc["globalShortcut"] == "Ctrl+Space" and doc["theme"] == {"dark": True}
+        assert doc["mcpServers"] == {"rea": rea_entry(tmp_path)}
+        assert source.stat().st_mode & 0o777 == 0o600
+        (spec,) = rea.load_registry(tmp_path / ".rea").servers
+        assert (spec.name, spec.command) == ("sqlite", "uvx")
+
+    def test_merge_keeps_existing_servers_and_reports_a_clash_without_overwriting(
+        self, tmp_path: Path
+    ) -> None:
+        (tmp_path / ".rea").mkdir()
+        registry = tmp_path / ".rea" / "registry.yaml"
+        registry.write_text(
+            "# my servers\n"
+            'version: "1"\n'
+            "servers:\n"
+            "  - name: github\n"
+            "    command: docker\n"
+            '    args: ["run", "ghcr.io/github/github-mcp-server"]\n'
+            "    tier_overrides: {create_issue: write}\n"
+            "    env_passthrough: [LANG]\n"
+            "  - name: filesystem\n"
+            "    command: npx\n"
+            '    args: ["-y", "@modelcontextprotocol/server-filesystem", "/home/me/src"]\n'
+            "    trust_annotations: true\n"
+        )
+        original = registry.read_bytes()
+        doc = {
+            "mcpServers": {
+                **CLAUDE_CODE_MCP["mcpServers"],  # type: ignore[dict-item]
+                "memory": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-memory"]},
+            }
+        }
+        source = write_json(tmp_path / ".mcp.json", doc)
+        code, output = run_init(tmp_path, "--from", str(source))
+        assert code == 1
+        servers = {s.name: s for s in rea.load_registry(tmp_path / ".rea").servers}
+        assert list(servers) == ["github", "filesystem", "memory"]
+        assert servers["github"].command == "docker"
+        assert dict(servers["github"].tier_overrides) == {"create_issue": "write"}
+        assert servers["github"].env_passthrough == ("LANG",)
+        assert servers["filesystem"].trust_annotations is True
+        assert "the registry already has a different server 'github'" in output
+        assert '"filesystem": already in registry.yaml as filesystem (unchanged)' in output
+        assert (tmp_path / ".rea" / "registry.yaml.bak").read_bytes() == original
+        assert "github" in printed_servers(output)  # the clash keeps working as before
+
+    def test_nothing_new_leaves_the_registry_file_untouched(self, tmp_path: Path) -> None:
+        (tmp_path / ".rea").mkdir()
+        registry = tmp_path / ".rea" / "registry.yaml"
+        registry.write_text(
+            '# mine\nversion: "1"\nservers:\n  - name: sqlite\n    command: uvx\n'
+            "    args: [mcp-server-sqlite, --db-path, /tmp/t.db]\n"
+        )
+        before = registry.read_bytes()
+        source = write_json(tmp_path / "desktop.json", CLAUDE_DESKTOP_CONFIG)
+        code, output = run_init(tmp_path, "--from", str(source))
+        assert code == 0
+        assert registry.read_bytes() == before
+        assert not (tmp_path / ".rea" / "registry.yaml.bak").exists()
+        assert "nothing new to add" in output
+
+    def test_a_json_registry_stays_json(self, tmp_path: Path) -> None:
+        (tmp_path / ".rea").mkdir()
+        registry = tmp_path / ".rea" / "registry.json"
+        registry.write_text('{"version": "1", "servers": [{"name": "a", "command": "a"}]}')
+        source = write_json(tmp_path / "desktop.json", CLAUDE_DESKTOP_CONFIG)
+        run_init(tmp_path, "--from", str(source))
+        assert not (tmp_path / ".rea" / "registry.yaml").exists()
+        names = [s.name for s in rea.load_registry(tmp_path / ".rea").servers]
+        assert names == ["a", "sqlite"]
+
+    def test_an_invalid_existing_registry_stops_init_before_it_writes(self, tmp_path: Path) -> None:
+        (tmp_path / ".rea").mkdir()
+        (tmp_path / ".rea" / "registry.yaml").write_text("servers:\n  - name: Bad Name\n")
+        source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
+        with pytest.raises(rea.ReaError, match=r"registry\.yaml"):
+            run_init(tmp_path, "--from", str(source), "--write")
+        assert not (tmp_path / ".rea" / "policy.yaml").exists()
+        assert not (tmp_path / ".mcp.json.bak").exists()
+
+    def test_awkward_strings_survive_the_registry_round_trip(self, tmp_path: Path) -> None:
+        args = [
+            'say "hi"',
+            "back\\slash",
+            "colon: space",
+            "- dash",
+            "# not a comment",
+            "tab\there",
+            "line\u2028separator",
+            "nel\x85x",
+            "ctl\x01\x7f",
+            "émoji 😀 中文",
+            "[flow], {map}",
+            "'single'",
+            "true",
+            "null",
+            "0x1F",
+        ]
+        doc = {"mcpServers": {"odd": {"command": "C:\\Program Files\\srv.exe", "args": args}}}
+        source = write_json(tmp_path / ".mcp.json", doc)
+        run_init(tmp_path, "--from", str(source))
+        (spec,) = rea.load_registry(tmp_path / ".rea").servers
+        assert spec.command == "C:\\Program Files\\srv.exe"
+        assert list(spec.args) == args
+
+    def test_an_entry_the_registry_refuses_is_skipped_with_the_reason(self, tmp_path: Path) -> None:
+        doc = {"mcpServers": {"empty-arg": {"command": "srv", "args": ["--flag", ""]}}}
+        source = write_json(tmp_path / ".mcp.json", doc)
+        code, output = run_init(tmp_path, "--from", str(source))
+        assert code == 1
+        assert "the registry cannot hold it (args[1]: must be non-empty text" in output
+        assert rea.load_registry(tmp_path / ".rea").servers == ()
+        assert printed_servers(output)["empty-arg"] == doc["mcpServers"]["empty-arg"]
+
+    def test_disabled_becomes_enabled_false_and_unused_keys_are_named(self, tmp_path: Path) -> None:
+        doc = {"mcpServers": {"s": {"command": "a", "disabled": True, "cwd": "/w", "timeout": 5}}}
+        source = write_json(tmp_path / ".mcp.json", doc)
+        _, output = run_init(tmp_path, "--from", str(source))
+        (spec,) = rea.load_registry(tmp_path / ".rea").servers
+        assert spec.enabled is False
+        assert "ignored keys rea does not use: cwd, timeout" in output
+
+    def test_a_kept_entry_named_rea_does_not_hide_the_gateway_entry(self, tmp_path: Path) -> None:
+        doc = {"mcpServers": {"rea": {"url": "https://rea.example/mcp"}}}
+        source = write_json(tmp_path / ".mcp.json", doc)
+        _, output = run_init(tmp_path, "--from", str(source))
+        servers = printed_servers(output)
+        assert servers["rea"] == {"url": "https://rea.example/mcp"}
+        assert servers["rea-gateway"] == rea_entry(tmp_path)
+
+
+# Metrics ##########################################################################
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+_VALUE = r"(?:[+-]?Inf|NaN|[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+_HELP_RE = re.compile(rf"^# HELP ({_NAME}) (?:[^\\\n]|\\[\\n])*$")
+_TYPE_RE = re.compile(rf"^# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)$")
+_SAMPLE_RE = re.compile(
+    rf"^({_NAME})(?:\{{((?:{_LABEL})(?:,{_LABEL})*)?,?\}})? ({_VALUE})(?: -?\d+)?$"
+)
+_ONE_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+Series = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def parse_exposition(text: str) -> dict[Series, float]:
+    """A strict reader of the text format 0.0.4: fails the test on anything off."""
+    assert text.endswith("\n") and "\r" not in text
+    types: dict[str, str] = {}
+    helps: set[str] = set()
+    done: set[str] = set()  # families whose group of lines has ended
+    current: str | None = None
+    samples: dict[Series, float] = {}
+    sampled: set[str] = set()  # families that have had a sample line
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {number}: {line!r}"
+        if line.startswith("#"):
+            match = _HELP_RE.match(line) or _TYPE_RE.match(line)
+            assert match, where
+            family = match.group(1)
+            if line.startswith("# TYPE"):
+                assert family not in types, f"second TYPE, {where}"
+                assert family not in sampled, f"TYPE after samples, {where}"
+                types[family] = match.group(2)
+            else:
+                assert family not in helps, f"second HELP, {where}"
+                helps.add(family)
+        else:
+            match = _SAMPLE_RE.match(line)
+            assert match, where
+            name, label_text, value = match.group(1), match.group(2) or "", match.group(3)
+            family = name
+            if family not in types:
+                for suffix in ("_bucket", "_sum", "_count"):
+                    if (
+                        name.endswith(suffix)
+                        and types.get(name.removesuffix(suffix)) == "histogram"
+                    ):
+                        family = name.removesuffix(suffix)
+            assert family in types, f"sample before its TYPE, {where}"
+            labels = [(k, _unescape(v)) for k, v in _ONE_LABEL_RE.findall(label_text)]
+            keys = [k for k, _ in labels]
+            assert len(keys) == len(set(keys)), f"repeated label, {where}"
+            assert not any(k.startswith("__") for k in keys), where
+            series: Series = (name, tuple(sorted(labels)))
+            assert series not in samples, f"duplicate series, {where}"
+            samples[series] = float(value)
+            sampled.add(family)
+        if current is not None and family != current:
+            done.add(current)
+        assert family not in done, f"family {family} not in one group, {where}"
+        current = family
+    _check_histograms(types, samples)
+    return samples
+
+
+def _check_histograms(types: dict[str, str], samples: dict[Series, float]) -> None:
+    for family, kind in types.items():
+        if kind != "histogram":
+            continue
+        groups: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+        for (name, labels), value in samples.items():
+            if name == f"{family}_bucket":
+                le = dict(labels)["le"]
+                rest = tuple(item for item in labels if item[0] != "le")
+                groups.setdefault(rest, []).append((float(le), value))
+        for rest, buckets in groups.items():
+            order = sorted(buckets)
+            counts = [count for _, count in order]
+            assert counts == sorted(counts), f"{family}{rest}: buckets not cumulative"
+            assert math.isinf(order[-1][0]), f"{family}{rest}: no +Inf bucket"
+            assert samples[(f"{family}_count", rest)] == order[-1][1]
+            assert (f"{family}_sum", rest) in samples
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[rea.Metrics, rea.MetricsServer]]:
+    metrics = rea.Metrics()
+    server = rea.MetricsServer(metrics, 0)
+    server.start()
+    yield metrics, server
+    server.close()
+
+
+def snapshot(halted: bool = False) -> dict[str, object]:
+    return {
+        "halt": {"active": halted, "reason": "stop" if halted else None},
+        "downstreams": [
+            {"name": "github", "circuit_state": "closed", "restarts": 0, "healthy": True},
+            {"name": "fs", "circuit_state": "half-open", "restarts": 3, "healthy": False},
+        ],
+        "audit_fail_count": 2,
+    }
+
+
+def labels(**items: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(items.items()))
+
+
+class TestMetricsEndpoint:
+    """Prometheus metrics on 127.0.0.1 (REA_METRICS_PORT / gateway.metrics_port)."""
+
+    def test_a_scrape_over_http_is_strict_exposition_with_every_family(self, served) -> None:
+        metrics, server = served
+        metrics.observe_call("github", "create_issue", "write", "allowed", 0.012)
+        metrics.set_gauges(snapshot)
+        status, content_type, text = scrape(server.port)
+        assert status == 200
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+        samples = parse_exposition(text)
+        families = set(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+        assert families == {
+            ("rea_up", "gauge"),
+            ("rea_tool_calls_total", "counter"),
+            ("rea_tool_call_duration_seconds", "histogram"),
+            ("rea_circuit_state", "gauge"),
+            ("rea_downstream_healthy", "gauge"),
+            ("rea_downstream_restarts_total", "counter"),
+            ("rea_audit_append_failures_total", "counter"),
+            ("rea_halt_active", "gauge"),
+        }
+        assert samples[("rea_up", ())] == 1
+
+    def test_calls_are_counted_by_server_tool_tier_and_status(self, served) -> None:
+        metrics, server = served
+        for _ in range(3):
+            metrics.observe_call("github", "create_issue", "write", "allowed", 0.01)
+        metrics.observe_call("github", "create_issue", "write", "denied", 0.0)
+        metrics.observe_call("fs", "read_file", "read", "error", 0.2)
+        samples = parse_exposition(scrape(server.port)[2])
+        calls = {k[1]: v for k, v in samples.items() if k[0] == "rea_tool_calls_total"}
+        assert calls == {
+            labels(server="github", tool="create_issue", tier="write", status="allowed"): 3,
+            labels(server="github", tool="create_issue", tier="write", status="denied"): 1,
+            labels(server="fs", tool="read_file", tier="read", status="error"): 1,
+        }
+
+    def test_latency_histogram_is_cumulative_and_ends_in_inf_equal_to_count(self, served) -> None:
+        metrics, server = served
+        for seconds in (0.0003, 0.0005, 0.002, 0.7, 100.0, -1.0):
+            metrics.observe_call("github", "t", "read", "allowed", seconds)
+        samples = parse_exposition(scrape(server.port)[2])
+        name = "rea_tool_call_duration_seconds"
+
+        def bucket(le: str) -> float:
+            return samples[(f"{name}_bucket", labels(server="github", le=le))]
+
+        assert bucket("0.0005") == 3  # -1 counts as 0; the bound itself is inside (le)
+        assert bucket("0.001") == 3 and bucket("0.0025") == 4
+        assert bucket("1.0") == 5 and bucket("60.0") == 5 and bucket("+Inf") == 6
+        assert samples[(f"{name}_count", labels(server="github"))] == 6
+        assert samples[(f"{name}_sum", labels(server="github"))] == pytest.approx(100.7028)
+        les = [dict(k[1])["le"] for k in samples if k[0] == f"{name}_bucket"]
+        assert les[0] == "0.0005" and les[-2] == "60.0" and len(les) == 17
+
+    def test_gauges_come_from_the_live_snapshot_at_each_scrape(self, served) -> None:
+        metrics, server = served
+        halted = [False]
+        metrics.set_gauges(lambda: snapshot(halted[0]))
+        samples = parse_exposition(scrape(server.port)[2])
+        state = {
+            (dict(k[1])["server"], dict(k[1])["state"]): v
+            for k, v in samples.items()
+            if k[0] == "rea_circuit_state"
+        }
+        assert state == {
+            ("github", "closed"): 1,
+            ("github", "open"): 0,
+            ("github", "half-open"): 0,
+            ("fs", "closed"): 0,
+            ("fs", "open"): 0,
+            ("fs", "half-open"): 1,
+        }
+        assert samples[("rea_downstream_healthy", labels(server="github"))] == 1
+        assert samples[("rea_downstream_healthy", labels(server="fs"))] == 0
+        assert samples[("rea_downstream_restarts_total", labels(server="fs"))] == 3
+        assert samples[("rea_audit_append_failures_total", ())] == 2
+        assert samples[("rea_halt_active", ())] == 0
+        halted[0] = True
+        assert parse_exposition(scrape(server.port)[2])[("rea_halt_active", ())] == 1
+
+    def test_label_values_are_escaped(self, served) -> None:
+        metrics, server = served
+        tool = 'we"ird\\tool\nname'
+        metrics.observe_call("s", tool, "read", "allowed", 0.001)
+        text = scrape(server.port)[2]
+        assert 'tool="we\\"ird\\\\tool\\nname"' in text
+        samples = parse_exposition(text)
+        assert (
+            samples[
+                (
+                    "rea_tool_calls_total",
+                    labels(server="s", tool=tool, tier="read", status="allowed"),
+                )
+            ]
+            == 1
+        )
+
+    def test_a_failing_or_odd_snapshot_still_gives_a_valid_page(self, served) -> None:
+        metrics, server = served
+
+        def broken() -> dict[str, object]:
+            raise RuntimeError("state unavailable")
+
+        metrics.set_gauges(broken)
+        samples = parse_exposition(scrape(server.port)[2])
+        assert samples[("rea_halt_active", ())] == 0 and samples[("rea_up", ())] == 1
+        odd: dict[str, object] = {
+            "halt": "yes",
+            "downstreams": [
+                "x",
+                {"name": "a", "circuit_state": "weird", "restarts": True, "healthy": 1},
+                {"name": "a", "circuit_state": "open", "restarts": 1, "healthy": True},
+                {"circuit_state": "open"},
+            ],
+            "audit_fail_count": "3",
+        }
+        metrics.set_gauges(lambda: odd)
+        samples = parse_exposition(scrape(server.port)[2])
+        assert samples[("rea_downstream_restarts_total", labels(server="a"))] == 0
+        assert samples[("rea_downstream_healthy", labels(server="a"))] == 0
+        assert samples[("rea_audit_append_failures_total", ())] == 0
+
+    def test_only_metrics_is_served_and_only_on_loopback(self, served) -> None:
+        _, server = served
+        assert scrape(server.port, "/")[0] == 404
+        assert scrape(server.port, "/metrics/x")[0] == 404
+        assert scrape(server.port, "/metrics?name[]=x")[0] == 200
+        assert server._server.server_address[0] == "127.0.0.1"
+        assert any(t.name == "rea-metrics" and t.daemon for t in threading.enumerate())
+
+    def test_a_foreign_host_header_is_refused(self, served) -> None:
+        _, server = served
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/metrics", headers={"Host": "evil.example:80"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=5)
+        assert err.value.code == 403
+
+    def test_concurrent_observations_are_all_counted(self, served) -> None:
+        metrics, server = served
+
+        def worker() -> None:
+            for _ in range(500):
+                metrics.observe_call("s", "t", "read", "allowed", 0.001)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        samples = parse_exposition(scrape(server.port)[2])
+        key = labels(server="s", tool="t", tier="read", status="allowed")
+        assert samples[("rea_tool_calls_total", key)] == 4000
+        assert samples[("rea_tool_call_duration_seconds_count", labels(server="s"))] == 4000
+
+    def test_series_from_invented_tool_names_are_capped(self) -> None:
+        metrics = rea.Metrics()
+        for i in range(rea.METRICS_MAX_SERIES + 50):
+            metrics.observe_call("s", f"tool{i}", "read", "denied", 0.0)
+        samples = parse_exposition(metrics.render())
+        calls = [k for k in samples if k[0] == "rea_tool_calls_total"]
+        assert len(calls) == rea.METRICS_MAX_SERIES + 1
+        other = labels(server="s", tool="__other__", tier="read", status="denied")
+        assert samples[("rea_tool_calls_total", other)] == 50
+
+    def test_a_busy_port_is_a_clear_error(self) -> None:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            with pytest.raises(rea.ReaError, match=rf"metrics port {port}: cannot listen"):
+                rea.MetricsServer(rea.Metrics(), port)
+
+    def test_close_frees_the_port_and_is_safe_before_start_and_twice(self) -> None:
+        never_started = rea.MetricsServer(rea.Metrics(), 0)
+        never_started.close()
+        server = rea.MetricsServer(rea.Metrics(), 0)
+        server.start()
+        port = server.port
+        assert scrape(port)[0] == 200
+        server.close()
+        server.close()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        assert not any(t.name == "rea-metrics" and t.is_alive() for t in threading.enumerate())
