@@ -6604,6 +6604,19 @@ INTERNAL_ERROR = -32603
 UNSUPPORTED_VERSION = -32022
 
 HEALTH_TOOL = "__rea__health"
+# A child's request to the client, and the client capability that lets it through.
+RELAYED_REQUESTS = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+_ALL_CHILD_CAPS: JsonObj = {
+    "resources": {"subscribe": True, "listChanged": True},
+    "prompts": {"listChanged": True},
+    "completions": {},
+    "logging": {},
+}
+DENIED = -32001  # a non-tool request refused by policy (tool calls get an isError result)
 MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
 DISCOVER_TIMEOUT_S = 5.0  # §5: no answer to server/discover within 5 s means handshake era
 HANDSHAKE_TIMEOUT_S = 30.0
@@ -7057,10 +7070,12 @@ def child_params(child: ChildProcess, params: JsonObj) -> JsonObj:
     return out
 
 
-def open_child(child: ChildProcess) -> JsonObj:
+def open_child(child: ChildProcess, client_caps: JsonObj | None = None) -> JsonObj:
     """Speak to the child in the era it serves; return its capabilities.
 
-    Probe server/discover first; fall back to the handshake (initialize) otherwise.
+    Probe server/discover first; fall back to the handshake (initialize) otherwise. A
+    handshake child is told only the client capabilities the gateway can relay and the
+    client itself declared (a child must not ask a client that cannot sample to sample).
     """
     stateless, caps = probe_stateless(child)
     if stateless is not None:
@@ -7070,7 +7085,7 @@ def open_child(child: ChildProcess) -> JsonObj:
         "initialize",
         {
             "protocolVersion": HANDSHAKE_VERSIONS[0],
-            "capabilities": {},
+            "capabilities": client_caps or {},
             "clientInfo": {"name": "rea", "version": VERSION},
         },
         HANDSHAKE_TIMEOUT_S,
@@ -7250,7 +7265,7 @@ class Downstream:
             self._on_exit(child, child.proc.returncode)
 
     def _open(self, child: ChildProcess) -> None:
-        caps = open_child(child)
+        caps = open_child(child, self.gw.relayable_client_caps())
         with self._lock:
             self.capabilities = caps
 
@@ -7761,6 +7776,14 @@ class Gateway:
         self.renames: dict[str, str] = {}
         self._listed: frozenset[str] | None = None  # names last answered to tools/list
         self._first_list_done = False
+        self._children_started = False
+        self._relay_lock = threading.Lock()  # guards: _relay, _relay_seq
+        self._relay: dict[str, tuple[ChildProcess, object]] = {}
+        self._relay_seq = 0
+        self._index_lock = threading.Lock()  # guards: resource_index, templates, prompt_index
+        self.resource_index: dict[str, str] = {}
+        self.templates: list[tuple[str, str]] = []  # (uriTemplate prefix, server)
+        self.prompt_index: dict[str, tuple[str, str]] = {}  # exposed -> (server, bare)
         self._done = threading.Event()
         self._signal: int | None = None
         self.downstreams: dict[str, Downstream] = {}
@@ -7797,8 +7820,6 @@ class Gateway:
             version=VERSION,
         )
         self._start_metrics()
-        for ds in self.downstreams.values():
-            ds.start()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         reader = threading.Thread(target=self._read_client, name="rea-stdin", daemon=True)
@@ -7831,6 +7852,26 @@ class Gateway:
         server.start()
         self.metrics_server = server
         log("info", "metrics_listening", address=f"http://127.0.0.1:{server.port}/metrics")
+
+    def start_children(self) -> None:
+        """Start every server once the client's first request has said what it can do.
+
+        Children are told the client's capabilities in their handshake, so they wait for
+        the client's first request (initialize, or a stateless request); that costs one
+        round trip, not the client's time: the first tools/list waits for them anyway.
+        """
+        if self._children_started:
+            return
+        self._children_started = True
+        for ds in self.downstreams.values():
+            ds.start()
+
+    def relayable_client_caps(self) -> JsonObj:
+        """The client capabilities a child may see: those the client declared and the
+        gateway relays (sampling, elicitation, roots), only for a handshake-era client."""
+        if self.era != "handshake":
+            return {}
+        return {k: v for k, v in self.client_caps.items() if k in RELAYED_REQUESTS.values()}
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signal = signum  # only a flag: the main loop does the work, outside any lock
@@ -7928,7 +7969,8 @@ class Gateway:
         req_id = msg.get("id")
         has_id = "id" in msg
         if method is None and has_id:
-            return  # an answer to a request of ours: relaying children's requests is not wired yet
+            self.on_client_response(msg)
+            return
         if (
             not isinstance(method, str)
             or (has_id and not isinstance(req_id, (str, int)))
@@ -7950,6 +7992,9 @@ class Gateway:
             return
         try:
             era = self._check_era(method, params)
+            if method == "initialize":
+                self.client_caps = as_obj((params or {}).get("capabilities")) or {}
+            self.start_children()
             self.dispatch(req_id, method, params, era)
         except RpcError as err:
             self.reply_error(req_id, err)
@@ -8013,9 +8058,37 @@ class Gateway:
         elif method == "tools/call":
             self.call_tool(req_id, p, era)
         elif method == "logging/setLevel":
+            self.set_level(p)
             self.reply(req_id, {}, era)
+        elif method in ("resources/list", "resources/templates/list", "prompts/list"):
+            self.pool.submit(
+                self._guarded, req_id, lambda q, e: self.list_union(method, q, e), p, era
+            )
+        elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+            self.pool.submit(self._guarded_none, req_id, self.resource_request, method, p, era)
+        elif method == "prompts/get":
+            self.pool.submit(self._guarded_none, req_id, self.prompt_request, method, p, era)
+        elif method == "completion/complete":
+            self.pool.submit(self._guarded_none, req_id, self.complete_request, method, p, era)
         else:
             raise RpcError(METHOD_NOT_FOUND, f"method not found: {method}")
+
+    def _guarded_none(
+        self,
+        req_id: object,
+        fn: Callable[[object, str, JsonObj, str | None], None],
+        method: str,
+        p: JsonObj,
+        era: str | None,
+    ) -> None:
+        """Run a forwarding handler in a worker; it answers by itself, errors answer here."""
+        try:
+            fn(req_id, method, p, era)
+        except RpcError as err:
+            self.reply_error(req_id, err)
+        except Exception as exc:
+            log("error", "internal_error", method=method, error=repr(exc))
+            self.reply_error(req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
 
     def _guarded(
         self,
@@ -8035,7 +8108,29 @@ class Gateway:
     # -- lifecycle answers --
 
     def capabilities(self) -> JsonObj:
-        return {"tools": {"listChanged": True}, "logging": {}}
+        """What at least one child offers. A child whose capabilities are not known yet
+        (still starting) counts as offering resources, prompts and completions: the
+        handshake is answered at once and cannot be amended later (§5)."""
+        caps: JsonObj = {"tools": {"listChanged": True}}
+        offered: list[JsonObj] = []
+        for ds in self.downstreams.values():
+            if ds.status in ("starting",) and ds.spec.enabled:
+                offered.append(_ALL_CHILD_CAPS)
+            elif ds.status == "ready":
+                offered.append(ds.capabilities)
+        resources = [as_obj(c.get("resources")) for c in offered if "resources" in c]
+        if resources:
+            caps["resources"] = {
+                "subscribe": any(bool(r and r.get("subscribe")) for r in resources),
+                "listChanged": True,
+            }
+        if any("prompts" in c for c in offered):
+            caps["prompts"] = {"listChanged": True}
+        if any("completions" in c for c in offered):
+            caps["completions"] = {}
+        if any("logging" in c for c in offered):
+            caps["logging"] = {}
+        return caps
 
     def initialize(self, p: JsonObj) -> JsonObj:
         requested = p.get("protocolVersion")
@@ -8176,6 +8271,12 @@ class Gateway:
             self.reply_error(req_id, err)
 
     def refuse(self, call: Call, decision: Decision) -> None:
+        if call.entry is None and call.name in self.tool_index:
+            # Refused before routing (HALT): the record still names the bare tool, its
+            # server and its tier, as every other record does.
+            call.entry = self.tool_index[call.name]
+            call.downstream = self.downstreams[call.entry.server]
+            step_tier(self, call)
         self.release(call)
         if call.holds_breaker and call.downstream is not None:
             call.downstream.breaker.release_unused()
@@ -8260,6 +8361,12 @@ class Gateway:
         self.reply(call.req_id, tool_error_result(text), call.era)
 
     def _complete_result(self, call: Call, ds: Downstream, result: JsonObj) -> None:
+        if result.get("resultType") == "input_required":
+            # SEP-2322: a stateless child asks the client for input; not bridged yet.
+            result = tool_error_result(
+                f"rea: error: server {ds.name} asked for client input (input_required), "
+                "which rea does not relay yet"
+            )
         rules = call.rules
         policy = rules.policy
         ds.breaker.record_success()  # an isError result is the tool's answer, not a failure (§9)
@@ -8485,21 +8592,16 @@ class Gateway:
 
     def on_child_message(self, child: ChildProcess, msg: JsonObj) -> None:
         method = msg.get("method")
-        if (
-            "id" in msg
-        ):  # a request from the child to the client: not relayed yet, never left hanging
-            child.send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": msg.get("id"),
-                    "error": {
-                        "code": METHOD_NOT_FOUND,
-                        "message": f"rea does not relay {method} yet",
-                    },
-                }
-            )
+        if "id" in msg:
+            self.relay_child_request(child, str(method), msg.get("id"), as_obj(msg.get("params")))
             return
-        if method == "notifications/tools/list_changed":
+        if method in (
+            "notifications/resources/updated",
+            "notifications/resources/list_changed",
+            "notifications/prompts/list_changed",
+        ):
+            self.notify_client(str(method), as_obj(msg.get("params")))
+        elif method == "notifications/tools/list_changed":
             ds = self.downstreams.get(child.name)
             if ds is not None:
                 self.pool.submit(ds.refresh_tools)
@@ -8509,6 +8611,309 @@ class Gateway:
             params = as_obj(msg.get("params")) or {}
             params = {**params, "logger": f"{child.name}:{params.get('logger', '')}".rstrip(":")}
             self.notify_client("notifications/message", params)
+
+    # -- a child's requests to the client --
+
+    def relay_child_request(
+        self, child: ChildProcess, method: str, child_id: object, params: JsonObj | None
+    ) -> None:
+        """Relay sampling, elicitation and roots requests to the client under an id of
+        ours, so no two in-flight ids collide; anything else is answered at once with a
+        clear error — a child is never left hanging."""
+        if method == "ping":
+            child.send({"jsonrpc": "2.0", "id": child_id, "result": {}})
+            return
+        needed = RELAYED_REQUESTS.get(method)
+        if needed is None or self.era != "handshake" or needed not in self.client_caps:
+            why = (
+                f"rea does not relay {method}"
+                if needed is None
+                else f"the client cannot answer {method}"
+                + (
+                    " (a stateless-era client is not sent requests)"
+                    if self.era == "stateless"
+                    else ""
+                )
+            )
+            try:
+                child.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": child_id,
+                        "error": {"code": METHOD_NOT_FOUND, "message": why},
+                    }
+                )
+            except ChildDied:
+                pass
+            return
+        with self._relay_lock:
+            self._relay_seq += 1
+            gw_id = f"rea-{self._relay_seq}"
+            self._relay[gw_id] = (child, child_id)
+        msg: JsonObj = {"jsonrpc": "2.0", "id": gw_id, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.write(msg)
+
+    def on_client_response(self, msg: JsonObj) -> None:
+        gw_id = msg.get("id")
+        with self._relay_lock:
+            target = self._relay.pop(gw_id, None) if isinstance(gw_id, str) else None
+        if target is None:
+            return
+        child, child_id = target
+        answer: JsonObj = {"jsonrpc": "2.0", "id": child_id}
+        if "error" in msg:
+            answer["error"] = msg["error"]
+        else:
+            answer["result"] = msg.get("result")
+        try:
+            child.send(answer)
+        except ChildDied:
+            pass
+
+    # -- resources, prompts, completion --
+
+    def _ready_with(self, capability: str) -> list[Downstream]:
+        return [
+            ds
+            for ds in self.downstreams.values()
+            if ds.status == "ready" and capability in ds.capabilities and ds.child is not None
+        ]
+
+    def _list_all(self, ds: Downstream, method: str, key: str) -> list[JsonObj]:
+        child = ds.child
+        assert child is not None
+        items: list[JsonObj] = []
+        cursor: object = None
+        for _ in range(100):
+            params: JsonObj = {} if cursor is None else {"cursor": cursor}
+            result = child.request(method, child_params(child, params), HANDSHAKE_TIMEOUT_S)
+            page = result.get(key)
+            if not isinstance(page, list):
+                raise ValueError(f"server {ds.name}: {method} result has no {key} list")
+            items.extend(obj for obj in map(as_obj, page) if obj is not None)
+            cursor = result.get("nextCursor")
+            if not cursor:
+                break
+        return items
+
+    def list_union(self, method: str, p: JsonObj, era: str | None) -> JsonObj:
+        """resources/list, resources/templates/list, prompts/list: every child's, paged."""
+        self.wait_for_startup()
+        key = {
+            "resources/list": "resources",
+            "resources/templates/list": "resourceTemplates",
+            "prompts/list": "prompts",
+        }[method]
+        capability = "prompts" if method == "prompts/list" else "resources"
+        items: list[JsonObj] = []
+        for ds in self._ready_with(capability):
+            try:
+                entries = self._list_all(ds, method, key)
+            except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+                log("warn", "list_failed", server=ds.name, method=method, error=str(exc))
+                continue
+            items.extend(self._index_entries(ds, method, entries))
+        start = 0
+        cursor = p.get("cursor")
+        if cursor is not None:
+            if not isinstance(cursor, str) or not cursor.isdigit() or int(cursor) > len(items):
+                raise RpcError(INVALID_PARAMS, f"invalid cursor: {cursor!r}")
+            start = int(cursor)
+        result: JsonObj = {key: items[start : start + TOOLS_PAGE]}
+        if start + TOOLS_PAGE < len(items):
+            result["nextCursor"] = str(start + TOOLS_PAGE)
+        if era == "stateless":
+            result["ttlMs"] = 0
+            result["cacheScope"] = "private"
+        return result
+
+    def _index_entries(self, ds: Downstream, method: str, entries: list[JsonObj]) -> list[JsonObj]:
+        """Remember who owns each URI, template and prompt; rename prompts `server__prompt`."""
+        out: list[JsonObj] = []
+        with self._index_lock:
+            for entry in entries:
+                if method == "resources/list":
+                    uri = entry.get("uri")
+                    if not isinstance(uri, str):
+                        continue
+                    owner = self.resource_index.setdefault(uri, ds.name)
+                    if owner != ds.name:
+                        self.warn_once(
+                            ("uri", uri),
+                            "resource_uri_clash",
+                            uri=uri,
+                            routed_to=owner,
+                            also=ds.name,
+                        )
+                    out.append(entry)
+                elif method == "resources/templates/list":
+                    template = entry.get("uriTemplate")
+                    if not isinstance(template, str):
+                        continue
+                    pair = (template.split("{", 1)[0], ds.name)
+                    if pair not in self.templates:
+                        self.templates.append(pair)
+                    out.append(entry)
+                else:
+                    name = entry.get("name")
+                    if not isinstance(name, str):
+                        continue
+                    exposed = exposed_tool_name(ds.name, name, self.policy.max_tool_name)
+                    self.prompt_index[exposed] = (ds.name, name)
+                    out.append({**entry, "name": exposed})
+        return out
+
+    def route_uri(self, uri: str) -> Downstream:
+        """The child that owns a resource URI: listed, else by template prefix, else the
+        only server with resources."""
+        for attempt in range(2):
+            with self._index_lock:
+                owner = self.resource_index.get(uri)
+                if owner is None:
+                    matches = [
+                        (len(pre), srv)
+                        for pre, srv in self.templates
+                        if pre and uri.startswith(pre)
+                    ]
+                    owner = max(matches)[1] if matches else None
+            if owner is not None and owner in self.downstreams:
+                return self.downstreams[owner]
+            if attempt == 0:  # the client may read without listing first: learn the lists once
+                self.wait_for_startup()
+                for method in ("resources/list", "resources/templates/list"):
+                    self.list_union(method, {}, None)
+        candidates = self._ready_with("resources")
+        if len(candidates) == 1:
+            return candidates[0]
+        raise RpcError(-32002, f"resource not found: {uri}", {"uri": uri})
+
+    def resource_request(self, req_id: object, method: str, p: JsonObj, era: str | None) -> None:
+        uri = p.get("uri")
+        if not isinstance(uri, str):
+            raise RpcError(INVALID_PARAMS, f"{method} needs a string uri")
+        ds = self.route_uri(uri)
+        self.forward_request(req_id, era, ds, method, p, check_paths=True)
+
+    def prompt_request(self, req_id: object, method: str, p: JsonObj, era: str | None) -> None:
+        name = p.get("name")
+        if not isinstance(name, str):
+            raise RpcError(INVALID_PARAMS, "prompts/get needs a string name")
+        target = self.prompt_index.get(name)
+        if target is None:
+            self.list_union("prompts/list", {}, None)
+            target = self.prompt_index.get(name)
+        if target is None:
+            raise RpcError(INVALID_PARAMS, f"unknown prompt: {name}")
+        server, bare = target
+        self.forward_request(
+            req_id, era, self.downstreams[server], method, {**p, "name": bare}, check_paths=True
+        )
+
+    def complete_request(self, req_id: object, method: str, p: JsonObj, era: str | None) -> None:
+        ref = as_obj(p.get("ref")) or {}
+        if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
+            target = self.prompt_index.get(str(ref["name"]))
+            if target is None:
+                self.list_union("prompts/list", {}, None)
+                target = self.prompt_index.get(str(ref["name"]))
+            if target is None:
+                raise RpcError(INVALID_PARAMS, f"unknown prompt: {ref['name']}")
+            server, bare = target
+            params = {**p, "ref": {**ref, "name": bare}}
+            self.forward_request(req_id, era, self.downstreams[server], method, params)
+        elif ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str):
+            self.forward_request(req_id, era, self.route_uri(str(ref["uri"])), method, p)
+        else:
+            raise RpcError(
+                INVALID_PARAMS, "completion/complete needs a ref/prompt or ref/resource ref"
+            )
+
+    def forward_request(
+        self,
+        req_id: object,
+        era: str | None,
+        ds: Downstream,
+        method: str,
+        params: JsonObj,
+        *,
+        check_paths: bool = False,
+    ) -> None:
+        """Forward a non-tool request to its child: HALT and blocked paths apply, the
+        outcome is audited (tool_name is the method), and the answer is redacted."""
+        rules = self.rules
+        call = Call(
+            req_id, method, params, meta_of(params), era or "handshake", rules, time.monotonic()
+        )
+        call.tier = "read"
+        refusal: str | None = None
+        reason = self.halt_reason()
+        if reason is not None:
+            refusal = f"rea: denied: the gateway is frozen (.rea/HALT): {reason}. `python rea.py unfreeze` allows it again"
+        elif check_paths:
+            hit = rules.guard.check({k: v for k, v in params.items() if k != "_meta"})
+            if hit is not None:
+                refusal = (
+                    f"rea: denied: {method} names a blocked path {hit[0]!r} (matches {hit[1]!r}). "
+                    "Edit blocked_paths in .rea/policy.yaml to allow it"
+                )
+        if refusal is not None:
+            self.audit_call(call, "denied", error=refusal, server=ds.name, tool=method)
+            self.reply_error(req_id, RpcError(DENIED, refusal))
+            return
+        child = ds.child
+        if child is None or not child.alive:
+            message = f"rea: error: server {ds.name} is not running: {ds.last_error or 'starting'}"
+            self.audit_call(call, "error", error=message, server=ds.name, tool=method)
+            self.reply_error(req_id, RpcError(INTERNAL_ERROR, message))
+            return
+        with self._calls_lock:
+            self._in_flight[id_key(req_id)] = call
+        call.child = child
+
+        def done(result: JsonObj | None, error: Exception | None) -> None:
+            with self._calls_lock:
+                self._in_flight.pop(id_key(req_id), None)
+            if call.cancelled:
+                self.audit_call(
+                    call, "error", error="cancelled by the client", server=ds.name, tool=method
+                )
+                return
+            if error is not None or result is None:
+                message = rules.redactor.redact(str(error)).text
+                self.audit_call(call, "error", error=message, server=ds.name, tool=method)
+                code = error.code if isinstance(error, RpcError) else INTERNAL_ERROR
+                self.reply_error(req_id, RpcError(code, message))
+                return
+            value, names = rules.redactor.redact_value(result)
+            metadata: JsonObj = {"redacted": list(names)} if names else {}
+            self.audit_call(
+                call,
+                "allowed",
+                metadata=metadata,
+                server=ds.name,
+                tool=method,
+                redacted_fields=["result"] if names else None,
+            )
+            self.reply(req_id, as_obj(value) or {}, era)
+
+        try:
+            call.child_id = child.request_async(
+                method, child_params(child, params), rules.policy.call_timeout_s, done
+            )
+        except ChildDied as exc:
+            done(None, exc)
+
+    def set_level(self, p: JsonObj) -> None:
+        """logging/setLevel: fanned out to every handshake-era child that logs."""
+        for ds in self._ready_with("logging"):
+            child = ds.child
+            if child is not None and child.era == "handshake":
+                try:
+                    child.request_async("logging/setLevel", p, 10.0, lambda r, e: None)
+                except ChildDied:
+                    pass
 
 
 def health_tool_definition() -> JsonObj:

@@ -5276,3 +5276,594 @@ class TestMetricsEndpoint:
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
         assert not any(t.name == "rea-metrics" and t.is_alive() for t in threading.enumerate())
+
+
+_AUDIT_STATUS_REA = Path(__file__).resolve().parent / "rea.py"
+_AUDIT_STATUS_ZERO = "0" * 64
+_AUDIT_STATUS_KEYS = (
+    "timestamp",
+    "session_id",
+    "tool_name",
+    "server_name",
+    "tier",
+    "status",
+    "autonomy_level",
+    "duration_ms",
+    "prev_hash",
+)
+_AUDIT_STATUS_OPTIONAL = ("error", "redacted_fields", "metadata")
+_AUDIT_STATUS_FAST = "gateway:\n  restart_backoff_s: 0.05\n"
+_AUDIT_STATUS_GH_TOKEN = "ghp_" + "Q7xZ" * 9  # 36 characters after the prefix
+
+
+def _audit_status_cli(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run `python rea.py ARGV --root ROOT` as a separate process."""
+    return subprocess.run(
+        [sys.executable, str(_AUDIT_STATUS_REA), *argv, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _audit_status_json(root: Path) -> tuple[int, dict[str, object]]:
+    out = _audit_status_cli(root, "status", "--json")
+    return out.returncode, json.loads(out.stdout)
+
+
+def _audit_status_hash(record: dict[str, object]) -> str:
+    """An independent re-implementation of the §7 record hash."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(
+        json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    ).hexdigest()
+
+
+def _audit_status_check_chain(records: list[dict[str, object]]) -> None:
+    """Every record's hash recomputes, keys are in §7 order, prev_hash links from 64 zeros."""
+    prev = _AUDIT_STATUS_ZERO
+    for i, rec in enumerate(records):
+        keys = list(rec)
+        assert tuple(keys[:9]) == _AUDIT_STATUS_KEYS, f"record {i}: {keys}"
+        assert keys[-1] == "hash", f"record {i}: {keys}"
+        middle = keys[9:-1]
+        assert middle == [k for k in _AUDIT_STATUS_OPTIONAL if k in middle], f"record {i}: {keys}"
+        assert rec["prev_hash"] == prev, f"record {i} does not link to the one before"
+        assert rec["hash"] == _audit_status_hash(rec), f"record {i} hash does not recompute"
+        assert isinstance(rec["duration_ms"], int)
+        ts = rec["timestamp"]
+        assert (
+            isinstance(ts, str) and ts.endswith("Z") and len(ts) == len("2025-01-01T00:00:00.000Z")
+        ), ts
+        prev = str(rec["hash"])
+
+
+def _audit_status_args_digest(args: dict[str, object]) -> str:
+    canonical = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _audit_status_ready(c: Client) -> None:
+    c.initialize()
+    c.tools()
+
+
+# §7 Audit log ###################################################################
+
+
+class TestSection7AuditEndToEnd:
+    def test_every_outcome_appends_exactly_one_record_with_the_spec_keys(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha"), server(fake_server, "beta")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        session = c.health()["gateway"]["session_id"]  # type: ignore[index]
+        halt = root / ".rea" / "HALT"
+
+        def one(action):  # the action's record, checking it was the only one appended
+            before = len(audit_records(root))
+            reply = action()
+            records = audit_records(root)
+            assert len(records) == before + 1, records[before:]
+            return reply, records[-1]
+
+        res, rec = one(lambda: c.call("alpha__read_file", {"path": "README"}))
+        assert res["result"]["isError"] is False
+        assert (rec["tool_name"], rec["server_name"], rec["tier"], rec["status"]) == (
+            "read_file",
+            "alpha",
+            "read",
+            "allowed",
+        )
+        assert rec["autonomy_level"] == "L1" and rec["session_id"] == session
+
+        res, rec = one(lambda: c.call("beta__echo", {"v": 1}))
+        assert res["result"]["structuredContent"] == {"v": 1}
+        assert (rec["tool_name"], rec["server_name"], rec["tier"], rec["status"]) == (
+            "echo",
+            "beta",
+            "write",
+            "allowed",
+        )
+
+        res, rec = one(lambda: c.call("alpha__delete_file", {"path": "x"}))
+        assert res["result"]["content"][0]["text"].startswith("rea: denied:")
+        assert (rec["tool_name"], rec["server_name"], rec["tier"], rec["status"]) == (
+            "delete_file",
+            "alpha",
+            "destructive",
+            "denied",
+        )
+
+        res, rec = one(lambda: c.call("beta__fail"))
+        assert res["error"]["message"] == "backend exploded"
+        assert (rec["tool_name"], rec["server_name"], rec["status"]) == ("fail", "beta", "error")
+        assert "backend exploded" in rec["error"]
+
+        res, rec = one(lambda: c.call("alpha__no_such_tool"))
+        assert res["error"]["code"] == -32602
+        assert rec["status"] == "error" and "no_such_tool" in rec["tool_name"]
+
+        halt.write_text("incident 7 under review")
+        res, rec = one(lambda: c.call("alpha__read_file", {"path": "README"}))
+        assert (
+            res["result"]["isError"] is True
+            and "incident 7 under review" in res["result"]["content"][0]["text"]
+        )
+        assert rec["server_name"] == "alpha" and rec["status"] == "denied"
+
+        res, rec = one(lambda: c.call(rea.HEALTH_TOOL))  # answers even under HALT
+        assert json.loads(res["result"]["content"][0]["text"])["gateway"]["halt"] is True
+        assert (rec["tool_name"], rec["server_name"], rec["status"]) == (
+            "health",
+            "__rea__",
+            "allowed",
+        )
+
+        records = audit_records(root)
+        assert (
+            len(records) == 8
+        )  # the health() above + seven calls, nothing for initialize/tools/list
+        _audit_status_check_chain(records)
+
+    def test_halt_denial_record_names_the_bare_tool_and_its_server(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        (root / ".rea" / "HALT").write_text("frozen")
+        assert c.call("alpha__read_file")["result"]["content"][0]["text"].startswith("rea: denied:")
+        (rec,) = audit_records(root)
+        assert (rec["tool_name"], rec["server_name"], rec["status"]) == (
+            "read_file",
+            "alpha",
+            "denied",
+        )
+
+    def test_autonomy_l0_refuses_a_write_tier_tool_with_one_denied_record(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")], "autonomy_level: L0\n")
+        c = gateway(root)
+        _audit_status_ready(c)
+        res = c.call("alpha__echo", {"v": 1})["result"]
+        assert res["isError"] is True and res["content"][0]["text"].startswith("rea: denied:")
+        assert c.call("alpha__read_file")["result"]["isError"] is False
+        records = audit_records(root)
+        assert [(r["tool_name"], r["tier"], r["status"], r["autonomy_level"]) for r in records] == [
+            ("echo", "write", "denied", "L0"),
+            ("read_file", "read", "allowed", "L0"),
+        ]
+        _audit_status_check_chain(records)
+
+    def test_arguments_are_stored_as_digest_and_keys_and_secrets_never_reach_the_log(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        args = {
+            "token": _AUDIT_STATUS_GH_TOKEN,
+            "path": "notes/ünïcode.txt",
+            "nested": {"b": [1, 2], "a": None},
+        }
+        calls = [
+            ("alpha__read_file", "allowed"),
+            ("alpha__delete_file", "denied"),
+            ("alpha__fail", "error"),
+        ]
+        for name, _ in calls:
+            c.call(name, args)
+        secret_key_args = {_AUDIT_STATUS_GH_TOKEN: "value"}  # a secret as an argument's key
+        c.call("alpha__read_file", secret_key_args)
+        records = audit_records(root)
+        assert [r["status"] for r in records] == [s for _, s in calls] + ["allowed"]
+        for rec in records[:3]:
+            meta = rec["metadata"]
+            assert meta["args_sha256"] == _audit_status_args_digest(args)
+            assert meta["arg_keys"] == ["token", "path", "nested"]
+        assert records[3]["metadata"]["args_sha256"] == _audit_status_args_digest(secret_key_args)
+        assert len(records[3]["metadata"]["arg_keys"]) == 1
+        raw = (root / ".rea" / "audit.jsonl").read_text(encoding="utf-8")
+        assert _AUDIT_STATUS_GH_TOKEN not in raw
+        assert "Q7xZQ7xZ" not in raw and "ünïcode" not in raw  # no argument value is stored raw
+        _audit_status_check_chain(records)
+
+    def test_secret_in_a_result_is_redacted_for_the_client_and_noted_in_the_record(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        text = c.text("alpha__secret")
+        assert "ghp_" + "a" * 36 not in text and "AKIAABCDEFGHIJKLMNOP" not in text
+        assert "token " in text and " ok" in text  # the rest of the answer is kept
+        (rec,) = audit_records(root)
+        assert rec["status"] == "allowed" and rec["redacted_fields"] == ["result"]
+        listed = rec["metadata"]["redacted"]
+        assert isinstance(listed, list) and len(listed) >= 2  # a GitHub token and an AWS key
+        assert any("github" in str(n).lower() for n in listed) and any(
+            "aws" in str(n).lower() for n in listed
+        )
+        raw = (root / ".rea" / "audit.jsonl").read_text()
+        assert "a" * 36 not in raw and "AKIAABCDEFGHIJKLMNOP" not in raw
+        _audit_status_check_chain([rec])
+
+    def test_two_gateways_in_one_root_calling_at_once_write_one_valid_chain(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        clients = [gateway(root), gateway(root)]
+        for c in clients:
+            _audit_status_ready(c)
+        per_client = 40
+        errors: list[BaseException] = []
+
+        def hammer(c: Client, tag: int) -> None:
+            try:
+                ids = [
+                    c.start("tools/call", {"name": "alpha__echo", "arguments": {"c": tag, "i": i}})
+                    for i in range(per_client)
+                ]
+                for rid in ids:
+                    assert c.wait(rid)["result"]["structuredContent"]["c"] == tag
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(c, n)) for n, c in enumerate(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        records = audit_records(root)
+        assert len(records) == 2 * per_client
+        assert len({r["session_id"] for r in records}) == 2
+        _audit_status_check_chain(records)
+        out = _audit_status_cli(root, "audit", "verify", "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        report = json.loads(out.stdout)
+        assert report["ok"] is True and report["records"] == 2 * per_client
+
+    def test_verify_passes_the_gateway_log_and_names_the_line_of_an_edited_byte(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        for i in range(5):
+            c.call("alpha__echo", {"i": i})
+        assert c.close() == 0
+        out = _audit_status_cli(root, "audit", "verify", "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout)["ok"] is True and json.loads(out.stdout)["records"] == 5
+        path = root / ".rea" / "audit.jsonl"
+        lines = path.read_bytes().split(b"\n")
+        rec = json.loads(lines[2])
+        old = b'"session_id":"' + rec["session_id"].encode()
+        assert old in lines[2]
+        lines[2] = lines[2].replace(
+            old, old[:-1] + (b"0" if old[-1:] != b"0" else b"1"), 1
+        )  # one byte
+        path.write_bytes(b"\n".join(lines))
+        out = _audit_status_cli(root, "audit", "verify", "--json")
+        assert out.returncode == 1, out.stdout + out.stderr
+        report = json.loads(out.stdout)
+        assert report["ok"] is False and report["line"] == 3 and "audit.jsonl" in report["file"]
+        assert "edit" in report["reason"]
+        human = _audit_status_cli(root, "audit", "verify")
+        assert human.returncode == 1 and ":3" in human.stdout
+
+    @pytest.mark.parametrize("mode", ["always", "batch", "off"])
+    def test_every_fsync_policy_still_writes_every_record(
+        self, fake_server, rea_project, gateway, mode
+    ):
+        root = rea_project([server(fake_server, "alpha")], f"audit:\n  fsync: {mode}\n")
+        c = gateway(root)
+        _audit_status_ready(c)
+        ids = [
+            c.start("tools/call", {"name": "alpha__echo", "arguments": {"i": i}}) for i in range(30)
+        ]
+        for rid in ids:
+            c.wait(rid)
+        records = audit_records(root)  # each record is written before its call's answer
+        assert len(records) == 30
+        assert sorted(r["metadata"]["args_sha256"] for r in records) == sorted(
+            _audit_status_args_digest({"i": i}) for i in range(30)
+        )
+        _audit_status_check_chain(records)
+        assert _audit_status_cli(root, "audit", "verify").returncode == 0
+
+    def test_health_call_is_audited_as_the_gateways_own(self, fake_server, rea_project, gateway):
+        root = rea_project([server(fake_server, "alpha")])
+        c = gateway(root)
+        c.initialize()
+        c.health()
+        (rec,) = audit_records(root)
+        assert (rec["tool_name"], rec["server_name"], rec["status"], rec["tier"]) == (
+            "health",
+            "__rea__",
+            "allowed",
+            "read",
+        )
+        assert rec["prev_hash"] == _AUDIT_STATUS_ZERO and rec["hash"] == _audit_status_hash(rec)
+
+
+# §8 Live state and status ##########################################################
+
+
+def _audit_status_state(root: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((root / ".rea" / "serve.state.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+class TestSection8StatusEndToEnd:
+    def test_status_json_from_another_process_reports_the_running_gateway(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(fake_server, "alpha"), server(fake_server, "beta", "--tools", "echo,slow")]
+        )
+        c = gateway(root)
+        _audit_status_ready(c)
+        health = c.health()
+        pids = {d["name"]: d["pid"] for d in health["downstreams"]}
+
+        def settled():
+            code, rep = _audit_status_json(root)
+            ds = (rep.get("state") or {}).get("downstreams") or []
+            ok = code == 0 and len(ds) == 2 and all(d["healthy"] and d["tools_count"] for d in ds)
+            return (code, rep) if ok else None
+
+        _code, rep = poll(settled, what="status healthy")
+        assert rep["running"] is True and rep["pid"] == c.proc.pid
+        state = rep["state"]
+        assert state["session_id"] == health["gateway"]["session_id"]
+        assert state["owner_pid"] == c.proc.pid
+        got = {d["name"]: d for d in state["downstreams"]}
+        assert set(got) == {"alpha", "beta"}
+        for name, count in (("alpha", 14), ("beta", 2)):
+            d = got[name]
+            assert d["healthy"] is True and d["circuit_state"] == "closed"
+            assert d["pid"] == pids[name] and pid_alive(d["pid"])
+            assert d["restarts"] == 0 and d["tools_count"] == count
+        assert rep["halt"]["active"] is False
+        human = _audit_status_cli(root, "status")
+        assert human.returncode == 0
+        assert "running" in human.stdout and "not running" not in human.stdout
+        assert "alpha" in human.stdout and "beta" in human.stdout
+
+    def test_status_exits_1_when_a_server_is_unhealthy(self, fake_server, rea_project, gateway):
+        root = rea_project(
+            [server(fake_server, "good"), {"name": "broken", "command": "/nonexistent/mcp-server"}]
+        )
+        c = gateway(root)
+        _audit_status_ready(c)
+
+        def degraded():
+            code, rep = _audit_status_json(root)
+            ds = {d["name"]: d for d in (rep.get("state") or {}).get("downstreams") or []}
+            return (code, ds) if "broken" in ds and ds.get("good", {}).get("healthy") else None
+
+        code, ds = poll(degraded, what="state with both servers")
+        assert code == 1
+        assert ds["broken"]["healthy"] is False and ds["good"]["healthy"] is True
+        human = _audit_status_cli(root, "status")
+        assert human.returncode == 1 and "broken" in human.stdout and "UNHEALTHY" in human.stdout
+
+    def test_status_exits_1_under_halt_and_shows_the_reason(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        poll(lambda: _audit_status_json(root)[0] == 0, what="healthy status")
+        (root / ".rea" / "HALT").write_text("freeze for the release audit")
+        code, rep = _audit_status_json(root)
+        assert code == 1 and rep["running"] is True
+        assert (
+            rep["halt"]["active"] is True
+            and "freeze for the release audit" in rep["halt"]["reason"]
+        )
+        human = _audit_status_cli(root, "status")
+        assert human.returncode == 1 and "freeze for the release audit" in human.stdout
+
+    def test_status_shows_the_restart_of_a_sigkilled_child(self, fake_server, rea_project, gateway):
+        root = rea_project([server(fake_server, "alpha")], _AUDIT_STATUS_FAST)
+        c = gateway(root)
+        _audit_status_ready(c)
+
+        def first():
+            code, rep = _audit_status_json(root)
+            ds = (rep.get("state") or {}).get("downstreams") or []
+            return ds[0] if code == 0 and ds and ds[0]["pid"] else None
+
+        old = poll(first, what="child pid in status")
+        os.kill(old["pid"], signal.SIGKILL)
+
+        def restarted():
+            code, rep = _audit_status_json(root)
+            d = rep["state"]["downstreams"][0]
+            return (
+                (code, d)
+                if d["restarts"] >= 1 and d["healthy"] and d["pid"] != old["pid"]
+                else None
+            )
+
+        code, d = poll(restarted, timeout=15, what="restart shown by status")
+        assert code == 0 and pid_alive(d["pid"]) and d["pid"] == c.downstream("alpha")["pid"]
+
+    def test_sigkilled_gateway_is_reported_not_running_with_a_stale_pid(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha"), server(fake_server, "beta")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        state = poll(
+            lambda: (
+                (s := _audit_status_state(root)) and all(d["pid"] for d in s["downstreams"]) and s
+            ),
+            what="state with child pids",
+        )
+        children = [d["pid"] for d in state["downstreams"]]
+        gw_pid = c.proc.pid
+        c.proc.send_signal(signal.SIGKILL)
+        c.proc.wait(10)
+        try:
+            code, rep = _audit_status_json(root)
+            assert code == 3
+            assert rep["running"] is False and rep["stale_pid"] == gw_pid
+            human = _audit_status_cli(root, "status")
+            assert human.returncode == 3
+            assert (
+                "not running" in human.stdout
+                and "stale" in human.stdout
+                and str(gw_pid) in human.stdout
+            )
+        finally:
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def test_clean_stop_removes_the_pid_file_and_status_exits_3(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        c = gateway(root)
+        _audit_status_ready(c)
+        poll(lambda: _audit_status_json(root)[0] == 0, what="running status")
+        assert c.close() == 0
+        assert not (root / ".rea" / "serve.pid").exists()
+        code, rep = _audit_status_json(root)
+        assert code == 3 and rep["running"] is False and rep["stale_pid"] is None
+        human = _audit_status_cli(root, "status")
+        assert human.returncode == 3 and "not running" in human.stdout
+
+    def test_state_file_is_private_and_never_holds_an_env_value(
+        self, fake_server, rea_project, gateway
+    ):
+        secret = "supersecretvalue123"
+        root = rea_project([server(fake_server, "alpha", env={"API_TOKEN": "${SOME_VAR}"})])
+        c = gateway(root, env={"SOME_VAR": secret})
+        _audit_status_ready(c)
+        assert json.loads(c.text("alpha__env"))["API_TOKEN"] == secret  # the mapping is live
+        path = root / ".rea" / "serve.state.json"
+        poll(
+            lambda: (s := _audit_status_state(root)) and s["downstreams"][0]["tools_count"],
+            what="state written",
+        )
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert secret not in path.read_text()
+        out = _audit_status_cli(root, "status", "--json")
+        assert secret not in out.stdout and secret not in _audit_status_cli(root, "status").stdout
+        assert secret not in (root / ".rea" / "audit.jsonl").read_text()
+        c.close()
+        assert secret not in path.read_text()  # nor after the flush at stop
+        assert not any(
+            p.name.startswith("serve.state") and p != path for p in (root / ".rea").iterdir()
+        )
+
+    def test_a_reader_never_sees_partial_state_json_while_the_gateway_churns(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(fake_server, "alpha"), server(fake_server, "beta")], _AUDIT_STATUS_FAST
+        )
+        c = gateway(root)
+        _audit_status_ready(c)
+        path = root / ".rea" / "serve.state.json"
+        poll(path.exists, what="state file")
+        stop = threading.Event()
+        seen: dict[str, object] = {"reads": 0, "bad": [], "updated": set()}
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    data = path.read_bytes()
+                    doc = json.loads(data)
+                    seen["updated"].add(doc["updated_at"])  # type: ignore[attr-defined]
+                except (OSError, ValueError, KeyError) as exc:
+                    seen["bad"].append(repr(exc))  # type: ignore[attr-defined]
+                seen["reads"] += 1  # type: ignore[operator]
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            old = c.downstream("alpha")["pid"]
+            for burst in range(4):
+                ids = [
+                    c.start("tools/call", {"name": "beta__echo", "arguments": {"b": burst, "i": i}})
+                    for i in range(50)
+                ]
+                if burst == 1:
+                    os.kill(old, signal.SIGKILL)
+                for rid in ids:
+                    c.wait(rid)
+            poll(
+                lambda: c.downstream("alpha")["restarts"] >= 1 and c.downstream("alpha")["healthy"],
+                what="restart",
+            )
+            poll(
+                lambda: (s := _audit_status_state(root)) and s["downstreams"][0]["restarts"] >= 1,
+                what="restart written",
+            )
+        finally:
+            stop.set()
+            t.join(10)
+        assert seen["bad"] == []
+        assert seen["reads"] > 50 and len(seen["updated"]) >= 2  # type: ignore[arg-type, operator]
+
+    def test_second_serve_in_the_same_root_does_not_take_over_the_state(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        first = gateway(root)
+        _audit_status_ready(first)
+        poll(
+            lambda: (s := _audit_status_state(root)) and s["owner_pid"] == first.proc.pid,
+            what="first owns the state",
+        )
+        session = first.health()["gateway"]["session_id"]
+        second = gateway(root)
+        _audit_status_ready(second)
+        assert second.call("alpha__echo", {"x": 1})["result"]["structuredContent"] == {"x": 1}
+        assert second.health()["gateway"]["session_id"] != session
+        time.sleep(0.6)  # past the 250 ms debounce: proving the second never writes needs a wait
+        state = _audit_status_state(root)
+        assert (
+            state is not None
+            and state["owner_pid"] == first.proc.pid
+            and state["session_id"] == session
+        )
+        assert (root / ".rea" / "serve.pid").read_text().strip() == str(first.proc.pid)
+        assert second.close() == 0
+        code, rep = _audit_status_json(root)
+        assert code == 0 and rep["running"] is True and rep["pid"] == first.proc.pid
+        assert rep["state"]["owner_pid"] == first.proc.pid
+        assert (root / ".rea" / "serve.pid").read_text().strip() == str(first.proc.pid)
