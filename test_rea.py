@@ -2962,6 +2962,13 @@ ONLY = opt("--tools")
 
 BUILTIN = ["echo", "slow", "crash", "fail", "tool_error", "huge", "secret", "inject",
            "count", "noisy", "env", "image", "read_file", "delete_file"]
+FEATURES = "--features" in args  # resources, prompts, completion, logging, client requests
+if FEATURES:
+    BUILTIN += ["progress", "sample", "change_tools", "log", "level"]
+BASE = opt("--uri", "fake://x")
+answers = {}
+answer_cond = threading.Condition()
+level = ["info"]
 tools = [{"name": n, "description": f"the {n} tool", "inputSchema": {"type": "object"}} for n in BUILTIN]
 tools[0]["title"] = "Echo"
 tools[0]["annotations"] = {"readOnlyHint": True}
@@ -3001,6 +3008,7 @@ def call(rid, name, a):
         n = calls
     if CRASH_AFTER and n > CRASH_AFTER:
         os._exit(9)
+    a = {k: v for k, v in a.items() if k != "_token"} if name != "progress" else a
     if name == "echo":
         result(rid, {"content": [{"type": "text", "text": json.dumps(a, sort_keys=True)}], "structuredContent": a})
     elif name == "slow":
@@ -3033,6 +3041,33 @@ def call(rid, name, a):
             sys.stderr.write("noise " * 1000 + "\n")
         sys.stderr.flush()
         result(rid, text("noisy done"))
+    elif name == "progress":
+        token = (a.get("_token"))
+        for i in range(3):
+            send({"jsonrpc": "2.0", "method": "notifications/progress",
+                  "params": {"progressToken": token, "progress": i + 1, "total": 3}})
+        result(rid, text("progressed"))
+    elif name == "sample":
+        sid = f"s-{rid}"
+        send({"jsonrpc": "2.0", "id": sid, "method": "sampling/createMessage",
+              "params": {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}], "maxTokens": 5}})
+        with answer_cond:
+            while sid not in answers:
+                answer_cond.wait()
+            ans = answers.pop(sid)
+        if "error" in ans:
+            result(rid, text("sampling refused: " + ans["error"]["message"], True))
+        else:
+            result(rid, text("model said: " + ans["result"]["content"]["text"]))
+    elif name == "change_tools":
+        tools.append({"name": "added_later", "inputSchema": {"type": "object"}})
+        send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        result(rid, text("changed"))
+    elif name == "log":
+        send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "logger": "db", "data": "hello log"}})
+        result(rid, text("logged"))
+    elif name == "level":
+        result(rid, text(level[0]))
     elif name == "env":
         result(rid, text(json.dumps(dict(os.environ))))
     elif name == "image":
@@ -3044,6 +3079,11 @@ def call(rid, name, a):
 def handle(msg):
     method, rid, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
     meta = params.get("_meta") or {}
+    if method is None and rid is not None:
+        with answer_cond:
+            answers[rid] = msg
+            answer_cond.notify_all()
+        return
     if rid is None:
         if method == "notifications/cancelled":
             cancelled.add(params.get("requestId"))
@@ -3066,7 +3106,13 @@ def handle(msg):
                 return
             return error(rid, -32601, "Method not found")
         if method == "initialize":
-            return result(rid, {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {"listChanged": True}},
+            caps = {"tools": {"listChanged": True}}
+            if FEATURES:
+                caps.update(resources={"subscribe": True, "listChanged": True}, prompts={}, completions={}, logging={})
+            if opt("--caps-file"):
+                with open(opt("--caps-file"), "a") as f:
+                    f.write("client-caps " + json.dumps(params.get("capabilities"), sort_keys=True) + "\n")
+            return result(rid, {"protocolVersion": params.get("protocolVersion"), "capabilities": caps,
                                 "serverInfo": {"name": "fake", "version": "1"}})
     if method == "tools/list":
         res = {"tools": tools}
@@ -3074,8 +3120,33 @@ def handle(msg):
             res.update(ttlMs=0, cacheScope="public")
         return result(rid, res)
     if method == "tools/call":
-        threading.Thread(target=call, args=(rid, params.get("name"), params.get("arguments") or {}), daemon=True).start()
+        a = dict(params.get("arguments") or {})
+        a["_token"] = meta.get("progressToken")
+        if a["_token"] is None:
+            del a["_token"]
+        threading.Thread(target=call, args=(rid, params.get("name"), a), daemon=True).start()
         return
+    if FEATURES and method == "resources/list":
+        return result(rid, {"resources": [{"uri": BASE + "/readme", "name": "readme", "mimeType": "text/plain"}]})
+    if FEATURES and method == "resources/templates/list":
+        return result(rid, {"resourceTemplates": [{"uriTemplate": BASE + "/items/{id}", "name": "item"}]})
+    if FEATURES and method == "resources/read":
+        uri = params.get("uri")
+        return result(rid, {"contents": [{"uri": uri, "mimeType": "text/plain", "text": f"contents of {uri} ghp_" + "b" * 36}]})
+    if FEATURES and method == "resources/subscribe":
+        result(rid, {})
+        send({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": params.get("uri")}})
+        return
+    if FEATURES and method == "prompts/list":
+        return result(rid, {"prompts": [{"name": "greet", "description": "say hi", "arguments": [{"name": "who"}]}]})
+    if FEATURES and method == "prompts/get":
+        who = (params.get("arguments") or {}).get("who", "you")
+        return result(rid, {"messages": [{"role": "user", "content": {"type": "text", "text": f"{params.get('name')}: hello {who}"}}]})
+    if FEATURES and method == "completion/complete":
+        return result(rid, {"completion": {"values": [f"{(params.get('ref') or {}).get('name') or 'r'}-alice", "bob"]}})
+    if FEATURES and method == "logging/setLevel":
+        level[0] = params.get("level")
+        return result(rid, {})
     if method == "ping":
         return result(rid, {})
     error(rid, -32601, "Method not found")
@@ -3896,6 +3967,202 @@ class TestSection12MetricsEndToEnd:
         assert 'tier="read"' in body and "rea_tool_call_duration_seconds_bucket" in body
         assert 'rea_circuit_state{server="a",state="closed"} 1' in body
         assert "rea_halt_active 0" in body
+
+
+# §5 Beyond tools: issue 7 ######################################################
+
+
+class TestSection5FullProxying:
+    def test_capabilities_are_the_union_and_client_caps_reach_children(
+        self, fake_server, rea_project, gateway, tmp_path
+    ):
+        caps_file = tmp_path / "caps.txt"
+        root = rea_project(
+            [
+                server(fake_server, "plain"),
+                server(fake_server, "rich", "--features", "--caps-file", str(caps_file)),
+            ]
+        )
+        c = gateway(root)
+        c.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {"sampling": {}, "experimental": {"x": {}}},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        )
+        c.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        c.tools()
+        assert json.loads(caps_file.read_text().split(" ", 1)[1]) == {"sampling": {}}
+        meta = {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+        c2 = gateway(rea_project([server(fake_server, "plain")]))
+        c2.request("server/discover", {"_meta": meta})
+        c2.request("tools/list", {"_meta": meta})
+        caps = c2.request("server/discover", {"_meta": meta})["result"]["capabilities"]
+        assert set(caps) == {"tools"}  # once known, only what a child offers
+
+    def test_resources_are_listed_read_subscribed_and_redacted(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [
+                server(fake_server, "one", "--features", "--uri", "one://r"),
+                server(fake_server, "two", "--features", "--uri", "two://r"),
+            ]
+        )
+        c = gateway(root)
+        assert set(c.initialize()["result"]["capabilities"]) >= {"tools", "resources", "prompts"}
+        uris = {r["uri"] for r in c.request("resources/list")["result"]["resources"]}
+        assert uris == {"one://r/readme", "two://r/readme"}
+        templates = c.request("resources/templates/list")["result"]["resourceTemplates"]
+        assert {t["uriTemplate"] for t in templates} == {"one://r/items/{id}", "two://r/items/{id}"}
+        text = c.request("resources/read", {"uri": "two://r/readme"})["result"]["contents"][0][
+            "text"
+        ]
+        assert text.startswith("contents of two://r/readme") and "ghp_" not in text
+        by_template = c.request("resources/read", {"uri": "one://r/items/42"})["result"]
+        assert by_template["contents"][0]["uri"] == "one://r/items/42"
+        assert c.request("resources/subscribe", {"uri": "one://r/readme"})["result"] == {}
+        assert c.wait_notification("notifications/resources/updated")["params"] == {
+            "uri": "one://r/readme"
+        }
+        assert c.request("resources/read", {"uri": "nobody://x"})["error"]["code"] == -32002
+        reads = [r for r in audit_records(root) if r["tool_name"] == "resources/read"]
+        assert [r["server_name"] for r in reads] == [
+            "two",
+            "one",
+        ] and reads[0]["redacted_fields"] == ["result"]
+
+    def test_resource_read_obeys_halt_and_blocked_paths(self, fake_server, rea_project, gateway):
+        root = rea_project(
+            [server(fake_server, "one", "--features", "--uri", "file://")],
+            "blocked_paths: [.env]\n",
+        )
+        c = gateway(root)
+        c.initialize()
+        denied = c.request("resources/read", {"uri": f"file://{root}/.env"})["error"]
+        assert denied["code"] == -32001 and denied["message"].startswith("rea: denied:")
+        (root / ".rea" / "HALT").write_text("incident 7")
+        halted = c.request("resources/read", {"uri": "file:///tmp/x"})["error"]
+        assert "incident 7" in halted["message"]
+
+    def test_prompts_are_prefixed_and_routed_with_completion(
+        self, fake_server, rea_project, gateway
+    ):
+        c = gateway(
+            rea_project(
+                [server(fake_server, "one", "--features"), server(fake_server, "two", "--features")]
+            )
+        )
+        c.initialize()
+        names = {p["name"] for p in c.request("prompts/list")["result"]["prompts"]}
+        assert names == {"one__greet", "two__greet"}
+        got = c.request("prompts/get", {"name": "two__greet", "arguments": {"who": "ann"}})[
+            "result"
+        ]
+        assert got["messages"][0]["content"]["text"] == "greet: hello ann"
+        done = c.request(
+            "completion/complete",
+            {
+                "ref": {"type": "ref/prompt", "name": "one__greet"},
+                "argument": {"name": "who", "value": "a"},
+            },
+        )
+        assert done["result"]["completion"]["values"] == ["greet-alice", "bob"]
+        assert c.request("prompts/get", {"name": "three__greet"})["error"]["code"] == -32602
+
+    def test_progress_logging_and_list_changed_reach_the_client(
+        self, fake_server, rea_project, gateway
+    ):
+        c = gateway(rea_project([server(fake_server, "one", "--features")]))
+        c.initialize()
+        c.tools()
+        res = c.request(
+            "tools/call",
+            {"name": "one__progress", "arguments": {}, "_meta": {"progressToken": "tok-9"}},
+        )
+        assert res["result"]["content"][0]["text"] == "progressed"
+        progress = [c.wait_notification("notifications/progress")["params"] for _ in range(3)]
+        assert [p["progressToken"] for p in progress] == ["tok-9"] * 3 and progress[-1][
+            "progress"
+        ] == 3
+        c.call("one__log")
+        assert c.wait_notification("notifications/message")["params"]["logger"] == "one:db"
+        assert c.request("logging/setLevel", {"level": "debug"})["result"] == {}
+        poll(lambda: c.text("one__level") == "debug", what="setLevel fanned out")
+        c.call("one__change_tools")
+        c.wait_notification("notifications/tools/list_changed")
+        assert "one__added_later" in c.tools()
+
+    def test_cancellation_reaches_the_child_and_gets_no_answer(
+        self, fake_server, rea_project, gateway, tmp_path
+    ):
+        counter = tmp_path / "count.txt"
+        c = gateway(rea_project([server(fake_server, "one", "--counter", str(counter))]))
+        c.initialize()
+        c.tools()
+        rid = c.start("tools/call", {"name": "one__slow", "arguments": {"seconds": 1.0}})
+        time.sleep(0.2)
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": rid, "reason": "user"},
+            }
+        )
+        poll(
+            lambda: counter.exists() and "cancelled" in counter.read_text(),
+            what="cancel at the child",
+        )
+        assert c.call("one__echo", {"after": 1})["result"]["structuredContent"] == {"after": 1}
+        time.sleep(1.0)  # past the slow call's end: proving an absence needs a wait
+        assert rid not in c.responses
+
+    def test_sampling_request_is_relayed_to_a_client_that_can_sample(
+        self, fake_server, rea_project, gateway
+    ):
+        c = gateway(rea_project([server(fake_server, "one", "--features")]))
+        c.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {"sampling": {}},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        )
+        c.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        c.tools()
+        rid = c.start("tools/call", {"name": "one__sample", "arguments": {}})
+        req = c.wait_notification("sampling/createMessage")
+        assert isinstance(req["id"], str) and req["id"].startswith("rea-")
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "id": req["id"],
+                "result": {
+                    "role": "assistant",
+                    "content": {"type": "text", "text": "42"},
+                    "model": "m",
+                },
+            }
+        )
+        assert c.wait(rid)["result"]["content"][0]["text"] == "model said: 42"
+
+    def test_sampling_without_client_support_is_refused_not_left_hanging(
+        self, fake_server, rea_project, gateway
+    ):
+        c = gateway(rea_project([server(fake_server, "one", "--features")]))
+        c.initialize()
+        c.tools()
+        res = c.call("one__sample", timeout=10)["result"]
+        assert (
+            res["isError"] is True
+            and "cannot answer sampling/createMessage" in res["content"][0]["text"]
+        )
 
 
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
