@@ -8210,7 +8210,8 @@ class Gateway:
         with self._tools_lock:
             self.tool_index = index
             self.renames = renames
-            notify = self._listed is not None and frozenset(index) != self._listed
+            visible = frozenset(name for name, e in index.items() if e.withheld is None)
+            notify = self._listed is not None and visible != self._listed
         if notify:
             self.notify_client("notifications/tools/list_changed")
         self.state_changed()
@@ -8227,7 +8228,7 @@ class Gateway:
         self.wait_for_startup()
         with self._tools_lock:
             entries = list(self.tool_index.values())
-            self._listed = frozenset(self.tool_index)
+            self._listed = frozenset(n for n, e in self.tool_index.items() if e.withheld is None)
         tools: list[JsonObj] = [
             {**e.definition, "name": e.exposed} for e in entries if e.withheld is None
         ]
