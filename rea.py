@@ -140,6 +140,35 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+def gateway_launch(rea_path: Path, root: Path) -> dict[str, object]:
+    """How a client should start the gateway (its `.mcp.json` entry).
+
+    `python3 rea.py` compiles the whole file at every start (~100 ms); importing it as
+    a module loads the bytecode cached beside it instead, so the client's command
+    imports rea from its folder. No PYTHONPATH: that would leak into every child.
+    """
+    code = f"import sys; sys.path.insert(0, {str(rea_path.parent)!r}); import rea; sys.exit(rea.main())"
+    return {"command": "python3", "args": ["-c", code, "serve", "--root", str(root)]}
+
+
+def warm_bytecode_cache(rea_path: Path) -> None:
+    """Write rea.py's cached bytecode if missing or stale, so the next start is fast.
+
+    Python does this itself on import unless PYTHONDONTWRITEBYTECODE is set; a folder
+    we cannot write to just means slower starts.
+    """
+    import importlib.util
+    import py_compile
+
+    try:
+        cache = Path(importlib.util.cache_from_source(str(rea_path)))
+        if cache.exists() and cache.stat().st_mtime >= rea_path.stat().st_mtime:
+            return
+        py_compile.compile(str(rea_path), cfile=str(cache), doraise=True)
+    except (OSError, py_compile.PyCompileError, ValueError):
+        pass
+
+
 # YAML subset ######################################################################
 #
 # The standard library has no YAML parser, so rea carries a small strict one for the
@@ -5436,7 +5465,12 @@ def _bench_run(
     project = _bench_project(work, spec, opts.fsync)
     env = child_environment(spec, os.environ)
     child_argv = [spec.command, *spec.args]
-    serve_argv = [sys.executable, str(rea_path), "serve", "--root", str(project)]
+    # Started as init writes it into .mcp.json: importing rea uses its cached bytecode.
+    warm_bytecode_cache(rea_path)
+    launch = gateway_launch(rea_path, project)
+    launch_args = launch["args"]
+    assert isinstance(launch_args, list)
+    serve_argv = [sys.executable, *map(str, launch_args)]
     bare_tool = opts.tool or "echo"
     exposed = f"{spec.name}__{bare_tool}"
     arguments: dict[str, object] = {"text": "hello"}
@@ -6017,7 +6051,9 @@ def _init_entry(key: str, value: object) -> ClientEntry:
 
 def _init_routes_through_rea(command: str, args: tuple[str, ...]) -> bool:
     """An entry like `python3 /x/rea.py serve ...`: the gateway itself, not a server."""
-    runs_rea = any(_INIT_REA_PY_RE.search(word) for word in (command, *args))
+    runs_rea = any(
+        _INIT_REA_PY_RE.search(word) or "import rea;" in word for word in (command, *args)
+    )
     return runs_rea and "serve" in args
 
 
@@ -6254,12 +6290,7 @@ def _init_client_servers(
     ]
     kept_keys = {k for k, _ in kept}
     rea_key = "rea" if "rea" not in kept_keys else "rea-gateway"
-    servers: dict[str, object] = {
-        rea_key: {
-            "command": "python3",
-            "args": [str(rea_path.absolute()), "serve", "--root", str(root.absolute())],
-        }
-    }
+    servers: dict[str, object] = {rea_key: gateway_launch(rea_path.absolute(), root.absolute())}
     for key, value in kept:
         unique, n = key, 1
         while unique in servers:  # a key the file had twice: keep both
@@ -8959,6 +8990,12 @@ def cmd_serve(root: Path, argv: list[str]) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     rea_dir.mkdir(exist_ok=True)
+    threading.Thread(
+        target=warm_bytecode_cache,
+        args=(Path(__file__).resolve(),),
+        name="rea-bytecode",
+        daemon=True,
+    ).start()
     gateway = Gateway(root, registry, policy, out)
     return gateway.serve()
 

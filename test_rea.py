@@ -3703,10 +3703,12 @@ class TestSection5Shutdown:
         c.initialize()
         c.tools()
         pid = c.downstream("a")["pid"]
-        c.start("tools/call", {"name": "a__slow", "arguments": {"seconds": 60}})
+        rid = c.start("tools/call", {"name": "a__slow", "arguments": {"seconds": 0.8}})
         time.sleep(0.2)
         c.proc.send_signal(signal.SIGTERM)
         c.proc.wait(20)
+        # the call in flight was let finish before the child was stopped
+        assert c.wait(rid, timeout=1)["result"]["content"][0]["text"] == "slept 0.8"
         poll(lambda: not pid_alive(pid), what="child gone")
         assert not (root / ".rea" / "serve.pid").exists()
 
@@ -3916,9 +3918,12 @@ class TestSection11InitEndToEnd:
         rewritten = json.loads(mcp.read_text())
         assert rewritten["mcpServers"]["remote"] == original["mcpServers"]["remote"]
         rea_entry = rewritten["mcpServers"]["rea"]
-        assert (
-            rea_entry["args"][1:3] == ["serve", "--root"] and Path(rea_entry["args"][0]) == REA_PY
+        assert rea_entry == rea.gateway_launch(REA_PY, tmp_path)
+        # the command the client will run starts a working gateway
+        launched = subprocess.run(
+            ["python3", *rea_entry["args"][:2], "--version"], capture_output=True, text=True
         )
+        assert launched.stdout.startswith("rea.py ")
         backups = list(tmp_path.glob(".mcp.json.bak*"))
         assert len(backups) == 1 and json.loads(backups[0].read_text()) == original
         assert run_rea("check", "--root", str(tmp_path)).returncode == 0
@@ -4771,10 +4776,7 @@ def entry_lines(output: str) -> list[str]:
 
 
 def rea_entry(root: Path) -> dict[str, object]:
-    return {
-        "command": "python3",
-        "args": [str(INIT_REA_PY), "serve", "--root", str(root)],
-    }
+    return rea.gateway_launch(INIT_REA_PY, root)
 
 
 # init ###########################################################################
