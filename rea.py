@@ -4808,10 +4808,13 @@ def cmd_echo_server(argv: list[str]) -> int:
     a client may pipeline as many as it likes. Handshake era only; `server/discover` is
     answered with -32601, which makes the gateway fall back to `initialize` (SPEC §5).
     """
-    del argv  # no options: the server has nothing to configure
+    # --delay-ms N: each tools/call takes N ms, like a tool doing real work (one at a time)
+    delay = float(argv[argv.index("--delay-ms") + 1]) / 1000.0 if "--delay-ms" in argv else 0.0
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     for line in stdin:
         reply = _echo_reply(line)
+        if delay and reply is not None and "content" in (reply.get("result") or {}):  # type: ignore[operator]
+            time.sleep(delay)
         if reply is not None:
             stdout.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
             stdout.flush()
@@ -5308,7 +5311,7 @@ def _bench_audit(rea_path: Path, work_dir: Path, calls: int) -> dict[str, float]
 # Bench command #################################################################
 
 _BENCH_USAGE = (
-    "usage: rea.py bench [--calls N] [--warmup N] [--fsync off|always|batch] [--json]\n"
+    "usage: rea.py bench [--calls N] [--warmup N] [--fsync off|always|batch] [--delay-ms N] [--json]\n"
     "                    [--server NAME --tool T --args JSON] [--root DIR]"
 )
 _BENCH_START_SAMPLES = 3  # start times are noisy: the median of three spawns
@@ -5331,6 +5334,7 @@ class _BenchOptions:
     server: str | None = None
     tool: str | None = None
     arguments: dict[str, object] | None = None
+    delay_ms: float = 0.0
 
 
 def _bench_options(argv: list[str]) -> _BenchOptions:
@@ -5344,7 +5348,15 @@ def _bench_options(argv: list[str]) -> _BenchOptions:
             i += 1
             continue
         name, eq, inline = word.partition("=")
-        if name not in ("--calls", "--warmup", "--fsync", "--server", "--tool", "--args"):
+        if name not in (
+            "--calls",
+            "--warmup",
+            "--fsync",
+            "--server",
+            "--tool",
+            "--args",
+            "--delay-ms",
+        ):
             raise ReaError(f"bench: unknown option {word!r}\n{_BENCH_USAGE}")
         if eq:
             values[name] = inline
@@ -5379,8 +5391,14 @@ def _bench_options(argv: list[str]) -> _BenchOptions:
         if not isinstance(parsed, dict):
             raise ReaError('bench: --args must be a JSON object, such as \'{"path": "x"}\'')
         arguments = {str(key): value for key, value in parsed.items()}
+    try:
+        delay_ms = float(values.get("--delay-ms", 0))
+    except ValueError:
+        raise ReaError("bench: --delay-ms must be a number of milliseconds") from None
+    if not 0 <= delay_ms <= 1000 or (delay_ms and server is not None):
+        raise ReaError("bench: --delay-ms takes 0 to 1000, for the built-in echo server only")
     return _BenchOptions(
-        counts["--calls"], counts["--warmup"], as_json, fsync, server, tool, arguments
+        counts["--calls"], counts["--warmup"], as_json, fsync, server, tool, arguments, delay_ms
     )
 
 
@@ -5416,6 +5434,8 @@ def _bench_spec(
     """The downstream to bench, as the temporary registry will declare it."""
     if opts.server is None:
         argv = echo_cmd or [sys.executable, str(rea_path), "_echo-server"]
+        if opts.delay_ms:
+            argv = [*argv, "--delay-ms", f"{opts.delay_ms:g}"]
         return ServerSpec(name="echo", command=argv[0], args=tuple(argv[1:]))
     registry = load_registry(root / ".rea")
     for spec in registry.servers:
@@ -5509,7 +5529,11 @@ def _bench_run(
     # "within one fsync" of the fsync-off target (SPEC §12): one fsync from the always rate.
     p50_limit = _BENCH_ADDED_P50_MS + (0.0 if opts.fsync == "off" else 1000.0 / rates["always"])
     return BenchReport(
-        downstream="built-in echo" if opts.server is None else spec.name,
+        downstream=(
+            spec.name
+            if opts.server is not None
+            else "built-in echo" + (f" ({opts.delay_ms:g} ms per call)" if opts.delay_ms else "")
+        ),
         tool=exposed,
         calls=opts.calls,
         fsync=opts.fsync,
