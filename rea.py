@@ -2080,7 +2080,7 @@ class Redactor:
         return Redaction(text, tuple(names))
 
     def redact_value(self, value: object) -> tuple[object, tuple[str, ...]]:
-        """Redact every string in a JSON value (keys kept); returns a new value."""
+        """Redact every string in a JSON value, keys included; returns a new value."""
         names: list[str] = []
 
         def walk(item: object) -> object:
@@ -2091,7 +2091,11 @@ class Redactor:
                         names.append(name)
                 return result.text
             if isinstance(item, Mapping):
-                return {key: walk(sub) for key, sub in item.items()}
+                # a key can carry a secret too (a tool echoing its arguments' keys)
+                return {
+                    walk(key) if isinstance(key, str) else key: walk(sub)
+                    for key, sub in item.items()
+                }
             if isinstance(item, list | tuple):
                 return [walk(sub) for sub in item]
             return item
@@ -6691,6 +6695,7 @@ _ALL_CHILD_CAPS: JsonObj = {
     "logging": {},
 }
 DENIED = -32001  # a non-tool request refused by policy (tool calls get an isError result)
+MAX_INPUT_ROUNDS = 8  # input_required rounds one call may take
 MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
 DISCOVER_TIMEOUT_S = 5.0  # §5: no answer to server/discover within 5 s means handshake era
 HANDSHAKE_TIMEOUT_S = 30.0
@@ -7548,11 +7553,16 @@ class Call:
     entry: ToolEntry | None = None
     downstream: Downstream | None = None
     tier: str = "write"
+    tier_known: bool = False  # step_tier has run (a refusal before it still records the tier)
     holds_breaker: bool = False
     holds_slot: bool = False
     child: ChildProcess | None = None
     child_id: int | None = None
     cancelled: bool = False
+    extra: JsonObj = field(default_factory=dict)  # inputResponses / requestState to pass on
+    rounds: int = 0  # input_required rounds fulfilled for a handshake-era client
+    awaiting_retry: bool = False  # answered input_required; the client's retry resumes it
+    parked: tuple[JsonObj | None, Exception | None] | None = None  # the child's answer meanwhile
 
     @property
     def server_name(self) -> str:
@@ -7621,6 +7631,7 @@ def step_tier(gw: Gateway, call: Call) -> Decision | None:
     call.tier, warning = resolve_tier(
         call.entry.bare, annotations, spec.trust_annotations, override
     )
+    call.tier_known = True
     if warning:
         gw.warn_once(
             ("tier_override", call.name),
@@ -7808,6 +7819,14 @@ def compile_rules(root: Path, policy: Policy) -> Rules:
 # Gateway #####################################################################
 
 
+class _ClientAnswer:
+    """A request of the gateway's own to the client, waiting for its answer."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: JsonObj = {}
+
+
 class Gateway:
     """The MCP server the client talks to: one session over stdin/stdout, in front of
     every downstream. Reads the client on one thread, answers from whichever thread
@@ -7852,7 +7871,10 @@ class Gateway:
         self._first_list_done = False
         self._children_started = False
         self._relay_lock = threading.Lock()  # guards: _relay, _relay_seq
-        self._relay: dict[str, tuple[ChildProcess, object]] = {}
+        self._relay: dict[str, tuple[ChildProcess, object] | _ClientAnswer] = {}
+        self._suspended: dict[
+            str, tuple[Call, object]
+        ] = {}  # requestState -> call, child's request id
         self._relay_seq = 0
         self._index_lock = threading.Lock()  # guards: resource_index, templates, prompt_index
         self.resource_index: dict[str, str] = {}
@@ -8318,9 +8340,14 @@ class Gateway:
             # wait for start-up as tools/list would, off the reader thread.
             self.pool.submit(self._guarded_call, req_id, p, era)
             return
+        state = p.get("requestState")
+        if isinstance(state, str) and state in self._suspended:
+            self.resume_call(req_id, state, p)
+            return
         call = Call(
             req_id, name, arguments, meta_of(p), era or "handshake", self.rules, time.monotonic()
         )
+        call.extra = {k: p[k] for k in ("inputResponses", "requestState") if k in p}
         if name == HEALTH_TOOL:
             self.health_call(call)
             return
@@ -8347,11 +8374,12 @@ class Gateway:
 
     def refuse(self, call: Call, decision: Decision) -> None:
         if call.entry is None and call.name in self.tool_index:
-            # Refused before routing (HALT): the record still names the bare tool, its
-            # server and its tier, as every other record does.
+            # Refused before routing (HALT): the record still names the bare tool and
+            # its server, as every other record does.
             call.entry = self.tool_index[call.name]
             call.downstream = self.downstreams[call.entry.server]
-            step_tier(self, call)
+        if call.entry is not None and not call.tier_known:
+            step_tier(self, call)  # refused before the tier step: record the real tier
         self.release(call)
         if call.holds_breaker and call.downstream is not None:
             call.downstream.breaker.release_unused()
@@ -8369,7 +8397,7 @@ class Gateway:
             ds.calls += 1
             child = ds.child
         call.holds_slot = True
-        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments}
+        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments, **call.extra}
         if call.meta:
             params["_meta"] = call.meta
         try:
@@ -8386,9 +8414,14 @@ class Gateway:
             self._call_done(call, None, exc)
 
     def _call_done(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
+        with self._calls_lock:
+            if call.awaiting_retry:  # the client has not retried yet: keep the answer for it
+                call.parked = (result, error)
+                return
         # With fsync off the record costs microseconds: finish on this thread. Otherwise
         # a worker waits for the disk so that this child's other answers do not queue.
-        if call.rules.policy.audit_fsync == "off":
+        needs_client = result is not None and result.get("resultType") == "input_required"
+        if call.rules.policy.audit_fsync == "off" and not needs_client:
             self.complete(call, result, error)
         else:
             try:
@@ -8399,16 +8432,20 @@ class Gateway:
     def complete(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
         ds = call.downstream
         assert ds is not None
+        finished = True
         try:
             if error is not None or result is None:
                 self._complete_error(call, ds, error)
+            elif result.get("resultType") == "input_required" and call.era != "stateless":
+                finished = self.fulfil_input(call, ds, result)
             else:
                 self._complete_result(call, ds, result)
         except Exception as exc:  # never leave the client waiting on a bug
             log("error", "internal_error", where="complete", error=repr(exc))
             self.reply_error(call.req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
         finally:
-            self.release(call)
+            if finished:
+                self.release(call)
 
     def _complete_error(self, call: Call, ds: Downstream, error: Exception | None) -> None:
         redact = call.rules.redactor.redact
@@ -8435,13 +8472,137 @@ class Gateway:
         self.audit_call(call, "error", error=text)
         self.reply(call.req_id, tool_error_result(text), call.era)
 
-    def _complete_result(self, call: Call, ds: Downstream, result: JsonObj) -> None:
-        if result.get("resultType") == "input_required":
-            # SEP-2322: a stateless child asks the client for input; not bridged yet.
-            result = tool_error_result(
-                f"rea: error: server {ds.name} asked for client input (input_required), "
-                "which rea does not relay yet"
+    def fulfil_input(self, call: Call, ds: Downstream, result: JsonObj) -> bool:
+        """A stateless child's input_required for a handshake-era client (SEP-2322): ask
+        the client each embedded request as a real request, then send the child the
+        original call again with the answers and its requestState, as MRTR asks.
+        Returns False while the call goes on (it is not finished)."""
+        requests = as_obj(result.get("inputRequests")) or {}
+        call.rounds += 1
+        problem: str | None = None
+        responses: JsonObj = {}
+        if call.rounds > MAX_INPUT_ROUNDS:
+            problem = f"server {ds.name} asked for client input more than {MAX_INPUT_ROUNDS} times"
+        for key, raw in requests.items():
+            if problem is not None:
+                break
+            req = as_obj(raw) or {}
+            method = str(req.get("method"))
+            needed = RELAYED_REQUESTS.get(method)
+            if needed is None or needed not in self.client_caps:
+                problem = f"server {ds.name} needs {method} from the client, which the client cannot answer"
+                break
+            answer = self.ask_client(
+                method, as_obj(req.get("params")), call.rules.policy.call_timeout_s
             )
+            if "error" in answer:
+                problem = (
+                    f"the client refused {method}: {(as_obj(answer['error']) or {}).get('message')}"
+                )
+                break
+            responses[key] = answer.get("result")
+        child = call.child
+        if problem is None and (child is None or not child.alive):
+            problem = f"server {ds.name} exited while the client answered its input request"
+        if problem is not None or child is None:
+            text = call.rules.redactor.redact(f"rea: error: {problem}").text
+            ds.breaker.record_success()  # the server answered; the exchange failed
+            self.audit_call(call, "error", error=text)
+            self.reply(call.req_id, tool_error_result(text), call.era)
+            return True
+        call.extra = {"inputResponses": responses}
+        if "requestState" in result:
+            call.extra["requestState"] = result["requestState"]
+        assert call.entry is not None
+        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments, **call.extra}
+        if call.meta:
+            params["_meta"] = call.meta
+        try:
+            call.child_id = child.request_async(
+                "tools/call",
+                child_params(child, params),
+                call.rules.policy.call_timeout_s,
+                lambda r, e: self._call_done(call, r, e),
+            )
+        except ChildDied as exc:
+            self._complete_error(call, ds, exc)
+            return True
+        return False
+
+    def ask_client(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
+        """Send the client a request of ours and wait for its answer (worker threads only)."""
+        waiter = _ClientAnswer()
+        with self._relay_lock:
+            self._relay_seq += 1
+            gw_id = f"rea-{self._relay_seq}"
+            self._relay[gw_id] = waiter
+        msg: JsonObj = {"jsonrpc": "2.0", "id": gw_id, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.write(msg)
+        if not waiter.done.wait(timeout_s):
+            with self._relay_lock:
+                self._relay.pop(gw_id, None)
+            return {"error": {"code": INTERNAL_ERROR, "message": f"no answer in {timeout_s:g} s"}}
+        return waiter.answer
+
+    def suspend_for_input(
+        self, child: ChildProcess, method: str, child_id: object, params: JsonObj | None
+    ) -> bool:
+        """A handshake child's request during a stateless client's tool call becomes an
+        input_required answer to that call (SEP-2322); the client's retry carries the
+        answer back, and the call goes on. False when no single call can take it."""
+        with self._calls_lock:
+            calls = [
+                c
+                for c in self._in_flight.values()
+                if c.child is child and c.entry is not None and not c.awaiting_retry
+            ]
+            if len(calls) != 1:
+                return False  # no call, or several: which one asked cannot be known
+            call = calls[0]
+            call.awaiting_retry = True
+            self._in_flight.pop(id_key(call.req_id), None)
+            token = uuid.uuid4().hex
+            self._suspended[token] = (call, child_id)
+        key = f"rea-{token[:8]}"
+        answer: JsonObj = {
+            "resultType": "input_required",
+            "inputRequests": {key: {"method": method, "params": params or {}}},
+            "requestState": token,
+        }
+        call.extra = {"inputKey": key}
+        self.reply(call.req_id, answer, "stateless")
+        return True
+
+    def resume_call(self, req_id: object, token: str, p: JsonObj) -> None:
+        """The stateless client's retry of a suspended call: hand the child its answer."""
+        with self._calls_lock:
+            call, child_id = self._suspended.pop(token)
+            key = str(call.extra.get("inputKey"))
+            call.req_id = req_id
+            call.extra = {}
+            self._in_flight[id_key(req_id)] = call
+            call.awaiting_retry = False
+            parked, call.parked = call.parked, None
+        responses = as_obj(p.get("inputResponses")) or {}
+        answer: JsonObj = {"jsonrpc": "2.0", "id": child_id}
+        if key in responses:
+            answer["result"] = responses[key]
+        else:
+            answer["error"] = {
+                "code": INVALID_PARAMS,
+                "message": "the client sent no answer for this request",
+            }
+        if call.child is not None:
+            try:
+                call.child.send(answer)
+            except ChildDied:
+                pass
+        if parked is not None:
+            self._call_done(call, *parked)
+
+    def _complete_result(self, call: Call, ds: Downstream, result: JsonObj) -> None:
         rules = call.rules
         policy = rules.policy
         ds.breaker.record_success()  # an isError result is the tool's answer, not a failure (§9)
@@ -8699,6 +8860,13 @@ class Gateway:
             child.send({"jsonrpc": "2.0", "id": child_id, "result": {}})
             return
         needed = RELAYED_REQUESTS.get(method)
+        if (
+            needed is not None
+            and self.era == "stateless"
+            and needed in self.client_caps
+            and self.suspend_for_input(child, method, child_id, params)
+        ):
+            return
         if needed is None or self.era != "handshake" or needed not in self.client_caps:
             why = (
                 f"rea does not relay {method}"
@@ -8735,6 +8903,10 @@ class Gateway:
         with self._relay_lock:
             target = self._relay.pop(gw_id, None) if isinstance(gw_id, str) else None
         if target is None:
+            return
+        if isinstance(target, _ClientAnswer):
+            target.answer = msg
+            target.done.set()
             return
         child, child_id = target
         answer: JsonObj = {"jsonrpc": "2.0", "id": child_id}
