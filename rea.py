@@ -7964,9 +7964,8 @@ class Gateway:
 
     def relayable_client_caps(self) -> JsonObj:
         """The client capabilities a child may see: those the client declared and the
-        gateway relays (sampling, elicitation, roots), only for a handshake-era client."""
-        if self.era != "handshake":
-            return {}
+        gateway relays (sampling, elicitation, roots; for a stateless-era client through
+        input_required results)."""
         return {k: v for k, v in self.client_caps.items() if k in RELAYED_REQUESTS.values()}
 
     def _on_signal(self, signum: int, frame: object) -> None:
