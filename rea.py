@@ -8396,27 +8396,45 @@ class Gateway:
             ds.calls += 1
             child = ds.child
         call.holds_slot = True
-        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments, **call.extra}
-        if call.meta:
-            params["_meta"] = call.meta
         try:
             if child is None or not child.alive:
                 raise ChildDied(f"server {ds.name} is not running: {ds.last_error or 'starting'}")
-            call.child = child
-            call.child_id = child.request_async(
-                "tools/call",
-                child_params(child, params),
-                call.rules.policy.call_timeout_s,
-                lambda result, error: self._call_done(call, result, error),
-            )
+            self._send_call(call, child)
         except ChildDied as exc:
             self._call_done(call, None, exc)
 
+    def _send_call(self, call: Call, child: ChildProcess) -> None:
+        """Send the call (with any inputResponses / requestState) to its child."""
+        assert call.entry is not None
+        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments, **call.extra}
+        if call.meta:
+            params["_meta"] = call.meta
+        call.child = child
+        call.child_id = child.request_async(
+            "tools/call",
+            child_params(child, params),
+            call.rules.policy.call_timeout_s,
+            lambda result, error: self._call_done(call, result, error),
+        )
+
     def _call_done(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
         with self._calls_lock:
-            if call.awaiting_retry:  # the client has not retried yet: keep the answer for it
+            abandoned = call.awaiting_retry and error is not None
+            if abandoned:  # timed out or died while the client owed us its retry
+                call.awaiting_retry = False
+                for token, (suspended, _) in list(self._suspended.items()):
+                    if suspended is call:
+                        del self._suspended[token]
+            elif call.awaiting_retry:  # the client has not retried yet: keep the answer for it
                 call.parked = (result, error)
                 return
+        if abandoned:
+            # No request of the client's is open for this call: audit it, answer nobody.
+            assert call.downstream is not None
+            call.downstream.breaker.release_unused()
+            self.audit_call(call, "error", error=f"no retry from the client before: {error}")
+            self.release(call)
+            return
         # With fsync off the record costs microseconds: finish on this thread. Otherwise
         # a worker waits for the disk so that this child's other answers do not queue.
         needs_client = result is not None and result.get("resultType") == "input_required"
@@ -8512,17 +8530,8 @@ class Gateway:
         call.extra = {"inputResponses": responses}
         if "requestState" in result:
             call.extra["requestState"] = result["requestState"]
-        assert call.entry is not None
-        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments, **call.extra}
-        if call.meta:
-            params["_meta"] = call.meta
         try:
-            call.child_id = child.request_async(
-                "tools/call",
-                child_params(child, params),
-                call.rules.policy.call_timeout_s,
-                lambda r, e: self._call_done(call, r, e),
-            )
+            self._send_call(call, child)
         except ChildDied as exc:
             self._complete_error(call, ds, exc)
             return True

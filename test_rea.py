@@ -2090,6 +2090,26 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def acquire_concurrently(breaker: rea.CircuitBreaker, n: int) -> list[float | None]:
+    """n threads call acquire() at the same instant; what each got."""
+    barrier = threading.Barrier(n)
+    results: list[float | None] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        got = breaker.acquire()
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+    return results
+
+
 def make_breaker(threshold: int = 3, cooldown: float = 10.0):
     clock = FakeClock()
     transitions: list[tuple[str, str]] = []
@@ -2166,21 +2186,7 @@ class TestSection9CircuitBreaker:
         breaker.record_failure()
         clock.now += 5.0
         assert breaker.state == "half-open"
-        barrier = threading.Barrier(20)
-        results: list[float | None] = []
-        results_lock = threading.Lock()
-
-        def worker() -> None:
-            barrier.wait()
-            got = breaker.acquire()
-            with results_lock:
-                results.append(got)
-
-        threads = [threading.Thread(target=worker) for _ in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=5)
+        results = acquire_concurrently(breaker, 20)
         assert len(results) == 20
         assert sum(r is None for r in results) == 1
         assert all(isinstance(r, float) for r in results if r is not None)
@@ -2190,21 +2196,7 @@ class TestSection9CircuitBreaker:
         breaker, clock, transitions = make_breaker(threshold=1, cooldown=5.0)
         breaker.record_failure()
         clock.now += 5.0
-        barrier = threading.Barrier(20)
-        results: list[float | None] = []
-        lock = threading.Lock()
-
-        def worker() -> None:
-            barrier.wait()
-            got = breaker.acquire()
-            with lock:
-                results.append(got)
-
-        threads = [threading.Thread(target=worker) for _ in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=5)
+        results = acquire_concurrently(breaker, 20)
         assert sum(r is None for r in results) == 1
         assert transitions.count(("open", "half-open")) == 1
 
@@ -3250,12 +3242,14 @@ class Client:
     ) -> dict[str, object]:
         return self.wait(self.start(method, params), timeout)
 
-    def initialize(self, version: str = "2025-11-25") -> dict[str, object]:
+    def initialize(
+        self, version: str = "2025-11-25", capabilities: dict[str, object] | None = None
+    ) -> dict[str, object]:
         res = self.request(
             "initialize",
             {
                 "protocolVersion": version,
-                "capabilities": {},
+                "capabilities": capabilities or {},
                 "clientInfo": {"name": "t", "version": "1"},
             },
         )
@@ -3999,15 +3993,7 @@ class TestSection5FullProxying:
             ]
         )
         c = gateway(root)
-        c.request(
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {"sampling": {}, "experimental": {"x": {}}},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        )
-        c.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        c.initialize(capabilities={"sampling": {}, "experimental": {"x": {}}})
         c.tools()
         assert json.loads(caps_file.read_text().split(" ", 1)[1]) == {"sampling": {}}
         meta = {
@@ -4141,15 +4127,7 @@ class TestSection5FullProxying:
         self, fake_server, rea_project, gateway
     ):
         c = gateway(rea_project([server(fake_server, "one", "--features")]))
-        c.request(
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {"sampling": {}},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        )
-        c.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        c.initialize(capabilities={"sampling": {}})
         c.tools()
         rid = c.start("tools/call", {"name": "one__sample", "arguments": {}})
         req = c.wait_notification("sampling/createMessage")
@@ -4193,15 +4171,7 @@ class TestSection5InputAcrossEras:
         c = gateway(
             rea_project([server(fake_server, "modern", "--era", "stateless", "--features")])
         )
-        c.request(
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {"sampling": {}},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        )
-        c.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        c.initialize(capabilities={"sampling": {}})
         c.tools()
         rid = c.start("tools/call", {"name": "modern__ask", "arguments": {}})
         req = c.wait_notification("sampling/createMessage")
@@ -4276,6 +4246,33 @@ class TestSection5InputAcrossEras:
         assert [r["status"] for r in audit_records(root) if r["tool_name"] == "sample"] == [
             "allowed"
         ]
+
+    def test_a_suspended_call_the_client_never_retries_is_audited_and_freed(
+        self, fake_server, rea_project, gateway
+    ):
+        policy = (
+            "gateway:\n  call_timeout_s: 0.5\n  servers:\n    old:\n      max_concurrent_calls: 1\n"
+        )
+        root = rea_project([server(fake_server, "old", "--features")], policy)
+        c = gateway(root)
+        meta = STATELESS_SAMPLING_META
+        c.request("tools/list", {"_meta": meta})
+        first = c.request("tools/call", {"name": "old__sample", "arguments": {}, "_meta": meta})[
+            "result"
+        ]
+        assert first["resultType"] == "input_required"
+        poll(
+            lambda: [
+                r
+                for r in audit_records(root)
+                if r["tool_name"] == "sample" and r["status"] == "error"
+            ],
+            what="audit",
+        )
+        res = c.request("tools/call", {"name": "old__echo", "arguments": {"n": 1}, "_meta": meta})[
+            "result"
+        ]
+        assert res["structuredContent"] == {"n": 1}  # the concurrency slot was given back
 
 
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
