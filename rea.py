@@ -7272,6 +7272,7 @@ class Downstream:
         self.new_tools: tuple[str, ...] = ()
         self.removed_tools: tuple[str, ...] = ()
         self.ready = threading.Event()  # set when the first start attempt has ended
+        self.gave_up = False  # too many restarts: waits for a policy or registry change
         self._stopping = False
 
     # -- life cycle --
@@ -7440,6 +7441,7 @@ class Downstream:
             if len(self.restart_times) >= MAX_RESTARTS:
                 self.last_error = f"gave up after {len(self.restart_times)} restarts in {RESTART_WINDOW_S:.0f} s: {self.last_error}"
                 log("error", "supervisor_gave_up", server=self.name, error=self.last_error)
+                self.gave_up = True
                 self.gw.state_changed()
                 return
             attempt = len(self.restart_times)
@@ -7460,6 +7462,16 @@ class Downstream:
             self.status = "starting"
         log("info", "respawned", server=self.name, restarts=self.restarts)
         self._bring_up()
+
+    def revive(self) -> None:
+        """A policy or registry change gives a server the supervisor gave up on a new start."""
+        with self._lock:
+            if not self.gave_up or self._stopping:
+                return
+            self.gave_up = False
+            self.restart_times.clear()
+        log("info", "supervisor_revived", server=self.name)
+        threading.Thread(target=self._restart, name=f"rea-start-{self.name}", daemon=True).start()
 
     def stop(self) -> None:
         with self._lock:
@@ -7594,10 +7606,11 @@ def step_halt(gw: Gateway, call: Call) -> Decision | None:
 
 def step_route(gw: Gateway, call: Call) -> Decision | None:
     entry = gw.tool_index.get(call.name)
-    if entry is None:
+    downstream = gw.downstreams.get(entry.server) if entry is not None else None
+    if entry is None or downstream is None:  # (a server just removed from the registry)
         return Decision("error", f"unknown tool: {call.name}", INVALID_PARAMS)
     call.entry = entry
-    call.downstream = gw.downstreams[entry.server]
+    call.downstream = downstream
     return None
 
 
@@ -7811,6 +7824,18 @@ class PolicyWatch:
         return rules
 
 
+def _file_signature(folder: Path, names: tuple[str, ...]) -> tuple[object, ...]:
+    """What tells a changed file: (mtime, size, inode) of each name, None when absent."""
+    sig: list[object] = []
+    for name in names:
+        try:
+            st = os.stat(folder / name)
+            sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            sig.append(None)
+    return tuple(sig)
+
+
 def compile_rules(root: Path, policy: Policy) -> Rules:
     redactor = Redactor([(p.name, p.regex, p.flags) for p in policy.redact_patterns])
     return Rules(policy, redactor, PathGuard(root, policy.blocked_paths))
@@ -7840,6 +7865,7 @@ class Gateway:
         self.started_at = utc_now_iso()
         self.started = time.monotonic()
         self.registry = registry
+        self._registry_sig = _file_signature(root / ".rea", ("registry.yaml", "registry.json"))
         self.watch = PolicyWatch(root, compile_rules(root, policy))
         self.watch.on_change = self._on_rules_changed
         self.audit = AuditLog(
@@ -7921,9 +7947,14 @@ class Gateway:
         reader = threading.Thread(target=self._read_client, name="rea-stdin", daemon=True)
         reader.start()
         self.live.flush()
+        ticks = 0
         while not self._done.wait(0.2):
             if self._signal is not None:
                 break
+            ticks += 1
+            if ticks % 5 == 0:  # once a second: pick up policy and registry edits while idle
+                self.watch.current()
+                self.check_registry()
         log(
             "info",
             "gateway_stopping",
@@ -8756,12 +8787,47 @@ class Gateway:
             )
         self.state_changed()
 
+    def check_registry(self) -> None:
+        """Re-read the registry when its file changed; start, stop and restart servers so
+        the running set matches it. A registry that no longer loads changes nothing."""
+        sig = _file_signature(self.rea_dir, ("registry.yaml", "registry.json"))
+        if sig == self._registry_sig:
+            return
+        self._registry_sig = sig
+        try:
+            registry = load_registry(self.rea_dir)
+        except ReaError as exc:
+            log("error", "registry_reload_failed", error=str(exc), kept="the servers running now")
+            return
+        old = self.downstreams
+        new: dict[str, Downstream] = {}
+        for spec in registry.servers:
+            ds = old.get(spec.name)
+            if ds is not None and ds.spec == spec:
+                new[spec.name] = ds
+                ds.revive()
+                continue
+            if ds is not None:
+                threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True).start()
+            new[spec.name] = Downstream(spec, self)
+            if self._children_started:
+                new[spec.name].start()
+        for name, ds in old.items():
+            if name not in new:
+                threading.Thread(target=ds.stop, name=f"rea-stop-{name}", daemon=True).start()
+        self.registry = registry
+        self.downstreams = new  # one assignment: readers see the old or the new set
+        log("info", "registry_reloaded", servers=len(new))
+        self.tools_changed()
+
     def _on_rules_changed(self, rules: Rules) -> None:
         policy = rules.policy
         self.audit.configure(policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days)
         for ds in self.downstreams.values():
             ds.breaker.configure(policy.breaker_failure_threshold, policy.breaker_cooldown_s)
         self.blocker.configure(policy.session_blocker_threshold)
+        for ds in self.downstreams.values():
+            ds.revive()
         self.tools_changed()
 
     def state_changed(self) -> None:

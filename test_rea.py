@@ -4275,6 +4275,50 @@ class TestSection5InputAcrossEras:
         assert res["structuredContent"] == {"n": 1}  # the concurrency slot was given back
 
 
+class TestSection3RegistryReload:
+    def test_servers_added_and_removed_while_serving(self, fake_server, rea_project, gateway):
+        root = rea_project([server(fake_server, "a", "--tools", "echo")])
+        c = gateway(root)
+        c.initialize()
+        assert set(c.tools()) == {"a__echo", rea.HEALTH_TOOL}
+        pid_a = c.downstream("a")["pid"]
+        rea_project([server(fake_server, "b", "--tools", "echo")])  # a removed, b added
+        c.wait_notification("notifications/tools/list_changed")
+        poll(lambda: set(c.tools()) == {"b__echo", rea.HEALTH_TOOL}, what="b listed, a gone")
+        assert c.call("b__echo", {"v": 1})["result"]["structuredContent"] == {"v": 1}
+        assert c.call("a__echo")["error"]["code"] == -32602
+        poll(lambda: not pid_alive(pid_a), what="a's child stopped")
+        (root / ".rea" / "registry.json").write_text("{not json")
+        time.sleep(1.3)  # past the once-a-second check: a broken registry changes nothing
+        assert c.call("b__echo", {"v": 2})["result"]["structuredContent"] == {"v": 2}
+        assert "registry_reload_failed" in errors_of(c)
+
+    def test_a_policy_change_revives_a_server_the_supervisor_gave_up_on(
+        self, fake_server, rea_project, gateway, tmp_path
+    ):
+        flag = tmp_path / "broken"
+        flag.write_text("1")
+        script = tmp_path / "wrapper.py"
+        script.write_text(
+            "import os, sys\n"
+            f"if os.path.exists({str(flag)!r}): sys.exit(3)\n"
+            f"os.execv(sys.executable, [sys.executable, {fake_server!r}, '--tools', 'echo'])\n"
+        )
+        root = rea_project([{"name": "w", "command": sys.executable, "args": [str(script)]}], FAST)
+        c = gateway(root)
+        c.initialize()
+        (root / ".rea" / "policy.yaml").write_text(
+            FAST + "  health:\n    expose_diagnostics: true\n"
+        )
+        poll(
+            lambda: "gave up" in (c.downstream("w")["last_error"] or ""), timeout=20, what="give up"
+        )
+        flag.unlink()
+        (root / ".rea" / "policy.yaml").write_text(FAST + "  call_timeout_s: 30\n")
+        poll(lambda: c.downstream("w")["healthy"], timeout=10, what="revived")
+        assert "w__echo" in c.tools()
+
+
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
     fields: dict[str, object] = {
         "name": name,
