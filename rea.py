@@ -6696,6 +6696,7 @@ _ALL_CHILD_CAPS: JsonObj = {
 }
 DENIED = -32001  # a non-tool request refused by policy (tool calls get an isError result)
 MAX_INPUT_ROUNDS = 8  # input_required rounds one call may take
+MIN_SECRET_CHARS = 6  # shorter env: values are not scrubbed as text (too many false hits)
 MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
 DISCOVER_TIMEOUT_S = 5.0  # §5: no answer to server/discover within 5 s means handshake era
 HANDSHAKE_TIMEOUT_S = 30.0
@@ -6705,6 +6706,7 @@ MAX_RESTARTS = 5  # more than this many restarts within RESTART_WINDOW_S gives u
 BACKOFF_MAX_S = 30.0
 STOP_GRACE_S = 5.0  # in-flight calls may finish for this long at shutdown
 KILL_AFTER_S = 2.0
+WRITE_STALL_S = 5.0  # a child that reads none of its input for this long is killed
 
 
 class RpcError(Exception):
@@ -6743,7 +6745,11 @@ def request_era(method: str, params: JsonObj | None) -> str | None:
 
 
 def encode(msg: JsonObj) -> bytes:
-    return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    text = json.dumps(msg, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate (JS strings cut mid-emoji): escape it
+        return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
 def id_key(value: object) -> tuple[str, object]:
@@ -6819,6 +6825,9 @@ class ChildProcess:
             start_new_session=True,  # the client's Ctrl-C reaches the gateway, which stops us in order
         )
         self.pid = self.proc.pid
+        assert self.proc.stdin is not None
+        self._stdin_fd: int | None = self.proc.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)  # writes wait with a deadline, never forever
         self.era = "handshake"
         self.version = HANDSHAKE_VERSIONS[0]
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -6840,15 +6849,31 @@ class ChildProcess:
     # -- sending --
 
     def send(self, msg: JsonObj) -> None:
-        data = encode(msg)
-        stdin = self.proc.stdin
-        assert stdin is not None
+        """Write one message. A child that stops reading its stdin for WRITE_STALL_S is
+        killed rather than let freeze every thread that talks to it."""
+        view = memoryview(encode(msg))
         with self._write_lock:
-            try:
-                stdin.write(data)
-                stdin.flush()
-            except (OSError, ValueError) as exc:
-                raise ChildDied(f"server {self.name}: cannot write to it ({exc})") from None
+            deadline: float | None = None
+            while view:
+                if self._stdin_fd is None:
+                    raise ChildDied(f"server {self.name}: its stdin is closed")
+                try:
+                    view = view[os.write(self._stdin_fd, view) :]
+                except BlockingIOError:
+                    now = time.monotonic()
+                    deadline = deadline or now + WRITE_STALL_S
+                    if now >= deadline:
+                        threading.Thread(
+                            target=self.signal, args=(signal.SIGKILL,), daemon=True
+                        ).start()
+                        raise ChildDied(
+                            f"server {self.name} stopped reading its input; killed"
+                        ) from None
+                    select.select([], [self._stdin_fd], [], min(0.5, deadline - now))
+                except OSError as exc:
+                    raise ChildDied(
+                        f"server {self.name}: cannot write to it ({exc.strerror})"
+                    ) from None
 
     def request_async(
         self,
@@ -6871,7 +6896,7 @@ class ChildProcess:
         self._timers.watch(self, deadline)
         try:
             self.send(msg)
-        except ChildDied:
+        except Exception:
             if self._take(child_id) is not None:
                 raise
         return child_id
@@ -6930,7 +6955,10 @@ class ChildProcess:
                 self.notify("notifications/cancelled", {"requestId": child_id, "reason": "timeout"})
             except ChildDied:
                 pass
-            pending.on_done(None, TimeoutError(f"server {self.name} did not answer in time"))
+            try:
+                pending.on_done(None, TimeoutError(f"server {self.name} did not answer in time"))
+            except Exception as exc:  # the timeout thread serves every child: never let it die
+                log("error", "internal_error", where="timeout", server=self.name, error=repr(exc))
         return next_deadline
 
     # -- reading --
@@ -6947,7 +6975,16 @@ class ChildProcess:
                     log("error", "child_line_too_long", server=self.name, limit=MAX_LINE)
                     _skip_rest_of_line(stdout)
                     continue
-                self._handle_line(line)
+                try:
+                    self._handle_line(line)
+                except Exception as exc:  # a bug handling one message must not end the child
+                    log(
+                        "error",
+                        "internal_error",
+                        where="child_message",
+                        server=self.name,
+                        error=repr(exc),
+                    )
         except (OSError, ValueError):
             pass
         self._died()
@@ -6959,12 +6996,8 @@ class ChildProcess:
             msg = None
         if msg is None:
             if line.strip():
-                log(
-                    "warn",
-                    "child_sent_non_json",
-                    server=self.name,
-                    line=line[:200].decode("utf-8", "replace"),
-                )
+                # its content is not logged: it may carry anything, secrets included
+                log("warn", "child_sent_non_json", server=self.name, bytes=len(line))
             return
         if "method" not in msg and "id" in msg:
             child_id = msg.get("id")
@@ -7038,6 +7071,7 @@ class ChildProcess:
         self.stopping = True
         self.close_stdin()
         if _wait(self.proc, 0.5):
+            self.signal(signal.SIGTERM)  # helpers it left in its process group, if any
             return
         self.signal(signal.SIGTERM)
         if _wait(self.proc, KILL_AFTER_S):
@@ -7046,7 +7080,8 @@ class ChildProcess:
         _wait(self.proc, 5)
 
     def close_stdin(self) -> None:
-        with self._write_lock:
+        with self._write_lock:  # held by a writer at most WRITE_STALL_S
+            self._stdin_fd = None
             try:
                 if self.proc.stdin is not None:
                     self.proc.stdin.close()
@@ -7273,6 +7308,7 @@ class Downstream:
         self.removed_tools: tuple[str, ...] = ()
         self.ready = threading.Event()  # set when the first start attempt has ended
         self.gave_up = False  # too many restarts: waits for a policy or registry change
+        self.secret_values: tuple[str, ...] = ()  # resolved env: values, longest first
         self._stopping = False
 
     # -- life cycle --
@@ -7294,6 +7330,9 @@ class Downstream:
         except ReaError as exc:  # an unset ${VAR}: this server only, never retried
             self._fail(str(exc), retry=False)
             return
+        # env: values are secrets by contract (§3): scrubbed from whatever the child says
+        values = {env[key] for key in self.spec.env if len(env.get(key, "")) >= MIN_SECRET_CHARS}
+        self.secret_values = tuple(sorted(values, key=len, reverse=True))
         argv = [self.spec.command, *self.spec.args]
         try:
             child = ChildProcess(
@@ -7360,7 +7399,7 @@ class Downstream:
         try:
             tools = self._list_tools(child)
         except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
-            log("warn", "tools_refresh_failed", server=self.name, error=str(exc))
+            log("warn", "tools_refresh_failed", server=self.name, error=self.scrub(str(exc)))
             return
         self._apply_trust(tools)
         with self._lock:
@@ -7397,7 +7436,7 @@ class Downstream:
         self.ready.set()
 
     def _fail(self, reason: str, retry: bool) -> None:
-        reason = self.gw.redactor.redact(reason).text
+        reason = self.scrub(reason)
         with self._lock:
             self.status = "failed"
             self.last_error = reason  # its last known tools stay routable, to fail clearly
@@ -7415,9 +7454,7 @@ class Downstream:
             if self.child is not child or self.status != "ready":
                 return  # a death during start-up is handled by _bring_up's failure path
             tail = child.last_stderr()
-            self.last_error = self.gw.redactor.redact(
-                f"exited with code {code}" + (f": {tail}" if tail else "")
-            ).text
+            self.last_error = self.scrub(f"exited with code {code}" + (f": {tail}" if tail else ""))
             self.status = "failed"
         log(
             "error",
@@ -7428,7 +7465,9 @@ class Downstream:
             stderr=self.last_error,
         )
         log("warn", "health_changed", server=self.name, healthy=False, reason=self.last_error)
-        self.gw.tools_changed()
+        child.stopping = True  # whatever is left of it (its helpers, or a process that
+        threading.Thread(target=child.stop, name=f"rea-stop-{self.name}", daemon=True).start()
+        self.gw.tools_changed()  # closed stdout without exiting) is stopped before a restart
         self._schedule_restart()
 
     def _schedule_restart(self) -> None:
@@ -7462,6 +7501,13 @@ class Downstream:
             self.status = "starting"
         log("info", "respawned", server=self.name, restarts=self.restarts)
         self._bring_up()
+
+    def scrub(self, text: str) -> str:
+        """Text from or about this server, with secret patterns and its env: values removed."""
+        text = self.gw.redactor.redact(text).text
+        for value in self.secret_values:
+            text = text.replace(value, "[REDACTED:env]")
+        return text
 
     def revive(self) -> None:
         """A policy or registry change gives a server the supervisor gave up on a new start."""
@@ -7695,10 +7741,12 @@ def step_limits(gw: Gateway, call: Call) -> Decision | None:
     ds = call.downstream
     assert ds is not None
     limits = call.rules.policy.server_limits.get(ds.name)
-    if limits is None:
-        return None
     now = time.monotonic()
-    with ds._lock:
+    with ds._lock:  # check and take the slot in one step: concurrent calls cannot both pass
+        if limits is None:
+            ds.in_flight += 1
+            call.holds_slot = True
+            return None
         if limits.calls_per_minute:
             while ds.call_times and now - ds.call_times[0] >= 60.0:
                 ds.call_times.popleft()
@@ -7715,6 +7763,8 @@ def step_limits(gw: Gateway, call: Call) -> Decision | None:
             )
         if limits.calls_per_minute:
             ds.call_times.append(now)
+        ds.in_flight += 1
+        call.holds_slot = True
     return None
 
 
@@ -7748,7 +7798,7 @@ PIPELINE: tuple[Step, ...] = (
 
 def args_digest(arguments: JsonObj) -> str:
     canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def content_text(result: JsonObj) -> str:
@@ -7891,6 +7941,7 @@ class Gateway:
         self.session_suspicious: str | None = None
         self._warned: set[object] = set()
         self._tools_lock = threading.Lock()  # guards: tool_index, renames, _listed
+        self._rebuild_lock = threading.Lock()  # serialises index rebuilds (taken before ds._lock)
         self.tool_index: dict[str, ToolEntry] = {}
         self.renames: dict[str, str] = {}
         self._listed: frozenset[str] | None = None  # names last answered to tools/list
@@ -7927,6 +7978,7 @@ class Gateway:
     # -- running --
 
     def serve(self) -> int:
+        self._start_metrics()  # before claiming: a busy port must leave no serve.pid behind
         if not self.live.claim():
             log(
                 "warn",
@@ -7941,7 +7993,6 @@ class Gateway:
             servers=len(self.downstreams),
             version=VERSION,
         )
-        self._start_metrics()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         reader = threading.Thread(target=self._read_client, name="rea-stdin", daemon=True)
@@ -8164,6 +8215,14 @@ class Gateway:
     def handle_notification(self, method: str, params: JsonObj | None) -> None:
         if method == "notifications/initialized":
             self.initialized = True
+        elif method == "notifications/roots/list_changed":
+            for ds in self.downstreams.values():
+                child = ds.child
+                if ds.status == "ready" and child is not None and child.era == "handshake":
+                    try:
+                        child.notify(method, params)
+                    except ChildDied:
+                        pass
         elif method == "notifications/cancelled" and params is not None:
             self.cancel_call(
                 params.get("requestId"), str(params.get("reason") or "cancelled by the client")
@@ -8284,6 +8343,13 @@ class Gateway:
 
     def tools_changed(self) -> None:
         """Rebuild the name index from every downstream; tell the client if its list changed."""
+        with self._rebuild_lock:  # two children ready at once: the later rebuild must win
+            notify = self._rebuild_index()
+        if notify:
+            self.notify_client("notifications/tools/list_changed")
+        self.state_changed()
+
+    def _rebuild_index(self) -> bool:
         max_len = self.policy.max_tool_name
         index: dict[str, ToolEntry] = {}
         renames: dict[str, str] = {}
@@ -8318,10 +8384,7 @@ class Gateway:
             self.tool_index = index
             self.renames = renames
             visible = frozenset(name for name, e in index.items() if e.withheld is None)
-            notify = self._listed is not None and visible != self._listed
-        if notify:
-            self.notify_client("notifications/tools/list_changed")
-        self.state_changed()
+            return self._listed is not None and visible != self._listed
 
     def wait_for_startup(self) -> None:
         if self._first_list_done:
@@ -8423,10 +8486,8 @@ class Gateway:
         ds = call.downstream
         assert ds is not None and call.entry is not None
         with ds._lock:
-            ds.in_flight += 1
             ds.calls += 1
             child = ds.child
-        call.holds_slot = True
         try:
             if child is None or not child.alive:
                 raise ChildDied(f"server {ds.name} is not running: {ds.last_error or 'starting'}")
@@ -8496,7 +8557,6 @@ class Gateway:
                 self.release(call)
 
     def _complete_error(self, call: Call, ds: Downstream, error: Exception | None) -> None:
-        redact = call.rules.redactor.redact
         if call.cancelled:
             ds.breaker.release_unused()
             self.audit_call(call, "error", error="cancelled by the client")
@@ -8505,7 +8565,7 @@ class Gateway:
         with ds._lock:
             ds.errors += 1
         if isinstance(error, RpcError):
-            message = redact(error.message).text
+            message = ds.scrub(error.message)
             self.audit_call(call, "error", error=f"server error {error.code}: {message}")
             self.reply_error(call.req_id, RpcError(error.code, message, error.data))
             return
@@ -8516,7 +8576,7 @@ class Gateway:
             )
         else:
             text = f"rea: error: {error}; the call was not retried (it may or may not have run)"
-        text = redact(text).text
+        text = ds.scrub(text)
         self.audit_call(call, "error", error=text)
         self.reply(call.req_id, tool_error_result(text), call.era)
 
@@ -8617,7 +8677,10 @@ class Gateway:
     def resume_call(self, req_id: object, token: str, p: JsonObj) -> None:
         """The stateless client's retry of a suspended call: hand the child its answer."""
         with self._calls_lock:
-            call, child_id = self._suspended.pop(token)
+            found = self._suspended.pop(token, None)
+            if found is None:  # abandoned meanwhile (timed out): nothing to resume
+                raise RpcError(INVALID_PARAMS, "requestState refers to a call that has ended")
+            call, child_id = found
             key = str(call.extra.get("inputKey"))
             call.req_id = req_id
             call.extra = {}
@@ -8645,15 +8708,16 @@ class Gateway:
         rules = call.rules
         policy = rules.policy
         ds.breaker.record_success()  # an isError result is the tool's answer, not a failure (§9)
-        value, names = rules.redactor.redact_value(result)
-        processed = as_obj(value) or {}
+        # Cap first: the redaction regexes (the user's among them) scan at most the cap (§6).
         metadata: JsonObj = {}
-        content = processed.get("content")
+        content = result.get("content")
         if isinstance(content, list):
             capped, truncated = cap_content(content, policy.max_result_kb * 1024)
             if truncated:
-                processed["content"] = capped
+                result = {**result, "content": capped}
                 metadata["truncated"] = True
+        value, names = rules.redactor.redact_value(result)
+        processed = as_obj(value) or {}
         verdict = scan_injection(content_text(processed), call.tier)
         status = "allowed"
         if verdict.verdict != "clean":
@@ -8742,10 +8806,14 @@ class Gateway:
             status=status,
             autonomy_level=call.rules.policy.autonomy_level,
             duration_ms=int((time.monotonic() - call.started) * 1000),
-            error=redactor.redact(error).text if error else None,
+            error=self._scrub_for(call, error) if error else None,
             redacted_fields=redacted_fields,
             metadata=meta,
         )
+
+    def _scrub_for(self, call: Call, text: str) -> str:
+        ds = self.downstreams.get(call.server_name)
+        return ds.scrub(text) if ds is not None else call.rules.redactor.redact(text).text
 
     def append_audit(self, **record: object) -> None:
         """Append one record; a failing audit write is logged and counted, never fatal."""
@@ -8893,7 +8961,7 @@ class Gateway:
                 "registered": len(downstreams),
                 "connected": sum(1 for d in downstreams if d.get("connected")),
                 "healthy": sum(1 for d in downstreams if d.get("healthy")),
-                "total_tools": len(self.tool_index),
+                "total_tools": sum(1 for e in self.tool_index.values() if e.withheld is None),
                 "audit_fail_count": self.audit_failures,
             },
         }
@@ -8931,7 +8999,10 @@ class Gateway:
         ours, so no two in-flight ids collide; anything else is answered at once with a
         clear error — a child is never left hanging."""
         if method == "ping":
-            child.send({"jsonrpc": "2.0", "id": child_id, "result": {}})
+            try:
+                child.send({"jsonrpc": "2.0", "id": child_id, "result": {}})
+            except ChildDied:
+                pass
             return
         needed = RELAYED_REQUESTS.get(method)
         if (
@@ -9033,7 +9104,7 @@ class Gateway:
             try:
                 entries = self._list_all(ds, method, key)
             except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
-                log("warn", "list_failed", server=ds.name, method=method, error=str(exc))
+                log("warn", "list_failed", server=ds.name, method=method, error=ds.scrub(str(exc)))
                 continue
             items.extend(self._index_entries(ds, method, entries))
         start = 0
@@ -9202,7 +9273,7 @@ class Gateway:
                 )
                 return
             if error is not None or result is None:
-                message = rules.redactor.redact(str(error)).text
+                message = ds.scrub(str(error))
                 self.audit_call(call, "error", error=message, server=ds.name, tool=method)
                 code = error.code if isinstance(error, RpcError) else INTERNAL_ERROR
                 self.reply_error(req_id, RpcError(code, message))
@@ -9410,6 +9481,13 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args_list)
     except ReaError as exc:
         print(f"rea: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user pointed us at: one line, never a traceback
+        where = exc.filename or "a file"
+        print(
+            f"rea: {where}: {exc.strerror or exc}; check the path and its permissions",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -48,7 +48,7 @@ def refusal(text: str) -> str:
     return str(info.value)
 
 
-class TestYamlSubset:
+class TestSection2YamlSubset:
     """SPEC §2: the strict YAML subset."""
 
     @pytest.mark.parametrize("path", YAML_VECTORS, ids=lambda p: p.name)
@@ -222,7 +222,7 @@ class TestYamlSubset:
         assert "quote the value" in refusal("blocked_paths:\n  - *.pem\n")
 
 
-class TestFilesUnderRea:
+class TestSection2Files:
     """SPEC §2: YAML or JSON, never both; JSON errors name line and column."""
 
     def test_both_yaml_and_json_is_an_error(self, tmp_path: Path) -> None:
@@ -273,7 +273,7 @@ class TestFilesUnderRea:
             rea.load_policy(tmp_path)
 
 
-class TestProjectRoot:
+class TestSection1ProjectRoot:
     """SPEC §1: --root, else the nearest ancestor holding .rea/, else the working directory."""
 
     def test_root_argument_wins(self, tmp_path: Path) -> None:
@@ -340,7 +340,7 @@ def registry_error(text: str) -> str:
     return message
 
 
-class TestRegistry:
+class TestSection3Registry:
     """SPEC §3: the registry of downstream servers."""
 
     def test_reads_the_spec_example(self, tmp_path: Path) -> None:
@@ -489,7 +489,7 @@ class TestRegistry:
         assert out["version"] == "1"
 
 
-class TestChildEnvironment:
+class TestSection3ChildEnvironment:
     """SPEC §3: ${VAR} interpolation and the child's environment."""
 
     def test_expands_every_var(self) -> None:
@@ -603,7 +603,7 @@ gateway:
 """
 
 
-class TestPolicy:
+class TestSection4Policy:
     """SPEC §4: the policy file."""
 
     @pytest.mark.parametrize("path", POLICY_VECTORS, ids=lambda p: p.name)
@@ -825,7 +825,7 @@ class TestPolicy:
         assert rea.policy_from_value(json.loads(json.dumps(out)), "p.json") == loaded
 
 
-class TestUserRegex:
+class TestSection6UserRegex:
     """SPEC §6: user regexes that could backtrack exponentially are refused at load."""
 
     @pytest.mark.parametrize(
@@ -921,7 +921,7 @@ def guard_for(
 # §6 step 4: tiers ############################################################
 
 
-class TestTier:
+class TestSection6Tier:
     @pytest.mark.parametrize(
         ("tool", "tier"),
         [
@@ -977,7 +977,7 @@ class TestTier:
         assert warning is not None
 
 
-class TestAutonomy:
+class TestSection6Autonomy:
     @pytest.mark.parametrize(
         ("level", "allowed"),
         [
@@ -993,7 +993,7 @@ class TestAutonomy:
             assert rea.autonomy_allows(level, tier) == (tier in allowed)
 
 
-class TestBlockedTools:
+class TestSection6BlockedTools:
     def test_globs_match_server_tool_names(self) -> None:
         patterns = ["github__delete_*", "fs__write_file"]
         assert rea.glob_match_tool(patterns, "github__delete_repo")
@@ -1044,7 +1044,7 @@ BLOCKED_CASES = [
 ]
 
 
-class TestBlockedPaths:
+class TestSection6BlockedPaths:
     @pytest.mark.parametrize(("arg", "glob"), BLOCKED_CASES)
     def test_relative_forms_are_blocked(self, project: Path, arg: str, glob: str) -> None:
         assert guard_for(project).check({"path": arg}) == (arg, glob)
@@ -1243,7 +1243,7 @@ class TestBlockedPaths:
 GH = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 
 
-class TestRedaction:
+class TestSection6Redaction:
     @pytest.mark.parametrize(
         ("secret", "name"),
         [
@@ -1330,7 +1330,7 @@ class TestRedaction:
 # §6 step 10: prompt injection ################################################
 
 
-class TestInjection:
+class TestSection6Injection:
     def test_clean_text(self) -> None:
         verdict = rea.scan_injection("Here are your 3 open issues. You are now connected.", "read")
         assert verdict == rea.InjectionVerdict("clean", (), False)
@@ -1427,7 +1427,7 @@ def _json_len(value: object) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-class TestResultCap:
+class TestSection6ResultCap:
     def test_short_text_is_unchanged(self) -> None:
         assert rea.cap_text("hello", 5) == ("hello", False)
 
@@ -1575,7 +1575,7 @@ def written(rea_dir: Path) -> Path:
     return rea_dir
 
 
-class TestAuditRecordFormat:
+class TestSection7RecordFormat:
     def test_reference_vector_chain_verifies(self, rea_dir: Path) -> None:
         shutil.copy(VECTOR, rea_dir / "audit.jsonl")
         result = rea.verify_audit(rea_dir)
@@ -1633,7 +1633,7 @@ class TestAuditRecordFormat:
         assert log.append_count == 1 and log.fail_count == 0
 
 
-class TestAuditConcurrency:
+class TestSection7Concurrency:
     def test_four_processes_appending_make_one_valid_chain(self, rea_dir: Path) -> None:
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]);"
@@ -1729,7 +1729,7 @@ class TestAuditConcurrency:
         assert rec["prev_hash"] == last
 
 
-class TestAuditTailRepair:
+class TestSection7TailRepair:
     def test_torn_last_line_is_cut_back_and_the_repair_logged(
         self, written: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -1762,7 +1762,7 @@ class TestAuditTailRepair:
         assert result.reason.startswith("not JSON")
 
 
-class TestAuditHead:
+class TestSection7Head:
     def test_head_holds_count_and_last_hash_after_close(self, rea_dir: Path) -> None:
         log = rea.AuditLog(rea_dir, fsync="off")
         last = add(log, 4)[-1]
@@ -1811,7 +1811,7 @@ class TestAuditHead:
         assert result.line == 5 and result.records == 4
 
 
-class TestAuditRotation:
+class TestSection7Rotation:
     def test_rotation_by_size_chains_markers_across_files(self, rea_dir: Path) -> None:
         log = rea.AuditLog(rea_dir, fsync="off", max_bytes=2500)
         add(log, 30)
@@ -1914,7 +1914,7 @@ class TestAuditRotation:
         assert rec["prev_hash"] == json.loads(read_lines(files[-1])[0])["hash"]
 
 
-class TestAuditVerify:
+class TestSection7Verify:
     def test_edited_byte_is_reported_with_both_hashes(self, written: Path) -> None:
         path = written / "audit.jsonl"
         lines = read_lines(path)
@@ -1993,7 +1993,7 @@ class TestAuditVerify:
         assert (r.ok, r.records, r.files) == (True, 0, ())
 
 
-class TestAuditCommand:
+class TestSection7AuditCommand:
     def test_verify_prints_ok_with_counts_and_exits_zero(self, written: Path) -> None:
         out = io.StringIO()
         assert rea.cmd_audit(written, ["verify"], out) == 0
@@ -2945,6 +2945,8 @@ ERA = opt("--era", "handshake")
 COUNTER = opt("--counter")
 CRASH_AFTER = int(opt("--crash-after", "0"))
 if "--exit-at-start" in args:
+    if opt("--print-env"):
+        sys.stderr.write(f"connecting with password {os.environ.get(opt('--print-env'))}\n")
     sys.stderr.write("fatal: cannot open database /nope\n"); sys.stderr.flush()
     sys.exit(int(opt("--exit-at-start")))
 if "--stderr-at-start" in args:
@@ -2953,7 +2955,7 @@ EXTRA = json.loads(opt("--tools-json", "[]"))
 ONLY = opt("--tools")
 
 BUILTIN = ["echo", "slow", "crash", "fail", "tool_error", "huge", "secret", "inject",
-           "count", "noisy", "env", "image", "read_file", "delete_file"]
+           "count", "noisy", "env", "image", "read_file", "delete_file", "stall"]
 FEATURES = "--features" in args  # resources, prompts, completion, logging, client requests
 if FEATURES:
     BUILTIN += ["progress", "sample", "change_tools", "log", "level", "ask"]
@@ -3121,6 +3123,8 @@ def handle(msg):
         if ERA == "stateless":
             res.update(ttlMs=0, cacheScope="public")
         return result(rid, res)
+    if method == "tools/call" and params.get("name") == "stall":
+        time.sleep(3600)  # stops reading stdin: the gateway must not freeze on it
     if method == "tools/call":
         a = dict(params.get("arguments") or {})
         a["_token"] = meta.get("progressToken")
@@ -3485,7 +3489,7 @@ class TestSection5Proxying:
             if not cursor:
                 break
         assert pages >= 3
-        assert len(names) == len(set(names)) == 230 + 14 + 1
+        assert len(names) == len(set(names)) == 230 + 15 + 1
         assert c.request("tools/list", {"cursor": "bogus"})["error"]["code"] == -32602
 
 
@@ -4319,6 +4323,74 @@ class TestSection3RegistryReload:
         assert "w__echo" in c.tools()
 
 
+class TestSection5Robustness:
+    def test_a_lone_surrogate_in_arguments_is_answered_and_audited(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = gateway(root)
+        c.initialize()
+        c.tools()
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":"s1","method":"tools/call","params":{"name":"a__echo","arguments":{"t":"x\\ud800y"}}}\n'
+        )
+        assert "result" in c.wait("s1")
+        assert c.call("a__echo", {"ok": 1})["result"]["structuredContent"] == {"ok": 1}
+        assert run_rea("audit", "verify", "--root", str(root)).returncode == 0
+        assert len([r for r in audit_records(root) if r["tool_name"] == "echo"]) == 2
+
+    def test_env_values_never_reach_last_error_state_or_logs(
+        self, fake_server, rea_project, gateway
+    ):
+        spec = server(
+            fake_server,
+            "db",
+            "--exit-at-start",
+            "2",
+            "--print-env",
+            "DB_PASSWORD",
+            env={"DB_PASSWORD": "${REA_TEST_DB_PW}"},
+        )
+        root = rea_project([spec], "gateway:\n  health:\n    expose_diagnostics: true\n")
+        c = gateway(root, env={"REA_TEST_DB_PW": "correct-horse-battery"})
+        c.initialize()
+        poll(
+            lambda: "cannot open database" in (c.downstream("db")["last_error"] or ""),
+            what="start failure",
+        )
+        assert "[REDACTED:env]" in c.downstream("db")["last_error"]
+        c.close()
+        for text in (
+            (root / ".rea" / "serve.state.json").read_text(),
+            "".join(c.stderr_lines),
+            (root / ".rea" / "audit.jsonl").read_text(),
+        ):
+            assert "correct-horse-battery" not in text
+
+    def test_a_child_that_stops_reading_is_killed_not_waited_on(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "stuck"), server(fake_server, "fine")], FAST)
+        c = gateway(root)
+        c.initialize()
+        c.tools()
+        pid = c.downstream("stuck")["pid"]
+        c.start("tools/call", {"name": "stuck__stall", "arguments": {}})
+        big = "x" * 200_000  # more than a pipe holds: the write to the stuck child blocks
+        ids = [
+            c.start("tools/call", {"name": "stuck__echo", "arguments": {"b": big}})
+            for _ in range(3)
+        ]
+        texts = [c.wait(rid, timeout=20)["result"]["content"][0]["text"] for rid in ids]
+        assert any("stopped reading its input" in t for t in texts), texts
+        poll(lambda: not pid_alive(pid), what="stuck child killed")
+        assert c.call("fine__echo", {"ok": 2})["result"]["structuredContent"] == {"ok": 2}
+        poll(
+            lambda: c.downstream("stuck")["healthy"] and c.downstream("stuck")["pid"] != pid,
+            what="restart",
+        )
+
+
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
     fields: dict[str, object] = {
         "name": name,
@@ -4384,7 +4456,7 @@ def _trust_pinned(tmp_path: Path, spec: rea.ServerSpec, tools: list[dict[str, ob
     pins.check_tools(spec.name, tools)
 
 
-class TestTrustOnFirstUseServers:
+class TestSection10Servers:
     def test_first_start_pins_the_definition_without_env_values(self, tmp_path: Path) -> None:
         pins = rea.Fingerprints(_trust_rea_dir(tmp_path))
         assert pins.error is None
@@ -4465,7 +4537,7 @@ class TestTrustOnFirstUseServers:
         assert text == json.dumps(document, sort_keys=True, indent=2) + "\n"
 
 
-class TestTrustOnFirstUseTools:
+class TestSection10Tools:
     def test_first_list_pins_every_tool_as_new(self, tmp_path: Path) -> None:
         pins = rea.Fingerprints(_trust_rea_dir(tmp_path))
         pins.check_server(_trust_spec())
@@ -4570,7 +4642,7 @@ class TestTrustOnFirstUseTools:
         assert rea.Fingerprints(tmp_path / ".rea").error is None
 
 
-class TestTrustOnFirstUseUnusableFile:
+class TestSection10UnusableFile:
     @pytest.mark.parametrize(
         ("edit", "reason"),
         [
@@ -4621,7 +4693,7 @@ class TestTrustOnFirstUseUnusableFile:
         assert pins.error is not None and "lacks 'servers'" in pins.error
 
 
-class TestTrustCommand:
+class TestSection10TrustCommand:
     def test_trust_shows_the_definition_diff_and_re_pins(self, tmp_path: Path) -> None:
         _trust_pinned(tmp_path, _trust_spec(), [_trust_tool()])
         _trust_registry(tmp_path, _trust_spec(args=("-y", "other-server")))
@@ -4756,7 +4828,7 @@ def run_bench(root: Path, argv: list[str]) -> str:
     return out.getvalue()
 
 
-class TestPerformance:
+class TestSection12Bench:
     """SPEC §12: `bench` runs and reports; speeds themselves are not asserted."""
 
     def test_json_has_every_figure_and_leaves_nothing_behind(self, private_tmp: Path) -> None:
@@ -4825,7 +4897,7 @@ class TestPerformance:
         assert list(private_tmp.iterdir()) == []
 
 
-class TestEchoServer:
+class TestSection12EchoServer:
     """The hidden `_echo-server` bench drives (SPEC §5 handshake era)."""
 
     def test_answers_pipelined_requests_in_order(self) -> None:
@@ -4931,7 +5003,7 @@ def rea_entry(root: Path) -> dict[str, object]:
 # init ###########################################################################
 
 
-class TestInitCommand:
+class TestSection11Init:
     """SPEC §11 `init`: first run, import of a client's mcpServers, routing the client."""
 
     def test_fresh_init_writes_a_default_policy_that_loads_with_l1_and_blocked_paths(
@@ -5506,7 +5578,7 @@ def labels(**items: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(items.items()))
 
 
-class TestMetricsEndpoint:
+class TestSection12Metrics:
     """Prometheus metrics on 127.0.0.1 (REA_METRICS_PORT / gateway.metrics_port)."""
 
     def test_a_scrape_over_http_is_strict_exposition_with_every_family(self, served) -> None:
@@ -6064,7 +6136,7 @@ class TestSection8StatusEndToEnd:
         assert state["owner_pid"] == c.proc.pid
         got = {d["name"]: d for d in state["downstreams"]}
         assert set(got) == {"alpha", "beta"}
-        for name, count in (("alpha", 14), ("beta", 2)):
+        for name, count in (("alpha", 15), ("beta", 2)):
             d = got[name]
             assert d["healthy"] is True and d["circuit_state"] == "closed"
             assert d["pid"] == pids[name] and pid_alive(d["pid"])
