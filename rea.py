@@ -15,14 +15,17 @@ The file reads bottom-up: each section uses only the sections above it.
     YAML subset           the strict parser for .rea/*.yaml
     Configuration         Registry, ServerSpec, Policy: validated once, at load
     Governance            tiers, autonomy, blocked paths, redaction, injection scan, caps
-    Audit log             hash chain, flock, group commit, rotation, verify
+    Audit log             hash chain, flock, group commit, rotation, verify, `audit`
     Breaker and state     CircuitBreaker, SessionBlocker, LiveState, `status`
+    Trust on first use    fingerprints of servers and tools, `trust`
+    Bench                 the echo server and `bench` (drive rea.py as a subprocess)
+    init, Metrics         `init` from .mcp.json; the Prometheus endpoint
     Protocol              JSON-RPC and the two MCP eras (handshake, stateless 2026-07-28)
     Child process         one downstream process: pipes, reader threads, timeouts
     Downstream            one server: start, era probe, tools, supervisor restarts
     Call pipeline         the steps every tools/call goes through (SPEC §6)
     Gateway               the MCP server the client talks to
-    Commands, main        serve, status, check, audit, freeze, ...
+    Commands, main        serve, check, freeze, ... and the command line
 
 Threads: ``rea-stdin`` reads the client; per child ``rea-child-NAME`` reads its stdout
 and ``rea-stderr-NAME`` drains its stderr; ``rea-worker-N`` run slow requests and
@@ -68,6 +71,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn, TextIO, TypeVar
 from urllib.parse import unquote
+
+# Prelude #######################################################################
 
 VERSION = "0.1.0"
 REA_DIR = ".rea"
