@@ -89,8 +89,15 @@ class ReaError(Exception):
 _log_lock = threading.Lock()  # guards: one whole line per write to stderr
 
 
+LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}
+# REA_LOG_LEVEL: debug | info (default) | warn | error; lines below it are not written.
+_LOG_THRESHOLD = LOG_LEVELS.get(os.environ.get("REA_LOG_LEVEL", "info").strip().lower(), 20)
+
+
 def log(level: str, event: str, **fields: object) -> None:
     """Write one structured log line (a JSON object) to stderr. Never to stdout."""
+    if LOG_LEVELS.get(level, 40) < _LOG_THRESHOLD:
+        return
     line = json.dumps(
         {"ts": utc_now_iso(), "level": level, "event": event, **fields},
         ensure_ascii=False,
@@ -218,10 +225,57 @@ _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
 
 def parse_yaml(text: str, filename: str) -> object:
     """Parse the YAML subset of SPEC §2 into dict / list / str / int / float / bool / None."""
+    return parse_yaml_located(text, filename)[0]
+
+
+def parse_yaml_located(text: str, filename: str) -> tuple[object, dict[str, tuple[int, int]]]:
+    """Parse, and say where each block key and entry stands: `servers[1].name` -> (line, col).
+
+    Validation errors name a key path; this lets them name the line and column too.
+    """
+    parser = _YamlParser(text, filename)
     try:
-        return _YamlParser(text, filename).document()
+        value = parser.document()
     except RecursionError:
         raise ReaError(f"{filename}: nested too deeply to be a config file") from None
+    located: dict[str, tuple[int, int]] = {}
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        items: list[tuple[object, object, str]] = []
+        if isinstance(node, dict):
+            items = [(k, v, f"{path}.{k}" if path else str(k)) for k, v in node.items()]
+        elif isinstance(node, list):
+            items = [(i, v, f"{path}[{i}]") for i, v in enumerate(node)]
+        for key, sub, sub_path in items:
+            position = parser.positions.get((id(node), key))
+            if position is not None:
+                located[sub_path] = position
+            stack.append((sub, sub_path))
+    return value, located
+
+
+_LAST_PLACE_STEP = re.compile(r"(\.[^.\[]+|\[\d+\])$")
+
+
+def _locate(err: ReaError, filename: str, located: Mapping[str, tuple[int, int]]) -> ReaError:
+    """`file: servers[1].name: …` becomes `file:LINE:COL: servers[1].name: …`, at the key
+    itself or, when it is missing, at the nearest entry that holds it."""
+    message = str(err)
+    prefix = f"{filename}: "
+    if not message.startswith(prefix):
+        return err
+    rest = message[len(prefix) :]
+    place = rest.partition(": ")[0]
+    while place:
+        if place in located:
+            line, col = located[place]
+            return ReaError(f"{filename}:{line}:{col}: {rest}")
+        shorter = _LAST_PLACE_STEP.sub("", place)
+        if shorter == place:
+            break
+        place = shorter
+    return err
 
 
 def _resolve_plain(text: str) -> object:
@@ -255,6 +309,8 @@ class _YamlParser:
         if text.startswith("\ufeff"):
             text = text[1:]  # a byte-order mark is not content
         self.lines = [line.removesuffix("\r") for line in text.split("\n")]
+        # where each block key / entry starts, by (id(container), key or index): 1-based
+        self.positions: dict[tuple[int, object], tuple[int, int]] = {}
 
     # errors and line classification
 
@@ -353,6 +409,7 @@ class _YamlParser:
     def block_sequence(self, i: int, n: int, under_key: bool) -> tuple[list[object], int]:
         items: list[object] = []
         while True:
+            self.positions[(id(items), len(items))] = (i + 1, n + 1)
             line = self.lines[i]
             j = n + 1
             while j < len(line) and line[j] in " \t":
@@ -422,6 +479,7 @@ class _YamlParser:
                     i, n, f"duplicate key {key!r} (first at line {first_line[key] + 1})"
                 )
             first_line[key] = i
+            self.positions[(id(result), key)] = (i + 1, n + 1)
             line = self.lines[i]
             j = after
             while j < len(line) and line[j] in " \t":
@@ -737,7 +795,9 @@ def find_root(root_arg: str | None, cwd: Path | None = None) -> Path:
     return here
 
 
-def _read_document(rea_dir: Path, stem: str) -> tuple[object, Path | None]:
+def _read_document(
+    rea_dir: Path, stem: str
+) -> tuple[object, Path | None, dict[str, tuple[int, int]]]:
     """Parse `<stem>.yaml` or `<stem>.json` in rea_dir; (None, None) when neither exists."""
     yaml_path = rea_dir / f"{stem}.yaml"
     json_path = rea_dir / f"{stem}.json"
@@ -749,12 +809,13 @@ def _read_document(rea_dir: Path, stem: str) -> tuple[object, Path | None]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, None
+        return None, None, {}
     except (OSError, UnicodeDecodeError) as err:
         raise ReaError(f"{path}: cannot be read ({err}); make it a readable UTF-8 file") from err
     if path.suffix == ".json":
-        return _parse_json(text, str(path)), path
-    return parse_yaml(text, str(path)), path
+        return _parse_json(text, str(path)), path, {}
+    value, located = parse_yaml_located(text, str(path))
+    return value, path, located
 
 
 def _parse_json(text: str, filename: str) -> object:
@@ -781,18 +842,24 @@ def _parse_json(text: str, filename: str) -> object:
 
 def load_registry(rea_dir: Path) -> Registry:
     """Load `.rea/registry.yaml` (or .json). A missing or empty file means no servers."""
-    value, path = _read_document(rea_dir, "registry")
+    value, path, located = _read_document(rea_dir, "registry")
     if path is None:
         return Registry()
-    return replace(registry_from_value(value, str(path)), source=path)
+    try:
+        return replace(registry_from_value(value, str(path)), source=path)
+    except ReaError as err:
+        raise _locate(err, str(path), located) from None
 
 
 def load_policy(rea_dir: Path) -> Policy:
     """Load `.rea/policy.yaml` (or .json). A missing file means the defaults."""
-    value, path = _read_document(rea_dir, "policy")
+    value, path, located = _read_document(rea_dir, "policy")
     if path is None:
         return Policy()
-    return replace(policy_from_value(value, str(path)), source=path)
+    try:
+        return replace(policy_from_value(value, str(path)), source=path)
+    except ReaError as err:
+        raise _locate(err, str(path), located) from None
 
 
 def _describe(value: object) -> str:
@@ -7953,7 +8020,8 @@ class Gateway:
         self._first_list_done = False
         self._children_started = False
         self._relay_lock = threading.Lock()  # guards: _relay, _relay_seq
-        self._relay: dict[str, tuple[ChildProcess, object] | _ClientAnswer] = {}
+        # gateway id -> (child, child's id, method, started), or a wait of our own
+        self._relay: dict[str, tuple[ChildProcess, object, str, float] | _ClientAnswer] = {}
         self._suspended: dict[
             str, tuple[Call, object]
         ] = {}  # requestState -> call, child's request id
@@ -8528,6 +8596,7 @@ class Gateway:
         if abandoned:
             # No request of the client's is open for this call: audit it, answer nobody.
             assert call.downstream is not None
+            self.free_slot(call)
             call.downstream.breaker.release_unused()
             self.audit_call(call, "error", error=f"no retry from the client before: {error}")
             self.release(call)
@@ -8547,6 +8616,8 @@ class Gateway:
         ds = call.downstream
         assert ds is not None
         finished = True
+        if result is None or result.get("resultType") != "input_required":
+            self.free_slot(call)
         try:
             if error is not None or result is None:
                 self._complete_error(call, ds, error)
@@ -8605,6 +8676,7 @@ class Gateway:
             if needed is None or needed not in self.client_caps:
                 problem = f"server {ds.name} needs {method} from the client, which the client cannot answer"
                 break
+            asked = time.monotonic()
             answer = self.ask_client(
                 method, as_obj(req.get("params")), call.rules.policy.call_timeout_s
             )
@@ -8612,7 +8684,9 @@ class Gateway:
                 problem = (
                     f"the client refused {method}: {(as_obj(answer['error']) or {}).get('message')}"
                 )
+                self.audit_relay(ds.name, method, "error", asked, problem)
                 break
+            self.audit_relay(ds.name, method, "allowed", asked)
             responses[key] = answer.get("result")
         child = call.child
         if problem is None and (child is None or not child.alive):
@@ -8675,7 +8749,7 @@ class Gateway:
             "inputRequests": {key: {"method": method, "params": params or {}}},
             "requestState": token,
         }
-        call.extra = {"inputKey": key}
+        call.extra = {"inputKey": key, "inputMethod": method}
         self.reply(call.req_id, answer, "stateless")
         return True
 
@@ -8686,6 +8760,7 @@ class Gateway:
             if found is None:  # abandoned meanwhile (timed out): nothing to resume
                 raise RpcError(INVALID_PARAMS, "requestState refers to a call that has ended")
             call, child_id = found
+            method = str(call.extra.get("inputMethod"))
             key = str(call.extra.get("inputKey"))
             call.req_id = req_id
             call.extra = {}
@@ -8694,13 +8769,16 @@ class Gateway:
             parked, call.parked = call.parked, None
         responses = as_obj(p.get("inputResponses")) or {}
         answer: JsonObj = {"jsonrpc": "2.0", "id": child_id}
+        server = call.entry.server if call.entry is not None else ""
         if key in responses:
             answer["result"] = responses[key]
+            self.audit_relay(server, method, "allowed", call.started)
         else:
             answer["error"] = {
                 "code": INVALID_PARAMS,
                 "message": "the client sent no answer for this request",
             }
+            self.audit_relay(server, method, "error", call.started, "the client sent no answer")
         if call.child is not None:
             try:
                 call.child.send(answer)
@@ -8750,11 +8828,17 @@ class Gateway:
     def release(self, call: Call) -> None:
         with self._calls_lock:
             self._in_flight.pop(id_key(call.req_id), None)
-        if call.holds_slot and call.downstream is not None:
-            call.holds_slot = False
-            with call.downstream._lock:
-                call.downstream.in_flight -= 1
+        self.free_slot(call)
         self.state_changed()
+
+    def free_slot(self, call: Call) -> None:
+        """The child has answered: its concurrency slot is free (before the client hears)."""
+        ds = call.downstream
+        if ds is not None:
+            with ds._lock:
+                if call.holds_slot:
+                    call.holds_slot = False
+                    ds.in_flight -= 1
 
     def cancel_call(self, req_id: object, reason: str) -> None:
         with self._calls_lock:
@@ -9038,11 +9122,13 @@ class Gateway:
                 )
             except ChildDied:
                 pass
+            if needed is not None:
+                self.audit_relay(child.name, method, "denied", time.monotonic(), why)
             return
         with self._relay_lock:
             self._relay_seq += 1
             gw_id = f"rea-{self._relay_seq}"
-            self._relay[gw_id] = (child, child_id)
+            self._relay[gw_id] = (child, child_id, method, time.monotonic())
         msg: JsonObj = {"jsonrpc": "2.0", "id": gw_id, "method": method}
         if params is not None:
             msg["params"] = params
@@ -9058,16 +9144,38 @@ class Gateway:
             target.answer = msg
             target.done.set()
             return
-        child, child_id = target
+        child, child_id, method, started = target
         answer: JsonObj = {"jsonrpc": "2.0", "id": child_id}
         if "error" in msg:
             answer["error"] = msg["error"]
+            message = str((as_obj(msg["error"]) or {}).get("message", "error"))
+            self.audit_relay(
+                child.name, method, "error", started, f"the client answered: {message}"
+            )
         else:
             answer["result"] = msg.get("result")
+            self.audit_relay(child.name, method, "allowed", started)
         try:
             child.send(answer)
         except ChildDied:
             pass
+
+    def audit_relay(
+        self, server: str, method: str, status: str, started: float, error: str | None = None
+    ) -> None:
+        """One record per request a child made of the client (§5: relayed, refused, failed)."""
+        policy = self.policy
+        self.append_audit(
+            session_id=self.session_id,
+            tool_name=method,
+            server_name=server,
+            tier="read",
+            status=status,
+            autonomy_level=policy.autonomy_level,
+            duration_ms=int((time.monotonic() - started) * 1000),
+            error=self.redactor.redact(error).text if error else None,
+            metadata={"event": "client_request", "era": self.era or "handshake"},
+        )
 
     # -- resources, prompts, completion --
 

@@ -4130,7 +4130,8 @@ class TestSection5FullProxying:
     def test_sampling_request_is_relayed_to_a_client_that_can_sample(
         self, fake_server, rea_project, gateway
     ):
-        c = gateway(rea_project([server(fake_server, "one", "--features")]))
+        root = rea_project([server(fake_server, "one", "--features")])
+        c = gateway(root)
         c.initialize(capabilities={"sampling": {}})
         c.tools()
         rid = c.start("tools/call", {"name": "one__sample", "arguments": {}})
@@ -4148,11 +4149,14 @@ class TestSection5FullProxying:
             }
         )
         assert c.wait(rid)["result"]["content"][0]["text"] == "model said: 42"
+        relayed = [r for r in audit_records(root) if r["tool_name"] == "sampling/createMessage"]
+        assert [(r["server_name"], r["status"]) for r in relayed] == [("one", "allowed")]
 
     def test_sampling_without_client_support_is_refused_not_left_hanging(
         self, fake_server, rea_project, gateway
     ):
-        c = gateway(rea_project([server(fake_server, "one", "--features")]))
+        root = rea_project([server(fake_server, "one", "--features")])
+        c = gateway(root)
         c.initialize()
         c.tools()
         res = c.call("one__sample", timeout=10)["result"]
@@ -4160,6 +4164,8 @@ class TestSection5FullProxying:
             res["isError"] is True
             and "cannot answer sampling/createMessage" in res["content"][0]["text"]
         )
+        refused = [r for r in audit_records(root) if r["tool_name"] == "sampling/createMessage"]
+        assert [r["status"] for r in refused] == ["denied"]
 
 
 STATELESS_SAMPLING_META = {
@@ -4389,6 +4395,35 @@ class TestSection5Robustness:
             lambda: c.downstream("stuck")["healthy"] and c.downstream("stuck")["pid"] != pid,
             what="restart",
         )
+
+
+class TestSection2ErrorsEndToEnd:
+    def test_check_names_file_line_and_column_of_a_bad_key(self, tmp_path):
+        (tmp_path / ".rea").mkdir()
+        (tmp_path / ".rea" / "registry.yaml").write_text(
+            'version: "1"\nservers:\n  - name: ok\n    command: x\n  - name: Bad_Name\n    command: y\n'
+        )
+        done = run_rea("check", "--root", str(tmp_path))
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert (
+            done.stderr.strip().endswith("letter or digit")
+            and "registry.yaml:5:5: servers[1].name:" in done.stderr
+        )
+        (tmp_path / ".rea" / "registry.yaml").write_text("servers:\n\t- name: x\n")
+        tabbed = run_rea("check", "--root", str(tmp_path))
+        assert tabbed.returncode == 2 and "registry.yaml:2:1:" in tabbed.stderr
+        assert len(tabbed.stderr.strip().splitlines()) == 1
+
+    def test_log_level_filters_stderr_lines(self, fake_server, rea_project, gateway):
+        root = rea_project(
+            [server(fake_server, "a"), {"name": "gone", "command": "/nonexistent/x"}]
+        )
+        quiet = gateway(root, env={"REA_LOG_LEVEL": "error"})
+        quiet.initialize()
+        quiet.tools()
+        quiet.close()
+        levels = {json.loads(line)["level"] for line in quiet.stderr_lines if line.startswith("{")}
+        assert levels == {"error"}
 
 
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
