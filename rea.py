@@ -6811,7 +6811,6 @@ _ALL_CHILD_CAPS: JsonObj = {
 }
 DENIED = -32001  # a non-tool request refused by policy (tool calls get an isError result)
 MAX_INPUT_ROUNDS = 8  # input_required rounds one call may take
-POLICY_CHECK_S = 0.05  # the policy file is stat'ed at most this often (HALT: every call)
 MIN_SECRET_CHARS = 6  # shorter env: values are not scrubbed as text (too many false hits)
 MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
 DISCOVER_TIMEOUT_S = 5.0  # §5: no answer to server/discover within 5 s means handshake era
@@ -7958,7 +7957,6 @@ class PolicyWatch:
         self._lock = threading.Lock()  # guards: _signature, reloads
         self._paths = (str(self.rea_dir / "policy.yaml"), str(self.rea_dir / "policy.json"))
         self._signature = self._stat()
-        self._checked_at = time.monotonic()
         self.on_change: Callable[[Rules], None] | None = None
 
     def _stat(self) -> tuple[object, ...]:
@@ -7972,10 +7970,6 @@ class PolicyWatch:
         return tuple(sig)
 
     def current(self) -> Rules:
-        now = time.monotonic()
-        if now - self._checked_at < POLICY_CHECK_S:
-            return self.rules  # a burst of calls stats the file once per interval
-        self._checked_at = now
         sig = self._stat()
         if sig == self._signature:
             return self.rules
