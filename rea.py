@@ -2138,7 +2138,7 @@ _SECRET_WORDS = (
 
 def _may_hold_secret(text: str) -> bool:
     low = text.lower()
-    for word in _SECRET_WORDS:  # a plain loop: a generator costs more than the tests
+    for word in _SECRET_WORDS:  # noqa: SIM110 (a plain loop: a generator costs more than the tests)
         if word in low:
             return True
     return False
@@ -7535,17 +7535,12 @@ class Downstream:
             self.status = "held"
             self.last_error = reason
         log("error", "server_held", server=self.name, reason=reason)
-        policy = self.gw.policy
-        self.gw.append_audit(
-            session_id=self.gw.session_id,
-            tool_name="server_start",
-            server_name=self.name,
-            tier="read",
-            status="denied",
-            autonomy_level=policy.autonomy_level,
-            duration_ms=0,
+        self.gw.audit_event(
+            "server_start",
+            self.name,
+            "denied",
+            {"event": "SERVER_HELD"},
             error=f"rea: denied: server {self.name} not started: {reason}",
-            metadata={"event": "SERVER_HELD"},
         )
         self.gw.tools_changed()
         self.ready.set()
@@ -8970,21 +8965,13 @@ class Gateway:
                 threshold=policy.session_blocker_threshold,
                 session_id=self.session_id,
             )
-            self.append_audit(
-                session_id=self.session_id,
-                tool_name="session_blocker",
-                server_name=ds.name,
-                tier="read",
-                status="error",
-                autonomy_level=policy.autonomy_level,
-                duration_ms=0,
-                metadata={
-                    "event": "SESSION_BLOCKER",
-                    "open_transitions": count,
-                    "threshold": policy.session_blocker_threshold,
-                    "emitted_at": emitted_at,
-                },
-            )
+            metadata: JsonObj = {
+                "event": "SESSION_BLOCKER",
+                "open_transitions": count,
+                "threshold": policy.session_blocker_threshold,
+                "emitted_at": emitted_at,
+            }
+            self.audit_event("session_blocker", ds.name, "error", metadata)
         self.state_changed()
 
     def check_registry(self) -> None:
@@ -9207,17 +9194,30 @@ class Gateway:
         self, server: str, method: str, status: str, started: float, error: str | None = None
     ) -> None:
         """One record per request a child made of the client (§5: relayed, refused, failed)."""
-        policy = self.policy
+        metadata: JsonObj = {"event": "client_request", "era": self.era or "handshake"}
+        self.audit_event(method, server, status, metadata, error=error, started=started)
+
+    def audit_event(
+        self,
+        tool: str,
+        server: str,
+        status: str,
+        metadata: JsonObj,
+        *,
+        error: str | None = None,
+        started: float | None = None,
+    ) -> None:
+        """A record of the gateway's own (not a tool call): read tier, the policy's level."""
         self.append_audit(
             session_id=self.session_id,
-            tool_name=method,
+            tool_name=tool,
             server_name=server,
             tier="read",
             status=status,
-            autonomy_level=policy.autonomy_level,
-            duration_ms=int((time.monotonic() - started) * 1000),
+            autonomy_level=self.policy.autonomy_level,
+            duration_ms=int((time.monotonic() - started) * 1000) if started is not None else 0,
             error=self.redactor.redact(error).text if error else None,
-            metadata={"event": "client_request", "era": self.era or "handshake"},
+            metadata=metadata,
         )
 
     # -- resources, prompts, completion --
