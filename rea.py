@@ -8514,20 +8514,7 @@ class Gateway:
             {**e.definition, "name": e.exposed} for e in entries if e.withheld is None
         ]
         tools.append(health_tool_definition())
-        start = 0
-        cursor = p.get("cursor")
-        if cursor is not None:
-            if not isinstance(cursor, str) or not cursor.isdigit() or int(cursor) > len(tools):
-                raise RpcError(INVALID_PARAMS, f"invalid cursor: {cursor!r}")
-            start = int(cursor)
-        page = tools[start : start + TOOLS_PAGE]
-        result: JsonObj = {"tools": page}
-        if start + TOOLS_PAGE < len(tools):
-            result["nextCursor"] = str(start + TOOLS_PAGE)
-        if era == "stateless":
-            result["ttlMs"] = 0
-            result["cacheScope"] = "private"
-        return result
+        return list_page("tools", tools, p.get("cursor"), era)
 
     # -- tools/call --
 
@@ -9263,19 +9250,7 @@ class Gateway:
                 log("warn", "list_failed", server=ds.name, method=method, error=ds.scrub(str(exc)))
                 continue
             items.extend(self._index_entries(ds, method, entries))
-        start = 0
-        cursor = p.get("cursor")
-        if cursor is not None:
-            if not isinstance(cursor, str) or not cursor.isdigit() or int(cursor) > len(items):
-                raise RpcError(INVALID_PARAMS, f"invalid cursor: {cursor!r}")
-            start = int(cursor)
-        result: JsonObj = {key: items[start : start + TOOLS_PAGE]}
-        if start + TOOLS_PAGE < len(items):
-            result["nextCursor"] = str(start + TOOLS_PAGE)
-        if era == "stateless":
-            result["ttlMs"] = 0
-            result["cacheScope"] = "private"
-        return result
+        return list_page(key, items, p.get("cursor"), era)
 
     def _index_entries(self, ds: Downstream, method: str, entries: list[JsonObj]) -> list[JsonObj]:
         """Remember who owns each URI, template and prompt; rename prompts `server__prompt`."""
@@ -9462,6 +9437,23 @@ class Gateway:
                     child.request_async("logging/setLevel", p, 10.0, lambda r, e: None)
                 except ChildDied:
                     pass
+
+
+def list_page(key: str, items: list[JsonObj], cursor: object, era: str | None) -> JsonObj:
+    """One page of a list result: `nextCursor` is an offset; stateless-era lists carry
+    `ttlMs` 0 (always re-list: policy can change) and `cacheScope` private."""
+    start = 0
+    if cursor is not None:
+        if not isinstance(cursor, str) or not cursor.isdigit() or int(cursor) > len(items):
+            raise RpcError(INVALID_PARAMS, f"invalid cursor: {cursor!r}")
+        start = int(cursor)
+    result: JsonObj = {key: items[start : start + TOOLS_PAGE]}
+    if start + TOOLS_PAGE < len(items):
+        result["nextCursor"] = str(start + TOOLS_PAGE)
+    if era == "stateless":
+        result["ttlMs"] = 0
+        result["cacheScope"] = "private"
+    return result
 
 
 def health_tool_definition() -> JsonObj:
