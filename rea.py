@@ -1943,14 +1943,6 @@ class PathGuard:
             return None
         return stripped
 
-    def _readings(self, candidate: str) -> list[str]:
-        """Every absolute, normalised path a downstream server might take the text for."""
-        absolutes: list[str] = []
-        for form in self._forms(candidate):
-            for local in self._local_paths(form):
-                absolutes.extend(self._resolve(local))
-        return list(dict.fromkeys(absolutes))
-
     @staticmethod
     def _forms(candidate: str) -> list[str]:
         """The text as written and percent-decoded, `\\` as `/`, NUL cut at and dropped."""
@@ -1998,18 +1990,6 @@ class PathGuard:
             if home is not None:
                 return [home + "/" + rest, form]
         return [form]
-
-    def _resolve(self, path: str) -> list[str]:
-        """Absolute forms of a path: lexical and with symlinks resolved where they exist."""
-        joined = path if path.startswith("/") else self._root_abs + "/" + path
-        lexical = _LEADING_SLASHES.sub("/", os.path.normpath(joined))
-        try:
-            physical = (
-                self._physical(path) if not path.startswith("/") else os.path.realpath(joined)
-            )
-        except (OSError, ValueError):
-            return [lexical]
-        return [lexical] if physical == lexical else [lexical, physical]
 
     def _physical(self, relative: str) -> str:
         """realpath of a path relative to the root, walking only its own components.
@@ -7955,14 +7935,7 @@ class PolicyWatch:
         self.on_change: Callable[[Rules], None] | None = None
 
     def _stat(self) -> tuple[object, ...]:
-        sig: list[object] = []
-        for path in self._paths:
-            try:
-                st = os.stat(path)
-                sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                sig.append(None)
-        return tuple(sig)
+        return _file_signature(self._paths)
 
     def current(self) -> Rules:
         sig = self._stat()
@@ -7984,12 +7957,13 @@ class PolicyWatch:
         return rules
 
 
-def _file_signature(folder: Path, names: tuple[str, ...]) -> tuple[object, ...]:
-    """What tells a changed file: (mtime, size, inode) of each name, None when absent."""
+def _file_signature(paths: tuple[str, ...]) -> tuple[object, ...]:
+    """What tells a changed file: (mtime, size, inode) of each path, None when absent.
+    Paths are strings made once: this runs for the policy on every call."""
     sig: list[object] = []
-    for name in names:
+    for path in paths:
         try:
-            st = os.stat(folder / name)
+            st = os.stat(path)
             sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
             sig.append(None)
@@ -8025,7 +7999,10 @@ class Gateway:
         self.started_at = utc_now_iso()
         self.started = time.monotonic()
         self.registry = registry
-        self._registry_sig = _file_signature(root / ".rea", ("registry.yaml", "registry.json"))
+        self._registry_paths = tuple(
+            str(root / ".rea" / n) for n in ("registry.yaml", "registry.json")
+        )
+        self._registry_sig = _file_signature(self._registry_paths)
         self.watch = PolicyWatch(root, compile_rules(root, policy))
         self.watch.on_change = self._on_rules_changed
         self.audit = AuditLog(
@@ -8964,7 +8941,7 @@ class Gateway:
     def check_registry(self) -> None:
         """Re-read the registry when its file changed; start, stop and restart servers so
         the running set matches it. A registry that no longer loads changes nothing."""
-        sig = _file_signature(self.rea_dir, ("registry.yaml", "registry.json"))
+        sig = _file_signature(self._registry_paths)
         if sig == self._registry_sig:
             return
         self._registry_sig = sig

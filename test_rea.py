@@ -3703,8 +3703,9 @@ class TestSection5Shutdown:
             poll(lambda pid=pid: not pid_alive(pid), what=f"child {pid} gone")
         assert not (root / ".rea" / "serve.pid").exists()
 
-    def test_sigterm_with_a_call_in_flight_leaves_no_orphan(
-        self, fake_server, rea_project, gateway
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+    def test_a_signal_with_a_call_in_flight_leaves_no_orphan(
+        self, sig, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "a")])
         c = gateway(root)
@@ -3713,7 +3714,7 @@ class TestSection5Shutdown:
         pid = c.downstream("a")["pid"]
         rid = c.start("tools/call", {"name": "a__slow", "arguments": {"seconds": 0.8}})
         time.sleep(0.2)
-        c.proc.send_signal(signal.SIGTERM)
+        c.proc.send_signal(sig)
         c.proc.wait(20)
         # the call in flight was let finish before the child was stopped
         assert c.wait(rid, timeout=1)["result"]["content"][0]["text"] == "slept 0.8"
@@ -6509,6 +6510,11 @@ def _trust_status_showing(
     return done if text in done.stdout else None
 
 
+def _trust_echo_pair(fake_server: str) -> list[dict[str, object]]:
+    """Two fixture servers, `a` and `b`, each listing only `echo`."""
+    return [server(fake_server, name, "--tools", "echo") for name in ("a", "b")]
+
+
 def _trust_run(gateway: Callable[..., Client], root: Path) -> Client:
     """A gateway that has finished starting its children (the first tools/list waits)."""
     c = gateway(root)
@@ -6577,12 +6583,7 @@ class TestSection10TrustOnFirstUseEndToEnd:
     def test_changed_args_hold_the_server_until_trust_shows_the_diff(
         self, fake_server, rea_project, gateway
     ):
-        root = rea_project(
-            [
-                server(fake_server, "a", "--tools", "echo"),
-                server(fake_server, "b", "--tools", "echo"),
-            ]
-        )
+        root = rea_project(_trust_echo_pair(fake_server))
         _trust_run(gateway, root).close()
 
         rea_project(
@@ -6802,6 +6803,7 @@ class TestSection10TrustOnFirstUseEndToEnd:
             what="refresh after list_changed",
         )
         c.wait_notification("notifications/tools/list_changed", timeout=3)
+        assert "s__convert" not in c.tools()  # what the client re-lists no longer offers it
 
     def test_tool_changed_across_a_respawn_is_withheld(self, rea_project, gateway, tmp_path):
         entry, defs = _trust_downstream(tmp_path)
@@ -6826,10 +6828,7 @@ class TestSection10TrustOnFirstUseEndToEnd:
         self, damage, fake_server, rea_project, gateway
     ):
         root = rea_project(
-            [
-                server(fake_server, "a", "--tools", "echo"),
-                server(fake_server, "b", "--tools", "echo"),
-            ],
+            _trust_echo_pair(fake_server),
             _TRUST_DIAG,
         )
         path = root / ".rea" / "fingerprints.json"
@@ -6875,12 +6874,7 @@ class TestSection10TrustOnFirstUseEndToEnd:
     def test_removing_and_re_adding_a_server_with_another_definition_is_held(
         self, fake_server, rea_project, gateway
     ):
-        root = rea_project(
-            [
-                server(fake_server, "a", "--tools", "echo"),
-                server(fake_server, "b", "--tools", "echo"),
-            ]
-        )
+        root = rea_project(_trust_echo_pair(fake_server))
         _trust_run(gateway, root).close()
 
         rea_project([server(fake_server, "b", "--tools", "echo")])
