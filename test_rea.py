@@ -5844,11 +5844,6 @@ def _audit_status_args_digest(args: dict[str, object]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _audit_status_ready(c: Client) -> None:
-    c.initialize()
-    c.tools()
-
-
 # §7 Audit log ###################################################################
 
 
@@ -5857,8 +5852,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha"), server(fake_server, "beta")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         session = c.health()["gateway"]["session_id"]  # type: ignore[index]
         halt = root / ".rea" / "HALT"
 
@@ -5932,8 +5926,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         (root / ".rea" / "HALT").write_text("frozen")
         assert c.call("alpha__read_file")["result"]["content"][0]["text"].startswith("rea: denied:")
         (rec,) = audit_records(root)
@@ -5947,8 +5940,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")], "autonomy_level: L0\n")
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         res = c.call("alpha__echo", {"v": 1})["result"]
         assert res["isError"] is True and res["content"][0]["text"].startswith("rea: denied:")
         assert c.call("alpha__read_file")["result"]["isError"] is False
@@ -5963,8 +5955,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         args = {
             "token": _AUDIT_STATUS_GH_TOKEN,
             "path": "notes/ünïcode.txt",
@@ -5996,8 +5987,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         text = c.text("alpha__secret")
         assert "ghp_" + "a" * 36 not in text and "AKIAABCDEFGHIJKLMNOP" not in text
         assert "token " in text and " ok" in text  # the rest of the answer is kept
@@ -6016,9 +6006,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        clients = [gateway(root), gateway(root)]
-        for c in clients:
-            _audit_status_ready(c)
+        clients = [running(gateway, root), running(gateway, root)]
         per_client = 40
         errors: list[BaseException] = []
 
@@ -6052,8 +6040,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         for i in range(5):
             c.call("alpha__echo", {"i": i})
         assert c.close() == 0
@@ -6082,8 +6069,7 @@ class TestSection7AuditEndToEnd:
         self, fake_server, rea_project, gateway, mode
     ):
         root = rea_project([server(fake_server, "alpha")], f"audit:\n  fsync: {mode}\n")
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         ids = [
             c.start("tools/call", {"name": "alpha__echo", "arguments": {"i": i}}) for i in range(30)
         ]
@@ -6129,8 +6115,7 @@ class TestSection8StatusEndToEnd:
         root = rea_project(
             [server(fake_server, "alpha"), server(fake_server, "beta", "--tools", "echo,slow")]
         )
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         health = c.health()
         pids = {d["name"]: d["pid"] for d in health["downstreams"]}
 
@@ -6162,8 +6147,7 @@ class TestSection8StatusEndToEnd:
         root = rea_project(
             [server(fake_server, "good"), {"name": "broken", "command": "/nonexistent/mcp-server"}]
         )
-        c = gateway(root)
-        _audit_status_ready(c)
+        running(gateway, root)
 
         def degraded():
             code, rep = _audit_status_json(root)
@@ -6180,8 +6164,7 @@ class TestSection8StatusEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        running(gateway, root)
         poll(lambda: _audit_status_json(root)[0] == 0, what="healthy status")
         (root / ".rea" / "HALT").write_text("freeze for the release audit")
         code, rep = _audit_status_json(root)
@@ -6195,8 +6178,7 @@ class TestSection8StatusEndToEnd:
 
     def test_status_shows_the_restart_of_a_sigkilled_child(self, fake_server, rea_project, gateway):
         root = rea_project([server(fake_server, "alpha")], _AUDIT_STATUS_FAST)
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
 
         def first():
             code, rep = _audit_status_json(root)
@@ -6222,8 +6204,7 @@ class TestSection8StatusEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha"), server(fake_server, "beta")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         state = poll(
             lambda: (
                 (s := _audit_status_state(root)) and all(d["pid"] for d in s["downstreams"]) and s
@@ -6256,8 +6237,7 @@ class TestSection8StatusEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         poll(lambda: _audit_status_json(root)[0] == 0, what="running status")
         assert c.close() == 0
         assert not (root / ".rea" / "serve.pid").exists()
@@ -6271,8 +6251,7 @@ class TestSection8StatusEndToEnd:
     ):
         secret = "supersecretvalue123"
         root = rea_project([server(fake_server, "alpha", env={"API_TOKEN": "${SOME_VAR}"})])
-        c = gateway(root, env={"SOME_VAR": secret})
-        _audit_status_ready(c)
+        c = running(gateway, root, env={"SOME_VAR": secret})
         assert json.loads(c.text("alpha__env"))["API_TOKEN"] == secret  # the mapping is live
         path = root / ".rea" / "serve.state.json"
         poll(
@@ -6296,8 +6275,7 @@ class TestSection8StatusEndToEnd:
         root = rea_project(
             [server(fake_server, "alpha"), server(fake_server, "beta")], _AUDIT_STATUS_FAST
         )
-        c = gateway(root)
-        _audit_status_ready(c)
+        c = running(gateway, root)
         path = root / ".rea" / "serve.state.json"
         poll(path.exists, what="state file")
         stop = threading.Event()
@@ -6344,15 +6322,13 @@ class TestSection8StatusEndToEnd:
         self, fake_server, rea_project, gateway
     ):
         root = rea_project([server(fake_server, "alpha")])
-        first = gateway(root)
-        _audit_status_ready(first)
+        first = running(gateway, root)
         poll(
             lambda: (s := _audit_status_state(root)) and s["owner_pid"] == first.proc.pid,
             what="first owns the state",
         )
         session = first.health()["gateway"]["session_id"]
-        second = gateway(root)
-        _audit_status_ready(second)
+        second = running(gateway, root)
         assert second.call("alpha__echo", {"x": 1})["result"]["structuredContent"] == {"x": 1}
         assert second.health()["gateway"]["session_id"] != session
         time.sleep(0.6)  # past the 250 ms debounce: proving the second never writes needs a wait
