@@ -4156,6 +4156,15 @@ STATELESS_SAMPLING_META = {
 }
 
 
+def sample_until_input_required(c: Client) -> dict[str, object]:
+    """A stateless client calls old__sample; rea answers input_required for the child."""
+    c.request("tools/list", {"_meta": STATELESS_SAMPLING_META})
+    params = {"name": "old__sample", "arguments": {}, "_meta": STATELESS_SAMPLING_META}
+    first = c.request("tools/call", params)["result"]
+    assert first["resultType"] == "input_required"
+    return first  # type: ignore[no-any-return]
+
+
 class TestSection5InputAcrossEras:
     def test_stateless_childs_input_required_is_asked_of_a_handshake_client(
         self, fake_server, rea_project, gateway
@@ -4214,11 +4223,7 @@ class TestSection5InputAcrossEras:
         root = rea_project([server(fake_server, "old", "--features")])
         c = gateway(root)
         meta = STATELESS_SAMPLING_META
-        c.request("tools/list", {"_meta": meta})
-        first = c.request("tools/call", {"name": "old__sample", "arguments": {}, "_meta": meta})[
-            "result"
-        ]
-        assert first["resultType"] == "input_required"
+        first = sample_until_input_required(c)
         ((key, ask),) = first["inputRequests"].items()
         assert ask["method"] == "sampling/createMessage"
         answer = {
@@ -4248,11 +4253,7 @@ class TestSection5InputAcrossEras:
         root = rea_project([server(fake_server, "old", "--features")], policy)
         c = gateway(root)
         meta = STATELESS_SAMPLING_META
-        c.request("tools/list", {"_meta": meta})
-        first = c.request("tools/call", {"name": "old__sample", "arguments": {}, "_meta": meta})[
-            "result"
-        ]
-        assert first["resultType"] == "input_required"
+        sample_until_input_required(c)
         poll(
             lambda: [
                 r
