@@ -3643,6 +3643,8 @@ class TestSection3StartFailures:
             n.startswith(("missing__", "crashy__", "needsvar__")) for n in tools
         )
         assert c.call("good__echo", {"a": 1})["result"]["structuredContent"] == {"a": 1}
+        hidden = {d["name"]: d for d in c.health()["downstreams"]}
+        assert hidden["missing"]["last_error"].startswith("withheld")  # the default (§8)
         (root / ".rea" / "policy.yaml").write_text(
             "gateway:\n  health:\n    expose_diagnostics: true\n"
         )
@@ -4401,6 +4403,16 @@ class TestSection2ErrorsEndToEnd:
         quiet.close()
         levels = {json.loads(line)["level"] for line in quiet.stderr_lines if line.startswith("{")}
         assert levels == {"error"}
+
+
+class TestSection9AuditFailure:
+    def test_a_failing_audit_write_never_breaks_a_call(self, fake_server, rea_project, gateway):
+        root = rea_project([server(fake_server, "a")])
+        (root / ".rea" / "audit.jsonl").mkdir()  # appends now fail with an OSError
+        c = running(gateway, root)
+        assert c.call("a__echo", {"x": 1})["result"]["structuredContent"] == {"x": 1}
+        assert c.health()["summary"]["audit_fail_count"] >= 1
+        assert "audit_append_failed" in errors_of(c)
 
 
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
