@@ -8022,7 +8022,8 @@ class Gateway:
         self._calls_lock = threading.Lock()  # guards: _in_flight, accepting
         self._in_flight: dict[tuple[str, object], Call] = {}
         self.accepting = True
-        self.era: str | None = None  # locked by the client's first request that says
+        self.handshake_client = False  # the client sent initialize (§5: eras per request)
+        self.stateless_client = False  # the client sent a stateless-era request
         self.initialized = False
         self.client_caps: JsonObj = {}
         self.session_suspicious: str | None = None
@@ -8191,8 +8192,8 @@ class Gateway:
         self.write({"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
 
     def notify_client(self, method: str, params: JsonObj | None = None) -> None:
-        if self.era == "stateless" or not self.initialized:
-            return  # a stateless client re-lists (ttlMs 0); before `initialized` nothing may be sent
+        if not self.initialized:
+            return  # only a handshake client is sent notifications, and only after `initialized`
         msg: JsonObj = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             msg["params"] = params
@@ -8259,7 +8260,8 @@ class Gateway:
             era = self._check_era(method, params)
             if method == "initialize":
                 self.client_caps = as_obj((params or {}).get("capabilities")) or {}
-            self.start_children()
+            if method != "server/discover":  # a probe: children wait to hear the client's caps
+                self.start_children()
             self.dispatch(req_id, method, params, era)
         except RpcError as err:
             self.reply_error(req_id, err)
@@ -8267,38 +8269,44 @@ class Gateway:
             log("error", "internal_error", method=method, error=repr(exc))
             self.reply_error(req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
 
-    def _check_era(self, method: str, params: JsonObj | None) -> str | None:
-        """Lock the connection to the era of its first request that says one; refuse the other."""
-        era = request_era(method, params)
-        if era is not None and self.era is None:
-            self.era = era
-        if self.era == "stateless":
-            meta = meta_of(params) or {}
-            requested = meta.get(META_VERSION)
-            # server/discover may come bare: it is how a client learns the versions
-            bare_discover = method == "server/discover" and requested is None
-            if not bare_discover and requested not in STATELESS_VERSIONS:
-                raise RpcError(
-                    UNSUPPORTED_VERSION,
-                    "unsupported protocol version",
-                    {"supported": list(STATELESS_VERSIONS), "requested": requested},
-                )
-            caps = as_obj(meta.get(META_CAPS))
-            if caps is not None:
-                self.client_caps = caps
-            if method in ("ping", "logging/setLevel", "initialize"):
-                raise RpcError(
-                    METHOD_NOT_FOUND,
-                    f"method not found in protocol {STATELESS_VERSIONS[0]}: {method}",
-                )
-        elif self.era == "handshake" and era == "stateless":
-            meta = meta_of(params) or {}
+    def _check_era(self, method: str, params: JsonObj | None) -> str:
+        """The era of this one request (§5: decided per request, nothing locks the
+        connection). A request whose `_meta` names a protocol version is stateless-era;
+        `initialize` and anything else is handshake-era. A discover at a version we do not
+        serve gets -32022, after which the client may still fall back to `initialize`."""
+        if method == "initialize":
+            self.handshake_client = True
+            return "handshake"
+        meta = meta_of(params) or {}
+        requested = meta.get(META_VERSION)
+        if requested is None and method != "server/discover":
+            return "handshake"
+        if requested is not None and requested not in STATELESS_VERSIONS:
             raise RpcError(
                 UNSUPPORTED_VERSION,
-                "this connection speaks the handshake era",
-                {"supported": list(HANDSHAKE_VERSIONS), "requested": meta.get(META_VERSION)},
+                "unsupported protocol version",
+                {"supported": list(STATELESS_VERSIONS), "requested": requested},
             )
-        return self.era
+        if method == "server/discover":
+            return "stateless"  # with or without _meta: never changes the connection
+        self.stateless_client = True
+        caps = as_obj(meta.get(META_CAPS))
+        if caps is not None and not self.handshake_client:
+            self.client_caps = caps
+        if method in ("ping", "logging/setLevel"):
+            raise RpcError(
+                METHOD_NOT_FOUND,
+                f"method not found in protocol {STATELESS_VERSIONS[0]}: {method}",
+            )
+        return "stateless"
+
+    @property
+    def client_era(self) -> str | None:
+        """The era of messages the gateway starts: handshake once the client sent
+        `initialize` (§5), stateless when it only ever sent stateless requests."""
+        if self.handshake_client:
+            return "handshake"
+        return "stateless" if self.stateless_client else None
 
     def handle_notification(self, method: str, params: JsonObj | None) -> None:
         if method == "notifications/initialized":
@@ -8736,7 +8744,10 @@ class Gateway:
             calls = [
                 c
                 for c in self._in_flight.values()
-                if c.child is child and c.entry is not None and not c.awaiting_retry
+                if c.child is child
+                and c.entry is not None
+                and c.era == "stateless"
+                and not c.awaiting_retry
             ]
             if len(calls) != 1:
                 return False  # no call, or several: which one asked cannot be known
@@ -9090,19 +9101,18 @@ class Gateway:
         needed = RELAYED_REQUESTS.get(method)
         if (
             needed is not None
-            and self.era == "stateless"
             and needed in self.client_caps
             and self.suspend_for_input(child, method, child_id, params)
         ):
             return
-        if needed is None or self.era != "handshake" or needed not in self.client_caps:
+        if needed is None or not self.handshake_client or needed not in self.client_caps:
             why = (
                 f"rea does not relay {method}"
                 if needed is None
                 else f"the client cannot answer {method}"
                 + (
                     " (a stateless-era client is not sent requests)"
-                    if self.era == "stateless"
+                    if not self.handshake_client
                     else ""
                 )
             )
@@ -9158,7 +9168,7 @@ class Gateway:
         self, server: str, method: str, status: str, started: float, error: str | None = None
     ) -> None:
         """One record per request a child made of the client (§5: relayed, refused, failed)."""
-        metadata: JsonObj = {"event": "client_request", "era": self.era or "handshake"}
+        metadata: JsonObj = {"event": "client_request", "era": self.client_era or "handshake"}
         self.audit_event(method, server, status, metadata, error=error, started=started)
 
     def audit_event(

@@ -3603,11 +3603,8 @@ class TestSection5Eras:
         assert bad["error"]["code"] == -32022
         assert bad["error"]["data"] == {"supported": ["2026-07-28"], "requested": "2099-01-01"}
         assert c.request("ping", {"_meta": meta})["error"]["code"] == -32601
-        assert c.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {}})[
-            "error"
-        ]["code"] in (-32022, -32601)
 
-    def test_handshake_connection_refuses_stateless_requests(
+    def test_handshake_connection_also_serves_stateless_requests(
         self, fake_server, rea_project, gateway
     ):
         c = gateway(rea_project([server(fake_server, "old")]))
@@ -3616,13 +3613,65 @@ class TestSection5Eras:
             "io.modelcontextprotocol/protocolVersion": "2026-07-28",
             "io.modelcontextprotocol/clientCapabilities": {},
         }
-        assert c.request("tools/list", {"_meta": meta})["error"]["code"] == -32022
+        listed = c.request("tools/list", {"_meta": meta})["result"]
+        assert listed["resultType"] == "complete" and "old__echo" in {
+            t["name"] for t in listed["tools"]
+        }
+        assert "resultType" not in c.request("tools/list")["result"]
         assert (
             c.request("initialize", {"protocolVersion": "1999-01-01", "capabilities": {}})[
                 "result"
             ]["protocolVersion"]
             == "2025-11-25"
         )
+
+
+META_2026: dict[str, object] = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+DISCOVER_2099 = {"_meta": {**META_2026, "io.modelcontextprotocol/protocolVersion": "2099-01-01"}}
+
+
+class TestSection5EraFallback:
+    """The stdio backward-compatibility probe (§5): discover first, then initialize on the
+    same connection; the era is decided per request and nothing locks the other out."""
+
+    def test_client_newer_than_rea_falls_back_to_initialize(
+        self, fake_server, rea_project, gateway
+    ):
+        c = gateway(rea_project([server(fake_server, "old", "--features")]))
+        bad = c.request("server/discover", DISCOVER_2099)["error"]
+        assert bad["code"] == -32022
+        assert bad["data"] == {"supported": ["2026-07-28"], "requested": "2099-01-01"}
+        init = c.initialize()["result"]
+        assert init["protocolVersion"] == "2025-11-25" and init["serverInfo"]["name"] == "rea"
+        listed = c.request("tools/list")["result"]
+        assert "resultType" not in listed and "old__echo" in {t["name"] for t in listed["tools"]}
+        assert c.text("old__echo", {"x": 1}) == '{"x": 1}'
+        c.text("old__change_tools")  # a handshake client is sent notifications again
+        c.wait_notification("notifications/tools/list_changed")
+
+    def test_initialize_after_a_successful_discover_starts_the_handshake(
+        self, fake_server, rea_project, gateway
+    ):
+        c = gateway(rea_project([server(fake_server, "old")]))
+        assert c.request("server/discover", {"_meta": META_2026})["result"][
+            "supportedVersions"
+        ] == ["2026-07-28"]
+        assert c.initialize("2025-06-18")["result"]["protocolVersion"] == "2025-06-18"
+        assert c.request("ping")["result"] == {}
+        assert "old__echo" in c.tools()
+
+    def test_initialize_after_stateless_requests_is_answered(
+        self, fake_server, rea_project, gateway
+    ):
+        c = gateway(rea_project([server(fake_server, "old")]))
+        assert "old__echo" in {
+            t["name"] for t in c.request("tools/list", {"_meta": META_2026})["result"]["tools"]
+        }
+        assert c.initialize()["result"]["protocolVersion"] == "2025-11-25"
+        assert c.text("old__echo", {"y": 2}) == '{"y": 2}'
 
 
 class TestSection3StartFailures:
