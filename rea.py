@@ -41,6 +41,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import dataclasses
 import datetime as _dt
 import difflib
 import fcntl
@@ -68,8 +69,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn, TextIO, TypeVar
+from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn, Protocol, TextIO, TypeVar
 from urllib.parse import unquote
 
 # Prelude #######################################################################
@@ -84,6 +86,50 @@ JSON = object
 
 class ReaError(Exception):
     """An error the user can cause and fix. str(err) is one line: file, place, fix."""
+
+
+# The closed sets every section shares. StrEnum members are their strings: they compare
+# equal to them and are written to JSON as them.
+
+
+class Tier(StrEnum):
+    """What a tool may do (§6 step 4)."""
+
+    READ = "read"
+    WRITE = "write"
+    DESTRUCTIVE = "destructive"
+
+
+class AuditStatus(StrEnum):
+    """The `status` of an audit record (§7)."""
+
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    ERROR = "error"
+
+
+class FsyncMode(StrEnum):
+    """`audit.fsync` (§7): durable before the answer, by group commit, or left to the OS."""
+
+    ALWAYS = "always"
+    BATCH = "batch"
+    OFF = "off"
+
+
+class CircuitState(StrEnum):
+    """A server's circuit breaker (§9)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class BreakerVerdict(StrEnum):
+    """What a finished call tells its server's circuit."""
+
+    SUCCESS = "success"  # the server answered (an isError result included)
+    FAILURE = "failure"  # an error, a timeout, a dead server
+    UNUSED = "unused"  # the call never tested the server (refused, cancelled, stopped)
 
 
 _log_lock = threading.Lock()  # guards: one whole line per write to stderr
@@ -701,7 +747,7 @@ class _YamlParser:
 # Configuration records ############################################################
 
 SERVER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-TIERS = ("read", "write", "destructive")
+TIERS = tuple(Tier)
 LEVELS = ("L0", "L1", "L2", "L3")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # env_passthrough must not carry secrets by name: they go under env: where they are seen.
@@ -1631,15 +1677,15 @@ _AUTONOMY_TIERS: dict[str, frozenset[str]] = {
 }
 
 
-def tier_from_name(tool: str) -> str:
+def tier_from_name(tool: str) -> Tier:
     """The tier a bare tool name implies (§6 step 4). Case-insensitive on the prefix."""
     lowered = tool.lower()
     # Destructive first: a name can never read its way out of being destructive.
     if lowered.startswith(DESTRUCTIVE_PREFIXES):
-        return "destructive"
+        return Tier.DESTRUCTIVE
     if lowered.startswith(READ_PREFIXES):
-        return "read"
-    return "write"
+        return Tier.READ
+    return Tier.WRITE
 
 
 def resolve_tier(
@@ -1647,7 +1693,7 @@ def resolve_tier(
     annotations: Mapping[str, object] | None,
     trust_annotations: bool,
     override: str | None,
-) -> tuple[str, str | None]:
+) -> tuple[Tier, str | None]:
     """The tier of one call: name, then annotations, then the policy override (§6 step 4).
 
     Annotations are untrusted hints. Absent annotations change nothing (the protocol's
@@ -1663,15 +1709,15 @@ def resolve_tier(
     destructive_hint = ann.get("destructiveHint") is True
     read_only_hint = ann.get("readOnlyHint") is True
     if destructive_hint:
-        tier = "destructive"
-    elif read_only_hint and trust_annotations and tier != "destructive":
-        tier = "read"
+        tier = Tier.DESTRUCTIVE
+    elif read_only_hint and trust_annotations and tier is not Tier.DESTRUCTIVE:
+        tier = Tier.READ
     warning: str | None = None
     if override is not None:
         if override not in TIER_RANK:
             warning = f"tier override {override!r} for {tool!r} is not a tier; ignored"
         elif TIER_RANK[override] >= TIER_RANK[tier]:
-            tier = override
+            tier = Tier(override)
         else:
             warning = (
                 f"tier override {override!r} for {tool!r} would lower tier {tier!r}; "
@@ -2510,7 +2556,7 @@ AUDIT_KEYS = (
     "prev_hash",
 )
 OPTIONAL_KEYS = ("error", "redacted_fields", "metadata")
-FSYNC_MODES = ("always", "batch", "off")
+FSYNC_MODES = tuple(FsyncMode)
 AUDIT_FILE = "audit.jsonl"
 AUDIT_HEAD_FILE = "audit.head"
 AUDIT_LOCK_FILE = "audit.lock"
@@ -3372,9 +3418,16 @@ def _tail_lines(rea_dir: Path, n: int) -> list[bytes]:
 
 # Breaker and session blocker ##################################################
 
-CIRCUIT_CLOSED = "closed"
-CIRCUIT_OPEN = "open"
-CIRCUIT_HALF_OPEN = "half-open"
+
+@dataclass(frozen=True)
+class BreakerTicket:
+    """Leave for one call to go through a circuit: the circuit's epoch when it was given
+    (every transition starts a new one) and whether it is the half-open probe. Only a
+    ticket of the current epoch moves the circuit: the probe's own outcome decides, never
+    that of a call that started before (§9)."""
+
+    epoch: int
+    probe: bool = False
 
 
 class CircuitBreaker:
@@ -3391,7 +3444,7 @@ class CircuitBreaker:
         threshold: int,
         cooldown_s: float,
         clock: Callable[[], float] = time.monotonic,
-        on_transition: Callable[[str, str], None] | None = None,
+        on_transition: Callable[[CircuitState, CircuitState], None] | None = None,
     ) -> None:
         _check_breaker_settings(threshold, cooldown_s)
         self._clock = clock
@@ -3400,11 +3453,12 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._threshold = threshold
         self._cooldown_s = cooldown_s
-        self._state = CIRCUIT_CLOSED
+        self._state = CircuitState.CLOSED
+        self._epoch = 0  # one per transition: tickets of an earlier epoch are history
         self._failures = 0  # consecutive; reset by any success
         self._opened_at = 0.0  # clock() when the circuit last opened
         self._probe_out = False  # half-open: the one probe is in flight
-        self._pending: deque[tuple[str, str]] = deque()
+        self._pending: deque[tuple[CircuitState, CircuitState]] = deque()
         self._delivering = False  # one thread at a time reports, so the order holds
 
     def configure(self, threshold: int, cooldown_s: float) -> None:
@@ -3414,55 +3468,52 @@ class CircuitBreaker:
             self._threshold = threshold
             self._cooldown_s = cooldown_s
 
-    def acquire(self) -> float | None:
-        """None: the call may go ahead (in half-open this caller is THE probe).
-        Else the epoch time (time.time() based) at which a retry may succeed."""
+    def acquire(self) -> BreakerTicket | float:
+        """A ticket when the call may go ahead (in half-open: the probe's), else the epoch
+        time (time.time() based) at which a retry may succeed."""
+        result: BreakerTicket | float
         with self._lock:
             self._lazy_half_open()
-            if self._state == CIRCUIT_CLOSED:
-                result = None
-            elif self._state == CIRCUIT_HALF_OPEN and not self._probe_out:
+            if self._state is CircuitState.CLOSED:
+                result = BreakerTicket(self._epoch)
+            elif self._state is CircuitState.HALF_OPEN and not self._probe_out:
                 self._probe_out = True
-                result = None
+                result = BreakerTicket(self._epoch, probe=True)
             else:
                 result = self._retry_wall()
         self._deliver()
         return result
 
-    def record_success(self) -> None:
-        """The call completed (a result with isError counts as success: the server works)."""
+    def settle(self, ticket: BreakerTicket, verdict: BreakerVerdict) -> None:
+        """A call that held `ticket` ended. A result with isError counts as success: the
+        server works. An unused ticket (the call never reached the server) frees the probe."""
         with self._lock:
-            self._failures = 0
-            if self._state == CIRCUIT_HALF_OPEN:
-                self._probe_out = False
-                self._move(CIRCUIT_CLOSED)
-            # open: a late success of a call started before the opening; the cooldown rules
+            if ticket.epoch == self._epoch:
+                if verdict is BreakerVerdict.SUCCESS:
+                    self._failures = 0
+                    if self._state is CircuitState.HALF_OPEN and ticket.probe:
+                        self._probe_out = False
+                        self._move(CircuitState.CLOSED)
+                elif verdict is BreakerVerdict.FAILURE:
+                    self._failures += 1
+                    if self._state is CircuitState.HALF_OPEN and ticket.probe:
+                        # the probe failed: open again with a fresh cooldown
+                        self._probe_out = False
+                        self._opened_at = self._clock()
+                        self._move(CircuitState.OPEN)
+                    elif self._state is CircuitState.CLOSED and self._failures >= self._threshold:
+                        self._opened_at = self._clock()
+                        self._move(CircuitState.OPEN)
+                elif ticket.probe and self._state is CircuitState.HALF_OPEN:
+                    self._probe_out = False
+            # another epoch: a call that started before the last transition; the circuit
+            # has moved on (a late failure does not extend a cooldown, a late success
+            # does not close a half-open circuit)
         self._deliver()
-
-    def record_failure(self) -> None:
-        """The call failed: error, timeout or dead child."""
-        with self._lock:
-            self._failures += 1
-            if self._state == CIRCUIT_HALF_OPEN:
-                # the probe failed: open again with a fresh cooldown
-                self._probe_out = False
-                self._opened_at = self._clock()
-                self._move(CIRCUIT_OPEN)
-            elif self._state == CIRCUIT_CLOSED and self._failures >= self._threshold:
-                self._opened_at = self._clock()
-                self._move(CIRCUIT_OPEN)
-            # open: a late failure of an earlier call does not extend the cooldown
-        self._deliver()
-
-    def release_unused(self) -> None:
-        """The acquired call never ran; if it was the probe, free the probe slot."""
-        with self._lock:
-            if self._state == CIRCUIT_HALF_OPEN:
-                self._probe_out = False
 
     @property
-    def state(self) -> str:
-        """ "closed" | "open" | "half-open"; reading it may move open -> half-open."""
+    def state(self) -> CircuitState:
+        """Reading it may move open -> half-open."""
         with self._lock:
             self._lazy_half_open()
             state = self._state
@@ -3473,30 +3524,33 @@ class CircuitBreaker:
         """Epoch seconds when a refused call may be retried; None unless open."""
         with self._lock:
             self._lazy_half_open()
-            result = self._retry_wall() if self._state == CIRCUIT_OPEN else None
+            result = self._retry_wall() if self._state is CircuitState.OPEN else None
         self._deliver()
         return result
 
     # -- lock held below, except _deliver ------------------------------------------
 
     def _lazy_half_open(self) -> None:
-        if self._state == CIRCUIT_OPEN and self._clock() >= self._opened_at + self._cooldown_s:
+        if self._state is CircuitState.OPEN and self._clock() >= self._opened_at + self._cooldown_s:
             self._probe_out = False
-            self._move(CIRCUIT_HALF_OPEN)
+            self._move(CircuitState.HALF_OPEN)
 
     def _retry_wall(self) -> float:
-        if self._state == CIRCUIT_OPEN:
+        if self._state is CircuitState.OPEN:
             # the injected clock is not wall time: carry the remaining offset over
             remaining = self._opened_at + self._cooldown_s - self._clock()
             return time.time() + max(0.0, remaining)
         # half-open with the probe out: if it fails, a fresh cooldown starts about now
         return time.time() + self._cooldown_s
 
-    def _move(self, new: str) -> None:
+    def _move(self, new: CircuitState) -> None:
         old = self._state
-        if old == new:
+        if old is new:
             return
         self._state = new
+        self._epoch += 1
+        if new is CircuitState.CLOSED:
+            self._failures = 0
         if self._on_transition is not None:
             self._pending.append((old, new))
 
@@ -3554,13 +3608,13 @@ class SessionBlocker:
         """
         key = (session_id, server)
         with self._lock:
-            if new_state == CIRCUIT_OPEN:
+            if new_state == CircuitState.OPEN:
                 count = self._counts.get(key, 0) + 1
                 self._counts[key] = count
                 if count >= self._threshold and key not in self._emitted:
                     self._emitted.add(key)
                     return count
-            elif new_state == CIRCUIT_CLOSED:
+            elif new_state == CircuitState.CLOSED:
                 self._counts.pop(key, None)
                 self._emitted.discard(key)
         return None
@@ -3770,7 +3824,8 @@ class _ShapeError(Exception):
 
 @dataclass(frozen=True)
 class DownstreamStatus:
-    """One downstream's entry in serve.state.json, as status reads it."""
+    """One downstream's entry of the live state (§8): what the gateway writes to
+    serve.state.json, what health and metrics show, and what `status` reads back."""
 
     name: str
     connected: bool | None
@@ -3785,11 +3840,25 @@ class DownstreamStatus:
     restarts: int | None
     calls: int | None
     errors: int | None
+    status: str | None = None
+    era: str | None = None
+    withheld_tools: Mapping[str, str] = field(default_factory=dict)
+    new_tools: tuple[str, ...] = ()
+    removed_tools: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        doc = asdict(self)
+        doc["retry_at"] = _iso_or_none(self.retry_at)
+        doc["withheld_tools"] = dict(self.withheld_tools)
+        doc["new_tools"] = list(self.new_tools)
+        doc["removed_tools"] = list(self.removed_tools)
+        return doc
 
 
 @dataclass(frozen=True)
 class ServeState:
-    """serve.state.json parsed into types (§8)."""
+    """The gateway's live state (§8) as one record: written to serve.state.json, read
+    back by `status`, shown by health and metrics."""
 
     session_id: str
     started_at: str | None
@@ -3800,6 +3869,30 @@ class ServeState:
     halt_active: bool
     halt_reason: str | None
     downstreams: tuple[DownstreamStatus, ...]
+    tool_renames: Mapping[str, str] = field(default_factory=dict)
+    audit_fail_count: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "session_id": self.session_id,
+            "started_at": self.started_at,
+            "updated_at": self.updated_at,
+            "owner_pid": self.owner_pid,
+            "gateway_version": self.gateway_version,
+            "metrics_port": self.metrics_port,
+            "halt": {"active": self.halt_active, "reason": self.halt_reason},
+            "downstreams": [d.to_json() for d in self.downstreams],
+            "tool_renames": dict(self.tool_renames),
+            "audit_fail_count": self.audit_fail_count,
+        }
+
+
+def _iso_or_none(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch * 1000) % 1000:03d}Z"
+    )
 
 
 @dataclass(frozen=True)
@@ -3975,6 +4068,8 @@ def _parse_state(raw: dict[str, object]) -> ServeState:
                 restarts=_state_int(item, "restarts", where),
                 calls=_state_int(item, "calls", where),
                 errors=_state_int(item, "errors", where),
+                status=_str(item, "status", where),
+                era=_str(item, "era", where),
             )
         )
     return ServeState(
@@ -3987,6 +4082,7 @@ def _parse_state(raw: dict[str, object]) -> ServeState:
         halt_active=bool(_bool(halt, "active", "halt")),
         halt_reason=_str(halt, "reason", "halt"),
         downstreams=tuple(downstreams),
+        audit_fail_count=_state_int(raw, "audit_fail_count", "top level") or 0,
     )
 
 
@@ -6493,7 +6589,6 @@ METRICS_BUCKETS = (
 # inventing names cannot grow the gateway's memory without bound.
 METRICS_MAX_SERIES = 5000
 _METRICS_OTHER = "__other__"
-_CIRCUIT_STATES = ("closed", "open", "half-open")
 _PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -6515,7 +6610,7 @@ class Metrics:
         self._lock = threading.Lock()  # guards: _calls, _latency (one short section per call)
         self._calls: dict[tuple[str, str, str, str], int] = {}
         self._latency: dict[str, _LatencyHistogram] = {}
-        self._gauges: Callable[[], Mapping[str, object]] | None = None
+        self._gauges: Callable[[], ServeState] | None = None
         self._gauge_failed = False
 
     def observe_call(self, server: str, tool: str, tier: str, status: str, seconds: float) -> None:
@@ -6538,8 +6633,8 @@ class Metrics:
             histogram.total += seconds
             histogram.count += 1
 
-    def set_gauges(self, fn: Callable[[], Mapping[str, object]]) -> None:
-        """Read gauges at each scrape from fn, a live snapshot shaped like serve.state.json."""
+    def set_gauges(self, fn: Callable[[], ServeState]) -> None:
+        """Read gauges at each scrape from fn: the gateway's live state record."""
         self._gauges = fn
 
     def render(self) -> str:
@@ -6573,73 +6668,56 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def _render_gauges(self, lines: list[str]) -> None:
-        snapshot = self._snapshot()
-        downstreams: list[tuple[str, str, bool, int]] = []
+        state = self._snapshot()
+        downstreams: list[DownstreamStatus] = []
         seen: set[str] = set()
-        raw = snapshot.get("downstreams")
-        for item in raw if isinstance(raw, list) else []:
-            if not isinstance(item, dict):
-                continue
-            server, state = item.get("name"), item.get("circuit_state")
-            restarts, healthy = item.get("restarts"), item.get("healthy")
-            if not isinstance(server, str) or server in seen:
-                continue
-            seen.add(server)
-            downstreams.append(
-                (
-                    server,
-                    state if isinstance(state, str) else "",
-                    healthy is True,
-                    restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else 0,
-                )
-            )
+        for item in state.downstreams if state is not None else ():
+            if item.name not in seen:
+                seen.add(item.name)
+                downstreams.append(item)
         _prom_family(
             lines, "rea_circuit_state", "gauge", "1 for the circuit's current state, else 0."
         )
-        for server, state, _, _ in downstreams:
-            for candidate in _CIRCUIT_STATES:
-                value = 1 if candidate == state else 0
+        for d in downstreams:
+            for candidate in CircuitState:
+                value = 1 if candidate == d.circuit_state else 0
                 lines.append(
-                    f"rea_circuit_state{_prom_labels(server=server, state=candidate)} {value}"
+                    f"rea_circuit_state{_prom_labels(server=d.name, state=candidate.value)} {value}"
                 )
         _prom_family(lines, "rea_downstream_healthy", "gauge", "1 if the server is healthy.")
-        for server, _, healthy, _ in downstreams:
-            lines.append(f"rea_downstream_healthy{_prom_labels(server=server)} {int(healthy)}")
+        for d in downstreams:
+            lines.append(f"rea_downstream_healthy{_prom_labels(server=d.name)} {int(d.healthy)}")
         _prom_family(
             lines,
             "rea_downstream_restarts_total",
             "counter",
             "Restarts of the server's process by the supervisor.",
         )
-        for server, _, _, restarts in downstreams:
-            lines.append(f"rea_downstream_restarts_total{_prom_labels(server=server)} {restarts}")
-        failures = snapshot.get("audit_fail_count")
-        if not isinstance(failures, int) or isinstance(failures, bool):
-            failures = 0
+        for d in downstreams:
+            lines.append(
+                f"rea_downstream_restarts_total{_prom_labels(server=d.name)} {d.restarts or 0}"
+            )
         _prom_family(
             lines,
             "rea_audit_append_failures_total",
             "counter",
             "Audit records that could not be appended.",
         )
-        lines.append(f"rea_audit_append_failures_total {failures}")
-        halt = snapshot.get("halt")
-        active = isinstance(halt, dict) and halt.get("active") is True
+        lines.append(f"rea_audit_append_failures_total {state.audit_fail_count if state else 0}")
         _prom_family(lines, "rea_halt_active", "gauge", "1 while .rea/HALT refuses every call.")
-        lines.append(f"rea_halt_active {int(active)}")
+        lines.append(f"rea_halt_active {int(state.halt_active) if state else 0}")
 
-    def _snapshot(self) -> Mapping[str, object]:
+    def _snapshot(self) -> ServeState | None:
         fn = self._gauges
         if fn is None:
-            return {}
+            return None
         try:
-            snapshot = fn()
+            return fn()
         except Exception as exc:  # a scrape must not take the gateway down; say so once
             if not self._gauge_failed:
                 self._gauge_failed = True
                 log("error", "metrics_snapshot_failed", error=repr(exc))
-            return {}
-        return snapshot if isinstance(snapshot, Mapping) else {}
+            return None
 
 
 def _prom_family(lines: list[str], name: str, kind: str, help_text: str) -> None:
@@ -6775,8 +6853,11 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 UNSUPPORTED_VERSION = -32022
+RESOURCE_NOT_FOUND = -32002
+DENIED = -32001  # a non-tool request refused by policy (tool calls get an isError result)
 
 HEALTH_TOOL = "__rea__health"
+GATEWAY_INFO: JsonObj = {"name": "rea", "title": "rea governance gateway", "version": VERSION}
 # A child's request to the client, and the client capability that lets it through.
 RELAYED_REQUESTS = {
     "sampling/createMessage": "sampling",
@@ -6789,19 +6870,53 @@ _ALL_CHILD_CAPS: JsonObj = {
     "completions": {},
     "logging": {},
 }
-DENIED = -32001  # a non-tool request refused by policy (tool calls get an isError result)
 MAX_INPUT_ROUNDS = 8  # input_required rounds one call may take
 MIN_SECRET_CHARS = 6  # shorter env: values are not scrubbed as text (too many false hits)
 MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
-DISCOVER_TIMEOUT_S = 5.0  # §5: no answer to server/discover within 5 s means handshake era
-HANDSHAKE_TIMEOUT_S = 30.0
 TOOLS_PAGE = 100
 RESTART_WINDOW_S = 60.0
 MAX_RESTARTS = 5  # more than this many restarts within RESTART_WINDOW_S gives up
 BACKOFF_MAX_S = 30.0
-STOP_GRACE_S = 5.0  # in-flight calls may finish for this long at shutdown
-KILL_AFTER_S = 2.0
-WRITE_STALL_S = 5.0  # a child that reads none of its input for this long is killed
+
+
+class Era(StrEnum):
+    """The two protocol eras (§5): `initialize` first, or `_meta` on every request."""
+
+    HANDSHAKE = "handshake"
+    STATELESS = "stateless"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The gateway's fixed waits (§5, §9), in one record. `REA_TIMEOUTS` (say
+    `discover_s=0.5,stop_grace_s=1`) shortens them for a test; users have no need to."""
+
+    discover_s: float = 5.0  # no answer to server/discover by then: the handshake era
+    handshake_s: float = 30.0  # initialize and list requests to a server
+    stop_grace_s: float = 5.0  # in-flight calls may finish for this long at stop
+    kill_after_s: float = 2.0  # SIGTERM, then SIGKILL after this long
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Timeouts:
+        raw = environ.get("REA_TIMEOUTS", "").strip()
+        if not raw:
+            return cls()
+        values: dict[str, float] = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for part in raw.split(","):
+            key, _, text = part.partition("=")
+            key = key.strip()
+            try:
+                number = float(text)
+            except ValueError:
+                number = -1.0
+            if key not in names or not number > 0:
+                raise ReaError(
+                    f"REA_TIMEOUTS: {part.strip()!r} is not NAME=SECONDS with NAME one of "
+                    f"{', '.join(sorted(names))}; fix or unset it"
+                )
+            values[key] = number
+        return cls(**values)
 
 
 class RpcError(Exception):
@@ -6820,6 +6935,9 @@ class RpcError(Exception):
         return err
 
 
+OnDone = Callable[[JsonObj | None, Exception | None], None]
+
+
 def as_obj(value: object) -> JsonObj | None:
     """The value as a JSON object, or None: the one narrowing at the JSON boundary."""
     return value if isinstance(value, dict) else None
@@ -6829,14 +6947,9 @@ def meta_of(params: JsonObj | None) -> JsonObj | None:
     return as_obj(params.get("_meta")) if params else None
 
 
-def request_era(method: str, params: JsonObj | None) -> str | None:
-    """Which protocol era a client request belongs to, or None when it does not say."""
-    if method == "initialize":
-        return "handshake"
-    meta = meta_of(params)
-    if method == "server/discover" or (meta is not None and META_VERSION in meta):
-        return "stateless"
-    return None
+def is_request_id(value: object) -> bool:
+    """A JSON-RPC id we accept: a string or an integer (never a bool, float or object)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def encode(msg: JsonObj) -> bytes:
@@ -6847,9 +6960,47 @@ def encode(msg: JsonObj) -> bytes:
         return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
+def decode(line: bytes) -> object:
+    """One JSON-RPC line parsed; ValueError for anything that is not JSON, including
+    nesting too deep for the parser (a RecursionError is not a ValueError)."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError("not UTF-8") from exc
+
+
 def id_key(value: object) -> tuple[str, object]:
     """A request id as a dict key: 1 and "1" are different ids in JSON-RPC."""
     return (type(value).__name__, value)
+
+
+def trace_id(params: JsonObj | None) -> str | None:
+    """The trace id of a W3C `traceparent` in the request's `_meta` (SEP-414), if any."""
+    parent = (meta_of(params) or {}).get("traceparent")
+    if isinstance(parent, str):
+        parts = parent.split("-")
+        if len(parts) >= 4 and len(parts[1]) == 32 and _HEX_RE.match(parts[1]):
+            return parts[1]
+    return None
+
+
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+def shaped_result(result: JsonObj, era: Era | None) -> JsonObj:
+    """A result as the client's era wants it: stateless results carry `resultType`,
+    handshake results carry none of the stateless-only fields."""
+    if era is Era.STATELESS:
+        return {**result, "resultType": result.get("resultType", "complete")}
+    if "resultType" in result or "ttlMs" in result or "cacheScope" in result:
+        return {k: v for k, v in result.items() if k not in ("resultType", "ttlMs", "cacheScope")}
+    return result
+
+
+def tool_error_result(text: str) -> JsonObj:
+    return {"content": [{"type": "text", "text": text}], "isError": True}
 
 
 # Tool names ##################################################################
@@ -6867,34 +7018,170 @@ def exposed_tool_name(server: str, tool: str, max_len: int) -> str:
     full = f"{server}__{tool}"
     if len(full) <= max_len and _NAME_OK.match(full):
         return full
-    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(full.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     prefix = _NAME_BAD_CHARS.sub("_", full)[: max(1, max_len - 9)]
     return f"{prefix}_{digest}"
 
 
-# Child process ###############################################################
+# Transports ##################################################################
+#
+# What a Downstream speaks through. A transport sends requests and notifications to
+# one server and delivers each request's outcome exactly once (`on_done`): the answer,
+# a timeout, or the transport's end. The server's own messages (notifications, requests
+# to the client) go to `on_message`; the end of a child process to `on_exit`. The child
+# process is here; the remote HTTP server (§13) fits beside it.
 
 
 class ChildDied(Exception):
-    """The child process exited or its pipes broke while a request was in flight."""
+    """The server's process exited or its pipes broke while a request was in flight."""
 
 
 @dataclass
 class Pending:
-    """A request sent to a child, waiting for its answer, a timeout or the child's death."""
+    """A request sent to a server, waiting for its answer, its deadline or the end."""
 
     method: str
+    sent_at: float
     deadline: float
-    on_done: Callable[[JsonObj | None, Exception | None], None]
-    cancel_child_on_timeout: bool = True
+    on_done: OnDone
+
+
+class PendingRequests:
+    """The requests in flight to one server. Ids are this server's own counter, so ids
+    from the client (or from other servers) can never collide; the caller keeps the
+    mapping. Every request is delivered exactly once: whoever takes it delivers it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()  # guards: _pending, _next_id, _closed
+        self._pending: dict[int, Pending] = {}
+        self._next_id = 0
+        self._closed = False
+
+    def add(self, method: str, timeout_s: float, on_done: OnDone) -> tuple[int, float]:
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                raise ChildDied(f"server {self.name} is not running")
+            self._next_id += 1
+            deadline = now + timeout_s
+            self._pending[self._next_id] = Pending(method, now, deadline, on_done)
+            return self._next_id, deadline
+
+    def take(self, request_id: object) -> Pending | None:
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            return None
+        with self._lock:
+            return self._pending.pop(request_id, None)
+
+    def due(self, now: float) -> tuple[list[tuple[int, Pending]], float | None]:
+        """Take the requests past their deadline; also the next deadline, if any."""
+        expired: list[tuple[int, Pending]] = []
+        soonest: float | None = None
+        with self._lock:
+            for request_id, pending in list(self._pending.items()):
+                if pending.deadline <= now:
+                    expired.append((request_id, self._pending.pop(request_id)))
+                elif soonest is None or pending.deadline < soonest:
+                    soonest = pending.deadline
+        return expired, soonest
+
+    def close(self) -> list[Pending]:
+        """No more requests; take every one still waiting."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending.values())
+            self._pending.clear()
+        return pending
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
+    def deliver(self, msg: JsonObj) -> None:
+        """A response from the server: hand it to its waiter, or drop it when nobody waits
+        (a late answer to a timed-out or cancelled request is never delivered, §9)."""
+        pending = self.take(msg.get("id"))
+        if pending is None:
+            return
+        error = as_obj(msg.get("error"))
+        if error is not None:
+            code = error.get("code")
+            pending.on_done(
+                None,
+                RpcError(
+                    code
+                    if isinstance(code, int) and not isinstance(code, bool)
+                    else INTERNAL_ERROR,
+                    str(error.get("message", "error")),
+                    error.get("data"),
+                ),
+            )
+            return
+        result = as_obj(msg.get("result"))
+        if result is None:
+            pending.on_done(None, RpcError(INTERNAL_ERROR, "malformed result from server"))
+        else:
+            pending.on_done(result, None)
+
+
+class Transport(Protocol):
+    """What a Downstream speaks through: a child process, or a remote server (§13)."""
+
+    name: str
+    era: Era
+    version: str
+    stopping: bool
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def request_async(
+        self, method: str, params: JsonObj | None, timeout_s: float, on_done: OnDone
+    ) -> int: ...
+
+    def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj: ...
+
+    def notify(self, method: str, params: JsonObj | None = None) -> None: ...
+
+    def send(self, msg: JsonObj) -> None: ...
+
+    def cancel(self, request_id: int, reason: str) -> bool: ...
+
+    def expire(self, now: float) -> float | None: ...
+
+    def stop(self) -> None: ...
+
+    def last_stderr(self) -> str: ...
+
+
+def wait_for(request: Callable[[OnDone], object]) -> JsonObj:
+    """Run an asynchronous request and wait for its outcome (raises what it failed with)."""
+    done = threading.Event()
+    box: list[tuple[JsonObj | None, Exception | None]] = []
+
+    def finish(result: JsonObj | None, error: Exception | None) -> None:
+        box.append((result, error))
+        done.set()
+
+    request(finish)
+    done.wait()
+    result, error = box[0]
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
 
 
 class ChildProcess:
-    """One running process of a downstream server: pipes, reader threads, in-flight requests.
-
-    Request ids towards the child are the child's own counter, so ids from the client (or
-    from other children) can never collide in flight; the caller keeps the mapping.
-    """
+    """One running process of a downstream server: its pipes and the threads that own
+    them. `rea-child-NAME` reads its stdout, `rea-stderr-NAME` drains its stderr into a
+    bounded ring, and `rea-write-NAME` writes its stdin from a queue (§9): a child busy
+    with one request, its pipe full, blocks nobody but its own writer."""
 
     def __init__(
         self,
@@ -6904,12 +7191,14 @@ class ChildProcess:
         cwd: Path,
         on_message: Callable[[ChildProcess, JsonObj], None],
         on_exit: Callable[[ChildProcess, int | None], None],
-        timers: DeadlineTimer,
+        deadlines: Deadlines,
+        timeouts: Timeouts,
     ) -> None:
         self.name = name
         self._on_message = on_message
         self._on_exit = on_exit
-        self._timers = timers
+        self._deadlines = deadlines
+        self._timeouts = timeouts
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -6919,99 +7208,62 @@ class ChildProcess:
             cwd=cwd,
             start_new_session=True,  # the client's Ctrl-C reaches the gateway, which stops us in order
         )
-        self.pid = self.proc.pid
-        assert self.proc.stdin is not None
-        self._stdin_fd: int | None = self.proc.stdin.fileno()
-        os.set_blocking(self._stdin_fd, False)  # writes wait with a deadline, never forever
-        self.era = "handshake"
+        self.era = Era.HANDSHAKE
         self.version = HANDSHAKE_VERSIONS[0]
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._write_lock = threading.Lock()  # guards: whole messages on the child's stdin
-        self._pending_lock = threading.Lock()  # guards: _pending, _next_id, alive
-        self._pending: dict[int, Pending] = {}
-        self._next_id = 0
-        self.alive = True
         self.stopping = False
-        self._reader = threading.Thread(
-            target=self._read_stdout, name=f"rea-child-{name}", daemon=True
-        )
-        self._drain = threading.Thread(
-            target=self._read_stderr, name=f"rea-stderr-{name}", daemon=True
-        )
-        self._reader.start()
-        self._drain.start()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.requests = PendingRequests(name)
+        self._out_cond = threading.Condition()  # guards: _outbox, _closing, _writing_since
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._closing = False
+        self._writing_since: float | None = None  # a write the child has not taken yet
+        self._threads = [
+            threading.Thread(target=self._read_stdout, name=f"rea-child-{name}", daemon=True),
+            threading.Thread(target=self._read_stderr, name=f"rea-stderr-{name}", daemon=True),
+            threading.Thread(target=self._write_stdin, name=f"rea-write-{name}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self.requests.closed
 
     # -- sending --
 
     def send(self, msg: JsonObj) -> None:
-        """Write one message. A child that stops reading its stdin for WRITE_STALL_S is
-        killed rather than let freeze every thread that talks to it."""
-        view = memoryview(encode(msg))
-        with self._write_lock:
-            deadline: float | None = None
-            while view:
-                if self._stdin_fd is None:
-                    raise ChildDied(f"server {self.name}: its stdin is closed")
-                try:
-                    view = view[os.write(self._stdin_fd, view) :]
-                except BlockingIOError:
-                    now = time.monotonic()
-                    deadline = deadline or now + WRITE_STALL_S
-                    if now >= deadline:
-                        threading.Thread(
-                            target=self.signal, args=(signal.SIGKILL,), daemon=True
-                        ).start()
-                        raise ChildDied(
-                            f"server {self.name} stopped reading its input; killed"
-                        ) from None
-                    select.select([], [self._stdin_fd], [], min(0.5, deadline - now))
-                except OSError as exc:
-                    raise ChildDied(
-                        f"server {self.name}: cannot write to it ({exc.strerror})"
-                    ) from None
+        """Queue one message for the writer; never blocks the caller."""
+        data = encode(msg)
+        with self._out_cond:
+            if self._closing or self.requests.closed:
+                raise ChildDied(f"server {self.name}: its stdin is closed")
+            self._outbox.append(data)
+            self._out_cond.notify()
 
     def request_async(
-        self,
-        method: str,
-        params: JsonObj | None,
-        timeout_s: float,
-        on_done: Callable[[JsonObj | None, Exception | None], None],
+        self, method: str, params: JsonObj | None, timeout_s: float, on_done: OnDone
     ) -> int:
         """Send a request; on_done(result, error) is called exactly once, from some thread."""
-        with self._pending_lock:
-            if not self.alive:
-                raise ChildDied(f"server {self.name} is not running")
-            self._next_id += 1
-            child_id = self._next_id
-            deadline = time.monotonic() + timeout_s
-            self._pending[child_id] = Pending(method, deadline, on_done)
-        msg: JsonObj = {"jsonrpc": "2.0", "id": child_id, "method": method}
+        request_id, deadline = self.requests.add(method, timeout_s, on_done)
+        msg: JsonObj = {"jsonrpc": "2.0", "id": request_id, "method": method}
         if params is not None:
             msg["params"] = params
-        self._timers.watch(self, deadline)
         try:
             self.send(msg)
-        except Exception:
-            if self._take(child_id) is not None:
+        except ChildDied:
+            if self.requests.take(request_id) is not None:
                 raise
-        return child_id
+            return request_id  # the child died meanwhile and its death delivered the outcome
+        self._deadlines.watch(self, deadline)
+        return request_id
 
     def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
         """Send a request and wait for its result (raises RpcError, ChildDied, TimeoutError)."""
-        done = threading.Event()
-        box: list[tuple[JsonObj | None, Exception | None]] = []
-
-        def finish(result: JsonObj | None, error: Exception | None) -> None:
-            box.append((result, error))
-            done.set()
-
-        self.request_async(method, params, timeout_s, finish)
-        done.wait()
-        result, error = box[0]
-        if error is not None:
-            raise error
-        assert result is not None
-        return result
+        return wait_for(lambda done: self.request_async(method, params, timeout_s, done))
 
     def notify(self, method: str, params: JsonObj | None = None) -> None:
         msg: JsonObj = {"jsonrpc": "2.0", "method": method}
@@ -7019,44 +7271,69 @@ class ChildProcess:
             msg["params"] = params
         self.send(msg)
 
-    def _take(self, child_id: int) -> Pending | None:
-        with self._pending_lock:
-            return self._pending.pop(child_id, None)
-
-    def cancel(self, child_id: int, reason: str) -> bool:
-        """Forget a request and tell the child; the waiter gets a cancellation error."""
-        pending = self._take(child_id)
+    def cancel(self, request_id: int, reason: str) -> bool:
+        """Forget a request and tell the child; its waiter gets a cancellation error."""
+        pending = self.requests.take(request_id)
         if pending is None:
             return False
         try:
-            self.notify("notifications/cancelled", {"requestId": child_id, "reason": reason})
+            self.notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
         except ChildDied:
             pass
         pending.on_done(None, RpcError(INTERNAL_ERROR, reason))
         return True
 
     def expire(self, now: float) -> float | None:
-        """Fail requests past their deadline; return the next deadline, if any."""
-        expired: list[tuple[int, Pending]] = []
-        next_deadline: float | None = None
-        with self._pending_lock:
-            for child_id, pending in list(self._pending.items()):
-                if pending.deadline <= now:
-                    expired.append((child_id, self._pending.pop(child_id)))
-                elif next_deadline is None or pending.deadline < next_deadline:
-                    next_deadline = pending.deadline
-        for child_id, pending in expired:
+        """Fail requests past their deadline; return the next deadline, if any. A child that
+        has taken none of its input for as long as a call may wait is stuck: killed (§9)."""
+        expired, soonest = self.requests.due(now)
+        with self._out_cond:
+            since = self._writing_since
+        for request_id, pending in expired:
+            if since is not None and since <= pending.sent_at:
+                log("error", "child_stalled", server=self.name, waited_s=round(now - since, 1))
+                self.signal(signal.SIGKILL)
             try:  # a late answer will find no pending entry and is dropped (§9)
-                self.notify("notifications/cancelled", {"requestId": child_id, "reason": "timeout"})
+                self.notify(
+                    "notifications/cancelled", {"requestId": request_id, "reason": "timeout"}
+                )
             except ChildDied:
                 pass
             try:
                 pending.on_done(None, TimeoutError(f"server {self.name} did not answer in time"))
-            except Exception as exc:  # the timeout thread serves every child: never let it die
+            except Exception as exc:  # the timeout thread serves everyone: never let it die
                 log("error", "internal_error", where="timeout", server=self.name, error=repr(exc))
-        return next_deadline
+        return soonest
 
-    # -- reading --
+    # -- the child's threads --
+
+    def _write_stdin(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        fd = stdin.fileno()
+        try:
+            while True:
+                with self._out_cond:
+                    while not self._outbox and not self._closing:
+                        self._out_cond.wait()
+                    if self._closing:
+                        break
+                    data = self._outbox.popleft()
+                    self._writing_since = time.monotonic()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                with self._out_cond:
+                    self._writing_since = None
+        except OSError:
+            pass  # the child is gone: its reader sees the end and reports it
+        finally:
+            with self._out_cond:
+                self._closing = True
+                self._outbox.clear()
+                self._writing_since = None
+            with contextlib.suppress(OSError):
+                stdin.close()
 
     def _read_stdout(self) -> None:
         stdout = self.proc.stdout
@@ -7078,7 +7355,7 @@ class ChildProcess:
                         "internal_error",
                         where="child_message",
                         server=self.name,
-                        error=repr(exc),
+                        error=type(exc).__name__,
                     )
         except (OSError, ValueError):
             pass
@@ -7086,8 +7363,8 @@ class ChildProcess:
 
     def _handle_line(self, line: bytes) -> None:
         try:
-            msg = as_obj(json.loads(line))
-        except (ValueError, UnicodeDecodeError):
+            msg = as_obj(decode(line))
+        except ValueError:
             msg = None
         if msg is None:
             if line.strip():
@@ -7095,27 +7372,7 @@ class ChildProcess:
                 log("warn", "child_sent_non_json", server=self.name, bytes=len(line))
             return
         if "method" not in msg and "id" in msg:
-            child_id = msg.get("id")
-            pending = self._take(child_id) if isinstance(child_id, int) else None
-            if pending is None:
-                return  # a late answer to a timed-out or cancelled request: never delivered
-            error = as_obj(msg.get("error"))
-            if error is not None:
-                code = error.get("code")
-                pending.on_done(
-                    None,
-                    RpcError(
-                        code if isinstance(code, int) else INTERNAL_ERROR,
-                        str(error.get("message", "error")),
-                        error.get("data"),
-                    ),
-                )
-            else:
-                result = as_obj(msg.get("result"))
-                if result is None:
-                    pending.on_done(None, RpcError(INTERNAL_ERROR, "malformed result from server"))
-                else:
-                    pending.on_done(result, None)
+            self.requests.deliver(msg)
             return
         self._on_message(self, msg)
 
@@ -7140,20 +7397,25 @@ class ChildProcess:
             self.stderr_tail.append(partial.decode("utf-8", "replace")[:500])
 
     def _died(self) -> None:
-        with self._pending_lock:
-            self.alive = False
-            pending = list(self._pending.values())
-            self._pending.clear()
+        pending = self.requests.close()
+        with self._out_cond:
+            self._closing = True
+            self._out_cond.notify()
         code: int | None
         try:
             code = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             code = None
-        self._drain.join(timeout=1)
+        self._threads[1].join(timeout=1)  # the last stderr lines explain the exit
         reason = f"server {self.name} exited" + (f" with code {code}" if code is not None else "")
         tail = self.last_stderr()
         for p in pending:
-            p.on_done(None, ChildDied(reason + (f": {tail}" if tail else "")))
+            try:
+                p.on_done(None, ChildDied(reason + (f": {tail}" if tail else "")))
+            except Exception as exc:
+                log(
+                    "error", "internal_error", where="child_died", server=self.name, error=repr(exc)
+                )
         self._on_exit(self, code)
 
     def last_stderr(self) -> str:
@@ -7162,26 +7424,24 @@ class ChildProcess:
     # -- stopping --
 
     def stop(self) -> None:
-        """Close stdin; then SIGTERM; then SIGKILL after KILL_AFTER_S; always reap."""
+        """Close stdin; then SIGTERM; then SIGKILL after kill_after_s; reap and join the
+        child's threads, so that every answer it gave has been delivered (§5)."""
         self.stopping = True
-        self.close_stdin()
+        with self._out_cond:
+            self._closing = True
+            self._outbox.clear()
+            self._out_cond.notify()
         if _wait(self.proc, 0.5):
             self.signal(signal.SIGTERM)  # helpers it left in its process group, if any
-            return
-        self.signal(signal.SIGTERM)
-        if _wait(self.proc, KILL_AFTER_S):
-            return
-        self.signal(signal.SIGKILL)
-        _wait(self.proc, 5)
-
-    def close_stdin(self) -> None:
-        with self._write_lock:  # held by a writer at most WRITE_STALL_S
-            self._stdin_fd = None
-            try:
-                if self.proc.stdin is not None:
-                    self.proc.stdin.close()
-            except OSError:
-                pass
+        else:
+            self.signal(signal.SIGTERM)
+            if not _wait(self.proc, self._timeouts.kill_after_s):
+                self.signal(signal.SIGKILL)
+                _wait(self.proc, 5)
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(timeout=5)
 
     def signal(self, sig: int) -> None:
         try:
@@ -7208,20 +7468,28 @@ def _skip_rest_of_line(stream: IO[bytes]) -> None:
             return
 
 
-class DeadlineTimer:
-    """One thread that times out requests on every child: cheaper than a Timer per call."""
+class Expiring(Protocol):
+    """Something with deadlines: expire what is due, return the next deadline or None."""
+
+    def expire(self, now: float) -> float | None: ...
+
+
+class Deadlines:
+    """One thread, `rea-timeouts`, that expires whatever has a deadline: requests to
+    servers, calls waiting for a client's retry, the gateway's requests to the client.
+    Cheaper than a Timer per call, and joined at stop."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()  # guards: _children
-        self._children: set[ChildProcess] = set()
+        self._cond = threading.Condition()  # guards: _sources, _wake_at, _closed
+        self._sources: set[Expiring] = set()
         self._wake_at = float("inf")  # when the thread will next look
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="rea-timeouts", daemon=True)
         self._thread.start()
 
-    def watch(self, child: ChildProcess, deadline: float) -> None:
+    def watch(self, source: Expiring, deadline: float) -> None:
         with self._cond:
-            self._children.add(child)
+            self._sources.add(source)
             if deadline < self._wake_at:
                 self._wake_at = deadline
                 self._cond.notify()
@@ -7230,21 +7498,26 @@ class DeadlineTimer:
         with self._cond:
             self._closed = True
             self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 if self._closed:
                     return
-                children = list(self._children)
+                sources = list(self._sources)
             now = time.monotonic()
             soonest: float | None = None
-            for child in children:
-                nxt = child.expire(now)
+            for source in sources:
+                try:
+                    nxt = source.expire(now)
+                except Exception as exc:  # one broken source must not stop every deadline
+                    log("error", "internal_error", where="deadlines", error=repr(exc))
+                    nxt = None
                 if nxt is None:
-                    if not child.alive:
-                        with self._cond:
-                            self._children.discard(child)
+                    with self._cond:
+                        self._sources.discard(source)
                 elif soonest is None or nxt < soonest:
                     soonest = nxt
             with self._cond:
@@ -7256,7 +7529,7 @@ class DeadlineTimer:
 
 
 def child_meta(version: str) -> JsonObj:
-    """The `_meta` a stateless-era request to a child must carry."""
+    """The `_meta` a stateless-era request to a server must carry."""
     return {
         META_VERSION: version,
         META_CAPS: {},
@@ -7264,52 +7537,55 @@ def child_meta(version: str) -> JsonObj:
     }
 
 
-def child_params(child: ChildProcess, params: JsonObj) -> JsonObj:
-    """The client's params as the child's era wants them (§5: translate both ways)."""
+def transport_params(transport: Transport, params: JsonObj) -> JsonObj:
+    """The client's params as the server's era wants them (§5: translate both ways).
+    The client's own protocol keys never reach a server; trace context does."""
     meta = {
         k: v
         for k, v in (as_obj(params.get("_meta")) or {}).items()
         if not k.startswith("io.modelcontextprotocol/")
     }
-    if child.era == "stateless":
-        meta.update(child_meta(child.version))
+    if transport.era is Era.STATELESS:
+        meta.update(child_meta(transport.version))
     out = {k: v for k, v in params.items() if k != "_meta"}
     if meta:
         out["_meta"] = meta
     return out
 
 
-def open_child(child: ChildProcess, client_caps: JsonObj | None = None) -> JsonObj:
-    """Speak to the child in the era it serves; return its capabilities.
+def open_transport(
+    transport: Transport, timeouts: Timeouts, client_caps: JsonObj | None = None
+) -> JsonObj:
+    """Speak to the server in the era it serves; return its capabilities.
 
     Probe server/discover first; fall back to the handshake (initialize) otherwise. A
-    handshake child is told only the client capabilities the gateway can relay and the
-    client itself declared (a child must not ask a client that cannot sample to sample).
+    handshake server is told only the client capabilities the gateway can relay and the
+    client itself declared (a server must not ask a client that cannot sample to sample).
     """
-    stateless, caps = probe_stateless(child)
+    stateless, caps = probe_stateless(transport, timeouts)
     if stateless is not None:
-        child.era, child.version = "stateless", stateless
+        transport.era, transport.version = Era.STATELESS, stateless
         return caps
-    result = child.request(
+    result = transport.request(
         "initialize",
         {
             "protocolVersion": HANDSHAKE_VERSIONS[0],
             "capabilities": client_caps or {},
             "clientInfo": {"name": "rea", "version": VERSION},
         },
-        HANDSHAKE_TIMEOUT_S,
+        timeouts.handshake_s,
     )
     version = result.get("protocolVersion")
     if not isinstance(version, str) or version not in HANDSHAKE_VERSIONS:
         raise ValueError(
-            f"server {child.name} answered initialize with unsupported version {version!r}"
+            f"server {transport.name} answered initialize with unsupported version {version!r}"
         )
-    child.era, child.version = "handshake", version
-    child.notify("notifications/initialized")
+    transport.era, transport.version = Era.HANDSHAKE, version
+    transport.notify("notifications/initialized")
     return as_obj(result.get("capabilities")) or {}
 
 
-def probe_stateless(child: ChildProcess) -> tuple[str | None, JsonObj]:
+def probe_stateless(transport: Transport, timeouts: Timeouts) -> tuple[str | None, JsonObj]:
     """The stateless version to use (None: handshake era) and the capabilities seen (§5).
 
     Only -32022 means "stay stateless at one of the versions it lists"; any other error,
@@ -7317,7 +7593,7 @@ def probe_stateless(child: ChildProcess) -> tuple[str | None, JsonObj]:
     """
     params: JsonObj = {"_meta": child_meta(STATELESS_VERSIONS[0])}
     try:
-        result = child.request("server/discover", params, DISCOVER_TIMEOUT_S)
+        result = transport.request("server/discover", params, timeouts.discover_s)
     except RpcError as exc:
         if exc.code != UNSUPPORTED_VERSION:
             return None, {}
@@ -7333,32 +7609,50 @@ def probe_stateless(child: ChildProcess) -> tuple[str | None, JsonObj]:
     return version, (as_obj(result.get("capabilities")) or {}) if version else {}
 
 
-def list_child_tools(child: ChildProcess) -> list[JsonObj]:
-    """Every tool the child lists, following nextCursor (bounded)."""
-    tools: list[JsonObj] = []
+def list_all(transport: Transport, method: str, key: str, timeout_s: float) -> list[JsonObj]:
+    """Every item a server lists (tools, resources, templates, prompts), following
+    nextCursor, bounded: a server that pages forever is cut off."""
+    items: list[JsonObj] = []
     cursor: object = None
-    for _ in range(100):  # a child that pages forever is cut off
+    for _ in range(100):
         params: JsonObj = {} if cursor is None else {"cursor": cursor}
-        result = child.request("tools/list", child_params(child, params), HANDSHAKE_TIMEOUT_S)
-        page = result.get("tools")
+        result = transport.request(method, transport_params(transport, params), timeout_s)
+        page = result.get(key)
         if not isinstance(page, list):
-            raise ValueError(f"server {child.name}: tools/list result has no tools list")
-        for item in page:
-            tool = as_obj(item)
-            if tool is None or not isinstance(tool.get("name"), str):
-                log("warn", "tool_skipped", server=child.name, reason="tool without a string name")
-                continue
-            tools.append(tool)
+            raise ValueError(f"server {transport.name}: {method} result has no {key} list")
+        items.extend(obj for obj in map(as_obj, page) if obj is not None)
         cursor = result.get("nextCursor")
         if not cursor:
             break
+    return items
+
+
+def list_tools(transport: Transport, timeout_s: float) -> list[JsonObj]:
+    """The server's tools; one without a string name is skipped with a warning."""
+    tools: list[JsonObj] = []
+    for tool in list_all(transport, "tools/list", "tools", timeout_s):
+        if isinstance(tool.get("name"), str):
+            tools.append(tool)
+        else:
+            log("warn", "tool_skipped", server=transport.name, reason="tool without a string name")
     return tools
 
 
 # Downstream and supervisor ###################################################
 
 
-@dataclass
+class ServerStatus(StrEnum):
+    """Where a downstream server is in its life."""
+
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    HELD = "held"  # trust on first use refuses to start it (§10)
+    DISABLED = "disabled"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
 class ToolEntry:
     """One tool as the client sees it: exposed name, owner, bare name, definition."""
 
@@ -7366,57 +7660,239 @@ class ToolEntry:
     server: str
     bare: str
     definition: JsonObj
-    withheld: str | None = None  # why trust-on-first-use refuses it (§10), else None
+    withheld: str | None = None  # why trust on first use refuses it (§10), else None
+
+
+@dataclass(frozen=True)
+class ServerTools:
+    """What a server offers right now, read whole: its tools and which are withheld."""
+
+    name: str
+    ready: bool
+    tools: tuple[JsonObj, ...]
+    withheld: Mapping[str, str]
+    capabilities: JsonObj
+
+
+class Supervisor:
+    """The restart policy of one server (§9): exponential backoff from
+    `gateway.restart_backoff_s` doubling to 30 s with jitter; more than 5 restarts in 60 s
+    gives up until a policy or registry change revives it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()  # guards: _times, restarts, gave_up, _timer, _stopped
+        self._times: collections.deque[float] = collections.deque()
+        self.restarts = 0
+        self.gave_up = False
+        self._timer: threading.Timer | None = None
+        self._stopped = False
+
+    def schedule(self, base_s: float, restart: Callable[[], None]) -> str | None:
+        """Plan the next restart; None when planned, else why not (gave up, stopped)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._stopped:
+                return "stopped"
+            while self._times and now - self._times[0] > RESTART_WINDOW_S:
+                self._times.popleft()
+            if len(self._times) >= MAX_RESTARTS:
+                self.gave_up = True
+                return f"gave up after {len(self._times)} restarts in {RESTART_WINDOW_S:.0f} s"
+            attempt = len(self._times)
+            self._times.append(now)
+            delay = min(BACKOFF_MAX_S, base_s * (2**attempt)) * random.uniform(0.8, 1.2)
+            timer = threading.Timer(delay, restart)
+            timer.name = f"rea-restart-{self.name}"
+            timer.daemon = True
+            self._timer = timer
+        timer.start()
+        return None
+
+    def starting_again(self) -> bool:
+        """A planned restart begins: count it, unless the server was stopped meanwhile."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self.restarts += 1
+            self._timer = None
+            return True
+
+    def revive(self) -> bool:
+        """Forget a give-up (a policy or registry change): True when there was one."""
+        with self._lock:
+            if not self.gave_up or self._stopped:
+                return False
+            self.gave_up = False
+            self._times.clear()
+            return True
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+
+@dataclass(frozen=True)
+class DownstreamHooks:
+    """How a Downstream reports to the gateway: a narrow record of callbacks, not the
+    gateway itself."""
+
+    on_message: Callable[[Downstream, Transport, JsonObj], None]  # the server's own messages
+    on_tools_changed: Callable[[], None]
+    on_state_changed: Callable[[], None]
+    on_circuit: Callable[[Downstream, CircuitState, CircuitState], None]
+    audit_event: Callable[[str, str, AuditStatus, JsonObj, str | None], None]
+    client_caps: Callable[[], JsonObj]  # what the client declared that the gateway relays
+    redact: Callable[[str], str]  # the policy's secret patterns, as they are now
+    policy: Callable[[], Policy]
+
+
+@dataclass(frozen=True)
+class DownstreamContext:
+    """What every Downstream needs from the gateway: where it runs and whom it tells."""
+
+    root: Path
+    fingerprints: Fingerprints
+    deadlines: Deadlines
+    timeouts: Timeouts
+    hooks: DownstreamHooks
 
 
 class Downstream:
-    """One downstream server: spec, current child, tools, health, breaker and restarts.
+    """One downstream server: its spec, its current transport, tools, health, circuit
+    breaker and restarts. It supervises itself: an unexpected exit is seen at once
+    (stdout closes), the transport fails the calls in flight at once, and a restart is
+    planned by its Supervisor."""
 
-    It supervises itself: an unexpected exit is seen at once (stdout closes), calls in
-    flight fail at once, and a restart is scheduled with exponential backoff and jitter.
-    """
-
-    def __init__(self, spec: ServerSpec, gateway: Gateway) -> None:
+    def __init__(self, spec: ServerSpec, ctx: DownstreamContext) -> None:
         self.spec = spec
         self.name = spec.name
-        self.gw = gateway
-        policy = gateway.policy
+        self._ctx = ctx
+        policy = ctx.hooks.policy()
         self.breaker = CircuitBreaker(
             policy.breaker_failure_threshold,
             policy.breaker_cooldown_s,
-            on_transition=self._on_breaker,
+            on_transition=lambda old, new: ctx.hooks.on_circuit(self, old, new),
         )
-        self._lock = threading.Lock()  # guards: every field below
-        self.child: ChildProcess | None = None
-        self.status = "starting"  # starting | ready | failed | disabled | stopped
-        self.tools: list[JsonObj] = []
-        self.capabilities: JsonObj = {}
-        self.last_error: str | None = None
-        self.restarts = 0
-        self.restart_times: collections.deque[float] = collections.deque()
-        self.calls = 0
-        self.errors = 0
-        self.in_flight = 0
-        self.call_times: collections.deque[float] = collections.deque()
-        self.withheld: dict[str, str] = {}  # tool -> what changed since it was pinned (§10)
-        self.new_tools: tuple[str, ...] = ()
-        self.removed_tools: tuple[str, ...] = ()
+        self.supervisor = Supervisor(spec.name)
         self.ready = threading.Event()  # set when the first start attempt has ended
-        self.gave_up = False  # too many restarts: waits for a policy or registry change
-        self.secret_values: tuple[str, ...] = ()  # resolved env: values, longest first
+        self._lock = threading.Lock()  # guards: every field below
+        self._transport: Transport | None = None
+        self._status = ServerStatus.STARTING
+        self._tools: tuple[JsonObj, ...] = ()
+        self._capabilities: JsonObj = {}
+        self._last_error: str | None = None
+        self._calls = 0
+        self._errors = 0
+        self._withheld: dict[str, str] = {}  # tool -> what changed since it was pinned (§10)
+        self._new_tools: tuple[str, ...] = ()
+        self._removed_tools: tuple[str, ...] = ()
+        self._secret_values: tuple[str, ...] = ()  # resolved env: values, longest first
         self._stopping = False
+
+    # -- what others read --
+
+    @property
+    def status(self) -> ServerStatus:
+        with self._lock:
+            return self._status
+
+    @property
+    def capabilities(self) -> JsonObj:
+        with self._lock:
+            return self._capabilities
+
+    def tools_now(self) -> ServerTools:
+        with self._lock:
+            return ServerTools(
+                self.name,
+                self._status is ServerStatus.READY,
+                self._tools,
+                dict(self._withheld),
+                self._capabilities,
+            )
+
+    def transport_for_call(self) -> Transport:
+        """The live transport a call goes to; ChildDied says why there is none."""
+        with self._lock:
+            transport, status, why = self._transport, self._status, self._last_error
+        if transport is None or not transport.alive or status is not ServerStatus.READY:
+            raise ChildDied(f"server {self.name} is not running: {why or status.value}")
+        return transport
+
+    def live_transport(self, capability: str | None = None) -> Transport | None:
+        """The transport of a ready server (offering `capability`, when named)."""
+        with self._lock:
+            transport, ready = self._transport, self._status is ServerStatus.READY
+            offered = capability is None or capability in self._capabilities
+        if ready and offered and transport is not None and transport.alive:
+            return transport
+        return None
+
+    def tally(self, failed: bool) -> None:
+        with self._lock:
+            self._calls += 1
+            if failed:
+                self._errors += 1
+
+    def scrub(self, text: str) -> str:
+        """Text from or about this server, with secret patterns and its env: values removed."""
+        text = self._ctx.hooks.redact(text)
+        with self._lock:
+            values = self._secret_values
+        for value in values:
+            text = text.replace(value, "[REDACTED:env]")
+        return text
+
+    @property
+    def healthy(self) -> bool:
+        return self.status is ServerStatus.READY and self.breaker.state is not CircuitState.OPEN
+
+    def status_record(self, open_transitions: int, blocker_emitted: bool) -> DownstreamStatus:
+        """This server's entry of the live state (§8): one frozen record for the state
+        file, `status`, health and metrics alike."""
+        circuit = self.breaker.state
+        retry_at = self.breaker.retry_at()
+        with self._lock:
+            transport = self._transport
+            alive = transport is not None and transport.alive
+            return DownstreamStatus(
+                name=self.name,
+                connected=self._status is ServerStatus.READY and alive,
+                healthy=self._status is ServerStatus.READY and circuit is not CircuitState.OPEN,
+                circuit_state=circuit.value,
+                retry_at=retry_at,
+                last_error=self._last_error,
+                tools_count=len(self._tools),
+                open_transitions=open_transitions,
+                session_blocker_emitted=blocker_emitted,
+                pid=transport.pid if transport is not None and alive else None,
+                restarts=self.supervisor.restarts,
+                calls=self._calls,
+                errors=self._errors,
+                status=self._status.value,
+                era=transport.era.value if transport is not None else None,
+                withheld_tools=dict(self._withheld),
+                new_tools=self._new_tools,
+                removed_tools=self._removed_tools,
+            )
 
     # -- life cycle --
 
     def start(self) -> None:
         if not self.spec.enabled:
-            self.status = "disabled"
+            with self._lock:
+                self._status = ServerStatus.DISABLED
             self.ready.set()
             return
         threading.Thread(target=self._bring_up, name=f"rea-start-{self.name}", daemon=True).start()
 
     def _bring_up(self) -> None:
-        held = self.gw.fingerprints.check_server(self.spec)
+        hooks = self._ctx.hooks
+        held = self._ctx.fingerprints.check_server(self.spec)
         if held is not None:
             self._hold(held)
             return
@@ -7427,246 +7903,199 @@ class Downstream:
             return
         # env: values are secrets by contract (§3): scrubbed from whatever the child says
         values = {env[key] for key in self.spec.env if len(env.get(key, "")) >= MIN_SECRET_CHARS}
-        self.secret_values = tuple(sorted(values, key=len, reverse=True))
-        argv = [self.spec.command, *self.spec.args]
+        with self._lock:
+            self._secret_values = tuple(sorted(values, key=len, reverse=True))
         try:
-            child = ChildProcess(
+            transport: Transport = ChildProcess(
                 self.name,
-                argv,
+                [self.spec.command, *self.spec.args],
                 env,
-                self.gw.root,
-                self.gw.on_child_message,
+                self._ctx.root,
+                lambda t, msg: hooks.on_message(self, t, msg),
                 self._on_exit,
-                self.gw.timers,
+                self._ctx.deadlines,
+                self._ctx.timeouts,
             )
         except OSError as exc:
             self._fail(f"cannot start {self.spec.command!r}: {exc.strerror or exc}", retry=False)
             return
         with self._lock:
-            if self._stopping:
-                child.stop()
-                return
-            self.child = child
+            stopping = self._stopping
+            if not stopping:
+                self._transport = transport
+        if stopping:
+            transport.stop()
+            return
         try:
-            self._open(child)
-            tools = self._list_tools(child)
+            caps = open_transport(transport, self._ctx.timeouts, hooks.client_caps())
+            tools = list_tools(transport, self._ctx.timeouts.handshake_s)
         except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
-            tail = child.last_stderr()
-            child.stopping = True
-            threading.Thread(target=child.stop, daemon=True).start()
+            tail = transport.last_stderr()
+            transport.stopping = True
+            threading.Thread(target=transport.stop, daemon=True).start()
             self._fail(f"{exc}" + (f" (stderr: {tail})" if tail else ""), retry=True)
             return
-        self._apply_trust(tools)
-        with self._lock:
-            self.tools = tools
-            was = self.status
-            self.status = "ready"
-            self.last_error = None
+        self._take_tools(tools, caps)
         log(
             "info",
             "server_ready",
             server=self.name,
-            era=child.era,
-            version=child.version,
+            era=transport.era.value,
+            version=transport.version,
             tools=len(tools),
-            pid=child.pid,
+            pid=transport.pid,
         )
-        if was != "ready":
-            log("info", "health_changed", server=self.name, healthy=True)
-        self.gw.tools_changed()  # before `ready`: the first tools/list must see these tools
+        hooks.on_tools_changed()  # before `ready`: the first tools/list must see these tools
         self.ready.set()
-        if not child.alive:  # died between its last answer and `ready`: its exit was ignored
-            self._on_exit(child, child.proc.returncode)
+        if not transport.alive:  # died between its last answer and `ready`: its exit was ignored
+            self._on_exit(transport, None)
 
-    def _open(self, child: ChildProcess) -> None:
-        caps = open_child(child, self.gw.relayable_client_caps())
+    def _take_tools(self, tools: list[JsonObj], caps: JsonObj | None = None) -> None:
+        """Compare the tools with their pins (§10): changed ones are withheld, new ones
+        pinned. A list naming one tool twice holds every copy: the copy checked must be
+        the copy exposed."""
+        names = [str(t["name"]) for t in tools]
+        twice = {n for n in names if names.count(n) > 1}
+        verdict = self._ctx.fingerprints.check_tools(
+            self.name, [t for t in tools if t["name"] not in twice]
+        )
+        withheld = dict(verdict.changed)
+        for name in twice:
+            withheld[name] = "listed more than once by the server"
+            log("error", "tool_listed_twice", server=self.name, tool=name)
         with self._lock:
-            self.capabilities = caps
-
-    def _list_tools(self, child: ChildProcess) -> list[JsonObj]:
-        return list_child_tools(child)
+            was = self._status
+            self._tools = tuple(tools)
+            self._withheld = withheld
+            self._new_tools = verdict.new
+            self._removed_tools = verdict.removed
+            if caps is not None:
+                self._capabilities = caps
+                self._status = ServerStatus.READY
+                self._last_error = None
+        if caps is not None and was is not ServerStatus.READY:
+            log("info", "health_changed", server=self.name, healthy=True)
 
     def refresh_tools(self) -> None:
-        """Re-read the child's tools (after notifications/tools/list_changed)."""
-        child = self.child
-        if child is None or not child.alive:
+        """Re-read the server's tools (after notifications/tools/list_changed)."""
+        transport = self.live_transport()
+        if transport is None:
             return
         try:
-            tools = self._list_tools(child)
+            tools = list_tools(transport, self._ctx.timeouts.handshake_s)
         except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
             log("warn", "tools_refresh_failed", server=self.name, error=self.scrub(str(exc)))
             return
-        self._apply_trust(tools)
-        with self._lock:
-            self.tools = tools
-        self.gw.tools_changed()
-
-    def _apply_trust(self, tools: list[JsonObj]) -> None:
-        """Compare the tools with their pins: changed ones are withheld, new ones pinned."""
-        verdict = self.gw.fingerprints.check_tools(self.name, tools)
-        with self._lock:
-            self.withheld = dict(verdict.changed)
-            self.new_tools = verdict.new
-            self.removed_tools = verdict.removed
+        self._take_tools(tools)
+        self._ctx.hooks.on_tools_changed()
 
     def _hold(self, reason: str) -> None:
         """Trust on first use refuses to start a server whose definition changed (§10)."""
         with self._lock:
-            self.status = "held"
-            self.last_error = reason
+            self._status = ServerStatus.HELD
+            self._last_error = reason
         log("error", "server_held", server=self.name, reason=reason)
-        self.gw.audit_event(
+        self._ctx.hooks.audit_event(
             "server_start",
             self.name,
-            "denied",
+            AuditStatus.DENIED,
             {"event": "SERVER_HELD"},
-            error=f"rea: denied: server {self.name} not started: {reason}",
+            f"rea: denied: server {self.name} not started: {reason}",
         )
-        self.gw.tools_changed()
+        self._ctx.hooks.on_tools_changed()
         self.ready.set()
 
     def _fail(self, reason: str, retry: bool) -> None:
         reason = self.scrub(reason)
         with self._lock:
-            self.status = "failed"
-            self.last_error = reason  # its last known tools stay routable, to fail clearly
+            self._status = ServerStatus.FAILED
+            self._last_error = reason  # its last known tools stay routable, to fail clearly
         log("error", "server_start_failed", server=self.name, error=reason)
         log("warn", "health_changed", server=self.name, healthy=False, reason=reason)
-        self.gw.tools_changed()
+        self._ctx.hooks.on_tools_changed()
         self.ready.set()
         if retry:
-            self._schedule_restart()
+            self._plan_restart()
 
-    def _on_exit(self, child: ChildProcess, code: int | None) -> None:
-        if child.stopping or self._stopping:
-            return
+    def _on_exit(self, transport: Transport, code: int | None) -> None:
         with self._lock:
-            if self.child is not child or self.status != "ready":
+            if (
+                transport.stopping
+                or self._stopping
+                or self._transport is not transport
+                or self._status is not ServerStatus.READY
+            ):
                 return  # a death during start-up is handled by _bring_up's failure path
-            tail = child.last_stderr()
-            self.last_error = self.scrub(f"exited with code {code}" + (f": {tail}" if tail else ""))
-            self.status = "failed"
+            tail = transport.last_stderr()
+            why = f"exited with code {code}" + (f": {tail}" if tail else "")
+            self._status = ServerStatus.FAILED
+        why = self.scrub(why)
+        with self._lock:
+            self._last_error = why
         log(
             "error",
             "child_died_unexpectedly",
             server=self.name,
-            pid=child.pid,
+            pid=transport.pid,
             code=code,
-            stderr=self.last_error,
+            stderr=why,
         )
-        log("warn", "health_changed", server=self.name, healthy=False, reason=self.last_error)
-        child.stopping = True  # whatever is left of it (its helpers, or a process that
-        threading.Thread(target=child.stop, name=f"rea-stop-{self.name}", daemon=True).start()
-        self.gw.tools_changed()  # closed stdout without exiting) is stopped before a restart
-        self._schedule_restart()
+        log("warn", "health_changed", server=self.name, healthy=False, reason=why)
+        # whatever is left of it (its helpers, or a process that closed stdout without
+        # exiting) is stopped before a restart
+        transport.stopping = True
+        threading.Thread(target=transport.stop, name=f"rea-stop-{self.name}", daemon=True).start()
+        self._ctx.hooks.on_tools_changed()
+        self._plan_restart()
 
-    def _schedule_restart(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if self._stopping:
-                return
-            while self.restart_times and now - self.restart_times[0] > RESTART_WINDOW_S:
-                self.restart_times.popleft()
-            if len(self.restart_times) >= MAX_RESTARTS:
-                self.last_error = f"gave up after {len(self.restart_times)} restarts in {RESTART_WINDOW_S:.0f} s: {self.last_error}"
-                log("error", "supervisor_gave_up", server=self.name, error=self.last_error)
-                self.gave_up = True
-                self.gw.state_changed()
-                return
-            attempt = len(self.restart_times)
-            self.restart_times.append(now)
-        base = self.gw.policy.restart_backoff_s
-        delay = min(BACKOFF_MAX_S, base * (2**attempt)) * random.uniform(0.8, 1.2)
-        timer = threading.Timer(delay, self._restart)
-        timer.name = f"rea-restart-{self.name}"
-        timer.daemon = True
-        timer.start()
-        self.gw.state_changed()
+    def _plan_restart(self) -> None:
+        why_not = self.supervisor.schedule(
+            self._ctx.hooks.policy().restart_backoff_s, self._restart
+        )
+        if why_not is not None and why_not != "stopped":
+            with self._lock:
+                self._last_error = f"{why_not}: {self._last_error}"
+                last = self._last_error
+            log("error", "supervisor_gave_up", server=self.name, error=last)
+        self._ctx.hooks.on_state_changed()
 
     def _restart(self) -> None:
+        if not self.supervisor.starting_again():
+            return
         with self._lock:
             if self._stopping:
                 return
-            self.restarts += 1
-            self.status = "starting"
-        log("info", "respawned", server=self.name, restarts=self.restarts)
+            self._status = ServerStatus.STARTING
+        log("info", "respawned", server=self.name, restarts=self.supervisor.restarts)
         self._bring_up()
-
-    def scrub(self, text: str) -> str:
-        """Text from or about this server, with secret patterns and its env: values removed."""
-        text = self.gw.redactor.redact(text).text
-        for value in self.secret_values:
-            text = text.replace(value, "[REDACTED:env]")
-        return text
 
     def revive(self) -> None:
         """A policy or registry change gives a server the supervisor gave up on a new start."""
-        with self._lock:
-            if not self.gave_up or self._stopping:
-                return
-            self.gave_up = False
-            self.restart_times.clear()
-        log("info", "supervisor_revived", server=self.name)
-        threading.Thread(target=self._restart, name=f"rea-start-{self.name}", daemon=True).start()
+        if self.supervisor.revive():
+            log("info", "supervisor_revived", server=self.name)
+            threading.Thread(
+                target=self._restart, name=f"rea-start-{self.name}", daemon=True
+            ).start()
 
     def stop(self) -> None:
+        """Stop the server for good: no restart, its process stopped and its threads joined."""
+        self.supervisor.stop()
         with self._lock:
             self._stopping = True
-            self.status = "stopped"
-            child = self.child
-        if child is not None:
-            child.stop()
-
-    # -- breaker and live state --
-
-    def _on_breaker(self, old: str, new: str) -> None:
-        log(
-            "info" if new == "closed" else "warn",
-            "circuit_transition",
-            server=self.name,
-            old=old,
-            new=new,
-        )
-        self.gw.on_breaker_transition(self, new)
-
-    @property
-    def healthy(self) -> bool:
-        return self.status == "ready" and self.breaker.state != "open"
-
-    def snapshot(self, session_blocker: SessionBlocker, session_id: str) -> JsonObj:
-        with self._lock:
-            child = self.child
-            return {
-                "name": self.name,
-                "connected": self.status == "ready" and child is not None and child.alive,
-                "healthy": self.healthy,
-                "circuit_state": self.breaker.state,
-                "retry_at": _iso_or_none(self.breaker.retry_at()),
-                "last_error": self.last_error,
-                "tools_count": len(self.tools),
-                "open_transitions": session_blocker.count(session_id, self.name),
-                "session_blocker_emitted": session_blocker.emitted(session_id, self.name),
-                "pid": child.pid if child is not None and child.alive else None,
-                "restarts": self.restarts,
-                "calls": self.calls,
-                "errors": self.errors,
-                "status": self.status,
-                "era": child.era if child is not None else None,
-                "withheld_tools": dict(self.withheld),
-                "new_tools": list(self.new_tools),
-                "removed_tools": list(self.removed_tools),
-            }
-
-
-def _iso_or_none(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch * 1000) % 1000:03d}Z"
-    )
+            self._status = ServerStatus.STOPPED
+            transport = self._transport
+        if transport is not None:
+            transport.stopping = True
+            transport.stop()
+        self.ready.set()
 
 
 # Call pipeline ###############################################################
+#
+# Every call goes through the same lifecycle (§6): tools/call, resources/read and
+# subscribe, prompts/get and completion/complete alike. Steps decide over a read-only
+# view of the call; one admission step takes its resources (a concurrency slot and a
+# breaker ticket, the Permit); the result checks make the Outcome that `finish` records.
 
 
 @dataclass(frozen=True)
@@ -7678,93 +8107,101 @@ class Rules:
     guard: PathGuard
 
 
+class CallKind(StrEnum):
+    """What a call is, by the client's method; the health tool is the gateway's own."""
+
+    TOOL = "tools/call"
+    HEALTH = "health"
+    RESOURCE = "resources/read"
+    SUBSCRIBE = "resources/subscribe"
+    UNSUBSCRIBE = "resources/unsubscribe"
+    PROMPT = "prompts/get"
+    COMPLETION = "completion/complete"
+
+
+class CallState(StrEnum):
+    """Where a call is in its one lifecycle; FINISHED is reached once, by `finish`."""
+
+    RECEIVED = "received"  # read from the client, in flight, not yet admitted
+    ADMITTED = "admitted"  # passed the steps, holds its permit
+    FORWARDED = "forwarded"  # sent to its server, waiting for the answer
+    ANSWERED = "answered"  # the server answered; the result is being checked
+    WAITING_INPUT = "waiting for input"  # an input round with the client (SEP-2322)
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a call goes: the server, the name it knows the thing by, the tool's entry."""
+
+    downstream: Downstream
+    bare: str  # bare tool or prompt name; the uri of a resource
+    entry: ToolEntry | None = None
+
+
 @dataclass(frozen=True)
 class Decision:
     """A pipeline step's refusal: the audit status and the message for the client."""
 
-    status: str  # denied | error
+    status: AuditStatus
     message: str
     rpc_code: int | None = None  # answer with this JSON-RPC error instead of a result
 
 
-@dataclass
-class Call:
-    """One tools/call on its way through the pipeline."""
+@dataclass(frozen=True)
+class CallView:
+    """What a pipeline step sees of a call: read-only, made afresh for every round."""
 
-    req_id: object
-    name: str
-    arguments: JsonObj
-    meta: JsonObj | None
-    era: str
+    kind: CallKind
+    name: str  # as the client named it
+    arguments: JsonObj  # what the blocked-path step reads
     rules: Rules
-    started: float
-    entry: ToolEntry | None = None
-    downstream: Downstream | None = None
-    tier: str = "write"
-    tier_known: bool = False  # step_tier has run (a refusal before it still records the tier)
-    holds_breaker: bool = False
-    holds_slot: bool = False
-    child: ChildProcess | None = None
-    child_id: int | None = None
-    cancelled: bool = False
-    extra: JsonObj = field(default_factory=dict)  # inputResponses / requestState to pass on
-    rounds: int = 0  # input_required rounds fulfilled for a handshake-era client
-    awaiting_retry: bool = False  # answered input_required; the client's retry resumes it
-    parked: tuple[JsonObj | None, Exception | None] | None = None  # the child's answer meanwhile
-
-    @property
-    def server_name(self) -> str:
-        if self.entry is not None:
-            return self.entry.server
-        return self.name.split("__", 1)[0] if "__" in self.name else ""
-
-    @property
-    def tool_name(self) -> str:
-        return self.entry.bare if self.entry is not None else self.name
+    halt: str | None  # the reason in .rea/HALT, read for this round
+    target: Target | None
+    tier: Tier
+    suspicious: str | None  # the session's earlier suspicious result, if any
+    unrouted: Decision | None = None  # why nothing serves the call, when nothing does
 
 
-Step = Callable[["Gateway", Call], Decision | None]
+Step = Callable[[CallView], Decision | None]
 
 
 def denied(why: str, allow: str) -> Decision:
-    return Decision("denied", f"rea: denied: {why}. {allow}")
+    return Decision(AuditStatus.DENIED, f"rea: denied: {why}. {allow}")
 
 
-def step_halt(gw: Gateway, call: Call) -> Decision | None:
-    reason = gw.halt_reason()
-    if reason is None:
+def step_halt(view: CallView) -> Decision | None:
+    if view.halt is None:
         return None
     return denied(
-        f"the gateway is frozen (.rea/HALT): {reason}",
+        f"the gateway is frozen (.rea/HALT): {view.halt}",
         "`python rea.py unfreeze` allows calls again",
     )
 
 
-def step_route(gw: Gateway, call: Call) -> Decision | None:
-    entry = gw.tool_index.get(call.name)
-    downstream = gw.downstreams.get(entry.server) if entry is not None else None
-    if entry is None or downstream is None:  # (a server just removed from the registry)
-        return Decision("error", f"unknown tool: {call.name}", INVALID_PARAMS)
-    call.entry = entry
-    call.downstream = downstream
-    return None
+def step_route(view: CallView) -> Decision | None:
+    if view.target is not None:
+        return None
+    return view.unrouted or Decision(AuditStatus.ERROR, f"unknown: {view.name}", INVALID_PARAMS)
 
 
-def step_trust(gw: Gateway, call: Call) -> Decision | None:
-    assert call.entry is not None
-    if call.entry.withheld is None:
+def step_trust(view: CallView) -> Decision | None:
+    entry = view.target.entry if view.target is not None else None
+    if entry is None or entry.withheld is None:
         return None
     return denied(
-        f"tool {call.entry.server}__{call.entry.bare} changed since it was pinned ({call.entry.withheld})",
-        f"Review it with `python rea.py trust {call.entry.server} --tool {call.entry.bare}`, which re-pins it",
+        f"tool {entry.server}__{entry.bare} changed since it was pinned ({entry.withheld})",
+        f"Review it with `python rea.py trust {entry.server} --tool {entry.bare}`, which re-pins it",
     )
 
 
-def step_blocked_tools(gw: Gateway, call: Call) -> Decision | None:
-    assert call.entry is not None
-    patterns = call.rules.policy.blocked_tools
-    full = f"{call.entry.server}__{call.entry.bare}"
-    if patterns and (glob_match_tool(patterns, full) or glob_match_tool(patterns, call.name)):
+def step_blocked_tools(view: CallView) -> Decision | None:
+    entry = view.target.entry if view.target is not None else None
+    patterns = view.rules.policy.blocked_tools
+    if entry is None or not patterns:
+        return None
+    full = f"{entry.server}__{entry.bare}"
+    if glob_match_tool(patterns, full) or glob_match_tool(patterns, view.name):
         return denied(
             f"tool {full} is in gateway.blocked_tools",
             "Remove it from gateway.blocked_tools in .rea/policy.yaml to allow it",
@@ -7772,118 +8209,233 @@ def step_blocked_tools(gw: Gateway, call: Call) -> Decision | None:
     return None
 
 
-def step_tier(gw: Gateway, call: Call) -> Decision | None:
-    assert call.entry is not None and call.downstream is not None
-    spec = call.downstream.spec
-    override = spec.tier_overrides.get(call.entry.bare) or spec.tier_overrides.get(call.name)
-    annotations = as_obj(call.entry.definition.get("annotations"))
-    call.tier, warning = resolve_tier(
-        call.entry.bare, annotations, spec.trust_annotations, override
-    )
-    call.tier_known = True
-    if warning:
-        gw.warn_once(
-            ("tier_override", call.name),
-            "tier_override_ignored",
-            server=spec.name,
-            tool=call.entry.bare,
-            warning=warning,
-        )
-    return None
-
-
-def step_autonomy(gw: Gateway, call: Call) -> Decision | None:
-    level = call.rules.policy.autonomy_level
-    if autonomy_allows(level, call.tier):
+def step_autonomy(view: CallView) -> Decision | None:
+    level = view.rules.policy.autonomy_level
+    if autonomy_allows(level, view.tier):
         return None
+    bare = view.target.bare if view.target is not None else view.name
     return denied(
-        f"autonomy level {level} does not allow {call.tier}-tier tools (tool {call.tool_name})",
+        f"autonomy level {level} does not allow {view.tier}-tier tools (tool {bare})",
         "Raise autonomy_level in .rea/policy.yaml (L3 allows destructive) to allow it",
     )
 
 
-def step_injection_lock(gw: Gateway, call: Call) -> Decision | None:
+def step_injection_lock(view: CallView) -> Decision | None:
     if (
-        call.tier == "read"
-        or not call.rules.policy.suspicious_blocks_writes
-        or not gw.session_suspicious
+        view.tier is Tier.READ
+        or not view.rules.policy.suspicious_blocks_writes
+        or not view.suspicious
     ):
         return None
     return denied(
-        f"an earlier result in this session looked like a prompt injection ({gw.session_suspicious}); "
-        f"{call.tier}-tier calls are blocked for the rest of the session",
+        f"an earlier result in this session looked like a prompt injection ({view.suspicious}); "
+        f"{view.tier}-tier calls are blocked for the rest of the session",
         "Start a new session, or set injection.suspicious_blocks_writes: false",
     )
 
 
-def step_blocked_paths(gw: Gateway, call: Call) -> Decision | None:
-    hit = call.rules.guard.check(call.arguments)
+def step_blocked_paths(view: CallView) -> Decision | None:
+    hit = view.rules.guard.check(view.arguments)
     if hit is None:
         return None
     path, glob = hit
+    what = "argument" if view.kind is CallKind.TOOL else view.kind.value
     return denied(
-        f"argument names a blocked path {path!r} (matches {glob!r})",
+        f"{what} names a blocked path {path!r} (matches {glob!r})",
         "Edit blocked_paths in .rea/policy.yaml to allow it (.rea/ itself is always blocked)",
     )
 
 
-def step_limits(gw: Gateway, call: Call) -> Decision | None:
-    ds = call.downstream
-    assert ds is not None
-    limits = call.rules.policy.server_limits.get(ds.name)
-    now = time.monotonic()
-    with ds._lock:  # check and take the slot in one step: concurrent calls cannot both pass
-        if limits is None:
-            ds.in_flight += 1
-            call.holds_slot = True
-            return None
-        if limits.calls_per_minute:
-            while ds.call_times and now - ds.call_times[0] >= 60.0:
-                ds.call_times.popleft()
-            if len(ds.call_times) >= limits.calls_per_minute:
-                wait = 60.0 - (now - ds.call_times[0])
-                return denied(
-                    f"server {ds.name} is over its rate limit of {limits.calls_per_minute} calls per minute; retry in {wait:.1f} s",
-                    f"Raise gateway.servers.{ds.name}.calls_per_minute to allow more",
-                )
-        if limits.max_concurrent_calls and ds.in_flight >= limits.max_concurrent_calls:
-            return denied(
-                f"server {ds.name} already has {ds.in_flight} calls in flight (limit {limits.max_concurrent_calls})",
-                f"Retry later, or raise gateway.servers.{ds.name}.max_concurrent_calls",
-            )
-        if limits.calls_per_minute:
-            ds.call_times.append(now)
-        ds.in_flight += 1
-        call.holds_slot = True
-    return None
-
-
-def step_breaker(gw: Gateway, call: Call) -> Decision | None:
-    ds = call.downstream
-    assert ds is not None
-    retry_at = ds.breaker.acquire()
-    if retry_at is None:
-        call.holds_breaker = True
-        return None
-    return denied(
-        f"circuit for server {ds.name} is open after repeated failures; retry after {_iso_or_none(retry_at)}",
-        "Wait for the cooldown (gateway.breaker.cooldown_s); `python rea.py status` shows the last error",
-    )
-
-
-# Every tools/call, in this order; the first refusal ends it (SPEC §6).
-PIPELINE: tuple[Step, ...] = (
+# The steps of each kind of call, in order; the first refusal ends it (§6). Admission
+# (limits, breaker) follows them for every call that reaches a server.
+TOOL_STEPS: tuple[Step, ...] = (
     step_halt,
     step_route,
     step_trust,
     step_blocked_tools,
-    step_tier,
     step_autonomy,
     step_injection_lock,
     step_blocked_paths,
-    step_limits,
-    step_breaker,
 )
+REQUEST_STEPS: tuple[Step, ...] = (step_halt, step_route, step_blocked_paths)
+STEPS: Mapping[CallKind, tuple[Step, ...]] = {
+    CallKind.TOOL: TOOL_STEPS,
+    CallKind.HEALTH: (),  # answers even under HALT (§8)
+    CallKind.RESOURCE: REQUEST_STEPS,
+    CallKind.SUBSCRIBE: REQUEST_STEPS,
+    CallKind.UNSUBSCRIBE: (step_route,),  # letting go of a subscription is always allowed
+    CallKind.PROMPT: REQUEST_STEPS,
+    CallKind.COMPLETION: REQUEST_STEPS,
+}
+
+
+def decide(view: CallView) -> Decision | None:
+    """Run the call's steps over its view: the first refusal, or None to go on."""
+    for step in STEPS[view.kind]:
+        decision = step(view)
+        if decision is not None:
+            return decision
+    return None
+
+
+class CallLimiter:
+    """Per-server rate and concurrency slots (§6 step 7), checked and taken in one step
+    so that concurrent calls cannot both pass; given back once, by the call's finish."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards: _in_flight, _times
+        self._in_flight: dict[str, int] = {}
+        self._times: dict[str, collections.deque[float]] = {}
+
+    def take(self, server: str, limits: ServerLimits | None) -> str | None:
+        """Take a slot; None when taken, else the refusal (with what would allow it)."""
+        now = time.monotonic()
+        with self._lock:
+            in_flight = self._in_flight.get(server, 0)
+            if limits is not None and limits.calls_per_minute:
+                times = self._times.setdefault(server, collections.deque())
+                while times and now - times[0] >= 60.0:
+                    times.popleft()
+                if len(times) >= limits.calls_per_minute:
+                    wait = 60.0 - (now - times[0])
+                    return (
+                        f"rea: denied: server {server} is over its rate limit of "
+                        f"{limits.calls_per_minute} calls per minute; retry in {wait:.1f} s. "
+                        f"Raise gateway.servers.{server}.calls_per_minute to allow more"
+                    )
+            if (
+                limits is not None
+                and limits.max_concurrent_calls
+                and in_flight >= limits.max_concurrent_calls
+            ):
+                return (
+                    f"rea: denied: server {server} already has {in_flight} calls in flight "
+                    f"(limit {limits.max_concurrent_calls}). Retry later, or raise "
+                    f"gateway.servers.{server}.max_concurrent_calls"
+                )
+            if limits is not None and limits.calls_per_minute:
+                self._times[server].append(now)
+            self._in_flight[server] = in_flight + 1
+        return None
+
+    def give_back(self, server: str) -> None:
+        with self._lock:
+            self._in_flight[server] = max(0, self._in_flight.get(server, 0) - 1)
+
+
+@dataclass(frozen=True)
+class Permit:
+    """What admission took for a call: a concurrency slot and a breaker ticket."""
+
+    server: str
+    breaker: CircuitBreaker
+    ticket: BreakerTicket
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a call ended, as `finish` records and answers it. No answer at all (neither
+    result nor error) is a cancelled call's: MCP sends a cancelled request nothing."""
+
+    status: AuditStatus
+    result: JsonObj | None = None  # the answer, when it is a result
+    error: RpcError | None = None  # the answer, when it is a JSON-RPC error
+    note: str | None = None  # the audit record's `error`
+    metadata: JsonObj = field(default_factory=dict)
+    redacted: bool = False  # secrets were removed from the answer
+    verdict: BreakerVerdict = BreakerVerdict.UNUSED  # what the call tells the circuit
+
+
+def refusal_outcome(kind: CallKind, decision: Decision) -> Outcome:
+    """A step's refusal as the client gets it: a tool's `isError` result (§5), a JSON-RPC
+    error for the other requests and for routing errors."""
+    if decision.rpc_code is not None:
+        err = RpcError(decision.rpc_code, decision.message)
+        return Outcome(decision.status, error=err, note=decision.message)
+    if kind in (CallKind.TOOL, CallKind.HEALTH):
+        return Outcome(decision.status, tool_error_result(decision.message), note=decision.message)
+    err = RpcError(DENIED, decision.message)
+    return Outcome(decision.status, error=err, note=decision.message)
+
+
+def failure_outcome(kind: CallKind, text: str, error: RpcError | None = None) -> Outcome:
+    """A call that failed at or on the way to its server (timeout, death, its error)."""
+    if error is not None:
+        return Outcome(AuditStatus.ERROR, error=error, note=text, verdict=BreakerVerdict.FAILURE)
+    if kind in (CallKind.TOOL, CallKind.HEALTH):
+        return Outcome(
+            AuditStatus.ERROR, tool_error_result(text), note=text, verdict=BreakerVerdict.FAILURE
+        )
+    return Outcome(
+        AuditStatus.ERROR,
+        error=RpcError(INTERNAL_ERROR, text),
+        note=text,
+        verdict=BreakerVerdict.FAILURE,
+    )
+
+
+def internal_outcome(kind: CallKind, text: str) -> Outcome:
+    """A bug met on this call's way: the client still gets one clear answer."""
+    message = f"rea: error: internal error ({text}); the call was not sent again"
+    if kind in (CallKind.TOOL, CallKind.HEALTH):
+        return Outcome(AuditStatus.ERROR, tool_error_result(message), note=message)
+    return Outcome(AuditStatus.ERROR, error=RpcError(INTERNAL_ERROR, message), note=message)
+
+
+def check_tool_result(
+    rules: Rules, tier: Tier, tool: str, result: JsonObj
+) -> tuple[Outcome, InjectionVerdict]:
+    """§6 step 10 for a tool's result: capped first (the redaction regexes, the user's
+    among them, scan at most the cap), then secrets redacted, then scanned for prompt
+    injection; a likely injection is withheld under `injection_detection: block`."""
+    policy = rules.policy
+    metadata: JsonObj = {}
+    content = result.get("content")
+    if isinstance(content, list):
+        capped, truncated = cap_content(content, policy.max_result_kb * 1024)
+        if truncated:
+            result = {**result, "content": capped}
+            metadata["truncated"] = True
+    value, names = rules.redactor.redact_value(result)
+    processed = as_obj(value) or {}
+    verdict = scan_injection(content_text(processed), tier)
+    status = AuditStatus.ALLOWED
+    if verdict.verdict != "clean":
+        metadata["injection"] = {
+            "verdict": verdict.verdict,
+            "phrases": list(verdict.phrases),
+            "base64": verdict.via_base64,
+        }
+        if verdict.verdict == "likely_injection" and policy.injection_detection == "block":
+            status = AuditStatus.DENIED
+            processed = tool_error_result(
+                f"rea: denied: the result of {tool} was withheld: it looks like a prompt "
+                f"injection ({', '.join(verdict.phrases)}). Set injection_detection: warn in "
+                ".rea/policy.yaml to let such results through with a warning"
+            )
+    if names:
+        metadata["redacted"] = list(names)
+    outcome = Outcome(
+        status,
+        processed,
+        metadata=metadata,
+        redacted=bool(names),
+        verdict=BreakerVerdict.SUCCESS,  # an isError result is the tool's answer (§9)
+    )
+    return outcome, verdict
+
+
+def check_request_result(rules: Rules, result: JsonObj) -> Outcome:
+    """§6 step 10 for a resource, prompt or completion result: secrets redacted."""
+    value, names = rules.redactor.redact_value(result)
+    metadata: JsonObj = {"redacted": list(names)} if names else {}
+    return Outcome(
+        AuditStatus.ALLOWED,
+        as_obj(value) or {},
+        metadata=metadata,
+        redacted=bool(names),
+        verdict=BreakerVerdict.SUCCESS,
+    )
 
 
 def args_digest(arguments: JsonObj) -> str:
@@ -7912,49 +8464,86 @@ def content_text(result: JsonObj) -> str:
     return "\n".join(parts)
 
 
-def tool_error_result(text: str) -> JsonObj:
-    return {"content": [{"type": "text", "text": text}], "isError": True}
+# Configuration in force ######################################################
 
 
-# Policy in force #############################################################
+class ConfigWatch:
+    """The policy, registry and HALT in force while `serve` runs (§4): the policy is
+    re-read when its file changes (checked on every call: an edit governs the very next
+    one), the registry once a second, HALT on every call. A file that no longer parses
+    keeps the last good one in force and logs once per change."""
 
-
-class PolicyWatch:
-    """Keeps the policy in force, re-reading its file when it changes (§4).
-
-    A file that no longer parses keeps the last good policy and logs once per change.
-    """
-
-    def __init__(self, root: Path, rules: Rules) -> None:
+    def __init__(self, root: Path, registry: Registry, policy: Policy) -> None:
         self.root = root
-        self.rea_dir = root / ".rea"
-        self.rules = rules
-        self._lock = threading.Lock()  # guards: _signature, reloads
-        self._paths = (str(self.rea_dir / "policy.yaml"), str(self.rea_dir / "policy.json"))
-        self._signature = self._stat()
-        self.on_change: Callable[[Rules], None] | None = None
+        self.rea_dir = root / REA_DIR
+        self._halt_path = str(self.rea_dir / HALT_FILE)
+        self._policy_paths = tuple(str(self.rea_dir / n) for n in ("policy.yaml", "policy.json"))
+        self._registry_paths = tuple(
+            str(self.rea_dir / n) for n in ("registry.yaml", "registry.json")
+        )
+        self._lock = threading.Lock()  # guards: _rules, _policy_sig, registry, _registry_sig
+        self._reload_lock = threading.Lock()  # guards: the policy file's one reload at a time
+        self._rules = compile_rules(root, policy)
+        self._policy_sig = _file_signature(self._policy_paths)
+        self.registry = registry
+        self._registry_sig = _file_signature(self._registry_paths)
 
-    def _stat(self) -> tuple[object, ...]:
-        return _file_signature(self._paths)
-
-    def current(self) -> Rules:
-        sig = self._stat()
-        if sig == self._signature:
-            return self.rules
+    def rules(self) -> Rules:
+        """The rules in force, re-read first if the policy file changed."""
+        sig = _file_signature(self._policy_paths)
         with self._lock:
-            if sig == self._signature:
-                return self.rules
-            self._signature = sig
+            if sig == self._policy_sig:
+                return self._rules
+        with self._reload_lock:  # callers that saw the change wait for the one reload
+            with self._lock:
+                if sig == self._policy_sig:
+                    return self._rules
+                rules = self._rules
             try:
                 rules = compile_rules(self.root, load_policy(self.rea_dir))
+                log("info", "policy_reloaded", autonomy_level=rules.policy.autonomy_level)
             except ReaError as exc:
                 log("error", "policy_reload_failed", error=str(exc), kept="last good policy")
-                return self.rules
-            self.rules = rules
-            log("info", "policy_reloaded", autonomy_level=rules.policy.autonomy_level)
-        if self.on_change is not None:
-            self.on_change(rules)
+            with self._lock:
+                self._policy_sig = sig
+                self._rules = rules
         return rules
+
+    def policy_changed(self) -> Rules | None:
+        """The new rules when the policy changed since the last look (for the gateway's
+        once-a-second check), else None."""
+        with self._lock:
+            before = self._rules
+        after = self.rules()
+        return after if after is not before else None
+
+    def registry_changed(self) -> Registry | None:
+        """The new registry when its file changed and loads; None otherwise."""
+        sig = _file_signature(self._registry_paths)
+        with self._lock:
+            if sig == self._registry_sig:
+                return None
+            self._registry_sig = sig
+        try:
+            registry = load_registry(self.rea_dir)
+        except ReaError as exc:
+            log("error", "registry_reload_failed", error=str(exc), kept="the servers running now")
+            return None
+        with self._lock:
+            self.registry = registry
+        return registry
+
+    def halt_reason(self) -> str | None:
+        """The reason in .rea/HALT, or None when the gateway is not frozen."""
+        try:  # a stat first: the common case (no HALT) must cost one syscall per call
+            os.stat(self._halt_path)
+            with open(self._halt_path, encoding="utf-8", errors="replace") as f:
+                text = f.read(4096).strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"HALT present but unreadable ({exc.strerror})"
+        return text or "no reason given"
 
 
 def _file_signature(paths: tuple[str, ...]) -> tuple[object, ...]:
@@ -7975,94 +8564,1619 @@ def compile_rules(root: Path, policy: Policy) -> Rules:
     return Rules(policy, redactor, PathGuard(root, policy.blocked_paths))
 
 
+# Client wire #################################################################
+
+
+@dataclass
+class _Ask:
+    """A request of the gateway's own to the client, waiting for its answer."""
+
+    method: str
+    deadline: float
+    on_answer: Callable[[JsonObj], None]  # the client's response, or an error made here
+
+
+class ClientWire:
+    """The client's pipes. `rea-stdin` frames stdin into lines (over the raw fd, polled
+    with a wake pipe, so it can be stopped and joined: no thread is ever left inside a
+    buffered reader at exit); stdout gets whole messages only. It keeps the requests the
+    client has open, each answered at most once, and the gateway's own requests to the
+    client (relayed server requests, input rounds), each answered exactly once."""
+
+    def __init__(
+        self,
+        in_fd: int,
+        out: BinaryIO,
+        on_line: Callable[[bytes], None],
+        deadlines: Deadlines,
+    ) -> None:
+        self._in_fd = in_fd
+        self._out = out
+        self._on_line = on_line
+        self._deadlines = deadlines
+        self._out_lock = threading.Lock()  # guards: whole messages on stdout
+        self._cond = threading.Condition()  # guards: _open, _asks, _seq, _closed
+        self._open: dict[tuple[str, object], Era] = {}
+        self._asks: dict[str, _Ask] = {}
+        self._seq = 0
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        self.ended = threading.Event()  # stdin closed, or reading stopped
+        self.gone = threading.Event()  # stdout broke: nobody reads our answers
+        self._reader = threading.Thread(target=self._read, name="rea-stdin", daemon=True)
+
+    # -- reading --
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def stop_reading(self) -> None:
+        """Stop taking messages (§5: at stop); the reader thread ends and is joined."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._reader.is_alive() and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+
+    def _read(self) -> None:
+        poller = select.poll()
+        poller.register(self._in_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(self._wake_r, select.POLLIN)
+        buf = bytearray()
+        skipping = False  # inside a line longer than MAX_LINE: drop up to its end
+        try:
+            while True:
+                events = poller.poll()
+                if any(fd == self._wake_r for fd, _ in events):
+                    return
+                chunk = os.read(self._in_fd, 1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                start = 0
+                while True:
+                    end = buf.find(b"\n", start)
+                    if end < 0:
+                        break
+                    if skipping:
+                        skipping = False
+                    else:
+                        self._line(bytes(buf[start : end + 1]))
+                    start = end + 1
+                del buf[:start]
+                if len(buf) > MAX_LINE:
+                    buf.clear()
+                    if not skipping:
+                        skipping = True
+                        self.send_error(
+                            None, RpcError(INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
+                        )
+            if buf.strip() and not skipping:
+                self._line(bytes(buf))  # a last line with no newline (a script's printf)
+        except OSError as exc:
+            log("error", "stdin_failed", error=str(exc))
+        finally:
+            self.ended.set()
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            self._on_line(line)
+        except Exception as exc:  # the one boundary: nothing a client sends ends the session
+            log("error", "internal_error", where="client_message", error=type(exc).__name__)
+
+    # -- writing --
+
+    def write(self, msg: JsonObj) -> None:
+        data = encode(msg)
+        with self._out_lock:
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except (OSError, ValueError):
+                self.gone.set()  # the client is gone
+
+    def notify(self, method: str, params: JsonObj | None = None) -> None:
+        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.write(msg)
+
+    # -- the client's requests: each answered at most once --
+
+    def open(self, req_id: object, era: Era) -> bool:
+        """Take a request as open; False when one with this id is open already."""
+        key = id_key(req_id)
+        with self._cond:
+            if key in self._open:
+                return False
+            self._open[key] = era
+            return True
+
+    def reply(self, req_id: object, result: JsonObj) -> bool:
+        """Answer an open request with a result shaped for its era; False (and nothing
+        written) when it is not open: answered before, or never taken."""
+        with self._cond:
+            era = self._open.pop(id_key(req_id), None)
+            self._cond.notify_all()
+        if era is None:
+            return False
+        self.write({"jsonrpc": "2.0", "id": req_id, "result": shaped_result(result, era)})
+        return True
+
+    def reply_error(self, req_id: object, err: RpcError) -> bool:
+        with self._cond:
+            era = self._open.pop(id_key(req_id), None)
+            self._cond.notify_all()
+        if era is None:
+            return False
+        self.write({"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
+        return True
+
+    def send_error(self, req_id: object, err: RpcError) -> None:
+        """An error for a message that never became an open request (unparsable, no valid
+        id, a duplicate id): it is answered here, once, as it is read."""
+        self.write(
+            {
+                "jsonrpc": "2.0",
+                "id": req_id if is_request_id(req_id) else None,
+                "error": err.to_json(),
+            }
+        )
+
+    def open_count(self) -> int:
+        with self._cond:
+            return len(self._open)
+
+    def wait_answered(self, deadline: float) -> bool:
+        """Wait until every open request is answered, or the deadline: True when all are."""
+        with self._cond:
+            while self._open:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def fail_open(self, err: RpcError) -> None:
+        """Answer every request still open with this error (at stop)."""
+        with self._cond:
+            ids = list(self._open)
+        for _, value in ids:
+            self.reply_error(value, err)
+
+    # -- the gateway's own requests to the client --
+
+    def ask(
+        self,
+        method: str,
+        params: JsonObj | None,
+        timeout_s: float,
+        on_answer: Callable[[JsonObj], None],
+    ) -> str:
+        """Send the client a request under an id of ours (`rea-N`: never one of the
+        client's); on_answer gets its response, or an error made here on timeout,
+        cancellation or stop, exactly once."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            closed = self._closed
+            self._seq += 1
+            ask_id = f"rea-{self._seq}"
+            if not closed:
+                self._asks[ask_id] = _Ask(method, deadline, on_answer)
+        if closed:
+            on_answer(_error_answer("the gateway is stopping"))
+            return ask_id
+        self._deadlines.watch(self, deadline)
+        msg: JsonObj = {"jsonrpc": "2.0", "id": ask_id, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.write(msg)
+        return ask_id
+
+    def ask_and_wait(
+        self, method: str, params: JsonObj | None, timeout_s: float
+    ) -> tuple[str, threading.Event, list[JsonObj]]:
+        """Ask, and give back the id, an event set on the answer, and the box it lands in."""
+        done = threading.Event()
+        box: list[JsonObj] = []
+
+        def answered(msg: JsonObj) -> None:
+            box.append(msg)
+            done.set()
+
+        ask_id = self.ask(method, params, timeout_s, answered)
+        return ask_id, done, box
+
+    def on_response(self, msg: JsonObj) -> bool:
+        """The client answered one of our requests; False when it is not ours (or late)."""
+        ask_id = msg.get("id")
+        with self._cond:
+            ask = self._asks.pop(ask_id, None) if isinstance(ask_id, str) else None
+        if ask is None:
+            return False
+        ask.on_answer(msg)
+        return True
+
+    def cancel_ask(self, ask_id: str, reason: str) -> None:
+        """Withdraw a request of ours: the client is told, its waiter gets an error."""
+        with self._cond:
+            ask = self._asks.pop(ask_id, None)
+        if ask is None:
+            return
+        self.notify("notifications/cancelled", {"requestId": ask_id, "reason": reason})
+        ask.on_answer(_error_answer(reason))
+
+    def expire(self, now: float) -> float | None:
+        expired: list[tuple[str, _Ask]] = []
+        soonest: float | None = None
+        with self._cond:
+            for ask_id, ask in list(self._asks.items()):
+                if ask.deadline <= now:
+                    expired.append((ask_id, self._asks.pop(ask_id)))
+                elif soonest is None or ask.deadline < soonest:
+                    soonest = ask.deadline
+        for ask_id, ask in expired:
+            self.notify("notifications/cancelled", {"requestId": ask_id, "reason": "timeout"})
+            ask.on_answer(_error_answer(f"the client did not answer {ask.method} in time"))
+        return soonest
+
+    def close(self) -> None:
+        """At stop: no more requests of ours; every one still waiting gets an error now,
+        so nothing waits for a client that is going away (§5: a stop takes seconds)."""
+        with self._cond:
+            self._closed = True
+            asks = list(self._asks.values())
+            self._asks.clear()
+        for ask in asks:
+            ask.on_answer(_error_answer("the gateway is stopping"))
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _error_answer(message: str) -> JsonObj:
+    return {"error": {"code": INTERNAL_ERROR, "message": message}}
+
+
+# Session and catalog #########################################################
+
+
+class Session:
+    """One client session: its id, the eras its requests use (§5: decided per request),
+    what the client declared it can do, and the suspicion an earlier result raised."""
+
+    def __init__(self) -> None:
+        self.id = str(uuid.uuid4())
+        self.started_at = utc_now_iso()
+        self.started = time.monotonic()
+        self._lock = threading.Lock()  # guards: every field below
+        self._caps: JsonObj = {}
+        self._handshake = False  # the client sent initialize
+        self._stateless = False  # the client sent a stateless-era request
+        self._initialized = False  # notifications/initialized arrived
+        self._suspicious: str | None = None
+
+    def era_of(self, method: str, params: JsonObj | None) -> Era:
+        """The era of this one request. A request whose `_meta` names a protocol version
+        is stateless-era; `initialize` and anything else is handshake-era. A version we
+        do not serve is -32022, after which the client may still fall back to
+        `initialize` on the same connection; server/discover never changes it."""
+        if method == "initialize":
+            with self._lock:
+                self._handshake = True
+                self._caps = as_obj((params or {}).get("capabilities")) or {}
+            return Era.HANDSHAKE
+        meta = meta_of(params) or {}
+        requested = meta.get(META_VERSION)
+        if requested is None and method != "server/discover":
+            return Era.HANDSHAKE
+        if requested is not None and requested not in STATELESS_VERSIONS:
+            raise RpcError(
+                UNSUPPORTED_VERSION,
+                "unsupported protocol version",
+                {"supported": list(STATELESS_VERSIONS), "requested": requested},
+            )
+        if method == "server/discover":
+            return Era.STATELESS
+        caps = as_obj(meta.get(META_CAPS))
+        with self._lock:
+            self._stateless = True
+            if caps is not None and not self._handshake:
+                self._caps = caps
+        if method in ("ping", "logging/setLevel"):
+            raise RpcError(
+                METHOD_NOT_FOUND, f"method not found in protocol {STATELESS_VERSIONS[0]}: {method}"
+            )
+        return Era.STATELESS
+
+    def mark_initialized(self) -> None:
+        with self._lock:
+            self._initialized = True
+
+    @property
+    def initialized(self) -> bool:
+        """A handshake client that said `initialized`: the gateway may send it messages."""
+        with self._lock:
+            return self._initialized and self._handshake
+
+    @property
+    def handshake(self) -> bool:
+        with self._lock:
+            return self._handshake
+
+    @property
+    def client_era(self) -> Era | None:
+        """The era of messages the gateway starts: handshake once the client sent
+        `initialize` (§5), stateless when it only ever sent stateless requests."""
+        with self._lock:
+            if self._handshake:
+                return Era.HANDSHAKE
+            return Era.STATELESS if self._stateless else None
+
+    def can_answer(self, capability: str) -> bool:
+        with self._lock:
+            return capability in self._caps
+
+    def relayable_caps(self) -> JsonObj:
+        """The client capabilities a server may see: those the client declared and the
+        gateway relays (sampling, elicitation, roots)."""
+        with self._lock:
+            return {k: v for k, v in self._caps.items() if k in RELAYED_REQUESTS.values()}
+
+    @property
+    def suspicious(self) -> str | None:
+        with self._lock:
+            return self._suspicious
+
+    def mark_suspicious(self, what: str) -> None:
+        with self._lock:
+            self._suspicious = what
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """Every name the client may use, swapped whole: tools, resources, templates, prompts."""
+
+    tools: Mapping[str, ToolEntry] = field(default_factory=dict)  # exposed name -> entry
+    renames: Mapping[str, str] = field(default_factory=dict)  # exposed -> server__tool
+    resources: Mapping[str, str] = field(default_factory=dict)  # uri -> server
+    templates: tuple[tuple[str, str], ...] = ()  # (uriTemplate prefix, server)
+    prompts: Mapping[str, tuple[str, str]] = field(
+        default_factory=dict
+    )  # exposed -> (server, bare)
+
+    def visible_tools(self) -> frozenset[str]:
+        return frozenset(name for name, e in self.tools.items() if e.withheld is None)
+
+
+class Catalog:
+    """The names the client sees and who owns each, as one frozen view. Rebuilds run
+    without a lock held (servers are read one by one); the rebuild that started last
+    is the one that lands."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards: _view, _started, _landed, _listed
+        self._view = CatalogView()
+        self._started = 0
+        self._landed = 0
+        self._listed: frozenset[str] | None = None  # tool names last answered to tools/list
+
+    @property
+    def view(self) -> CatalogView:
+        with self._lock:
+            return self._view
+
+    def rebuild_tools(self, servers: Iterable[ServerTools], max_len: int) -> bool:
+        """Index every server's tools afresh; True when the client's tool list changed."""
+        with self._lock:
+            self._started += 1
+            generation = self._started
+        index: dict[str, ToolEntry] = {}
+        renames: dict[str, str] = {}
+        warnings: list[tuple[str, dict[str, object]]] = []
+        for server in servers:
+            for tool in server.tools:
+                bare = str(tool["name"])
+                exposed = exposed_tool_name(server.name, bare, max_len)
+                if exposed == HEALTH_TOOL or (
+                    exposed in index and index[exposed].server != server.name
+                ):
+                    warnings.append(
+                        (
+                            "tool_name_clash",
+                            {"server": server.name, "tool": bare, "exposed": exposed},
+                        )
+                    )
+                    continue
+                if exposed != f"{server.name}__{bare}":
+                    renames[exposed] = f"{server.name}__{bare}"
+                    warnings.append(
+                        (
+                            "tool_renamed",
+                            {
+                                "server": server.name,
+                                "tool": bare,
+                                "exposed": exposed,
+                                "reason": f"longer than {max_len} or not [A-Za-z0-9_.-]",
+                            },
+                        )
+                    )
+                index[exposed] = ToolEntry(
+                    exposed, server.name, bare, tool, server.withheld.get(bare)
+                )
+        with self._lock:
+            if generation < self._landed:
+                return False  # a later rebuild has landed already
+            self._landed = generation
+            self._view = replace(self._view, tools=index, renames=renames)
+            changed = self._listed is not None and self._view.visible_tools() != self._listed
+        for event, fields in warnings:
+            warn_once((event, fields.get("exposed")), event, **fields)
+        return changed
+
+    def listed(self) -> CatalogView:
+        """The view a tools/list answers from; remembered to tell later changes."""
+        with self._lock:
+            self._listed = self._view.visible_tools()
+            return self._view
+
+    def learn(
+        self, method: str, server: str, entries: list[JsonObj], max_len: int
+    ) -> list[JsonObj]:
+        """Remember who owns each URI, template and prompt of a list; prompts are renamed
+        `server__prompt`. Returns the entries as the client sees them."""
+        out: list[JsonObj] = []
+        resources: dict[str, str] = {}
+        templates: list[tuple[str, str]] = []
+        prompts: dict[str, tuple[str, str]] = {}
+        for entry in entries:
+            if method == "resources/list":
+                uri = entry.get("uri")
+                if isinstance(uri, str):
+                    resources[uri] = server
+                    out.append(entry)
+            elif method == "resources/templates/list":
+                template = entry.get("uriTemplate")
+                if isinstance(template, str):
+                    templates.append((template.split("{", 1)[0], server))
+                    out.append(entry)
+            else:
+                name = entry.get("name")
+                if isinstance(name, str):
+                    exposed = exposed_tool_name(server, name, max_len)
+                    prompts[exposed] = (server, name)
+                    out.append({**entry, "name": exposed})
+        clashes: list[tuple[str, str]] = []
+        with self._lock:
+            view = self._view
+            merged = dict(view.resources)
+            for uri, owner in resources.items():
+                first = merged.setdefault(uri, owner)
+                if first != owner:
+                    clashes.append((uri, first))
+            self._view = replace(
+                view,
+                resources=merged,
+                templates=view.templates + tuple(t for t in templates if t not in view.templates),
+                prompts={**view.prompts, **prompts},
+            )
+        for uri, first in clashes:
+            warn_once(("uri", uri), "resource_uri_clash", uri=uri, routed_to=first, also=server)
+        return out
+
+
+_warned: set[object] = set()
+_warned_lock = threading.Lock()  # guards: _warned
+
+
+def warn_once(key: object, event: str, **fields: object) -> None:
+    """A warning logged once per process and key (a clash, a rename, an ignored override)."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log("warn", event, **fields)
+
+
+# Calls #######################################################################
+
+
+@dataclass(eq=False)
+class Call:
+    """One client request on its one lifecycle (§6), owned by `Calls`. Its identity and
+    arguments are fixed; every field that changes later is guarded by `Calls._lock`."""
+
+    kind: CallKind
+    req_id: object | None  # the client's open request it answers; None while a retry is owed
+    name: str  # as the client named it
+    params: JsonObj  # the client's params, `_meta` included
+    arguments: JsonObj  # what the path step reads and the audit digests
+    era: Era
+    started: float
+    rules: Rules  # the rules of its latest round: the steps run again on each
+    trace: str | None = None  # the client's trace id (SEP-414), kept in the audit record
+    extra: JsonObj = field(default_factory=dict)  # inputResponses / requestState to pass on
+    state: CallState = CallState.RECEIVED
+    target: Target | None = None
+    unrouted: Decision | None = None  # why nothing serves it (decided after HALT)
+    tier: Tier = Tier.WRITE
+    permit: Permit | None = None
+    transport: Transport | None = None
+    transport_id: int | None = None
+    sent: bool = False  # reached its server at least once
+    cancelled: bool = False
+    rounds: int = 0  # input rounds fulfilled for a handshake-era client
+    ask_id: str | None = None  # the gateway's request to the client during an input round
+    parked: tuple[JsonObj | None, Exception | None] | None = None  # an answer met mid-round
+
+
+class AuditTrail:
+    """The gateway's side of the audit log (§7): one record for each call's outcome and
+    one for each event of its own, the call metrics beside them. A failing write is
+    logged and counted, never fatal (§9): the log line is then the record."""
+
+    def __init__(
+        self, audit: AuditLog, metrics: Metrics, session: Session, rules: Callable[[], Rules]
+    ) -> None:
+        self._audit = audit
+        self._metrics = metrics
+        self._session = session
+        self._rules = rules
+        self._lock = threading.Lock()  # guards: _failures
+        self._failures = 0
+
+    @property
+    def failures(self) -> int:
+        with self._lock:
+            return self._failures
+
+    def call(self, call: Call, outcome: Outcome) -> None:
+        """The one record of a call's outcome. Names come from its target, never from the
+        client alone: an unknown tool's name is redacted like any text."""
+        rules = call.rules
+        redact = rules.redactor.redact
+        target = call.target
+        if call.kind is CallKind.HEALTH:
+            server, tool = "__rea__", "health"
+        elif target is not None:
+            server = target.downstream.name
+            tool = target.bare if call.kind is CallKind.TOOL else call.kind.value
+        elif call.kind is CallKind.TOOL:
+            tool = redact(call.name).text
+            server = tool.split("__", 1)[0] if "__" in tool else ""
+        else:
+            server, tool = "", call.kind.value
+        meta: JsonObj = {
+            "args_sha256": args_digest(call.arguments),
+            "arg_keys": [redact(str(k)).text for k in call.arguments],
+            "era": call.era.value,
+        }
+        if call.trace is not None:
+            meta["trace_id"] = call.trace
+        meta.update(outcome.metadata)
+        note = outcome.note
+        if note:
+            note = target.downstream.scrub(note) if target is not None else redact(note).text
+        seconds = time.monotonic() - call.started
+        known = target is not None or call.kind is CallKind.HEALTH
+        self._metrics.observe_call(
+            server if known else "__unknown__",
+            tool if known else "__unknown__",
+            call.tier,
+            outcome.status,
+            seconds,
+        )
+        self._append(
+            session_id=self._session.id,
+            tool_name=tool,
+            server_name=server,
+            tier=call.tier,
+            status=outcome.status,
+            autonomy_level=rules.policy.autonomy_level,
+            duration_ms=int(seconds * 1000),
+            error=note,
+            redacted_fields=["result"] if outcome.redacted else None,
+            metadata=meta,
+        )
+
+    def event(
+        self,
+        tool: str,
+        server: str,
+        status: AuditStatus,
+        metadata: JsonObj,
+        error: str | None = None,
+        started: float | None = None,
+    ) -> None:
+        """A record of the gateway's own (not a call): read tier, the policy's level."""
+        rules = self._rules()
+        self._append(
+            session_id=self._session.id,
+            tool_name=tool,
+            server_name=server,
+            tier=Tier.READ,
+            status=status,
+            autonomy_level=rules.policy.autonomy_level,
+            duration_ms=int((time.monotonic() - started) * 1000) if started is not None else 0,
+            error=rules.redactor.redact(error).text if error else None,
+            metadata=metadata,
+        )
+
+    def relay(
+        self,
+        server: str,
+        method: str,
+        status: AuditStatus,
+        started: float,
+        error: str | None = None,
+    ) -> None:
+        """One record per request a server made of the client (relayed, refused, failed)."""
+        era = self._session.client_era or Era.HANDSHAKE
+        metadata: JsonObj = {"event": "client_request", "era": era.value}
+        self.event(method, server, status, metadata, error, started)
+
+    def _append(self, **record: object) -> None:
+        try:
+            self._audit.append(**record)  # type: ignore[arg-type]
+        except OSError as exc:
+            with self._lock:
+                self._failures += 1
+            log("error", "audit_append_failed", error=str(exc), record=record)
+
+
+@dataclass
+class Suspension:
+    """A stateless client's call whose server asked the client something (SEP-2322): the
+    client got `input_required`; its retry, carrying `requestState`, resumes the call."""
+
+    call: Call
+    transport: Transport
+    server_request_id: object  # the server's request, answered with the client's reply
+    method: str
+    key: str  # the inputRequests key the client answers under
+    deadline: float
+
+
+class InputBridge:
+    """The input rounds a stateless client owes: each suspended call by its token, until
+    the client's retry takes it or its deadline passes (the client never retried)."""
+
+    def __init__(self, deadlines: Deadlines, overdue: Callable[[Suspension], None]) -> None:
+        self._deadlines = deadlines
+        self._overdue = overdue
+        self._lock = threading.Lock()  # guards: _suspended
+        self._suspended: dict[str, Suspension] = {}
+
+    def suspend(
+        self,
+        call: Call,
+        transport: Transport,
+        server_request_id: object,
+        method: str,
+        wait_s: float,
+    ) -> Suspension:
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait_s
+        suspension = Suspension(
+            call, transport, server_request_id, method, f"rea-{token[:8]}", deadline
+        )
+        with self._lock:
+            self._suspended[token] = suspension
+        self._deadlines.watch(self, deadline)
+        return suspension
+
+    def token_of(self, suspension: Suspension) -> str:
+        with self._lock:
+            for token, s in self._suspended.items():
+                if s is suspension:
+                    return token
+        return ""
+
+    def holds(self, token: str) -> bool:
+        with self._lock:
+            return token in self._suspended
+
+    def take(self, token: str) -> Suspension | None:
+        with self._lock:
+            return self._suspended.pop(token, None)
+
+    def drop(self, call: Call) -> Suspension | None:
+        with self._lock:
+            for token, s in list(self._suspended.items()):
+                if s.call is call:
+                    return self._suspended.pop(token)
+        return None
+
+    def expire(self, now: float) -> float | None:
+        due: list[Suspension] = []
+        soonest: float | None = None
+        with self._lock:
+            for token, s in list(self._suspended.items()):
+                if s.deadline <= now:
+                    due.append(self._suspended.pop(token))
+                elif soonest is None or s.deadline < soonest:
+                    soonest = s.deadline
+        for s in due:
+            self._overdue(s)
+        return soonest
+
+
+class _Turn:
+    """One stretch of work on a call. It ends by handing the call on (sent to its server,
+    waiting for the client) or with the outcome `finish` records."""
+
+    __slots__ = ("handed_on", "outcome")
+
+    def __init__(self) -> None:
+        self.outcome: Outcome | None = None
+        self.handed_on = False
+
+
+@dataclass(frozen=True)
+class CallHooks:
+    """What Calls needs of the gateway, as callbacks: routing, the health payload, the
+    settings in force, and a word when the live state changed."""
+
+    route: Callable[[Call], Target | Decision]
+    health: Callable[[Policy], JsonObj]
+    halt: Callable[[], str | None]
+    rules: Callable[[], Rules]
+    submit: Callable[..., None]  # run work on the pool (or here, at stop)
+    changed: Callable[[], None]
+
+
+class Calls:
+    """The one lifecycle of every call (§6): the in-flight table, the steps, admission,
+    forwarding, input rounds, and `finish`, the only way a call ends. `finish` writes
+    the call's one audit record, gives its permit back once, answers the client at most
+    once and drops it from the table; every path reaches it from a `finally` (`_turn`)."""
+
+    def __init__(
+        self,
+        wire: ClientWire,
+        session: Session,
+        limiter: CallLimiter,
+        trail: AuditTrail,
+        deadlines: Deadlines,
+        hooks: CallHooks,
+    ) -> None:
+        self._wire = wire
+        self._session = session
+        self._limiter = limiter
+        self._trail = trail
+        self._hooks = hooks
+        self.bridge = InputBridge(deadlines, self._retry_overdue)
+        # guards: _table, _live, _accepting, and every mutable field of every Call
+        self._lock = threading.Condition()
+        self._table: dict[tuple[str, object], Call] = {}  # by the client's open request id
+        self._live: set[Call] = set()  # every call not finished, a retry owed or not
+        self._accepting = True
+
+    # -- taking calls --
+
+    def receive(
+        self,
+        kind: CallKind,
+        req_id: object,
+        name: str,
+        params: JsonObj,
+        arguments: JsonObj,
+        era: Era,
+        defer: bool,
+    ) -> None:
+        """Take a client request as a call: in flight from this moment (a request read
+        before stdin closed is served, §5). `defer` runs its first turn on a worker."""
+        call = Call(
+            kind,
+            req_id,
+            name,
+            params,
+            arguments,
+            era,
+            time.monotonic(),
+            self._hooks.rules(),
+            trace_id(params),
+            {k: params[k] for k in ("inputResponses", "requestState") if k in params},
+        )
+        with self._lock:
+            if not self._accepting:
+                raise RpcError(INTERNAL_ERROR, "the gateway is stopping")
+            self._table[id_key(req_id)] = call
+            self._live.add(call)
+        if defer:
+            self._hooks.submit(self._begin, call)
+        else:
+            self._begin(call)
+
+    @contextlib.contextmanager
+    def _turn(self, call: Call) -> Iterator[_Turn]:
+        turn = _Turn()
+        try:
+            yield turn
+        except Exception as exc:
+            # the exception text can hold anything the call carried: logged by type only
+            log("error", "internal_error", where=call.kind.value, error=type(exc).__name__)
+            turn.outcome = internal_outcome(call.kind, type(exc).__name__)
+            turn.handed_on = False
+        finally:
+            if not turn.handed_on:
+                self.finish(call, turn.outcome or internal_outcome(call.kind, "no outcome"))
+
+    def _begin(self, call: Call) -> None:
+        with self._turn(call) as turn:
+            if call.kind is CallKind.HEALTH:
+                call.tier = Tier.READ
+                payload = self._hooks.health(call.rules.policy)
+                text = json.dumps(payload, ensure_ascii=False, indent=2)
+                turn.outcome = Outcome(
+                    AuditStatus.ALLOWED,
+                    {"content": [{"type": "text", "text": text}], "isError": False},
+                )
+                return
+            routed = self._hooks.route(call)
+            if isinstance(routed, Decision):
+                call.unrouted = routed
+            else:
+                call.target = routed
+                call.tier = self._tier_of(call, routed)
+            turn.outcome = self._decide(call) or self._admit(call, turn)
+            if turn.outcome is None and not turn.handed_on:
+                self._forward(call, turn)
+
+    def _tier_of(self, call: Call, target: Target) -> Tier:
+        if call.kind is not CallKind.TOOL or target.entry is None:
+            return Tier.READ
+        spec = target.downstream.spec
+        override = spec.tier_overrides.get(target.bare) or spec.tier_overrides.get(call.name)
+        annotations = as_obj(target.entry.definition.get("annotations"))
+        tier, warning = resolve_tier(target.bare, annotations, spec.trust_annotations, override)
+        if warning:
+            warn_once(
+                ("tier_override", call.name),
+                "tier_override_ignored",
+                server=spec.name,
+                tool=target.bare,
+                warning=warning,
+            )
+        return tier
+
+    def _decide(self, call: Call) -> Outcome | None:
+        """Run the steps over a fresh view (every round: a HALT set meanwhile stops it)."""
+        call.rules = self._hooks.rules()
+        view = CallView(
+            call.kind,
+            call.name,
+            call.arguments,
+            call.rules,
+            self._hooks.halt(),
+            call.target,
+            call.tier,
+            self._session.suspicious,
+            call.unrouted,
+        )
+        decision = decide(view)
+        return refusal_outcome(call.kind, decision) if decision is not None else None
+
+    def _admit(self, call: Call, turn: _Turn) -> Outcome | None:
+        """The one step that takes resources: a concurrency slot, then a breaker ticket."""
+        assert call.target is not None
+        ds = call.target.downstream
+        refusal = self._limiter.take(ds.name, call.rules.policy.server_limits.get(ds.name))
+        if refusal is not None:
+            return refusal_outcome(call.kind, Decision(AuditStatus.DENIED, refusal))
+        ticket = ds.breaker.acquire()
+        if not isinstance(ticket, BreakerTicket):
+            self._limiter.give_back(ds.name)
+            return refusal_outcome(
+                call.kind,
+                denied(
+                    f"circuit for server {ds.name} is open after repeated failures; "
+                    f"retry after {_iso_or_none(ticket)}",
+                    "Wait for the cooldown (gateway.breaker.cooldown_s); "
+                    "`python rea.py status` shows the last error",
+                ),
+            )
+        permit = Permit(ds.name, ds.breaker, ticket)
+        with self._lock:
+            finished = call.state is CallState.FINISHED
+            if not finished:
+                call.permit = permit
+                call.state = CallState.ADMITTED
+        if finished:  # stopped meanwhile: the permit goes back unused
+            self._limiter.give_back(ds.name)
+            ds.breaker.settle(ticket, BreakerVerdict.UNUSED)
+            turn.handed_on = True
+        return None
+
+    def _forward(self, call: Call, turn: _Turn) -> None:
+        """Send the call to its server; the answer comes back through `_answered`."""
+        assert call.target is not None
+        ds = call.target.downstream
+        try:
+            transport = ds.transport_for_call()
+        except ChildDied as exc:
+            turn.outcome = failure_outcome(call.kind, ds.scrub(f"rea: error: {exc}"))
+            return
+        method, params = self._request_for(call, transport)
+        with self._lock:
+            if call.state is CallState.FINISHED:
+                turn.handed_on = True
+                return
+            if call.cancelled:
+                turn.outcome = Outcome(AuditStatus.ERROR, note="cancelled by the client")
+                return
+            call.state = CallState.FORWARDED
+            call.transport, call.transport_id, call.sent = transport, None, True
+        turn.handed_on = True
+        try:
+            request_id = transport.request_async(
+                method,
+                params,
+                call.rules.policy.call_timeout_s,
+                lambda result, error: self._answered(call, result, error),
+            )
+        except ChildDied as exc:  # never sent: the call is this turn's again
+            turn.handed_on = False
+            turn.outcome = failure_outcome(call.kind, ds.scrub(f"rea: error: {exc}"))
+            return
+        with self._lock:
+            call.transport_id = request_id
+            cancel = call.cancelled and call.state is CallState.FORWARDED
+        if cancel:
+            transport.cancel(request_id, "cancelled by the client")
+
+    def _request_for(self, call: Call, transport: Transport) -> tuple[str, JsonObj]:
+        """The request its server gets, in the server's era."""
+        assert call.target is not None
+        bare = call.target.bare
+        params: JsonObj
+        if call.kind is CallKind.TOOL:
+            params = {"name": bare, "arguments": call.arguments, **call.extra}
+            if "_meta" in call.params:
+                params["_meta"] = call.params["_meta"]
+        elif call.kind is CallKind.PROMPT:
+            params = {**call.params, "name": bare}
+        elif call.kind is CallKind.COMPLETION:
+            ref = as_obj(call.params.get("ref")) or {}
+            params = dict(call.params)
+            if ref.get("type") == "ref/prompt":
+                params["ref"] = {**ref, "name": bare}
+        else:
+            params = call.params
+        return call.kind.value, transport_params(transport, params)
+
+    # -- answers --
+
+    def _answered(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
+        """The server's answer (or timeout, or death), from the transport's thread."""
+        with self._lock:
+            if call.state is CallState.WAITING_INPUT:
+                if call.req_id is not None or error is None:
+                    call.parked = (result, error)  # the round's end takes it up
+                    return
+                abandoned = True  # failed while the client owed its retry: nobody to answer
+            elif call.state is not CallState.FORWARDED:
+                return  # finished meanwhile (cancelled, stopped): a late answer is dropped
+            else:
+                abandoned = False
+                call.state = CallState.ANSWERED
+        if abandoned:
+            self.finish(
+                call, Outcome(AuditStatus.ERROR, note=f"no retry from the client before: {error}")
+            )
+            return
+        # With fsync off the record costs microseconds: settle on this thread. Otherwise a
+        # worker waits for the disk so that this server's other answers do not queue.
+        input_round = result is not None and result.get("resultType") == "input_required"
+        if call.rules.policy.audit_fsync == "off" and not input_round:
+            self._settle(call, result, error)
+        else:
+            self._hooks.submit(self._settle, call, result, error)
+
+    def _settle(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
+        with self._turn(call) as turn:
+            turn.outcome = self._outcome_of(call, result, error, turn)
+
+    def _outcome_of(
+        self, call: Call, result: JsonObj | None, error: Exception | None, turn: _Turn
+    ) -> Outcome | None:
+        if error is not None or result is None:
+            return self._failure(call, error)
+        if (
+            result.get("resultType") == "input_required"
+            and call.era is Era.HANDSHAKE
+            and call.kind is CallKind.TOOL
+        ):
+            return self._fulfil(call, result, turn)
+        return self._checked(call, result)
+
+    def _failure(self, call: Call, error: Exception | None) -> Outcome:
+        assert call.target is not None
+        ds = call.target.downstream
+        if call.cancelled:
+            return Outcome(AuditStatus.ERROR, note="cancelled by the client")
+        if isinstance(error, RpcError):
+            message = ds.scrub(error.message)
+            data, _ = call.rules.redactor.redact_value(error.data)
+            return failure_outcome(
+                call.kind,
+                f"server error {error.code}: {message}",
+                RpcError(error.code, message, data),
+            )
+        if isinstance(error, TimeoutError):
+            text = (
+                f"rea: error: server {ds.name} did not answer {call.target.bare} within "
+                f"{call.rules.policy.call_timeout_s:g} s; the call was cancelled and will not be retried"
+            )
+        else:
+            text = f"rea: error: {error}; the call was not retried (it may or may not have run)"
+        return failure_outcome(call.kind, ds.scrub(text))
+
+    def _checked(self, call: Call, result: JsonObj) -> Outcome:
+        """§6 step 10: the result as the client may see it."""
+        assert call.target is not None
+        result = without_connection_meta(result)
+        if call.kind is not CallKind.TOOL:
+            return check_request_result(call.rules, result)
+        outcome, verdict = check_tool_result(call.rules, call.tier, call.target.bare, result)
+        if verdict.verdict == "suspicious" and call.rules.policy.suspicious_blocks_writes:
+            self._session.mark_suspicious(f"{call.target.downstream.name}__{call.target.bare}")
+        return outcome
+
+    # -- input rounds (SEP-2322) --
+
+    def _fulfil(self, call: Call, result: JsonObj, turn: _Turn) -> Outcome | None:
+        """A stateless server's `input_required` for a handshake-era client: ask the client
+        each embedded request as a real request, run the steps again, then send the server
+        the call again with the answers and its requestState, as MRTR asks. None while the
+        call goes on."""
+        assert call.target is not None
+        ds = call.target.downstream
+        call.rounds += 1
+        requests = as_obj(result.get("inputRequests")) or {}
+        responses: JsonObj = {}
+        problem: str | None = None
+        if call.rounds > MAX_INPUT_ROUNDS:
+            problem = f"server {ds.name} asked for client input more than {MAX_INPUT_ROUNDS} times"
+        for key, raw in requests.items():
+            if problem is not None:
+                break
+            req = as_obj(raw) or {}
+            method = str(req.get("method"))
+            needed = RELAYED_REQUESTS.get(method)
+            if needed is None or not self._session.can_answer(needed):
+                problem = f"server {ds.name} needs {method} from the client, which the client cannot answer"
+                break
+            asked = time.monotonic()
+            answer = self._ask_client(call, method, as_obj(req.get("params")))
+            if answer is None:
+                return Outcome(AuditStatus.ERROR, note="cancelled by the client")
+            if "error" in answer:
+                message = (as_obj(answer["error"]) or {}).get("message")
+                problem = f"the client refused {method}: {message}"
+                self._trail.relay(ds.name, method, AuditStatus.ERROR, asked, problem)
+                break
+            self._trail.relay(ds.name, method, AuditStatus.ALLOWED, asked)
+            responses[key] = answer.get("result")
+        if problem is not None:
+            text = f"rea: error: {problem}"
+            return Outcome(
+                AuditStatus.ERROR,
+                tool_error_result(text),
+                note=text,
+                verdict=BreakerVerdict.SUCCESS,
+            )
+        refusal = self._decide(call)
+        if refusal is not None:
+            return refusal
+        call.extra = {"inputResponses": responses}
+        if "requestState" in result:
+            call.extra["requestState"] = result["requestState"]
+        with self._lock:
+            if call.state is CallState.WAITING_INPUT:
+                call.state = CallState.ADMITTED
+        self._forward(call, turn)
+        return turn.outcome
+
+    def _ask_client(self, call: Call, method: str, params: JsonObj | None) -> JsonObj | None:
+        """Ask the client for one input of a round and wait; None when the call was
+        cancelled or ended meanwhile (then nothing is sent on)."""
+        with self._lock:
+            if call.cancelled or call.state is CallState.FINISHED:
+                return None
+            call.state = CallState.WAITING_INPUT
+        done = threading.Event()
+        box: list[JsonObj] = []
+
+        def answered(msg: JsonObj) -> None:
+            box.append(msg)
+            done.set()
+
+        ask_id = self._wire.ask(method, params, call.rules.policy.call_timeout_s, answered)
+        with self._lock:
+            gone = call.cancelled or call.state is CallState.FINISHED
+            if not gone:
+                call.ask_id = ask_id
+        if gone:
+            self._wire.cancel_ask(ask_id, "the call ended")
+        done.wait()
+        with self._lock:
+            call.ask_id = None
+            if call.cancelled or call.state is CallState.FINISHED:
+                return None
+        return box[0]
+
+    def suspend_for_input(
+        self, transport: Transport, method: str, server_request_id: object, params: JsonObj | None
+    ) -> bool:
+        """A server's request in the middle of a stateless client's call becomes that
+        call's `input_required` answer (SEP-2322); the client's retry carries the reply
+        back and the call goes on. False when no single call can take it: none, several,
+        or one whose answer already arrived."""
+        with self._lock:
+            calls = [
+                c
+                for c in self._live
+                if c.transport is transport
+                and c.state is CallState.FORWARDED
+                and c.era is Era.STATELESS
+                and c.kind is CallKind.TOOL
+            ]
+            if len(calls) != 1:
+                return False
+            call = calls[0]
+            req_id, call.req_id = call.req_id, None
+            self._table.pop(id_key(req_id), None)
+            call.state = CallState.WAITING_INPUT
+            self._lock.notify_all()
+        suspension = self.bridge.suspend(
+            call, transport, server_request_id, method, call.rules.policy.call_timeout_s
+        )
+        answer: JsonObj = {
+            "resultType": "input_required",
+            "inputRequests": {suspension.key: {"method": method, "params": params or {}}},
+            "requestState": self.bridge.token_of(suspension),
+        }
+        self._wire.reply(req_id, answer)
+        return True
+
+    def resume(self, req_id: object, token: str, params: JsonObj) -> None:
+        """The stateless client's retry of a suspended call: the steps run again, the
+        server gets the client's reply, and the call goes on under the retry's id."""
+        suspension = self.bridge.take(token)
+        if suspension is None:
+            raise RpcError(INVALID_PARAMS, "requestState refers to a call that has ended")
+        call = suspension.call
+        with self._lock:
+            if call.state is CallState.FINISHED:
+                raise RpcError(INVALID_PARAMS, "requestState refers to a call that has ended")
+            call.req_id = req_id
+            self._table[id_key(req_id)] = call
+        with self._turn(call) as turn:
+            responses = as_obj(params.get("inputResponses")) or {}
+            refusal = self._decide(call)
+            server = call.target.downstream.name if call.target is not None else ""
+            reply: JsonObj = {"jsonrpc": "2.0", "id": suspension.server_request_id}
+            if refusal is None and suspension.key in responses:
+                reply["result"] = responses[suspension.key]
+                self._trail.relay(server, suspension.method, AuditStatus.ALLOWED, call.started)
+            else:
+                why = "refused by policy" if refusal is not None else "the client sent no answer"
+                reply["error"] = {"code": INVALID_PARAMS, "message": why}
+                self._trail.relay(server, suspension.method, AuditStatus.ERROR, call.started, why)
+            with contextlib.suppress(ChildDied):
+                suspension.transport.send(reply)
+            if refusal is not None:
+                turn.outcome = refusal
+                return
+            with self._lock:
+                parked, call.parked = call.parked, None
+                if call.cancelled:
+                    turn.outcome = Outcome(AuditStatus.ERROR, note="cancelled by the client")
+                    return
+                call.state = CallState.ANSWERED if parked is not None else CallState.FORWARDED
+            if parked is not None:
+                turn.outcome = self._outcome_of(call, parked[0], parked[1], turn)
+            else:
+                turn.handed_on = True
+
+    def _retry_overdue(self, suspension: Suspension) -> None:
+        """The client never retried: the server's request gets an error, the call its end."""
+        wait_s = suspension.call.rules.policy.call_timeout_s
+        with contextlib.suppress(ChildDied):
+            suspension.transport.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": suspension.server_request_id,
+                    "error": {"code": INTERNAL_ERROR, "message": "the client did not answer"},
+                }
+            )
+        self.finish(
+            suspension.call,
+            Outcome(
+                AuditStatus.ERROR,
+                note=f"the client did not retry its input_required round within {wait_s:g} s",
+            ),
+        )
+
+    # -- the end --
+
+    def cancel(self, req_id: object, reason: str) -> None:
+        """notifications/cancelled: the call is not sent (again), its server is told, and
+        the client gets no answer (MCP); `finish` still writes its record."""
+        if not is_request_id(req_id):
+            log("warn", "cancel_ignored", reason="requestId is not a string or integer")
+            return
+        with self._lock:
+            call = self._table.get(id_key(req_id))
+            if call is None or call.state is CallState.FINISHED:
+                return
+            call.cancelled = True
+            state, transport, request_id, ask_id = (
+                call.state,
+                call.transport,
+                call.transport_id,
+                call.ask_id,
+            )
+        if state is CallState.FORWARDED and transport is not None and request_id is not None:
+            transport.cancel(request_id, reason)
+        elif ask_id is not None:
+            self._wire.cancel_ask(ask_id, reason)
+
+    def finish(self, call: Call, outcome: Outcome) -> None:
+        """The one end of every call: its permit goes back once, its one audit record is
+        written, the client is answered at most once, and it leaves the table. The first
+        finish wins; later ones (a late answer, a stop) do nothing."""
+        with self._lock:
+            if call.state is CallState.FINISHED:
+                return
+            prior = call.state
+            call.state = CallState.FINISHED
+            req_id = call.req_id
+            if req_id is not None and self._table.get(id_key(req_id)) is call:
+                del self._table[id_key(req_id)]
+            self._live.discard(call)
+            permit, call.permit = call.permit, None
+            answer = req_id is not None and not call.cancelled
+            pending = call.transport, call.transport_id
+            ask_id = call.ask_id
+            self._lock.notify_all()
+        try:
+            transport, request_id = pending
+            if (
+                prior in (CallState.FORWARDED, CallState.WAITING_INPUT)
+                and transport is not None
+                and request_id is not None
+            ):
+                transport.cancel(request_id, outcome.note or "the call ended")
+            if ask_id is not None:
+                self._wire.cancel_ask(ask_id, "the call ended")
+            self.bridge.drop(call)
+            if permit is not None:
+                self._limiter.give_back(permit.server)
+                permit.breaker.settle(permit.ticket, outcome.verdict)
+            if call.sent and call.target is not None:
+                call.target.downstream.tally(failed=outcome.verdict is BreakerVerdict.FAILURE)
+            self._trail.call(call, outcome)
+        finally:
+            if answer and outcome.result is not None:
+                self._wire.reply(req_id, outcome.result)
+            elif answer and outcome.error is not None:
+                self._wire.reply_error(req_id, outcome.error)
+            self._hooks.changed()
+
+    def wait_settled(self, deadline: float) -> bool:
+        """Wait until no call has an open request of the client's (at stop); a call whose
+        retry the client owes cannot finish once stdin is closed."""
+        with self._lock:
+            while any(c.req_id is not None for c in self._live):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+            return True
+
+    def fail_all(self) -> None:
+        """At stop: take no more calls, and finish the rest, each with its record."""
+        with self._lock:
+            self._accepting = False
+            calls = list(self._live)
+        for call in calls:
+            if call.target is not None and call.sent:
+                text = (
+                    f"rea: error: the gateway stopped before server {call.target.downstream.name} "
+                    "answered; the call may or may not have run"
+                )
+            else:
+                text = "rea: error: the gateway stopped before the call was sent"
+            outcome = failure_outcome(call.kind, text)
+            self.finish(call, replace(outcome, verdict=BreakerVerdict.UNUSED))
+
+
+def without_connection_meta(result: JsonObj) -> JsonObj:
+    """A server's result without the `_meta` keys its own connection owns (its server
+    info, protocol version): the client's connection is with the gateway."""
+    meta = as_obj(result.get("_meta"))
+    if meta is None or not any(k.startswith("io.modelcontextprotocol/") for k in meta):
+        return result
+    kept = {k: v for k, v in meta.items() if not k.startswith("io.modelcontextprotocol/")}
+    out = {k: v for k, v in result.items() if k != "_meta"}
+    if kept:
+        out["_meta"] = kept
+    return out
+
+
+# Relay #######################################################################
+
+
+class Relay:
+    """A server's own messages (§5). Its notifications go to a handshake client that said
+    `initialized`; its requests (sampling, elicitation, roots) go to the client under ids
+    of ours, or become an input round of a stateless client's call; anything else is
+    answered at once with a clear error. A server is never left hanging."""
+
+    def __init__(
+        self,
+        wire: ClientWire,
+        session: Session,
+        calls: Calls,
+        trail: AuditTrail,
+        submit: Callable[..., None],
+        call_timeout_s: Callable[[], float],
+    ) -> None:
+        self._wire = wire
+        self._session = session
+        self._calls = calls
+        self._trail = trail
+        self._submit = submit
+        self._call_timeout_s = call_timeout_s
+
+    def notify(self, method: str, params: JsonObj | None = None) -> None:
+        """A message of the gateway's own to the client: a handshake client only (a
+        stateless client re-lists: ttlMs 0), and only after `initialized`."""
+        if self._session.initialized:
+            self._wire.notify(method, params)
+
+    def on_message(self, ds: Downstream, transport: Transport, msg: JsonObj) -> None:
+        method = msg.get("method")
+        params = as_obj(msg.get("params"))
+        if "id" in msg:
+            self._request(ds, transport, str(method), msg.get("id"), params)
+        elif method in (
+            "notifications/resources/updated",
+            "notifications/resources/list_changed",
+            "notifications/prompts/list_changed",
+            "notifications/progress",
+        ):
+            self.notify(str(method), params)
+        elif method == "notifications/tools/list_changed":
+            self._submit(ds.refresh_tools)
+        elif method == "notifications/message":
+            params = params or {}
+            logger = f"{ds.name}:{params.get('logger', '')}".rstrip(":")
+            self.notify("notifications/message", {**params, "logger": logger})
+
+    def _request(
+        self,
+        ds: Downstream,
+        transport: Transport,
+        method: str,
+        server_id: object,
+        params: JsonObj | None,
+    ) -> None:
+        if method == "ping":
+            with contextlib.suppress(ChildDied):
+                transport.send({"jsonrpc": "2.0", "id": server_id, "result": {}})
+            return
+        needed = RELAYED_REQUESTS.get(method)
+        can = needed is not None and self._session.can_answer(needed)
+        if can and self._calls.suspend_for_input(transport, method, server_id, params):
+            return
+        if not can or not self._session.handshake:
+            why = (
+                f"rea does not relay {method}"
+                if needed is None
+                else f"the client cannot answer {method}"
+                + (
+                    ""
+                    if self._session.handshake
+                    else " (a stateless-era client is not sent requests)"
+                )
+            )
+            with contextlib.suppress(ChildDied):
+                transport.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": server_id,
+                        "error": {"code": METHOD_NOT_FOUND, "message": why},
+                    }
+                )
+            if needed is not None:
+                self._trail.relay(ds.name, method, AuditStatus.DENIED, time.monotonic(), why)
+            return
+        started = time.monotonic()
+
+        def answered(msg: JsonObj) -> None:
+            reply: JsonObj = {"jsonrpc": "2.0", "id": server_id}
+            if "error" in msg:
+                reply["error"] = msg["error"]
+                message = str((as_obj(msg["error"]) or {}).get("message", "error"))
+                self._trail.relay(
+                    ds.name, method, AuditStatus.ERROR, started, f"the client answered: {message}"
+                )
+            else:
+                reply["result"] = msg.get("result")
+                self._trail.relay(ds.name, method, AuditStatus.ALLOWED, started)
+            with contextlib.suppress(ChildDied):
+                transport.send(reply)
+
+        self._wire.ask(method, params, self._call_timeout_s(), answered)
+
+
 # Gateway #####################################################################
 
 
-class _ClientAnswer:
-    """A request of the gateway's own to the client, waiting for its answer."""
+class Downstreams:
+    """The running set of servers, swapped whole when the registry changes."""
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.answer: JsonObj = {}
+    def __init__(self, ctx: DownstreamContext, registry: Registry) -> None:
+        self._ctx = ctx
+        self._lock = threading.Lock()  # guards: _by_name, _started
+        self._by_name = {spec.name: Downstream(spec, ctx) for spec in registry.servers}
+        self._started = False
+
+    def all(self) -> list[Downstream]:
+        with self._lock:
+            return list(self._by_name.values())
+
+    def get(self, name: str) -> Downstream | None:
+        with self._lock:
+            return self._by_name.get(name)
+
+    def start(self) -> None:
+        """Start every server, once: at the client's first request other than discover,
+        so that each hears in its handshake what the client can do."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            servers = list(self._by_name.values())
+        for ds in servers:
+            ds.start()
+
+    def reload(self, registry: Registry) -> None:
+        """Start, stop and restart servers so the running set matches a new registry."""
+        gone: list[Downstream] = []
+        fresh: list[Downstream] = []
+        with self._lock:
+            old = self._by_name
+            new: dict[str, Downstream] = {}
+            for spec in registry.servers:
+                ds = old.get(spec.name)
+                if ds is not None and ds.spec == spec:
+                    new[spec.name] = ds
+                    continue
+                if ds is not None:
+                    gone.append(ds)
+                new[spec.name] = Downstream(spec, self._ctx)
+                fresh.append(new[spec.name])
+            gone.extend(ds for name, ds in old.items() if name not in new)
+            self._by_name = new  # one assignment: readers see the old or the new set
+            started = self._started
+        for ds in gone:
+            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True).start()
+        for ds in new.values():
+            if ds in fresh and started:
+                ds.start()
+            elif ds not in fresh:
+                ds.revive()
+        log("info", "registry_reloaded", servers=len(new))
+
+    def stop(self) -> None:
+        """Stop every server at once (each: close stdin, SIGTERM, SIGKILL) and join them."""
+        stoppers = [
+            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}") for ds in self.all()
+        ]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+
+
+Handler = Callable[[object, JsonObj, Era], None]
 
 
 class Gateway:
-    """The MCP server the client talks to: one session over stdin/stdout, in front of
-    every downstream. Reads the client on one thread, answers from whichever thread
-    finishes the work, and never writes anything but JSON-RPC to its stdout."""
+    """The MCP server the client talks to, as a composition root: it builds the
+    collaborators, holds the method table, and starts and stops them in order. Nothing
+    but JSON-RPC is ever written to its stdout."""
 
-    def __init__(self, root: Path, registry: Registry, policy: Policy, out: BinaryIO) -> None:
+    def __init__(
+        self,
+        root: Path,
+        registry: Registry,
+        policy: Policy,
+        in_fd: int,
+        out: BinaryIO,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         self.root = root
-        self.rea_dir = root / ".rea"
-        self._halt_path = str(self.rea_dir / "HALT")
-        self.session_id = str(uuid.uuid4())
-        self.started_at = utc_now_iso()
-        self.started = time.monotonic()
-        self.registry = registry
-        self._registry_paths = tuple(
-            str(root / ".rea" / n) for n in ("registry.yaml", "registry.json")
-        )
-        self._registry_sig = _file_signature(self._registry_paths)
-        self.watch = PolicyWatch(root, compile_rules(root, policy))
-        self.watch.on_change = self._on_rules_changed
+        self.rea_dir = root / REA_DIR
+        self.timeouts = timeouts or Timeouts()
+        self.session = Session()
+        self.config = ConfigWatch(root, registry, policy)
+        self._applied = self.config.rules()
         self.audit = AuditLog(
             self.rea_dir, policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days
         )
-        self.audit_failures = 0
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
         self.blocker = SessionBlocker(policy.session_blocker_threshold)
         self.fingerprints = Fingerprints(self.rea_dir)
-        self.metrics = Metrics()
-        self.metrics.set_gauges(self.snapshot)
-        self.metrics_server: MetricsServer | None = None
-        self.timers = DeadlineTimer()
+        self.deadlines = Deadlines()
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rea-worker")
-        self.live = LiveState(self.rea_dir, self.session_id, self.snapshot)
-        self._out = out
-        self._out_lock = threading.Lock()  # guards: whole messages on stdout
-        self._calls_lock = threading.Lock()  # guards: _in_flight, accepting
-        self._in_flight: dict[tuple[str, object], Call] = {}
-        self.accepting = True
-        self.handshake_client = False  # the client sent initialize (§5: eras per request)
-        self.stateless_client = False  # the client sent a stateless-era request
-        self.initialized = False
-        self.client_caps: JsonObj = {}
-        self.session_suspicious: str | None = None
-        self._warned: set[object] = set()
-        self._tools_lock = threading.Lock()  # guards: tool_index, renames, _listed
-        self._rebuild_lock = threading.Lock()  # serialises index rebuilds (taken before ds._lock)
-        self.tool_index: dict[str, ToolEntry] = {}
-        self.renames: dict[str, str] = {}
-        self._listed: frozenset[str] | None = None  # names last answered to tools/list
-        self._first_list_done = False
-        self._children_started = False
-        self._relay_lock = threading.Lock()  # guards: _relay, _relay_seq
-        # gateway id -> (child, child's id, method, started), or a wait of our own
-        self._relay: dict[str, tuple[ChildProcess, object, str, float] | _ClientAnswer] = {}
-        self._suspended: dict[
-            str, tuple[Call, object]
-        ] = {}  # requestState -> call, child's request id
-        self._relay_seq = 0
-        self._index_lock = threading.Lock()  # guards: resource_index, templates, prompt_index
-        self.resource_index: dict[str, str] = {}
-        self.templates: list[tuple[str, str]] = []  # (uriTemplate prefix, server)
-        self.prompt_index: dict[str, tuple[str, str]] = {}  # exposed -> (server, bare)
-        self._done = threading.Event()
+        self.catalog = Catalog()
+        self.trail = AuditTrail(self.audit, self.metrics, self.session, self.config.rules)
+        self.wire = ClientWire(in_fd, out, self._on_line, self.deadlines)
+        hooks = DownstreamHooks(
+            on_message=lambda ds, t, msg: self.relay.on_message(ds, t, msg),
+            on_tools_changed=self._tools_changed,
+            on_state_changed=self._state_changed,
+            on_circuit=self._on_circuit,
+            audit_event=lambda tool, server, status, meta, error: self.trail.event(
+                tool, server, status, meta, error
+            ),
+            client_caps=self.session.relayable_caps,
+            redact=lambda text: self.config.rules().redactor.redact(text).text,
+            policy=lambda: self.config.rules().policy,
+        )
+        ctx = DownstreamContext(root, self.fingerprints, self.deadlines, self.timeouts, hooks)
+        self.servers = Downstreams(ctx, registry)
+        self.calls = Calls(
+            self.wire,
+            self.session,
+            CallLimiter(),
+            self.trail,
+            self.deadlines,
+            CallHooks(
+                route=self._route,
+                health=self._health,
+                halt=self.config.halt_reason,
+                rules=self.config.rules,
+                submit=self._submit,
+                changed=self._state_changed,
+            ),
+        )
+        self.relay = Relay(
+            self.wire,
+            self.session,
+            self.calls,
+            self.trail,
+            self._submit,
+            lambda: self.config.rules().policy.call_timeout_s,
+        )
+        self.live = LiveState(self.rea_dir, self.session.id, lambda: self.state().to_json())
+        self._startup_done = threading.Event()  # the first list has waited for the servers
         self._signal: int | None = None
-        self.downstreams: dict[str, Downstream] = {}
-        for spec in registry.servers:
-            self.downstreams[spec.name] = Downstream(spec, self)
-
-    @property
-    def rules(self) -> Rules:
-        return self.watch.current()
-
-    @property
-    def policy(self) -> Policy:
-        return self.watch.current().policy
-
-    @property
-    def redactor(self) -> Redactor:
-        return self.watch.current().redactor
+        self._methods: dict[str, Handler] = {
+            "initialize": self._initialize,
+            "server/discover": self._discover,
+            "ping": lambda req_id, p, era: self._reply(req_id, {}),
+            "logging/setLevel": self._set_level,
+            "tools/list": self._later(self._list_tools),
+            "tools/call": self._tools_call,
+            "resources/list": self._later(self._list_union("resources/list", "resources")),
+            "resources/templates/list": self._later(
+                self._list_union("resources/templates/list", "resourceTemplates")
+            ),
+            "prompts/list": self._later(self._list_union("prompts/list", "prompts")),
+            "resources/read": self._request_call(CallKind.RESOURCE),
+            "resources/subscribe": self._request_call(CallKind.SUBSCRIBE),
+            "resources/unsubscribe": self._request_call(CallKind.UNSUBSCRIBE),
+            "prompts/get": self._request_call(CallKind.PROMPT),
+            "completion/complete": self._request_call(CallKind.COMPLETION),
+        }
 
     # -- running --
 
@@ -8077,36 +10191,57 @@ class Gateway:
         log(
             "info",
             "gateway_started",
-            session_id=self.session_id,
+            session_id=self.session.id,
             root=str(self.root),
-            servers=len(self.downstreams),
+            servers=len(self.servers.all()),
             version=VERSION,
         )
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        reader = threading.Thread(target=self._read_client, name="rea-stdin", daemon=True)
-        reader.start()
+        self.wire.start()
         self.live.flush()
         ticks = 0
-        while not self._done.wait(0.2):
-            if self._signal is not None:
+        while not self.wire.ended.wait(0.2):
+            if self._signal is not None or self.wire.gone.is_set():
                 break
             ticks += 1
             if ticks % 5 == 0:  # once a second: pick up policy and registry edits while idle
-                self.watch.current()
-                self.check_registry()
+                self._check_config()
         log(
             "info",
             "gateway_stopping",
             reason="signal" if self._signal is not None else "stdin closed",
         )
-        self.shutdown()
+        self.stop()
         return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signal = signum  # only a flag: the main loop does the work, outside any lock
+
+    def stop(self) -> None:
+        """§5: stop taking calls, let those in flight finish (stop_grace_s), fail the rest
+        (each with its record), stop every server and join its threads, drain the pool,
+        and close the audit log last. Seconds, whatever is pending."""
+        self.wire.stop_reading()
+        deadline = time.monotonic() + self.timeouts.stop_grace_s
+        self.calls.wait_settled(deadline)
+        self.wire.wait_answered(deadline)
+        self.calls.fail_all()
+        self.wire.fail_open(RpcError(INTERNAL_ERROR, "the gateway is stopping"))
+        self.wire.close()  # our requests to the client end now: nobody waits for them
+        self.servers.stop()
+        self.deadlines.close()
+        self.pool.shutdown(wait=True)  # queued work drains: no outcome is dropped
+        self.live.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.audit.close()
+        log("info", "gateway_stopped", session_id=self.session.id)
 
     def _start_metrics(self) -> None:
         """REA_METRICS_PORT (or gateway.metrics_port): Prometheus text on 127.0.0.1 only."""
         raw = os.environ.get("REA_METRICS_PORT")
-        port = self.policy.metrics_port
+        port = self._applied.policy.metrics_port
         if raw:
             if not raw.isdigit() or not 0 <= int(raw) <= 65535:
                 raise ReaError(
@@ -8117,117 +10252,45 @@ class Gateway:
             return
         server = MetricsServer(self.metrics, port)
         server.start()
+        self.metrics.set_gauges(self.state)
         self.metrics_server = server
         log("info", "metrics_listening", address=f"http://127.0.0.1:{server.port}/metrics")
 
-    def start_children(self) -> None:
-        """Start every server once the client's first request has said what it can do.
-
-        Children are told the client's capabilities in their handshake, so they wait for
-        the client's first request (initialize, or a stateless request); that costs one
-        round trip, not the client's time: the first tools/list waits for them anyway.
-        """
-        if self._children_started:
-            return
-        self._children_started = True
-        for ds in self.downstreams.values():
-            ds.start()
-
-    def relayable_client_caps(self) -> JsonObj:
-        """The client capabilities a child may see: those the client declared and the
-        gateway relays (sampling, elicitation, roots; for a stateless-era client through
-        input_required results)."""
-        return {k: v for k, v in self.client_caps.items() if k in RELAYED_REQUESTS.values()}
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._signal = signum  # only a flag: the main loop does the work, outside any lock
-
-    def shutdown(self) -> None:
-        """Stop taking calls, let in-flight calls finish (5 s), stop every child, flush."""
-        with self._calls_lock:
-            self.accepting = False
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline:
-            with self._calls_lock:
-                if not self._in_flight:
-                    break
-            time.sleep(0.02)
-        stoppers = [
-            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}")
-            for ds in self.downstreams.values()
-        ]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join()
-        self.timers.close()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.audit.close()
-        self.live.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-        log("info", "gateway_stopped", session_id=self.session_id)
-
-    # -- talking to the client --
-
-    def write(self, msg: JsonObj) -> None:
-        data = encode(msg)
-        with self._out_lock:
-            try:
-                self._out.write(data)
-                self._out.flush()
-            except (OSError, ValueError):
-                self._done.set()  # the client is gone
-
-    def reply(self, req_id: object, result: JsonObj, era: str | None) -> None:
-        if era == "stateless":
-            result = {**result, "resultType": result.get("resultType", "complete")}
-        elif "resultType" in result:
-            result = {
-                k: v for k, v in result.items() if k not in ("resultType", "ttlMs", "cacheScope")
-            }
-        self.write({"jsonrpc": "2.0", "id": req_id, "result": result})
-
-    def reply_error(self, req_id: object, err: RpcError) -> None:
-        self.write({"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
-
-    def notify_client(self, method: str, params: JsonObj | None = None) -> None:
-        if not self.initialized:
-            return  # only a handshake client is sent notifications, and only after `initialized`
-        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.write(msg)
-
-    def _read_client(self) -> None:
-        stdin = sys.stdin.buffer
+    def _submit(self, fn: Callable[..., object], *args: object) -> None:
         try:
-            while True:
-                line = stdin.readline(MAX_LINE)
-                if not line:
-                    break
-                if not line.endswith(b"\n") and len(line) >= MAX_LINE:
-                    _skip_rest_of_line(stdin)
-                    self.reply_error(
-                        None, RpcError(INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
-                    )
-                    continue
-                if line.strip():
-                    self.handle_line(line)
-        except (OSError, ValueError) as exc:
-            log("error", "stdin_failed", error=str(exc))
-        finally:
-            self._done.set()
+            self.pool.submit(fn, *args)
+        except RuntimeError:  # the pool is closed at stop: run it here, nothing is dropped
+            fn(*args)
 
-    def handle_line(self, line: bytes) -> None:
+    def _check_config(self) -> None:
+        rules = self.config.rules()
+        if rules is not self._applied:
+            self._applied = rules
+            policy = rules.policy
+            self.audit.configure(
+                policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days
+            )
+            self.blocker.configure(policy.session_blocker_threshold)
+            for ds in self.servers.all():
+                ds.breaker.configure(policy.breaker_failure_threshold, policy.breaker_cooldown_s)
+                ds.revive()
+            self._tools_changed()
+        registry = self.config.registry_changed()
+        if registry is not None:
+            self.servers.reload(registry)
+            self._tools_changed()
+
+    # -- the client's messages --
+
+    def _on_line(self, line: bytes) -> None:
         try:
-            parsed = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            self.reply_error(None, RpcError(PARSE_ERROR, "parse error: not valid JSON"))
+            parsed = decode(line)
+        except ValueError:
+            self.wire.send_error(None, RpcError(PARSE_ERROR, "parse error: not valid JSON"))
             return
         msg = as_obj(parsed)
         if msg is None or msg.get("jsonrpc") != "2.0":
-            self.reply_error(
+            self.wire.send_error(
                 None, RpcError(INVALID_REQUEST, "invalid request: expected a JSON-RPC 2.0 object")
             )
             return
@@ -8235,169 +10298,96 @@ class Gateway:
         req_id = msg.get("id")
         has_id = "id" in msg
         if method is None and has_id:
-            self.on_client_response(msg)
+            self.wire.on_response(msg)
             return
-        if (
-            not isinstance(method, str)
-            or (has_id and not isinstance(req_id, (str, int)))
-            or isinstance(req_id, bool)
-        ):
-            self.reply_error(
-                req_id if isinstance(req_id, (str, int)) else None,
-                RpcError(INVALID_REQUEST, "invalid request: bad method or id"),
+        if not isinstance(method, str) or (has_id and not is_request_id(req_id)):
+            self.wire.send_error(
+                req_id, RpcError(INVALID_REQUEST, "invalid request: bad method or id")
             )
             return
         params_raw = msg.get("params")
         params = as_obj(params_raw)
         if params_raw is not None and params is None:
             if has_id:
-                self.reply_error(req_id, RpcError(INVALID_PARAMS, "params must be an object"))
+                self.wire.send_error(req_id, RpcError(INVALID_PARAMS, "params must be an object"))
+            else:
+                log("warn", "notification_dropped", method=method, reason="params is not an object")
             return
-        if not has_id:
-            self.handle_notification(method, params)
-            return
-        try:
-            era = self._check_era(method, params)
-            if method == "initialize":
-                self.client_caps = as_obj((params or {}).get("capabilities")) or {}
-            if method != "server/discover":  # a probe: children wait to hear the client's caps
-                self.start_children()
-            self.dispatch(req_id, method, params, era)
-        except RpcError as err:
-            self.reply_error(req_id, err)
-        except Exception as exc:  # a bug must cost one request, never the session
-            log("error", "internal_error", method=method, error=repr(exc))
-            self.reply_error(req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
-
-    def _check_era(self, method: str, params: JsonObj | None) -> str:
-        """The era of this one request (§5: decided per request, nothing locks the
-        connection). A request whose `_meta` names a protocol version is stateless-era;
-        `initialize` and anything else is handshake-era. A discover at a version we do not
-        serve gets -32022, after which the client may still fall back to `initialize`."""
-        if method == "initialize":
-            self.handshake_client = True
-            return "handshake"
-        meta = meta_of(params) or {}
-        requested = meta.get(META_VERSION)
-        if requested is None and method != "server/discover":
-            return "handshake"
-        if requested is not None and requested not in STATELESS_VERSIONS:
-            raise RpcError(
-                UNSUPPORTED_VERSION,
-                "unsupported protocol version",
-                {"supported": list(STATELESS_VERSIONS), "requested": requested},
-            )
-        if method == "server/discover":
-            return "stateless"  # with or without _meta: never changes the connection
-        self.stateless_client = True
-        caps = as_obj(meta.get(META_CAPS))
-        if caps is not None and not self.handshake_client:
-            self.client_caps = caps
-        if method in ("ping", "logging/setLevel"):
-            raise RpcError(
-                METHOD_NOT_FOUND,
-                f"method not found in protocol {STATELESS_VERSIONS[0]}: {method}",
-            )
-        return "stateless"
-
-    @property
-    def client_era(self) -> str | None:
-        """The era of messages the gateway starts: handshake once the client sent
-        `initialize` (§5), stateless when it only ever sent stateless requests."""
-        if self.handshake_client:
-            return "handshake"
-        return "stateless" if self.stateless_client else None
-
-    def handle_notification(self, method: str, params: JsonObj | None) -> None:
-        if method == "notifications/initialized":
-            self.initialized = True
-        elif method == "notifications/roots/list_changed":
-            for ds in self.downstreams.values():
-                child = ds.child
-                if ds.status == "ready" and child is not None and child.era == "handshake":
-                    try:
-                        child.notify(method, params)
-                    except ChildDied:
-                        pass
-        elif method == "notifications/cancelled" and params is not None:
-            self.cancel_call(
-                params.get("requestId"), str(params.get("reason") or "cancelled by the client")
-            )
-
-    def dispatch(
-        self, req_id: object, method: str, params: JsonObj | None, era: str | None
-    ) -> None:
-        p = params or {}
-        if method == "initialize":
-            self.reply(req_id, self.initialize(p), era)
-        elif method == "server/discover":
-            self.reply(req_id, self.discover(), era)
-        elif method == "ping":
-            self.reply(req_id, {}, era)
-        elif method == "tools/list":
-            self.pool.submit(self._guarded, req_id, self.list_tools, p, era)
-        elif method == "tools/call":
-            self.call_tool(req_id, p, era)
-        elif method == "logging/setLevel":
-            self.set_level(p)
-            self.reply(req_id, {}, era)
-        elif method in ("resources/list", "resources/templates/list", "prompts/list"):
-            self.pool.submit(
-                self._guarded, req_id, lambda q, e: self.list_union(method, q, e), p, era
-            )
-        elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
-            self.pool.submit(self._guarded_none, req_id, self.resource_request, method, p, era)
-        elif method == "prompts/get":
-            self.pool.submit(self._guarded_none, req_id, self.prompt_request, method, p, era)
-        elif method == "completion/complete":
-            self.pool.submit(self._guarded_none, req_id, self.complete_request, method, p, era)
+        if has_id:
+            self._request(req_id, method, params)
         else:
-            raise RpcError(METHOD_NOT_FOUND, f"method not found: {method}")
+            self._notification(method, params)
 
-    def _guarded_none(
-        self,
-        req_id: object,
-        fn: Callable[[object, str, JsonObj, str | None], None],
-        method: str,
-        p: JsonObj,
-        era: str | None,
-    ) -> None:
-        """Run a forwarding handler in a worker; it answers by itself, errors answer here."""
+    def _request(self, req_id: object, method: str, params: JsonObj | None) -> None:
         try:
-            fn(req_id, method, p, era)
+            era = self.session.era_of(method, params)
         except RpcError as err:
-            self.reply_error(req_id, err)
-        except Exception as exc:
-            log("error", "internal_error", method=method, error=repr(exc))
-            self.reply_error(req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
+            self.wire.send_error(req_id, err)
+            return
+        if not self.wire.open(req_id, era):
+            self.wire.send_error(
+                req_id, RpcError(INVALID_REQUEST, f"request id {req_id!r} is already in flight")
+            )
+            return
+        try:
+            if method != "server/discover":  # a probe: servers wait to hear the client's caps
+                self.servers.start()
+            handler = self._methods.get(method)
+            if handler is None:
+                raise RpcError(METHOD_NOT_FOUND, f"method not found: {method}")
+            handler(req_id, params or {}, era)
+        except RpcError as err:
+            self.wire.reply_error(req_id, err)
+        except Exception as exc:  # a bug costs one request, never the session
+            log("error", "internal_error", method=method, error=type(exc).__name__)
+            self.wire.reply_error(req_id, RpcError(INTERNAL_ERROR, "internal error"))
 
-    def _guarded(
-        self,
-        req_id: object,
-        fn: Callable[[JsonObj, str | None], JsonObj],
-        p: JsonObj,
-        era: str | None,
-    ) -> None:
-        try:
-            self.reply(req_id, fn(p, era), era)
-        except RpcError as err:
-            self.reply_error(req_id, err)
-        except Exception as exc:
-            log("error", "internal_error", error=repr(exc))
-            self.reply_error(req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
+    def _notification(self, method: str, params: JsonObj | None) -> None:
+        if method == "notifications/initialized":
+            self.session.mark_initialized()
+        elif method == "notifications/roots/list_changed":
+            for ds in self.servers.all():
+                transport = ds.live_transport()
+                if transport is not None and transport.era is Era.HANDSHAKE:
+                    with contextlib.suppress(ChildDied):
+                        transport.notify(method, params)
+        elif method == "notifications/cancelled":
+            reason = (params or {}).get("reason")
+            self.calls.cancel(
+                (params or {}).get("requestId"),
+                reason if isinstance(reason, str) else "cancelled by the client",
+            )
+
+    def _reply(self, req_id: object, result: JsonObj) -> None:
+        self.wire.reply(req_id, result)
+
+    def _later(self, produce: Callable[[JsonObj, Era], JsonObj]) -> Handler:
+        """A handler that answers from a worker (it may wait for servers)."""
+
+        def run(req_id: object, p: JsonObj, era: Era) -> None:
+            try:
+                self.wire.reply(req_id, produce(p, era))
+            except RpcError as err:
+                self.wire.reply_error(req_id, err)
+            except Exception as exc:
+                log("error", "internal_error", where="list", error=type(exc).__name__)
+                self.wire.reply_error(req_id, RpcError(INTERNAL_ERROR, "internal error"))
+
+        return lambda req_id, p, era: self._submit(run, req_id, p, era)
 
     # -- lifecycle answers --
 
     def capabilities(self) -> JsonObj:
-        """What at least one child offers. A child whose capabilities are not known yet
+        """What at least one server offers. A server whose capabilities are not known yet
         (still starting) counts as offering resources, prompts and completions: the
         handshake is answered at once and cannot be amended later (§5)."""
         caps: JsonObj = {"tools": {"listChanged": True}}
         offered: list[JsonObj] = []
-        for ds in self.downstreams.values():
-            if ds.status in ("starting",) and ds.spec.enabled:
+        for ds in self.servers.all():
+            status = ds.status
+            if status is ServerStatus.STARTING and ds.spec.enabled:
                 offered.append(_ALL_CHILD_CAPS)
-            elif ds.status == "ready":
+            elif status is ServerStatus.READY:
                 offered.append(ds.capabilities)
         resources = [as_obj(c.get("resources")) for c in offered if "resources" in c]
         if resources:
@@ -8413,97 +10403,68 @@ class Gateway:
             caps["logging"] = {}
         return caps
 
-    def initialize(self, p: JsonObj) -> JsonObj:
+    def _initialize(self, req_id: object, p: JsonObj, era: Era) -> None:
         requested = p.get("protocolVersion")
         version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[0]
-        self.client_caps = as_obj(p.get("capabilities")) or {}
-        return {
-            "protocolVersion": version,
-            "capabilities": self.capabilities(),
-            "serverInfo": {"name": "rea", "title": "rea governance gateway", "version": VERSION},
-            "instructions": "Tools of every downstream server, as server__tool, governed by rea.",
-        }
-
-    def discover(self) -> JsonObj:
-        return {
-            "supportedVersions": list(STATELESS_VERSIONS),
-            "capabilities": self.capabilities(),
-            "_meta": {
-                META_SERVER: {"name": "rea", "title": "rea governance gateway", "version": VERSION}
+        self._reply(
+            req_id,
+            {
+                "protocolVersion": version,
+                "capabilities": self.capabilities(),
+                "serverInfo": dict(GATEWAY_INFO),
+                "instructions": "Tools of every downstream server, as server__tool, governed by rea.",
             },
-            "ttlMs": 0,
-            "cacheScope": "private",
-        }
+        )
 
-    # -- tools --
+    def _discover(self, req_id: object, p: JsonObj, era: Era) -> None:
+        self._reply(
+            req_id,
+            {
+                "supportedVersions": list(STATELESS_VERSIONS),
+                "capabilities": self.capabilities(),
+                "_meta": {META_SERVER: dict(GATEWAY_INFO)},
+                "ttlMs": 0,
+                "cacheScope": "private",
+            },
+        )
 
-    def tools_changed(self) -> None:
-        """Rebuild the name index from every downstream; tell the client if its list changed."""
-        with self._rebuild_lock:  # two children ready at once: the later rebuild must win
-            notify = self._rebuild_index()
-        if notify:
-            self.notify_client("notifications/tools/list_changed")
-        self.state_changed()
+    def _set_level(self, req_id: object, p: JsonObj, era: Era) -> None:
+        """logging/setLevel: fanned out to every handshake-era server that logs."""
+        for ds in self.servers.all():
+            transport = ds.live_transport("logging")
+            if transport is not None and transport.era is Era.HANDSHAKE:
+                with contextlib.suppress(ChildDied):
+                    transport.request_async("logging/setLevel", p, 10.0, lambda r, e: None)
+        self._reply(req_id, {})
 
-    def _rebuild_index(self) -> bool:
-        max_len = self.policy.max_tool_name
-        index: dict[str, ToolEntry] = {}
-        renames: dict[str, str] = {}
-        for ds in self.downstreams.values():
-            with ds._lock:
-                tools = list(ds.tools)
-                withheld = dict(ds.withheld)
-            for tool in tools:
-                bare = str(tool["name"])
-                exposed = exposed_tool_name(ds.name, bare, max_len)
-                if exposed in index or exposed == HEALTH_TOOL:
-                    self.warn_once(
-                        ("clash", exposed),
-                        "tool_name_clash",
-                        server=ds.name,
-                        tool=bare,
-                        exposed=exposed,
-                    )
-                    continue
-                if exposed != f"{ds.name}__{bare}":
-                    renames[exposed] = f"{ds.name}__{bare}"
-                    self.warn_once(
-                        ("rename", exposed),
-                        "tool_renamed",
-                        server=ds.name,
-                        tool=bare,
-                        exposed=exposed,
-                        reason=f"longer than {max_len} or not [A-Za-z0-9_.-]",
-                    )
-                index[exposed] = ToolEntry(exposed, ds.name, bare, tool, withheld.get(bare))
-        with self._tools_lock:
-            self.tool_index = index
-            self.renames = renames
-            visible = frozenset(name for name, e in index.items() if e.withheld is None)
-            return self._listed is not None and visible != self._listed
+    # -- tools, resources, prompts --
+
+    def _tools_changed(self) -> None:
+        """Index every server's tools afresh; tell the client if its list changed."""
+        servers = [ds.tools_now() for ds in self.servers.all()]
+        if self.catalog.rebuild_tools(servers, self.config.rules().policy.max_tool_name):
+            self.relay.notify("notifications/tools/list_changed")
+        self._state_changed()
 
     def wait_for_startup(self) -> None:
-        if self._first_list_done:
+        """The first list waits (at most startup_wait_s) for servers still starting."""
+        if self._startup_done.is_set():
             return
-        deadline = time.monotonic() + self.policy.startup_wait_s
-        for ds in self.downstreams.values():
+        deadline = time.monotonic() + self.config.rules().policy.startup_wait_s
+        for ds in self.servers.all():
             ds.ready.wait(max(0.0, deadline - time.monotonic()))
-        self._first_list_done = True
+        self._startup_done.set()
 
-    def list_tools(self, p: JsonObj, era: str | None) -> JsonObj:
+    def _list_tools(self, p: JsonObj, era: Era) -> JsonObj:
         self.wait_for_startup()
-        with self._tools_lock:
-            entries = list(self.tool_index.values())
-            self._listed = frozenset(n for n, e in self.tool_index.items() if e.withheld is None)
+        view = self.catalog.listed()
         tools: list[JsonObj] = [
-            {**e.definition, "name": e.exposed} for e in entries if e.withheld is None
+            {**e.definition, "name": e.exposed} for e in view.tools.values() if e.withheld is None
         ]
         tools.append(health_tool_definition())
         return list_page("tools", tools, p.get("cursor"), era)
 
-    # -- tools/call --
-
-    def call_tool(self, req_id: object, p: JsonObj, era: str | None) -> None:
+    def _tools_call(self, req_id: object, p: JsonObj, era: Era) -> None:
         name = p.get("name")
         if not isinstance(name, str):
             raise RpcError(INVALID_PARAMS, "tools/call needs a string name")
@@ -8511,538 +10472,198 @@ class Gateway:
         arguments = as_obj(raw_args) if raw_args is not None else {}
         if arguments is None:
             raise RpcError(INVALID_PARAMS, "tools/call arguments must be an object")
-        if name not in self.tool_index and not self._first_list_done:
-            # A call before any tools/list, for a tool whose server is still starting:
-            # wait for start-up as tools/list would, off the reader thread.
-            self.pool.submit(self._guarded_call, req_id, p, era)
-            return
         state = p.get("requestState")
-        if isinstance(state, str) and state in self._suspended:
-            self.resume_call(req_id, state, p)
+        if isinstance(state, str) and self.calls.bridge.holds(state):
+            self.calls.resume(req_id, state, p)
             return
-        call = Call(
-            req_id, name, arguments, meta_of(p), era or "handshake", self.rules, time.monotonic()
+        kind = CallKind.HEALTH if name == HEALTH_TOOL else CallKind.TOOL
+        # A call before any tools/list, for a tool whose server is still starting: its
+        # turn waits for start-up as tools/list would, off the reader thread.
+        defer = (
+            kind is CallKind.TOOL
+            and name not in self.catalog.view.tools
+            and not self._startup_done.is_set()
         )
-        call.extra = {k: p[k] for k in ("inputResponses", "requestState") if k in p}
-        if name == HEALTH_TOOL:
-            self.health_call(call)
-            return
-        with self._calls_lock:
-            if not self.accepting:
-                raise RpcError(INTERNAL_ERROR, "the gateway is shutting down")
-            key = id_key(req_id)
-            if key in self._in_flight:
-                raise RpcError(INVALID_REQUEST, f"request id {req_id!r} is already in flight")
-            self._in_flight[key] = call
-        for step in PIPELINE:
-            decision = step(self, call)
-            if decision is not None:
-                self.refuse(call, decision)
-                return
-        self.forward(call)
+        self.calls.receive(kind, req_id, name, p, arguments, era, defer)
 
-    def _guarded_call(self, req_id: object, p: JsonObj, era: str | None) -> None:
-        self.wait_for_startup()
-        try:
-            self.call_tool(req_id, p, era)
-        except RpcError as err:
-            self.reply_error(req_id, err)
+    def _request_call(self, kind: CallKind) -> Handler:
+        """resources/read and subscribe, prompts/get, completion/complete: calls like a
+        tool's (§6), routed on a worker (routing may list the servers' resources)."""
 
-    def refuse(self, call: Call, decision: Decision) -> None:
-        if call.entry is None and call.name in self.tool_index:
-            # Refused before routing (HALT): the record still names the bare tool and
-            # its server, as every other record does.
-            call.entry = self.tool_index[call.name]
-            call.downstream = self.downstreams[call.entry.server]
-        if call.entry is not None and not call.tier_known:
-            step_tier(self, call)  # refused before the tier step: record the real tier
-        self.release(call)
-        if call.holds_breaker and call.downstream is not None:
-            call.downstream.breaker.release_unused()
-        self.audit_call(call, decision.status, error=decision.message)
-        if decision.rpc_code is not None:
-            self.reply_error(call.req_id, RpcError(decision.rpc_code, decision.message))
-        else:
-            self.reply(call.req_id, tool_error_result(decision.message), call.era)
-
-    def forward(self, call: Call) -> None:
-        ds = call.downstream
-        assert ds is not None and call.entry is not None
-        with ds._lock:
-            ds.calls += 1
-            child = ds.child
-        try:
-            if child is None or not child.alive:
-                raise ChildDied(f"server {ds.name} is not running: {ds.last_error or 'starting'}")
-            self._send_call(call, child)
-        except ChildDied as exc:
-            self._call_done(call, None, exc)
-
-    def _send_call(self, call: Call, child: ChildProcess) -> None:
-        """Send the call (with any inputResponses / requestState) to its child."""
-        assert call.entry is not None
-        params: JsonObj = {"name": call.entry.bare, "arguments": call.arguments, **call.extra}
-        if call.meta:
-            params["_meta"] = call.meta
-        call.child = child
-        call.child_id = child.request_async(
-            "tools/call",
-            child_params(child, params),
-            call.rules.policy.call_timeout_s,
-            lambda result, error: self._call_done(call, result, error),
-        )
-
-    def _call_done(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
-        with self._calls_lock:
-            abandoned = call.awaiting_retry and error is not None
-            if abandoned:  # timed out or died while the client owed us its retry
-                call.awaiting_retry = False
-                for token, (suspended, _) in list(self._suspended.items()):
-                    if suspended is call:
-                        del self._suspended[token]
-            elif call.awaiting_retry:  # the client has not retried yet: keep the answer for it
-                call.parked = (result, error)
-                return
-        if abandoned:
-            # No request of the client's is open for this call: audit it, answer nobody.
-            assert call.downstream is not None
-            self.free_slot(call)
-            call.downstream.breaker.release_unused()
-            self.audit_call(call, "error", error=f"no retry from the client before: {error}")
-            self.release(call)
-            return
-        # With fsync off the record costs microseconds: finish on this thread. Otherwise
-        # a worker waits for the disk so that this child's other answers do not queue.
-        needs_client = result is not None and result.get("resultType") == "input_required"
-        if call.rules.policy.audit_fsync == "off" and not needs_client:
-            self.complete(call, result, error)
-        else:
-            try:
-                self.pool.submit(self.complete, call, result, error)
-            except RuntimeError:  # pool closed at shutdown
-                self.complete(call, result, error)
-
-    def complete(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
-        ds = call.downstream
-        assert ds is not None
-        finished = True
-        if result is None or result.get("resultType") != "input_required":
-            self.free_slot(call)
-        try:
-            if error is not None or result is None:
-                self._complete_error(call, ds, error)
-            elif result.get("resultType") == "input_required" and call.era != "stateless":
-                finished = self.fulfil_input(call, ds, result)
+        def handle(req_id: object, p: JsonObj, era: Era) -> None:
+            if kind in (CallKind.RESOURCE, CallKind.SUBSCRIBE, CallKind.UNSUBSCRIBE):
+                if not isinstance(p.get("uri"), str):
+                    raise RpcError(INVALID_PARAMS, f"{kind.value} needs a string uri")
+                name = str(p["uri"])
+            elif kind is CallKind.PROMPT:
+                if not isinstance(p.get("name"), str):
+                    raise RpcError(INVALID_PARAMS, "prompts/get needs a string name")
+                name = str(p["name"])
             else:
-                self._complete_result(call, ds, result)
-        except Exception as exc:  # never leave the client waiting on a bug
-            log("error", "internal_error", where="complete", error=repr(exc))
-            self.reply_error(call.req_id, RpcError(INTERNAL_ERROR, f"internal error: {exc}"))
-        finally:
-            if finished:
-                self.release(call)
+                ref = as_obj(p.get("ref")) or {}
+                key = "name" if ref.get("type") == "ref/prompt" else "uri"
+                if ref.get("type") not in ("ref/prompt", "ref/resource") or not isinstance(
+                    ref.get(key), str
+                ):
+                    raise RpcError(
+                        INVALID_PARAMS, "completion/complete needs a ref/prompt or ref/resource ref"
+                    )
+                name = str(ref[key])
+            arguments = {k: v for k, v in p.items() if k != "_meta"}
+            self.calls.receive(kind, req_id, name, p, arguments, era, defer=True)
 
-    def _complete_error(self, call: Call, ds: Downstream, error: Exception | None) -> None:
-        if call.cancelled:
-            ds.breaker.release_unused()
-            self.audit_call(call, "error", error="cancelled by the client")
-            return  # MCP: a cancelled request gets no answer
-        ds.breaker.record_failure()
-        with ds._lock:
-            ds.errors += 1
-        if isinstance(error, RpcError):
-            message = ds.scrub(error.message)
-            self.audit_call(call, "error", error=f"server error {error.code}: {message}")
-            self.reply_error(call.req_id, RpcError(error.code, message, error.data))
-            return
-        if isinstance(error, TimeoutError):
-            text = (
-                f"rea: error: server {ds.name} did not answer {call.tool_name} within "
-                f"{call.rules.policy.call_timeout_s:g} s; the call was cancelled and will not be retried"
+        return handle
+
+    def _route(self, call: Call) -> Target | Decision:
+        """Where a call goes, by the catalog; it may wait for start-up and list servers."""
+        if call.kind is CallKind.TOOL:
+            entry = self.catalog.view.tools.get(call.name)
+            if entry is None and not self._startup_done.is_set():
+                self.wait_for_startup()
+                entry = self.catalog.view.tools.get(call.name)
+            ds = self.servers.get(entry.server) if entry is not None else None
+            if entry is None or ds is None:  # (a server just removed from the registry)
+                return Decision(AuditStatus.ERROR, f"unknown tool: {call.name}", INVALID_PARAMS)
+            return Target(ds, entry.bare, entry)
+        ref = as_obj(call.params.get("ref")) or {}
+        if call.kind is CallKind.PROMPT or (
+            call.kind is CallKind.COMPLETION and ref.get("type") == "ref/prompt"
+        ):
+            found = self.catalog.view.prompts.get(call.name)
+            if found is None:
+                self._list_union("prompts/list", "prompts")({}, Era.HANDSHAKE)
+                found = self.catalog.view.prompts.get(call.name)
+            ds = self.servers.get(found[0]) if found is not None else None
+            if found is None or ds is None:
+                return Decision(AuditStatus.ERROR, f"unknown prompt: {call.name}", INVALID_PARAMS)
+            return Target(ds, found[1])
+        owner = self._route_uri(call.name)
+        if owner is None:
+            return Decision(
+                AuditStatus.ERROR, f"resource not found: {call.name}", RESOURCE_NOT_FOUND
             )
-        else:
-            text = f"rea: error: {error}; the call was not retried (it may or may not have run)"
-        text = ds.scrub(text)
-        self.audit_call(call, "error", error=text)
-        self.reply(call.req_id, tool_error_result(text), call.era)
+        return Target(owner, call.name)
 
-    def fulfil_input(self, call: Call, ds: Downstream, result: JsonObj) -> bool:
-        """A stateless child's input_required for a handshake-era client (SEP-2322): ask
-        the client each embedded request as a real request, then send the child the
-        original call again with the answers and its requestState, as MRTR asks.
-        Returns False while the call goes on (it is not finished)."""
-        requests = as_obj(result.get("inputRequests")) or {}
-        call.rounds += 1
-        problem: str | None = None
-        responses: JsonObj = {}
-        if call.rounds > MAX_INPUT_ROUNDS:
-            problem = f"server {ds.name} asked for client input more than {MAX_INPUT_ROUNDS} times"
-        for key, raw in requests.items():
-            if problem is not None:
-                break
-            req = as_obj(raw) or {}
-            method = str(req.get("method"))
-            needed = RELAYED_REQUESTS.get(method)
-            if needed is None or needed not in self.client_caps:
-                problem = f"server {ds.name} needs {method} from the client, which the client cannot answer"
-                break
-            asked = time.monotonic()
-            answer = self.ask_client(
-                method, as_obj(req.get("params")), call.rules.policy.call_timeout_s
-            )
-            if "error" in answer:
-                problem = (
-                    f"the client refused {method}: {(as_obj(answer['error']) or {}).get('message')}"
-                )
-                self.audit_relay(ds.name, method, "error", asked, problem)
-                break
-            self.audit_relay(ds.name, method, "allowed", asked)
-            responses[key] = answer.get("result")
-        child = call.child
-        if problem is None and (child is None or not child.alive):
-            problem = f"server {ds.name} exited while the client answered its input request"
-        if problem is not None or child is None:
-            text = call.rules.redactor.redact(f"rea: error: {problem}").text
-            ds.breaker.record_success()  # the server answered; the exchange failed
-            self.audit_call(call, "error", error=text)
-            self.reply(call.req_id, tool_error_result(text), call.era)
-            return True
-        call.extra = {"inputResponses": responses}
-        if "requestState" in result:
-            call.extra["requestState"] = result["requestState"]
-        try:
-            self._send_call(call, child)
-        except ChildDied as exc:
-            self._complete_error(call, ds, exc)
-            return True
-        return False
+    def _route_uri(self, uri: str) -> Downstream | None:
+        """The server that owns a resource URI: listed, else by template prefix, else the
+        only server with resources."""
+        for attempt in range(2):
+            view = self.catalog.view
+            owner = view.resources.get(uri)
+            if owner is None:
+                matches = [
+                    (len(pre), srv) for pre, srv in view.templates if pre and uri.startswith(pre)
+                ]
+                owner = max(matches)[1] if matches else None
+            ds = self.servers.get(owner) if owner is not None else None
+            if ds is not None:
+                return ds
+            if attempt == 0:  # the client may read without listing first: learn the lists once
+                self._list_union("resources/list", "resources")({}, Era.HANDSHAKE)
+                self._list_union("resources/templates/list", "resourceTemplates")({}, Era.HANDSHAKE)
+        candidates = [ds for ds in self.servers.all() if ds.live_transport("resources") is not None]
+        return candidates[0] if len(candidates) == 1 else None
 
-    def ask_client(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
-        """Send the client a request of ours and wait for its answer (worker threads only)."""
-        waiter = _ClientAnswer()
-        with self._relay_lock:
-            self._relay_seq += 1
-            gw_id = f"rea-{self._relay_seq}"
-            self._relay[gw_id] = waiter
-        msg: JsonObj = {"jsonrpc": "2.0", "id": gw_id, "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.write(msg)
-        if not waiter.done.wait(timeout_s):
-            with self._relay_lock:
-                self._relay.pop(gw_id, None)
-            return {"error": {"code": INTERNAL_ERROR, "message": f"no answer in {timeout_s:g} s"}}
-        return waiter.answer
+    def _list_union(self, method: str, key: str) -> Callable[[JsonObj, Era], JsonObj]:
+        """resources/list, resources/templates/list, prompts/list: every server's, paged."""
+        capability = "prompts" if method == "prompts/list" else "resources"
 
-    def suspend_for_input(
-        self, child: ChildProcess, method: str, child_id: object, params: JsonObj | None
-    ) -> bool:
-        """A handshake child's request during a stateless client's tool call becomes an
-        input_required answer to that call (SEP-2322); the client's retry carries the
-        answer back, and the call goes on. False when no single call can take it."""
-        with self._calls_lock:
-            calls = [
-                c
-                for c in self._in_flight.values()
-                if c.child is child
-                and c.entry is not None
-                and c.era == "stateless"
-                and not c.awaiting_retry
-            ]
-            if len(calls) != 1:
-                return False  # no call, or several: which one asked cannot be known
-            call = calls[0]
-            call.awaiting_retry = True
-            self._in_flight.pop(id_key(call.req_id), None)
-            token = uuid.uuid4().hex
-            self._suspended[token] = (call, child_id)
-        key = f"rea-{token[:8]}"
-        answer: JsonObj = {
-            "resultType": "input_required",
-            "inputRequests": {key: {"method": method, "params": params or {}}},
-            "requestState": token,
-        }
-        call.extra = {"inputKey": key, "inputMethod": method}
-        self.reply(call.req_id, answer, "stateless")
-        return True
+        def produce(p: JsonObj, era: Era) -> JsonObj:
+            self.wait_for_startup()
+            items: list[JsonObj] = []
+            max_len = self.config.rules().policy.max_tool_name
+            for ds in self.servers.all():
+                transport = ds.live_transport(capability)
+                if transport is None:
+                    continue
+                try:
+                    entries = list_all(transport, method, key, self.timeouts.handshake_s)
+                except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+                    log(
+                        "warn",
+                        "list_failed",
+                        server=ds.name,
+                        method=method,
+                        error=ds.scrub(str(exc)),
+                    )
+                    continue
+                items.extend(self.catalog.learn(method, ds.name, entries, max_len))
+            return list_page(key, items, p.get("cursor"), era)
 
-    def resume_call(self, req_id: object, token: str, p: JsonObj) -> None:
-        """The stateless client's retry of a suspended call: hand the child its answer."""
-        with self._calls_lock:
-            found = self._suspended.pop(token, None)
-            if found is None:  # abandoned meanwhile (timed out): nothing to resume
-                raise RpcError(INVALID_PARAMS, "requestState refers to a call that has ended")
-            call, child_id = found
-            method = str(call.extra.get("inputMethod"))
-            key = str(call.extra.get("inputKey"))
-            call.req_id = req_id
-            call.extra = {}
-            self._in_flight[id_key(req_id)] = call
-            call.awaiting_retry = False
-            parked, call.parked = call.parked, None
-        responses = as_obj(p.get("inputResponses")) or {}
-        answer: JsonObj = {"jsonrpc": "2.0", "id": child_id}
-        server = call.entry.server if call.entry is not None else ""
-        if key in responses:
-            answer["result"] = responses[key]
-            self.audit_relay(server, method, "allowed", call.started)
-        else:
-            answer["error"] = {
-                "code": INVALID_PARAMS,
-                "message": "the client sent no answer for this request",
-            }
-            self.audit_relay(server, method, "error", call.started, "the client sent no answer")
-        if call.child is not None:
-            try:
-                call.child.send(answer)
-            except ChildDied:
-                pass
-        if parked is not None:
-            self._call_done(call, *parked)
+        return produce
 
-    def _complete_result(self, call: Call, ds: Downstream, result: JsonObj) -> None:
-        rules = call.rules
-        policy = rules.policy
-        ds.breaker.record_success()  # an isError result is the tool's answer, not a failure (§9)
-        # Cap first: the redaction regexes (the user's among them) scan at most the cap (§6).
-        metadata: JsonObj = {}
-        content = result.get("content")
-        if isinstance(content, list):
-            capped, truncated = cap_content(content, policy.max_result_kb * 1024)
-            if truncated:
-                result = {**result, "content": capped}
-                metadata["truncated"] = True
-        value, names = rules.redactor.redact_value(result)
-        processed = as_obj(value) or {}
-        verdict = scan_injection(content_text(processed), call.tier)
-        status = "allowed"
-        if verdict.verdict != "clean":
-            metadata["injection"] = {
-                "verdict": verdict.verdict,
-                "phrases": list(verdict.phrases),
-                "base64": verdict.via_base64,
-            }
-            if verdict.verdict == "suspicious" and policy.suspicious_blocks_writes:
-                self.session_suspicious = f"{call.server_name}__{call.tool_name}"
-            if verdict.verdict == "likely_injection" and policy.injection_detection == "block":
-                status = "denied"
-                processed = tool_error_result(
-                    f"rea: denied: the result of {call.tool_name} was withheld: it looks like a prompt "
-                    f"injection ({', '.join(verdict.phrases)}). Set injection_detection: warn in "
-                    ".rea/policy.yaml to let such results through with a warning"
-                )
-        if names:
-            metadata["redacted"] = list(names)
-        self.audit_call(
-            call, status, metadata=metadata, redacted_fields=["result"] if names else None
+    # -- breaker, session blocker, live state, health --
+
+    def _on_circuit(self, ds: Downstream, old: CircuitState, new: CircuitState) -> None:
+        log(
+            "info" if new is CircuitState.CLOSED else "warn",
+            "circuit_transition",
+            server=ds.name,
+            old=old.value,
+            new=new.value,
         )
-        self.reply(call.req_id, processed, call.era)
-
-    def release(self, call: Call) -> None:
-        with self._calls_lock:
-            self._in_flight.pop(id_key(call.req_id), None)
-        self.free_slot(call)
-        self.state_changed()
-
-    def free_slot(self, call: Call) -> None:
-        """The child has answered: its concurrency slot is free (before the client hears)."""
-        ds = call.downstream
-        if ds is not None:
-            with ds._lock:
-                if call.holds_slot:
-                    call.holds_slot = False
-                    ds.in_flight -= 1
-
-    def cancel_call(self, req_id: object, reason: str) -> None:
-        with self._calls_lock:
-            call = self._in_flight.get(id_key(req_id))
-        if call is None or call.child is None or call.child_id is None:
-            return
-        call.cancelled = True
-        call.child.cancel(call.child_id, reason)
-
-    def health_call(self, call: Call) -> None:
-        """`__rea__health` answers even under HALT (§8) and is audited as the gateway's own."""
-        payload = self.health_snapshot(call.rules.policy)
-        call.tier = "read"
-        self.audit_call(call, "allowed", server="__rea__", tool="health")
-        text = json.dumps(payload, ensure_ascii=False, indent=2)
-        self.reply(
-            call.req_id, {"content": [{"type": "text", "text": text}], "isError": False}, call.era
-        )
-
-    # -- audit --
-
-    def audit_call(
-        self,
-        call: Call,
-        status: str,
-        *,
-        error: str | None = None,
-        metadata: JsonObj | None = None,
-        redacted_fields: list[str] | None = None,
-        server: str | None = None,
-        tool: str | None = None,
-    ) -> None:
-        redactor = call.rules.redactor
-        meta: JsonObj = {
-            "args_sha256": args_digest(call.arguments),
-            "arg_keys": [redactor.redact(str(k)).text for k in call.arguments],
-        }
-        if call.era:
-            meta["era"] = call.era
-        meta.update(metadata or {})
-        seconds = time.monotonic() - call.started
-        self.metrics.observe_call(
-            server if server is not None else (call.server_name if call.entry else "__unknown__"),
-            tool or (call.tool_name if call.entry else "__unknown__"),
-            call.tier,
-            status,
-            seconds,
-        )
-        self.append_audit(
-            session_id=self.session_id,
-            tool_name=tool or call.tool_name,
-            server_name=server if server is not None else call.server_name,
-            tier=call.tier,
-            status=status,
-            autonomy_level=call.rules.policy.autonomy_level,
-            duration_ms=int((time.monotonic() - call.started) * 1000),
-            error=self._scrub_for(call, error) if error else None,
-            redacted_fields=redacted_fields,
-            metadata=meta,
-        )
-
-    def _scrub_for(self, call: Call, text: str) -> str:
-        ds = self.downstreams.get(call.server_name)
-        return ds.scrub(text) if ds is not None else call.rules.redactor.redact(text).text
-
-    def append_audit(self, **record: object) -> None:
-        """Append one record; a failing audit write is logged and counted, never fatal."""
-        try:
-            self.audit.append(**record)  # type: ignore[arg-type]
-        except OSError as exc:
-            self.audit_failures += 1
-            log("error", "audit_append_failed", error=str(exc), record=record)
-
-    # -- breaker, session blocker, state --
-
-    def on_breaker_transition(self, ds: Downstream, new: str) -> None:
-        count = self.blocker.on_transition(self.session_id, ds.name, new)
+        count = self.blocker.on_transition(self.session.id, ds.name, new)
         if count is not None:
-            policy = self.policy
-            emitted_at = utc_now_iso()
+            threshold = self.config.rules().policy.session_blocker_threshold
             log(
                 "error",
                 "SESSION_BLOCKER",
                 server=ds.name,
                 open_transitions=count,
-                threshold=policy.session_blocker_threshold,
-                session_id=self.session_id,
+                threshold=threshold,
+                session_id=self.session.id,
             )
             metadata: JsonObj = {
                 "event": "SESSION_BLOCKER",
                 "open_transitions": count,
-                "threshold": policy.session_blocker_threshold,
-                "emitted_at": emitted_at,
+                "threshold": threshold,
+                "emitted_at": utc_now_iso(),
             }
-            self.audit_event("session_blocker", ds.name, "error", metadata)
-        self.state_changed()
+            self.trail.event("session_blocker", ds.name, AuditStatus.ERROR, metadata)
+        self._state_changed()
 
-    def check_registry(self) -> None:
-        """Re-read the registry when its file changed; start, stop and restart servers so
-        the running set matches it. A registry that no longer loads changes nothing."""
-        sig = _file_signature(self._registry_paths)
-        if sig == self._registry_sig:
-            return
-        self._registry_sig = sig
-        try:
-            registry = load_registry(self.rea_dir)
-        except ReaError as exc:
-            log("error", "registry_reload_failed", error=str(exc), kept="the servers running now")
-            return
-        old = self.downstreams
-        new: dict[str, Downstream] = {}
-        for spec in registry.servers:
-            ds = old.get(spec.name)
-            if ds is not None and ds.spec == spec:
-                new[spec.name] = ds
-                ds.revive()
-                continue
-            if ds is not None:
-                threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True).start()
-            new[spec.name] = Downstream(spec, self)
-            if self._children_started:
-                new[spec.name].start()
-        for name, ds in old.items():
-            if name not in new:
-                threading.Thread(target=ds.stop, name=f"rea-stop-{name}", daemon=True).start()
-        self.registry = registry
-        self.downstreams = new  # one assignment: readers see the old or the new set
-        log("info", "registry_reloaded", servers=len(new))
-        self.tools_changed()
-
-    def _on_rules_changed(self, rules: Rules) -> None:
-        policy = rules.policy
-        self.audit.configure(policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days)
-        for ds in self.downstreams.values():
-            ds.breaker.configure(policy.breaker_failure_threshold, policy.breaker_cooldown_s)
-        self.blocker.configure(policy.session_blocker_threshold)
-        for ds in self.downstreams.values():
-            ds.revive()
-        self.tools_changed()
-
-    def state_changed(self) -> None:
+    def _state_changed(self) -> None:
         self.live.changed()
 
-    def halt_reason(self) -> str | None:
-        try:  # a stat first: the common case (no HALT) must cost one syscall per call
-            os.stat(self._halt_path)
-            with open(self._halt_path, encoding="utf-8", errors="replace") as f:
-                text = f.read(4096).strip()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            return f"HALT present but unreadable ({exc.strerror})"
-        return text or "no reason given"
+    def state(self) -> ServeState:
+        """The live state (§8) as one frozen record: the state file, health and metrics
+        are all made from it."""
+        reason = self.config.halt_reason()
+        sid = self.session.id
+        return ServeState(
+            session_id=sid,
+            started_at=self.session.started_at,
+            updated_at=utc_now_iso(),
+            owner_pid=os.getpid(),
+            gateway_version=VERSION,
+            metrics_port=self.metrics_server.port if self.metrics_server else None,
+            halt_active=reason is not None,
+            halt_reason=reason,
+            downstreams=tuple(
+                ds.status_record(
+                    self.blocker.count(sid, ds.name), self.blocker.emitted(sid, ds.name)
+                )
+                for ds in self.servers.all()
+            ),
+            tool_renames=dict(self.catalog.view.renames),
+            audit_fail_count=self.trail.failures,
+        )
 
-    def warn_once(self, key: object, event: str, **fields: object) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log("warn", event, **fields)
-
-    def snapshot(self) -> JsonObj:
-        reason = self.halt_reason()
-        return {
-            "session_id": self.session_id,
-            "started_at": self.started_at,
-            "updated_at": utc_now_iso(),
-            "owner_pid": os.getpid(),
-            "gateway_version": VERSION,
-            "metrics_port": self.metrics_server.port if self.metrics_server else None,
-            "halt": {"active": reason is not None, "reason": reason},
-            "downstreams": [
-                ds.snapshot(self.blocker, self.session_id) for ds in self.downstreams.values()
-            ],
-            "tool_renames": dict(self.renames),
-            "audit_fail_count": self.audit_failures,
-        }
-
-    def health_snapshot(self, policy: Policy) -> JsonObj:
-        state = self.snapshot()
-        downstreams = [as_obj(d) or {} for d in state["downstreams"]]  # type: ignore[attr-defined]
+    def _health(self, policy: Policy) -> JsonObj:
+        """`__rea__health` (§8): the reference tool's shape, extended."""
+        state = self.state()
+        downstreams = [d.to_json() for d in state.downstreams]
         if not policy.expose_diagnostics:
             for d in downstreams:
                 if d.get("last_error") is not None:
                     d["last_error"] = "withheld (set gateway.health.expose_diagnostics: true)"
-        halt = as_obj(state["halt"]) or {}
         return {
             "gateway": {
                 "version": VERSION,
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "halt": halt.get("active"),
-                "halt_reason": halt.get("reason"),
-                "session_id": self.session_id,
+                "uptime_s": round(time.monotonic() - self.session.started, 1),
+                "halt": state.halt_active,
+                "halt_reason": state.halt_reason,
+                "session_id": state.session_id,
             },
             "policy": {
                 "profile": policy.profile,
@@ -9053,380 +10674,15 @@ class Gateway:
             "downstreams": downstreams,
             "summary": {
                 "registered": len(downstreams),
-                "connected": sum(1 for d in downstreams if d.get("connected")),
-                "healthy": sum(1 for d in downstreams if d.get("healthy")),
-                "total_tools": sum(1 for e in self.tool_index.values() if e.withheld is None),
-                "audit_fail_count": self.audit_failures,
+                "connected": sum(1 for d in state.downstreams if d.connected),
+                "healthy": sum(1 for d in state.downstreams if d.healthy),
+                "total_tools": len(self.catalog.view.visible_tools()),
+                "audit_fail_count": state.audit_fail_count,
             },
         }
 
-    # -- messages from children --
 
-    def on_child_message(self, child: ChildProcess, msg: JsonObj) -> None:
-        method = msg.get("method")
-        if "id" in msg:
-            self.relay_child_request(child, str(method), msg.get("id"), as_obj(msg.get("params")))
-            return
-        if method in (
-            "notifications/resources/updated",
-            "notifications/resources/list_changed",
-            "notifications/prompts/list_changed",
-        ):
-            self.notify_client(str(method), as_obj(msg.get("params")))
-        elif method == "notifications/tools/list_changed":
-            ds = self.downstreams.get(child.name)
-            if ds is not None:
-                self.pool.submit(ds.refresh_tools)
-        elif method == "notifications/progress":
-            self.notify_client("notifications/progress", as_obj(msg.get("params")))
-        elif method == "notifications/message":
-            params = as_obj(msg.get("params")) or {}
-            params = {**params, "logger": f"{child.name}:{params.get('logger', '')}".rstrip(":")}
-            self.notify_client("notifications/message", params)
-
-    # -- a child's requests to the client --
-
-    def relay_child_request(
-        self, child: ChildProcess, method: str, child_id: object, params: JsonObj | None
-    ) -> None:
-        """Relay sampling, elicitation and roots requests to the client under an id of
-        ours, so no two in-flight ids collide; anything else is answered at once with a
-        clear error — a child is never left hanging."""
-        if method == "ping":
-            try:
-                child.send({"jsonrpc": "2.0", "id": child_id, "result": {}})
-            except ChildDied:
-                pass
-            return
-        needed = RELAYED_REQUESTS.get(method)
-        if (
-            needed is not None
-            and needed in self.client_caps
-            and self.suspend_for_input(child, method, child_id, params)
-        ):
-            return
-        if needed is None or not self.handshake_client or needed not in self.client_caps:
-            why = (
-                f"rea does not relay {method}"
-                if needed is None
-                else f"the client cannot answer {method}"
-                + (
-                    " (a stateless-era client is not sent requests)"
-                    if not self.handshake_client
-                    else ""
-                )
-            )
-            try:
-                child.send(
-                    {
-                        "jsonrpc": "2.0",
-                        "id": child_id,
-                        "error": {"code": METHOD_NOT_FOUND, "message": why},
-                    }
-                )
-            except ChildDied:
-                pass
-            if needed is not None:
-                self.audit_relay(child.name, method, "denied", time.monotonic(), why)
-            return
-        with self._relay_lock:
-            self._relay_seq += 1
-            gw_id = f"rea-{self._relay_seq}"
-            self._relay[gw_id] = (child, child_id, method, time.monotonic())
-        msg: JsonObj = {"jsonrpc": "2.0", "id": gw_id, "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.write(msg)
-
-    def on_client_response(self, msg: JsonObj) -> None:
-        gw_id = msg.get("id")
-        with self._relay_lock:
-            target = self._relay.pop(gw_id, None) if isinstance(gw_id, str) else None
-        if target is None:
-            return
-        if isinstance(target, _ClientAnswer):
-            target.answer = msg
-            target.done.set()
-            return
-        child, child_id, method, started = target
-        answer: JsonObj = {"jsonrpc": "2.0", "id": child_id}
-        if "error" in msg:
-            answer["error"] = msg["error"]
-            message = str((as_obj(msg["error"]) or {}).get("message", "error"))
-            self.audit_relay(
-                child.name, method, "error", started, f"the client answered: {message}"
-            )
-        else:
-            answer["result"] = msg.get("result")
-            self.audit_relay(child.name, method, "allowed", started)
-        try:
-            child.send(answer)
-        except ChildDied:
-            pass
-
-    def audit_relay(
-        self, server: str, method: str, status: str, started: float, error: str | None = None
-    ) -> None:
-        """One record per request a child made of the client (§5: relayed, refused, failed)."""
-        metadata: JsonObj = {"event": "client_request", "era": self.client_era or "handshake"}
-        self.audit_event(method, server, status, metadata, error=error, started=started)
-
-    def audit_event(
-        self,
-        tool: str,
-        server: str,
-        status: str,
-        metadata: JsonObj,
-        *,
-        error: str | None = None,
-        started: float | None = None,
-    ) -> None:
-        """A record of the gateway's own (not a tool call): read tier, the policy's level."""
-        self.append_audit(
-            session_id=self.session_id,
-            tool_name=tool,
-            server_name=server,
-            tier="read",
-            status=status,
-            autonomy_level=self.policy.autonomy_level,
-            duration_ms=int((time.monotonic() - started) * 1000) if started is not None else 0,
-            error=self.redactor.redact(error).text if error else None,
-            metadata=metadata,
-        )
-
-    # -- resources, prompts, completion --
-
-    def _ready_with(self, capability: str) -> list[Downstream]:
-        return [
-            ds
-            for ds in self.downstreams.values()
-            if ds.status == "ready" and capability in ds.capabilities and ds.child is not None
-        ]
-
-    def _list_all(self, ds: Downstream, method: str, key: str) -> list[JsonObj]:
-        child = ds.child
-        assert child is not None
-        items: list[JsonObj] = []
-        cursor: object = None
-        for _ in range(100):
-            params: JsonObj = {} if cursor is None else {"cursor": cursor}
-            result = child.request(method, child_params(child, params), HANDSHAKE_TIMEOUT_S)
-            page = result.get(key)
-            if not isinstance(page, list):
-                raise ValueError(f"server {ds.name}: {method} result has no {key} list")
-            items.extend(obj for obj in map(as_obj, page) if obj is not None)
-            cursor = result.get("nextCursor")
-            if not cursor:
-                break
-        return items
-
-    def list_union(self, method: str, p: JsonObj, era: str | None) -> JsonObj:
-        """resources/list, resources/templates/list, prompts/list: every child's, paged."""
-        self.wait_for_startup()
-        key = {
-            "resources/list": "resources",
-            "resources/templates/list": "resourceTemplates",
-            "prompts/list": "prompts",
-        }[method]
-        capability = "prompts" if method == "prompts/list" else "resources"
-        items: list[JsonObj] = []
-        for ds in self._ready_with(capability):
-            try:
-                entries = self._list_all(ds, method, key)
-            except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
-                log("warn", "list_failed", server=ds.name, method=method, error=ds.scrub(str(exc)))
-                continue
-            items.extend(self._index_entries(ds, method, entries))
-        return list_page(key, items, p.get("cursor"), era)
-
-    def _index_entries(self, ds: Downstream, method: str, entries: list[JsonObj]) -> list[JsonObj]:
-        """Remember who owns each URI, template and prompt; rename prompts `server__prompt`."""
-        out: list[JsonObj] = []
-        with self._index_lock:
-            for entry in entries:
-                if method == "resources/list":
-                    uri = entry.get("uri")
-                    if not isinstance(uri, str):
-                        continue
-                    owner = self.resource_index.setdefault(uri, ds.name)
-                    if owner != ds.name:
-                        self.warn_once(
-                            ("uri", uri),
-                            "resource_uri_clash",
-                            uri=uri,
-                            routed_to=owner,
-                            also=ds.name,
-                        )
-                    out.append(entry)
-                elif method == "resources/templates/list":
-                    template = entry.get("uriTemplate")
-                    if not isinstance(template, str):
-                        continue
-                    pair = (template.split("{", 1)[0], ds.name)
-                    if pair not in self.templates:
-                        self.templates.append(pair)
-                    out.append(entry)
-                else:
-                    name = entry.get("name")
-                    if not isinstance(name, str):
-                        continue
-                    exposed = exposed_tool_name(ds.name, name, self.policy.max_tool_name)
-                    self.prompt_index[exposed] = (ds.name, name)
-                    out.append({**entry, "name": exposed})
-        return out
-
-    def route_uri(self, uri: str) -> Downstream:
-        """The child that owns a resource URI: listed, else by template prefix, else the
-        only server with resources."""
-        for attempt in range(2):
-            with self._index_lock:
-                owner = self.resource_index.get(uri)
-                if owner is None:
-                    matches = [
-                        (len(pre), srv)
-                        for pre, srv in self.templates
-                        if pre and uri.startswith(pre)
-                    ]
-                    owner = max(matches)[1] if matches else None
-            if owner is not None and owner in self.downstreams:
-                return self.downstreams[owner]
-            if attempt == 0:  # the client may read without listing first: learn the lists once
-                self.wait_for_startup()
-                for method in ("resources/list", "resources/templates/list"):
-                    self.list_union(method, {}, None)
-        candidates = self._ready_with("resources")
-        if len(candidates) == 1:
-            return candidates[0]
-        raise RpcError(-32002, f"resource not found: {uri}", {"uri": uri})
-
-    def resource_request(self, req_id: object, method: str, p: JsonObj, era: str | None) -> None:
-        uri = p.get("uri")
-        if not isinstance(uri, str):
-            raise RpcError(INVALID_PARAMS, f"{method} needs a string uri")
-        ds = self.route_uri(uri)
-        self.forward_request(req_id, era, ds, method, p, check_paths=True)
-
-    def prompt_request(self, req_id: object, method: str, p: JsonObj, era: str | None) -> None:
-        name = p.get("name")
-        if not isinstance(name, str):
-            raise RpcError(INVALID_PARAMS, "prompts/get needs a string name")
-        target = self.prompt_index.get(name)
-        if target is None:
-            self.list_union("prompts/list", {}, None)
-            target = self.prompt_index.get(name)
-        if target is None:
-            raise RpcError(INVALID_PARAMS, f"unknown prompt: {name}")
-        server, bare = target
-        self.forward_request(
-            req_id, era, self.downstreams[server], method, {**p, "name": bare}, check_paths=True
-        )
-
-    def complete_request(self, req_id: object, method: str, p: JsonObj, era: str | None) -> None:
-        ref = as_obj(p.get("ref")) or {}
-        if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
-            target = self.prompt_index.get(str(ref["name"]))
-            if target is None:
-                self.list_union("prompts/list", {}, None)
-                target = self.prompt_index.get(str(ref["name"]))
-            if target is None:
-                raise RpcError(INVALID_PARAMS, f"unknown prompt: {ref['name']}")
-            server, bare = target
-            params = {**p, "ref": {**ref, "name": bare}}
-            self.forward_request(req_id, era, self.downstreams[server], method, params)
-        elif ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str):
-            self.forward_request(req_id, era, self.route_uri(str(ref["uri"])), method, p)
-        else:
-            raise RpcError(
-                INVALID_PARAMS, "completion/complete needs a ref/prompt or ref/resource ref"
-            )
-
-    def forward_request(
-        self,
-        req_id: object,
-        era: str | None,
-        ds: Downstream,
-        method: str,
-        params: JsonObj,
-        *,
-        check_paths: bool = False,
-    ) -> None:
-        """Forward a non-tool request to its child: HALT and blocked paths apply, the
-        outcome is audited (tool_name is the method), and the answer is redacted."""
-        rules = self.rules
-        call = Call(
-            req_id, method, params, meta_of(params), era or "handshake", rules, time.monotonic()
-        )
-        call.tier = "read"
-        refusal: str | None = None
-        reason = self.halt_reason()
-        if reason is not None:
-            refusal = f"rea: denied: the gateway is frozen (.rea/HALT): {reason}. `python rea.py unfreeze` allows it again"
-        elif check_paths:
-            hit = rules.guard.check({k: v for k, v in params.items() if k != "_meta"})
-            if hit is not None:
-                refusal = (
-                    f"rea: denied: {method} names a blocked path {hit[0]!r} (matches {hit[1]!r}). "
-                    "Edit blocked_paths in .rea/policy.yaml to allow it"
-                )
-        if refusal is not None:
-            self.audit_call(call, "denied", error=refusal, server=ds.name, tool=method)
-            self.reply_error(req_id, RpcError(DENIED, refusal))
-            return
-        child = ds.child
-        if child is None or not child.alive:
-            message = f"rea: error: server {ds.name} is not running: {ds.last_error or 'starting'}"
-            self.audit_call(call, "error", error=message, server=ds.name, tool=method)
-            self.reply_error(req_id, RpcError(INTERNAL_ERROR, message))
-            return
-        with self._calls_lock:
-            self._in_flight[id_key(req_id)] = call
-        call.child = child
-
-        def done(result: JsonObj | None, error: Exception | None) -> None:
-            with self._calls_lock:
-                self._in_flight.pop(id_key(req_id), None)
-            if call.cancelled:
-                self.audit_call(
-                    call, "error", error="cancelled by the client", server=ds.name, tool=method
-                )
-                return
-            if error is not None or result is None:
-                message = ds.scrub(str(error))
-                self.audit_call(call, "error", error=message, server=ds.name, tool=method)
-                code = error.code if isinstance(error, RpcError) else INTERNAL_ERROR
-                self.reply_error(req_id, RpcError(code, message))
-                return
-            value, names = rules.redactor.redact_value(result)
-            metadata: JsonObj = {"redacted": list(names)} if names else {}
-            self.audit_call(
-                call,
-                "allowed",
-                metadata=metadata,
-                server=ds.name,
-                tool=method,
-                redacted_fields=["result"] if names else None,
-            )
-            self.reply(req_id, as_obj(value) or {}, era)
-
-        try:
-            call.child_id = child.request_async(
-                method, child_params(child, params), rules.policy.call_timeout_s, done
-            )
-        except ChildDied as exc:
-            done(None, exc)
-
-    def set_level(self, p: JsonObj) -> None:
-        """logging/setLevel: fanned out to every handshake-era child that logs."""
-        for ds in self._ready_with("logging"):
-            child = ds.child
-            if child is not None and child.era == "handshake":
-                try:
-                    child.request_async("logging/setLevel", p, 10.0, lambda r, e: None)
-                except ChildDied:
-                    pass
-
-
-def list_page(key: str, items: list[JsonObj], cursor: object, era: str | None) -> JsonObj:
+def list_page(key: str, items: list[JsonObj], cursor: object, era: Era | None) -> JsonObj:
     """One page of a list result: `nextCursor` is an offset; stateless-era lists carry
     `ttlMs` 0 (always re-list: policy can change) and `cacheScope` private."""
     start = 0
@@ -9437,7 +10693,7 @@ def list_page(key: str, items: list[JsonObj], cursor: object, era: str | None) -
     result: JsonObj = {key: items[start : start + TOOLS_PAGE]}
     if start + TOOLS_PAGE < len(items):
         result["nextCursor"] = str(start + TOOLS_PAGE)
-    if era == "stateless":
+    if era is Era.STATELESS:
         result["ttlMs"] = 0
         result["cacheScope"] = "private"
     return result
@@ -9465,15 +10721,19 @@ def cmd_serve(root: Path, argv: list[str]) -> int:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    timeouts = Timeouts.from_env(os.environ)
     rea_dir.mkdir(exist_ok=True)
-    threading.Thread(
+    warmer = threading.Thread(
         target=warm_bytecode_cache,
         args=(Path(__file__).resolve(),),
         name="rea-bytecode",
         daemon=True,
-    ).start()
-    gateway = Gateway(root, registry, policy, out)
-    return gateway.serve()
+    )
+    warmer.start()
+    gateway = Gateway(root, registry, policy, sys.stdin.fileno(), out, timeouts)
+    code = gateway.serve()
+    warmer.join(timeout=5)
+    return code
 
 
 def cmd_check(root: Path, as_json: bool) -> int:
@@ -9514,7 +10774,8 @@ def cmd_check(root: Path, as_json: bool) -> int:
 
 def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
     """Start a server just long enough to list its tools (for `trust`)."""
-    timers = DeadlineTimer()
+    timers = Deadlines()
+    timeouts = Timeouts.from_env(os.environ)
     try:
         child = ChildProcess(
             spec.name,
@@ -9524,14 +10785,15 @@ def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
             lambda c, m: None,
             lambda c, code: None,
             timers,
+            timeouts,
         )
     except OSError as exc:
         raise ReaError(
             f"server {spec.name}: cannot start {spec.command!r}: {exc.strerror or exc}"
         ) from None
     try:
-        open_child(child)
-        return list_child_tools(child)
+        open_transport(child, timeouts)
+        return list_tools(child, timeouts.handshake_s)
     except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
         raise ReaError(f"server {spec.name}: cannot list its tools: {exc}") from None
     finally:

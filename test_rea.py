@@ -2090,10 +2090,10 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def acquire_concurrently(breaker: rea.CircuitBreaker, n: int) -> list[float | None]:
+def acquire_concurrently(breaker: rea.CircuitBreaker, n: int) -> list[object]:
     """n threads call acquire() at the same instant; what each got."""
     barrier = threading.Barrier(n)
-    results: list[float | None] = []
+    results: list[object] = []
     lock = threading.Lock()
 
     def worker() -> None:
@@ -2122,48 +2122,66 @@ def make_breaker(threshold: int = 3, cooldown: float = 10.0):
 # §9 Circuit breaker ##########################################################
 
 
+def ticket(breaker: rea.CircuitBreaker) -> rea.BreakerTicket:
+    got = breaker.acquire()
+    assert isinstance(got, rea.BreakerTicket), f"refused until {got}"
+    return got
+
+
+def fail(breaker: rea.CircuitBreaker, held: rea.BreakerTicket | None = None) -> None:
+    breaker.settle(held or ticket(breaker), rea.BreakerVerdict.FAILURE)
+
+
+def succeed(breaker: rea.CircuitBreaker, held: rea.BreakerTicket | None = None) -> None:
+    breaker.settle(held or ticket(breaker), rea.BreakerVerdict.SUCCESS)
+
+
+def allowed(got: object) -> bool:
+    return isinstance(got, rea.BreakerTicket)
+
+
 class TestSection9CircuitBreaker:
     def test_starts_closed_and_lets_calls_through(self):
         breaker, _, transitions = make_breaker()
         assert breaker.state == "closed"
-        assert breaker.acquire() is None
+        assert allowed(breaker.acquire())
         assert breaker.retry_at() is None
         assert transitions == []
 
     def test_opens_after_threshold_consecutive_failures(self):
         breaker, _, transitions = make_breaker(threshold=3)
-        breaker.record_failure()
-        breaker.record_failure()
+        fail(breaker)
+        fail(breaker)
         assert breaker.state == "closed"
-        breaker.record_failure()
+        fail(breaker)
         assert breaker.state == "open"
         assert transitions == [("closed", "open")]
 
     def test_success_resets_the_consecutive_count(self):
         breaker, _, _ = make_breaker(threshold=3)
-        breaker.record_failure()
-        breaker.record_failure()
-        breaker.record_success()
-        breaker.record_failure()
-        breaker.record_failure()
+        fail(breaker)
+        fail(breaker)
+        succeed(breaker)
+        fail(breaker)
+        fail(breaker)
         assert breaker.state == "closed"
-        breaker.record_failure()
+        fail(breaker)
         assert breaker.state == "open"
 
     def test_open_refuses_with_the_wall_clock_retry_time(self):
         breaker, clock, _ = make_breaker(threshold=1, cooldown=10.0)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 4.0
         before = time.time()
         retry = breaker.acquire()
         after = time.time()
-        assert retry is not None
+        assert isinstance(retry, float)
         assert before + 6.0 - 0.01 <= retry <= after + 6.0 + 0.01
         assert breaker.retry_at() == pytest.approx(retry, abs=0.05)
 
     def test_after_cooldown_moves_lazily_to_half_open(self):
         breaker, clock, transitions = make_breaker(threshold=1, cooldown=10.0)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 9.99
         assert breaker.state == "open"
         clock.now += 0.01
@@ -2173,57 +2191,56 @@ class TestSection9CircuitBreaker:
 
     def test_half_open_lets_exactly_one_probe_through(self):
         breaker, clock, _ = make_breaker(threshold=1, cooldown=5.0)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 5.0
-        assert breaker.acquire() is None  # the probe
+        probe = breaker.acquire()
+        assert isinstance(probe, rea.BreakerTicket) and probe.probe
         refused = breaker.acquire()
-        assert refused is not None
-        assert refused > time.time()
+        assert isinstance(refused, float) and refused > time.time()
         assert breaker.state == "half-open"
 
     def test_twenty_concurrent_acquirers_in_half_open_get_one_probe(self):
         breaker, clock, _ = make_breaker(threshold=1, cooldown=5.0)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 5.0
         assert breaker.state == "half-open"
         results = acquire_concurrently(breaker, 20)
         assert len(results) == 20
-        assert sum(r is None for r in results) == 1
-        assert all(isinstance(r, float) for r in results if r is not None)
+        assert sum(allowed(r) for r in results) == 1
+        assert all(isinstance(r, float) for r in results if not allowed(r))
 
     def test_twenty_concurrent_acquirers_after_cooldown_in_open_get_one_probe(self):
         # the lazy open -> half-open move races with the probe slot itself
         breaker, clock, transitions = make_breaker(threshold=1, cooldown=5.0)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 5.0
         results = acquire_concurrently(breaker, 20)
-        assert sum(r is None for r in results) == 1
+        assert sum(allowed(r) for r in results) == 1
         assert transitions.count(("open", "half-open")) == 1
 
     def test_probe_success_closes(self):
         breaker, clock, transitions = make_breaker(threshold=1, cooldown=5.0)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 5.0
-        assert breaker.acquire() is None
-        breaker.record_success()
+        succeed(breaker)
         assert breaker.state == "closed"
-        assert breaker.acquire() is None
-        assert breaker.acquire() is None
+        assert allowed(breaker.acquire())
+        assert allowed(breaker.acquire())
         assert transitions[-1] == ("half-open", "closed")
 
     def test_probe_failure_reopens_with_a_fresh_cooldown(self):
         breaker, clock, transitions = make_breaker(threshold=3, cooldown=5.0)
         for _ in range(3):
-            breaker.record_failure()
+            fail(breaker)
         clock.now += 5.0
-        assert breaker.acquire() is None
+        probe = ticket(breaker)
         clock.now += 2.0  # the probe took 2 s
-        breaker.record_failure()  # a single failure reopens: no threshold in half-open
+        fail(breaker, probe)  # a single failure reopens: no threshold in half-open
         assert breaker.state == "open"
         clock.now += 4.9
         assert breaker.state == "open"
         retry = breaker.acquire()
-        assert retry is not None
+        assert isinstance(retry, float)
         assert retry == pytest.approx(time.time() + 0.1, abs=0.05)
         clock.now += 0.1
         assert breaker.state == "half-open"
@@ -2237,47 +2254,61 @@ class TestSection9CircuitBreaker:
     def test_is_error_result_counts_as_success(self):
         # the caller reports an isError result as a success: the circuit stays closed
         breaker, _, _ = make_breaker(threshold=2)
-        breaker.record_failure()
-        breaker.record_success()
-        breaker.record_failure()
+        fail(breaker)
+        succeed(breaker)
+        fail(breaker)
         assert breaker.state == "closed"
 
-    def test_release_unused_frees_the_probe_slot(self):
+    def test_an_unused_probe_frees_the_probe_slot(self):
         breaker, clock, _ = make_breaker(threshold=1, cooldown=5.0)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 5.0
-        assert breaker.acquire() is None
-        assert breaker.acquire() is not None
-        breaker.release_unused()
+        probe = ticket(breaker)
+        assert not allowed(breaker.acquire())
+        breaker.settle(probe, rea.BreakerVerdict.UNUSED)
         assert breaker.state == "half-open"
-        assert breaker.acquire() is None  # the next caller becomes the probe
-        assert breaker.acquire() is not None
+        assert allowed(breaker.acquire())  # the next caller becomes the probe
+        assert not allowed(breaker.acquire())
 
-    def test_release_unused_when_closed_changes_nothing(self):
+    def test_an_unused_ticket_when_closed_changes_nothing(self):
         breaker, _, transitions = make_breaker()
-        assert breaker.acquire() is None
-        breaker.release_unused()
+        breaker.settle(ticket(breaker), rea.BreakerVerdict.UNUSED)
         assert breaker.state == "closed"
         assert transitions == []
 
     def test_late_success_while_open_does_not_close(self):
         breaker, _, _ = make_breaker(threshold=1, cooldown=5.0)
-        breaker.record_failure()
-        breaker.record_success()
+        early = ticket(breaker)
+        fail(breaker)
+        succeed(breaker, early)
         assert breaker.state == "open"
 
     def test_late_failure_while_open_does_not_extend_the_cooldown(self):
         breaker, clock, _ = make_breaker(threshold=1, cooldown=5.0)
-        breaker.record_failure()
+        early = ticket(breaker)
+        fail(breaker)
         clock.now += 3.0
-        breaker.record_failure()
+        fail(breaker, early)
         clock.now += 2.0
         assert breaker.state == "half-open"
+
+    def test_an_earlier_call_succeeding_while_the_probe_is_out_does_not_close(self):
+        breaker, clock, transitions = make_breaker(threshold=1, cooldown=5.0)
+        early = ticket(breaker)  # a slow call, started while closed
+        fail(breaker)  # the circuit opens
+        clock.now += 5.0
+        probe = ticket(breaker)  # half-open: the probe goes out
+        succeed(breaker, early)  # the slow call ends well meanwhile
+        assert breaker.state == "half-open"
+        assert not allowed(breaker.acquire())  # still only the probe
+        fail(breaker, probe)  # the probe's own outcome decides
+        assert breaker.state == "open"
+        assert transitions[-1] == ("half-open", "open")
 
     def test_configure_changes_threshold_and_cooldown(self):
         breaker, clock, _ = make_breaker(threshold=5, cooldown=100.0)
         breaker.configure(1, 1.0)
-        breaker.record_failure()
+        fail(breaker)
         assert breaker.state == "open"
         clock.now += 1.0
         assert breaker.state == "half-open"
@@ -2298,7 +2329,7 @@ class TestSection9CircuitBreaker:
 
         breaker = rea.CircuitBreaker(1, 5.0, clock=FakeClock(), on_transition=listener)
         holder.append(breaker)
-        breaker.record_failure()
+        fail(breaker)
         assert seen == ["open"]
 
     def test_a_failing_listener_does_not_jam_the_breaker(self):
@@ -2310,17 +2341,17 @@ class TestSection9CircuitBreaker:
 
         clock = FakeClock()
         breaker = rea.CircuitBreaker(1, 5.0, clock=clock, on_transition=listener)
-        breaker.record_failure()
+        fail(breaker)
         clock.now += 5.0
         assert breaker.state == "half-open"
         assert calls == [("closed", "open"), ("open", "half-open")]
 
     def test_default_clock_is_monotonic_and_works(self):
         breaker = rea.CircuitBreaker(1, 0.05)
-        breaker.record_failure()
-        assert breaker.acquire() is not None
+        fail(breaker)
+        assert not allowed(breaker.acquire())
         wait_until(lambda: breaker.state == "half-open")
-        assert breaker.acquire() is None
+        assert allowed(breaker.acquire())
 
 
 # §9 Session blocker ##########################################################
@@ -2405,13 +2436,11 @@ class TestSection9SessionBlocker:
         clock = FakeClock()
         breaker = rea.CircuitBreaker(1, 1.0, clock=clock, on_transition=listener)
         for _ in range(3):
-            breaker.record_failure()  # open
+            fail(breaker)  # open
             clock.now += 1.0
-            assert breaker.acquire() is None  # half-open probe
-            breaker.record_failure()  # open again
+            fail(breaker)  # the half-open probe fails: open again
             clock.now += 1.0
-            assert breaker.acquire() is None
-            breaker.record_success()  # closed: re-arms
+            succeed(breaker)  # the next probe closes it: re-arms
         assert fired == [2, 2, 2]
 
 
@@ -4076,9 +4105,10 @@ class TestSection5FullProxying:
         }
         assert c.request("resources/read", {"uri": "nobody://x"})["error"]["code"] == -32002
         reads = [r for r in audit_records(root) if r["tool_name"] == "resources/read"]
-        assert [r["server_name"] for r in reads] == [
-            "two",
-            "one",
+        assert [(r["server_name"], r["status"]) for r in reads] == [
+            ("two", "allowed"),
+            ("one", "allowed"),
+            ("", "error"),  # nothing serves it: still its one record (§6)
         ] and reads[0]["redacted_fields"] == ["result"]
 
     def test_resource_read_obeys_halt_and_blocked_paths(self, fake_server, rea_project, gateway):
@@ -4405,10 +4435,13 @@ class TestSection5Robustness:
         ):
             assert "correct-horse-battery" not in text
 
-    def test_a_child_that_stops_reading_is_killed_not_waited_on(
+    def test_a_child_that_stops_reading_is_killed_after_the_call_timeout_and_blocks_nobody(
         self, fake_server, rea_project, gateway
     ):
-        root = rea_project([server(fake_server, "stuck"), server(fake_server, "fine")], FAST)
+        root = rea_project(
+            [server(fake_server, "stuck"), server(fake_server, "fine")],
+            FAST + "  call_timeout_s: 2\n",
+        )
         c = running(gateway, root)
         pid = c.downstream("stuck")["pid"]
         c.start("tools/call", {"name": "stuck__stall", "arguments": {}})
@@ -4417,8 +4450,13 @@ class TestSection5Robustness:
             c.start("tools/call", {"name": "stuck__echo", "arguments": {"b": big}})
             for _ in range(3)
         ]
+        # its writer is blocked; the client's reader and every other server are not
+        assert c.call("fine__echo", {"ok": 1}, timeout=1.5)["result"]["structuredContent"] == {
+            "ok": 1
+        }
         texts = [c.wait(rid, timeout=20)["result"]["content"][0]["text"] for rid in ids]
-        assert any("stopped reading its input" in t for t in texts), texts
+        assert "did not answer" in texts[0], texts  # then it is killed: the rest fail with it
+        assert all("did not answer" in t or "exited" in t for t in texts), texts
         poll(lambda: not pid_alive(pid), what="stuck child killed")
         assert c.call("fine__echo", {"ok": 2})["result"]["structuredContent"] == {"ok": 2}
         poll(
@@ -5636,15 +5674,28 @@ def served() -> Iterator[tuple[rea.Metrics, rea.MetricsServer]]:
     server.close()
 
 
-def snapshot(halted: bool = False) -> dict[str, object]:
-    return {
-        "halt": {"active": halted, "reason": "stop" if halted else None},
-        "downstreams": [
-            {"name": "github", "circuit_state": "closed", "restarts": 0, "healthy": True},
-            {"name": "fs", "circuit_state": "half-open", "restarts": 3, "healthy": False},
-        ],
-        "audit_fail_count": 2,
-    }
+def server_status(name: str, circuit: str, restarts: int, healthy: bool) -> rea.DownstreamStatus:
+    return rea.DownstreamStatus(
+        name, True, healthy, circuit, None, None, 1, 0, False, 1, restarts, 0, 0
+    )
+
+
+def snapshot(halted: bool = False) -> rea.ServeState:
+    return rea.ServeState(
+        session_id="s",
+        started_at=None,
+        updated_at=None,
+        owner_pid=os.getpid(),
+        gateway_version="0",
+        metrics_port=None,
+        halt_active=halted,
+        halt_reason="stop" if halted else None,
+        downstreams=(
+            server_status("github", "closed", 0, True),
+            server_status("fs", "half-open", 3, False),
+        ),
+        audit_fail_count=2,
+    )
 
 
 def labels(**items: str) -> tuple[tuple[str, str], ...]:
@@ -5750,30 +5801,26 @@ class TestSection12Metrics:
             == 1
         )
 
-    def test_a_failing_or_odd_snapshot_still_gives_a_valid_page(self, served) -> None:
+    def test_a_failing_snapshot_or_a_repeated_server_still_gives_a_valid_page(self, served) -> None:
         metrics, server = served
 
-        def broken() -> dict[str, object]:
+        def broken() -> rea.ServeState:
             raise RuntimeError("state unavailable")
 
         metrics.set_gauges(broken)
         samples = parse_exposition(scrape(server.port)[2])
         assert samples[("rea_halt_active", ())] == 0 and samples[("rea_up", ())] == 1
-        odd: dict[str, object] = {
-            "halt": "yes",
-            "downstreams": [
-                "x",
-                {"name": "a", "circuit_state": "weird", "restarts": True, "healthy": 1},
-                {"name": "a", "circuit_state": "open", "restarts": 1, "healthy": True},
-                {"circuit_state": "open"},
-            ],
-            "audit_fail_count": "3",
-        }
-        metrics.set_gauges(lambda: odd)
+        twice = dataclasses.replace(
+            snapshot(),
+            downstreams=(
+                server_status("a", "weird", 0, False),
+                server_status("a", "open", 1, True),
+            ),
+        )
+        metrics.set_gauges(lambda: twice)
         samples = parse_exposition(scrape(server.port)[2])
         assert samples[("rea_downstream_restarts_total", labels(server="a"))] == 0
         assert samples[("rea_downstream_healthy", labels(server="a"))] == 0
-        assert samples[("rea_audit_append_failures_total", ())] == 0
 
     def test_only_metrics_is_served_and_only_on_loopback(self, served) -> None:
         _, server = served
