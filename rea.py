@@ -9,28 +9,58 @@ their tools as ``server__tool``, and puts every tool call through the policy of
 the running gateway and each server are doing. Python rebuild of the gateway of the
 TypeScript tool ``rea`` (npm ``@bookedsolid/rea`` 0.9.x), file-compatible with it.
 
-The file reads bottom-up: each section uses only the sections above it.
+The file reads bottom-up: each section uses only the sections above it. Its map,
+one line per banner:
 
-    Prelude               errors, structured logging to stderr, atomic writes
-    YAML subset           the strict parser for .rea/*.yaml
-    Configuration         Registry, ServerSpec, Policy: validated once, at load
-    Governance            tiers, autonomy, blocked paths, redaction, injection scan, caps
-    Audit log             hash chain, flock, group commit, rotation, verify, `audit`
-    Breaker and state     CircuitBreaker, SessionBlocker, LiveState, `status`
-    Trust on first use    fingerprints of servers and tools, `trust`
-    Bench                 the echo server and `bench` (drive rea.py as a subprocess)
-    init, Metrics         `init` from .mcp.json; the Prometheus endpoint
-    Protocol              JSON-RPC and the two MCP eras (handshake, stateless 2026-07-28)
-    Child process         one downstream process: pipes, reader threads, timeouts
-    Downstream            one server: start, era probe, tools, supervisor restarts
-    Call pipeline         the steps every tools/call goes through (SPEC §6)
-    Gateway               the MCP server the client talks to
-    Commands, main        serve, check, freeze, ... and the command line
+    Prelude                 errors, the closed sets (StrEnums), logging to stderr, atomic writes
+    Command line            the one argparse tree every command parses its words with
+    YAML subset             the strict parser for .rea/*.yaml
+    Configuration records   Registry, ServerSpec, Policy: frozen, validated once at load
+    User regular expressions
+                            load checks of redact.patterns (no nested quantifiers)
+    Child environment       ${VAR} expansion and the allowlisted environment of a child
+    Configuration loading   registry and policy files into records, errors as file:line:col
+    Configuration as JSON   `check --json`
+    Tiers and autonomy      a tool's tier from its name, annotations and overrides
+    Blocked paths           PathGuard: every string argument read as a path, every way
+    Secret redaction        built-in and user secret patterns over any JSON value
+    Prompt injection        the phrase scan, NFKC-folded, inside base64 too
+    Result size cap         max_result_kb with a visible notice
+    Audit log               hash chain, flock, group commit, rotation, the head file
+    Audit verify            walking the chain across files
+    Audit command           `audit verify | rotate | tail`
+    Breaker and session blocker
+                            CircuitBreaker (tickets with epochs), SessionBlocker
+    Live state              serve.state.json: debounced atomic writes, one owner
+    Status command          DownstreamStatus, ServeState and `status`
+    Trust on first use      fingerprints of servers and tools
+    `rea.py trust`          showing what changed and re-pinning it
+    Echo server, Bench client, Bench measurements, Bench command
+                            `bench`: the gateway against a direct connection
+    init                    `init` from .mcp.json and Claude Desktop configs
+    Metrics                 the Prometheus endpoint
+    Protocol                JSON-RPC, the two MCP eras, Timeouts
+    Tool names              `server__tool`, shortened when too long
+    Transports              Transport; ChildProcess (reader, writer, stderr threads); Deadlines
+    Downstream and supervisor
+                            one server: start, era probe, tools, trust, restarts
+    Call pipeline           CallView, the steps, CallLimiter, Permit, Outcome, result checks
+    Configuration in force  ConfigWatch: policy, registry and HALT while serving
+    Client wire             ClientWire: stdin framing, stdout, open requests, our requests
+    Session and catalog     Session (eras per request), Catalog (one frozen view)
+    Calls                   Call, AuditTrail, InputBridge, Calls: the one lifecycle and finish
+    Relay                   a server's own notifications and requests to the client
+    Gateway                 Downstreams and the Gateway, the composition root
+    Commands                serve, check, freeze, unfreeze, and probing a server for trust
+    main                    the dispatch of the command line
 
-Threads: ``rea-stdin`` reads the client; per child ``rea-child-NAME`` reads its stdout
-and ``rea-stderr-NAME`` drains its stderr; ``rea-worker-N`` run slow requests and
-durable audit writes; ``rea-timeouts`` expires calls; ``rea-state-timer`` writes the
-live state. stdout carries only JSON-RPC; every log line goes to stderr as JSON.
+Threads, each with one job and a name: ``rea-stdin`` reads the client; per child
+``rea-child-NAME`` reads its stdout, ``rea-write-NAME`` writes its stdin from a queue and
+``rea-stderr-NAME`` drains its stderr; ``rea-worker-N`` run slow requests and durable
+audit writes; ``rea-timeouts`` expires every deadline; ``rea-start-NAME``,
+``rea-restart-NAME`` and ``rea-stop-NAME`` start and stop servers; ``rea-state-timer``
+writes the live state. Every one is joined or idle at exit. stdout carries only
+JSON-RPC; every log line goes to stderr as JSON.
 """
 
 from __future__ import annotations
@@ -71,7 +101,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO, NoReturn, Protocol, TextIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO, TypeVar
 from urllib.parse import unquote
 
 # Prelude #######################################################################
@@ -225,6 +255,88 @@ def warm_bytecode_cache(rea_path: Path) -> None:
         py_compile.compile(str(rea_path), cfile=str(cache), doraise=True)
     except (OSError, py_compile.PyCompileError, ValueError):
         pass
+
+
+# Command line ##################################################################
+#
+# Every command's words and options, in one argparse tree (§11). Each command parses
+# its words with it; `main` at the bottom dispatches. A usage mistake is one ReaError
+# line, never argparse's usage dump and exit.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ReaError line."""
+
+    def error(self, message: str) -> NoReturn:
+        message = message.replace("unrecognized arguments:", "unknown argument")
+        raise ReaError(f"{self.prog}: {message} (see `python {self.prog} --help`)")
+
+
+def _count(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
+        return int(text)
+
+    return parse
+
+
+def command_line() -> _Parser:
+    """The one argparse tree that parses every command."""
+    parser = _Parser(prog="rea.py", add_help=False, description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--version", action="store_true", help="print the version")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    def add(words: Any, name: str, text: str) -> _Parser:
+        command: _Parser = words.add_parser(name, help=text, description=text)
+        # after the command's own words, like any other option (§11)
+        command.add_argument(
+            "--root", metavar="DIR", default=argparse.SUPPRESS, help="the project root"
+        )
+        return command
+
+    add(sub, "serve", "run the gateway on stdin/stdout (point your MCP client here)")
+    status = add(sub, "status", "what the running gateway and each server are doing")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--watch", action="store_true", help="refresh every second")
+    check = add(sub, "check", "validate .rea/ files and print the resolved registry and policy")
+    check.add_argument("--json", action="store_true", help="one JSON object")
+    init = add(sub, "init", "create .rea/ (policy, registry); import a client config")
+    init.add_argument("--from", dest="source", metavar="PATH", help="a .mcp.json or Claude config")
+    init.add_argument("--write", action="store_true", help="rewrite PATH to route through rea")
+    audit = add(sub, "audit", "verify, rotate or show the audit log")
+    audit_words = audit.add_subparsers(
+        dest="audit_command", parser_class=_Parser, metavar="WORD", required=True
+    )
+    verify = add(audit_words, "verify", "check the hash chain across every file")
+    verify.add_argument("--json", action="store_true", help="one JSON object")
+    add(audit_words, "rotate", "start a new audit file now")
+    tail = add(audit_words, "tail", "print the last records")
+    tail.add_argument("-n", "--lines", type=_count(0), default=10, metavar="N", help="how many")
+    freeze = add(sub, "freeze", "refuse every tool call (kill switch: .rea/HALT)")
+    freeze.add_argument("--reason", metavar="TEXT", help="why; quoted in every refusal")
+    add(sub, "unfreeze", "allow tool calls again")
+    trust = add(sub, "trust", "accept a server's changed definition or tools (re-pin them)")
+    trust.add_argument("server", nargs="?", metavar="SERVER")
+    trust.add_argument("--tool", metavar="NAME", help="re-pin this one tool only")
+    trust.add_argument("-y", "--yes", action="store_true", help="accepted for scripts")
+    trust.add_argument("--dry-run", action="store_true", help="show what changed, pin nothing")
+    bench = add(sub, "bench", "measure the gateway's added latency and throughput here")
+    bench.add_argument("--calls", type=_count(1), default=2000, metavar="N")
+    bench.add_argument("--warmup", type=_count(0), default=200, metavar="N")
+    bench.add_argument("--fsync", choices=[m.value for m in FsyncMode], default="off")
+    bench.add_argument("--delay-ms", metavar="MS", default="0", help="the echo server's work")
+    bench.add_argument("--server", metavar="NAME", help="bench a server of the registry")
+    bench.add_argument("--tool", metavar="T")
+    bench.add_argument("--args", metavar="JSON")
+    bench.add_argument("--json", action="store_true", help="one JSON object")
+    return parser
+
+
+def parse_command(words: list[str]) -> argparse.Namespace:
+    """Parse one command line (its first word is the command) with the one tree."""
+    return command_line().parse_args(words)
 
 
 # YAML subset ######################################################################
@@ -824,6 +936,281 @@ class Policy:
     source: Path | None = None
 
 
+# User regular expressions #########################################################
+#
+# Python's re cannot be timed out, so a user pattern that backtracks exponentially
+# would hang every call whose result it scans (SPEC §6). Such patterns are refused at
+# load by their shape: a variable quantifier inside a repeated group ((a+)+, (a*)*,
+# (\w+\s?)+), or a repeated group whose alternatives can start the same way ((a|a)*,
+# (a|aa)*). The check reads re's own parse tree so that escapes, classes and inline
+# flags are understood exactly as re will run them.
+
+_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+# Characters on which "can two branches start alike?" is decided: Latin-1 plus a few
+# non-ASCII digits, letters and spaces that \d, \w and \s also match.
+_PROBE = frozenset([chr(c) for c in range(256)] + ["\u0660", "\u4e2d", "\u3000", "\u2028"])
+_sre_parse: Callable[[str, int], object] = importlib.import_module("re._parser").parse
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
+
+
+def regex_flags(flags: str) -> int:
+    """The re flags for the letters of RedactPattern.flags."""
+    bits = 0
+    for letter in flags:
+        bits |= _REGEX_FLAGS[letter]
+    return bits
+
+
+def check_user_regex(regex: str, flags: str) -> str | None:
+    """None when a user regex is safe to run; else the reason it is refused."""
+    for letter in flags:
+        if letter not in _REGEX_FLAGS:
+            return f"unknown flag {letter!r} (use letters among i m s x)"
+    try:
+        compiled = re.compile(regex, regex_flags(flags))
+        tree = _sre_parse(regex, regex_flags(flags))
+    except re.error as err:
+        return f"does not compile: {err}"
+    state = getattr(tree, "state", None)
+    ignore_case = bool(getattr(state, "flags", 0) & re.IGNORECASE)
+    shape = _RegexShape(ignore_case).scan(_items(tree), None)
+    if shape is None and compiled.fullmatch(""):
+        return "matches the empty string, so it would match everywhere"
+    return shape
+
+
+def _items(node: object) -> list[tuple[str, object]]:
+    """The (op name, argument) pairs of a parsed sub-pattern."""
+    data = getattr(node, "data", node)
+    result: list[tuple[str, object]] = []
+    if isinstance(data, list):
+        for item in data:
+            if isinstance(item, tuple) and len(item) == 2:
+                result.append((str(item[0]), item[1]))
+    return result
+
+
+def _args(value: object) -> tuple[object, ...]:
+    return value if isinstance(value, tuple) else ()
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+class _RegexShape:
+    """Walks a parsed regex looking for exponential-backtracking shapes."""
+
+    def __init__(self, ignore_case: bool) -> None:
+        self.ignore_case = ignore_case
+
+    def scan(
+        self, items: list[tuple[str, object]], repeated: list[tuple[str, object]] | None
+    ) -> str | None:
+        """`repeated` is the body of the innermost enclosing variable repeat, if any."""
+        for index, (op, arg) in enumerate(items):
+            parts = _args(arg)
+            reason: str | None = None
+            if op in _REPEATS and len(parts) == 3:
+                low, high, body = _int(parts[0]), _int(parts[1]), _items(parts[2])
+                if low != high and repeated is not None:
+                    return "has a nested quantifier (like (a+)+), which can backtrack exponentially"
+                reason = self.scan(body, body if low != high and high > 1 else repeated)
+            elif op in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):
+                # No backtracking into these, so nothing inside them multiplies.
+                reason = self.scan(_items(parts[-1] if parts else arg), None)
+            elif op == "SUBPATTERN" and len(parts) == 4:
+                reason = self.scan(_items(parts[3]), repeated)
+            elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+                reason = self.scan(_items(parts[1]), repeated)
+            elif op == "GROUPREF_EXISTS" and len(parts) == 3:
+                reason = self.scan(_items(parts[1]), repeated) or self.scan(
+                    _items(parts[2]), repeated
+                )
+            elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+                alternatives = [_items(alt) for alt in parts[1]]
+                if repeated is not None:
+                    follow, _ = self.first(items[index + 1 :])
+                    follow |= self.first(repeated)[0]
+                    if self.overlap(alternatives, follow):
+                        return (
+                            "has a repeated group whose alternatives overlap (like (a|a)*), "
+                            "which can backtrack exponentially"
+                        )
+                for alternative in alternatives:
+                    reason = reason or self.scan(alternative, repeated)
+            if reason:
+                return reason
+        return None
+
+    def overlap(self, alternatives: list[list[tuple[str, object]]], follow: set[str]) -> bool:
+        firsts = [self.first(alt) for alt in alternatives]
+        if sum(1 for _, nullable in firsts if nullable) >= 2:
+            return True
+        for a, (first_a, nullable_a) in enumerate(firsts):
+            for first_b, _ in firsts[a + 1 :]:
+                if first_a & first_b:
+                    return True
+            # An empty branch lets the next repetition start where another branch could.
+            if nullable_a and any(first & follow for first, _ in firsts):
+                return True
+        return False
+
+    def first(self, items: list[tuple[str, object]]) -> tuple[set[str], bool]:
+        """The probe characters a match can start with, and whether it can be empty."""
+        result: set[str] = set()
+        for op, arg in items:
+            chars, nullable = self.first_item(op, arg)
+            result |= chars
+            if not nullable:
+                return result, False
+        return result, True
+
+    def first_item(self, op: str, arg: object) -> tuple[set[str], bool]:
+        parts = _args(arg)
+        if op == "LITERAL":
+            return self.literal(_int(arg)), False
+        if op == "NOT_LITERAL":
+            return set(_PROBE) - self.literal(_int(arg)), False
+        if op == "ANY":
+            return set(_PROBE), False
+        if op == "IN" and isinstance(arg, list):
+            return {ch for ch in _PROBE if self.in_set(_items(arg), ch)}, False
+        if op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            chars, nullable = self.first(_items(parts[2]))
+            return chars, nullable or _int(parts[0]) == 0
+        if op == "SUBPATTERN" and len(parts) == 4:
+            return self.first(_items(parts[3]))
+        if op == "ATOMIC_GROUP":
+            return self.first(_items(arg))
+        if op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            union: set[str] = set()
+            any_empty = False
+            for alt in parts[1]:
+                alt_chars, alt_empty = self.first(_items(alt))
+                union |= alt_chars
+                any_empty = any_empty or alt_empty
+            return union, any_empty
+        if op in ("AT", "ASSERT", "ASSERT_NOT"):
+            return set(), True  # zero width
+        return set(_PROBE), True  # back-references and the rest: assume the worst
+
+    def literal(self, code: int) -> set[str]:
+        ch = chr(code)
+        return {ch, ch.lower(), ch.upper()} if self.ignore_case else {ch}
+
+    def in_set(self, items: list[tuple[str, object]], ch: str) -> bool:
+        negate = False
+        hit = False
+        folded = ch.lower() if self.ignore_case else ch
+        for op, arg in items:
+            parts = _args(arg)
+            if op == "NEGATE":
+                negate = True
+            elif op == "LITERAL":
+                hit = hit or ch in self.literal(_int(arg)) or folded in self.literal(_int(arg))
+            elif op.startswith("RANGE") and len(parts) == 2:
+                low, high = _int(parts[0]), _int(parts[1])
+                hit = hit or any(low <= ord(c) <= high for c in {ch, ch.lower(), ch.upper()})
+            elif op == "CATEGORY":
+                hit = hit or _in_category(str(arg), ch)
+            else:
+                hit = True  # unknown member: assume it matches
+        return hit != negate
+
+
+def _in_category(name: str, ch: str) -> bool:
+    tests: dict[str, Callable[[str], bool]] = {
+        "CATEGORY_DIGIT": str.isdecimal,
+        "CATEGORY_SPACE": str.isspace,
+        "CATEGORY_WORD": lambda c: c.isalnum() or c == "_",
+    }
+    for base, test in tests.items():
+        if name == base:
+            return test(ch)
+        if name == base.replace("CATEGORY_", "CATEGORY_NOT_"):
+            return not test(ch)
+    return True
+
+
+# Child environment ################################################################
+
+# What every child gets from the gateway's environment (SPEC §3): neutral variables a
+# program needs to run, never the whole environment (which holds the user's secrets).
+NEUTRAL_ENV: tuple[str, ...] = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "SYSTEMROOT",
+    # Windows needs these to start node, npx and python at all.
+    "TEMP",
+    "TMP",
+    "PATHEXT",
+    "COMSPEC",
+    "WINDIR",
+    "USERPROFILE",
+    "APPDATA",
+    "LOCALAPPDATA",
+    # Language runtimes: where a child finds its interpreter and packages.
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONIOENCODING",
+    "PYTHONUTF8",
+    "VIRTUAL_ENV",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "NVM_DIR",
+)
+_TEMPLATE_RE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _template_problem(template: str) -> str | None:
+    """Why an env: value is not a valid template (only ${VAR} is a form), else None."""
+    for match in _TEMPLATE_RE.finditer(template):
+        if not _ENV_NAME_RE.match(match.group(1)):
+            return f"${{{match.group(1)}}} is not supported: only ${{VAR}} is"
+    if "${" in _TEMPLATE_RE.sub("", template):
+        return "has a '${' without a closing '}'"
+    return None
+
+
+def expand_env(template: str, environ: Mapping[str, str], server: str, key: str) -> str:
+    """Expand every ${VAR} of an env: value from environ; an unset VAR is an error."""
+    problem = _template_problem(template)
+    if problem:
+        raise ReaError(f"server {server!r}: env {key}: {problem}; write ${{NAME}}")
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ReaError(
+                f"server {server!r}: env {key} needs ${{{name}}}, which is not set; "
+                f"export {name} before starting rea, or remove it from the registry"
+            )
+        return environ[name]
+
+    return _TEMPLATE_RE.sub(value_of, template)
+
+
+def child_environment(spec: ServerSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """A child's whole environment: the neutral allowlist, then passthrough, then env:."""
+    result = {name: environ[name] for name in NEUTRAL_ENV if name in environ}
+    for name in spec.env_passthrough:
+        if name in environ:
+            result[name] = environ[name]
+    for key, template in spec.env.items():
+        result[key] = expand_env(template, environ, spec.name, key)
+    return result
+
+
 # Configuration loading ############################################################
 
 
@@ -1296,282 +1683,7 @@ def _redact_pattern(value: object, filename: str, place: str) -> RedactPattern:
     return RedactPattern(name=name, regex=regex, flags=flags)
 
 
-# User regular expressions #########################################################
-#
-# Python's re cannot be timed out, so a user pattern that backtracks exponentially
-# would hang every call whose result it scans (SPEC §6). Such patterns are refused at
-# load by their shape: a variable quantifier inside a repeated group ((a+)+, (a*)*,
-# (\w+\s?)+), or a repeated group whose alternatives can start the same way ((a|a)*,
-# (a|aa)*). The check reads re's own parse tree so that escapes, classes and inline
-# flags are understood exactly as re will run them.
-
-_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
-# Characters on which "can two branches start alike?" is decided: Latin-1 plus a few
-# non-ASCII digits, letters and spaces that \d, \w and \s also match.
-_PROBE = frozenset([chr(c) for c in range(256)] + ["\u0660", "\u4e2d", "\u3000", "\u2028"])
-_sre_parse: Callable[[str, int], object] = importlib.import_module("re._parser").parse
-_REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
-
-
-def regex_flags(flags: str) -> int:
-    """The re flags for the letters of RedactPattern.flags."""
-    bits = 0
-    for letter in flags:
-        bits |= _REGEX_FLAGS[letter]
-    return bits
-
-
-def check_user_regex(regex: str, flags: str) -> str | None:
-    """None when a user regex is safe to run; else the reason it is refused."""
-    for letter in flags:
-        if letter not in _REGEX_FLAGS:
-            return f"unknown flag {letter!r} (use letters among i m s x)"
-    try:
-        compiled = re.compile(regex, regex_flags(flags))
-        tree = _sre_parse(regex, regex_flags(flags))
-    except re.error as err:
-        return f"does not compile: {err}"
-    state = getattr(tree, "state", None)
-    ignore_case = bool(getattr(state, "flags", 0) & re.IGNORECASE)
-    shape = _RegexShape(ignore_case).scan(_items(tree), None)
-    if shape is None and compiled.fullmatch(""):
-        return "matches the empty string, so it would match everywhere"
-    return shape
-
-
-def _items(node: object) -> list[tuple[str, object]]:
-    """The (op name, argument) pairs of a parsed sub-pattern."""
-    data = getattr(node, "data", node)
-    result: list[tuple[str, object]] = []
-    if isinstance(data, list):
-        for item in data:
-            if isinstance(item, tuple) and len(item) == 2:
-                result.append((str(item[0]), item[1]))
-    return result
-
-
-def _args(value: object) -> tuple[object, ...]:
-    return value if isinstance(value, tuple) else ()
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) else 0
-
-
-class _RegexShape:
-    """Walks a parsed regex looking for exponential-backtracking shapes."""
-
-    def __init__(self, ignore_case: bool) -> None:
-        self.ignore_case = ignore_case
-
-    def scan(
-        self, items: list[tuple[str, object]], repeated: list[tuple[str, object]] | None
-    ) -> str | None:
-        """`repeated` is the body of the innermost enclosing variable repeat, if any."""
-        for index, (op, arg) in enumerate(items):
-            parts = _args(arg)
-            reason: str | None = None
-            if op in _REPEATS and len(parts) == 3:
-                low, high, body = _int(parts[0]), _int(parts[1]), _items(parts[2])
-                if low != high and repeated is not None:
-                    return "has a nested quantifier (like (a+)+), which can backtrack exponentially"
-                reason = self.scan(body, body if low != high and high > 1 else repeated)
-            elif op in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):
-                # No backtracking into these, so nothing inside them multiplies.
-                reason = self.scan(_items(parts[-1] if parts else arg), None)
-            elif op == "SUBPATTERN" and len(parts) == 4:
-                reason = self.scan(_items(parts[3]), repeated)
-            elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
-                reason = self.scan(_items(parts[1]), repeated)
-            elif op == "GROUPREF_EXISTS" and len(parts) == 3:
-                reason = self.scan(_items(parts[1]), repeated) or self.scan(
-                    _items(parts[2]), repeated
-                )
-            elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
-                alternatives = [_items(alt) for alt in parts[1]]
-                if repeated is not None:
-                    follow, _ = self.first(items[index + 1 :])
-                    follow |= self.first(repeated)[0]
-                    if self.overlap(alternatives, follow):
-                        return (
-                            "has a repeated group whose alternatives overlap (like (a|a)*), "
-                            "which can backtrack exponentially"
-                        )
-                for alternative in alternatives:
-                    reason = reason or self.scan(alternative, repeated)
-            if reason:
-                return reason
-        return None
-
-    def overlap(self, alternatives: list[list[tuple[str, object]]], follow: set[str]) -> bool:
-        firsts = [self.first(alt) for alt in alternatives]
-        if sum(1 for _, nullable in firsts if nullable) >= 2:
-            return True
-        for a, (first_a, nullable_a) in enumerate(firsts):
-            for first_b, _ in firsts[a + 1 :]:
-                if first_a & first_b:
-                    return True
-            # An empty branch lets the next repetition start where another branch could.
-            if nullable_a and any(first & follow for first, _ in firsts):
-                return True
-        return False
-
-    def first(self, items: list[tuple[str, object]]) -> tuple[set[str], bool]:
-        """The probe characters a match can start with, and whether it can be empty."""
-        result: set[str] = set()
-        for op, arg in items:
-            chars, nullable = self.first_item(op, arg)
-            result |= chars
-            if not nullable:
-                return result, False
-        return result, True
-
-    def first_item(self, op: str, arg: object) -> tuple[set[str], bool]:
-        parts = _args(arg)
-        if op == "LITERAL":
-            return self.literal(_int(arg)), False
-        if op == "NOT_LITERAL":
-            return set(_PROBE) - self.literal(_int(arg)), False
-        if op == "ANY":
-            return set(_PROBE), False
-        if op == "IN" and isinstance(arg, list):
-            return {ch for ch in _PROBE if self.in_set(_items(arg), ch)}, False
-        if op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
-            chars, nullable = self.first(_items(parts[2]))
-            return chars, nullable or _int(parts[0]) == 0
-        if op == "SUBPATTERN" and len(parts) == 4:
-            return self.first(_items(parts[3]))
-        if op == "ATOMIC_GROUP":
-            return self.first(_items(arg))
-        if op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
-            union: set[str] = set()
-            any_empty = False
-            for alt in parts[1]:
-                alt_chars, alt_empty = self.first(_items(alt))
-                union |= alt_chars
-                any_empty = any_empty or alt_empty
-            return union, any_empty
-        if op in ("AT", "ASSERT", "ASSERT_NOT"):
-            return set(), True  # zero width
-        return set(_PROBE), True  # back-references and the rest: assume the worst
-
-    def literal(self, code: int) -> set[str]:
-        ch = chr(code)
-        return {ch, ch.lower(), ch.upper()} if self.ignore_case else {ch}
-
-    def in_set(self, items: list[tuple[str, object]], ch: str) -> bool:
-        negate = False
-        hit = False
-        folded = ch.lower() if self.ignore_case else ch
-        for op, arg in items:
-            parts = _args(arg)
-            if op == "NEGATE":
-                negate = True
-            elif op == "LITERAL":
-                hit = hit or ch in self.literal(_int(arg)) or folded in self.literal(_int(arg))
-            elif op.startswith("RANGE") and len(parts) == 2:
-                low, high = _int(parts[0]), _int(parts[1])
-                hit = hit or any(low <= ord(c) <= high for c in {ch, ch.lower(), ch.upper()})
-            elif op == "CATEGORY":
-                hit = hit or _in_category(str(arg), ch)
-            else:
-                hit = True  # unknown member: assume it matches
-        return hit != negate
-
-
-def _in_category(name: str, ch: str) -> bool:
-    tests: dict[str, Callable[[str], bool]] = {
-        "CATEGORY_DIGIT": str.isdecimal,
-        "CATEGORY_SPACE": str.isspace,
-        "CATEGORY_WORD": lambda c: c.isalnum() or c == "_",
-    }
-    for base, test in tests.items():
-        if name == base:
-            return test(ch)
-        if name == base.replace("CATEGORY_", "CATEGORY_NOT_"):
-            return not test(ch)
-    return True
-
-
-# Child environment ################################################################
-
-# What every child gets from the gateway's environment (SPEC §3): neutral variables a
-# program needs to run, never the whole environment (which holds the user's secrets).
-NEUTRAL_ENV: tuple[str, ...] = (
-    "PATH",
-    "HOME",
-    "USER",
-    "LOGNAME",
-    "SHELL",
-    "LANG",
-    "LC_ALL",
-    "LC_CTYPE",
-    "TZ",
-    "TERM",
-    "TMPDIR",
-    "SYSTEMROOT",
-    # Windows needs these to start node, npx and python at all.
-    "TEMP",
-    "TMP",
-    "PATHEXT",
-    "COMSPEC",
-    "WINDIR",
-    "USERPROFILE",
-    "APPDATA",
-    "LOCALAPPDATA",
-    # Language runtimes: where a child finds its interpreter and packages.
-    "PYTHONPATH",
-    "PYTHONHOME",
-    "PYTHONIOENCODING",
-    "PYTHONUTF8",
-    "VIRTUAL_ENV",
-    "NODE_OPTIONS",
-    "NODE_PATH",
-    "NVM_DIR",
-)
-_TEMPLATE_RE = re.compile(r"\$\{([^}]*)\}")
-
-
-def _template_problem(template: str) -> str | None:
-    """Why an env: value is not a valid template (only ${VAR} is a form), else None."""
-    for match in _TEMPLATE_RE.finditer(template):
-        if not _ENV_NAME_RE.match(match.group(1)):
-            return f"${{{match.group(1)}}} is not supported: only ${{VAR}} is"
-    if "${" in _TEMPLATE_RE.sub("", template):
-        return "has a '${' without a closing '}'"
-    return None
-
-
-def expand_env(template: str, environ: Mapping[str, str], server: str, key: str) -> str:
-    """Expand every ${VAR} of an env: value from environ; an unset VAR is an error."""
-    problem = _template_problem(template)
-    if problem:
-        raise ReaError(f"server {server!r}: env {key}: {problem}; write ${{NAME}}")
-
-    def value_of(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in environ:
-            raise ReaError(
-                f"server {server!r}: env {key} needs ${{{name}}}, which is not set; "
-                f"export {name} before starting rea, or remove it from the registry"
-            )
-        return environ[name]
-
-    return _TEMPLATE_RE.sub(value_of, template)
-
-
-def child_environment(spec: ServerSpec, environ: Mapping[str, str]) -> dict[str, str]:
-    """A child's whole environment: the neutral allowlist, then passthrough, then env:."""
-    result = {name: environ[name] for name in NEUTRAL_ENV if name in environ}
-    for name in spec.env_passthrough:
-        if name in environ:
-            result[name] = environ[name]
-    for key, template in spec.env.items():
-        result[key] = expand_env(template, environ, spec.name, key)
-    return result
-
-
-# Configuration as JSON (for `check --json`) #######################################
+# Configuration as JSON ########################################################
 
 
 def policy_to_json(policy: Policy) -> dict[str, object]:
@@ -3337,19 +3449,13 @@ def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -
 
 # Audit command ###############################################################
 
-_AUDIT_USAGE = "usage: rea.py audit verify [--json] | audit rotate | audit tail [-n N]"
-
 
 def cmd_audit(rea_dir: Path, argv: list[str], out: TextIO) -> int:
     """`audit verify [--json]`, `audit rotate`, `audit tail [-n N]` (SPEC §7, §11)."""
-    if not argv:
-        raise ReaError(_AUDIT_USAGE)
-    sub, rest = argv[0], argv[1:]
-    if sub == "verify":
-        if rest not in ([], ["--json"]):
-            raise ReaError(f"audit verify: unexpected {' '.join(rest)!r}; {_AUDIT_USAGE}")
+    args = parse_command(["audit", *argv])
+    if args.audit_command == "verify":
         result = verify_audit(rea_dir)
-        if rest:
+        if args.json:
             out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
         elif result.ok:
             out.write(f"audit: OK — {result.records} records in {len(result.files)} files\n")
@@ -3359,9 +3465,7 @@ def cmd_audit(rea_dir: Path, argv: list[str], out: TextIO) -> int:
                 hashes = f" (expected {result.expected}, found {result.found})"
             out.write(f"audit: BROKEN at {result.file}:{result.line} — {result.reason}{hashes}\n")
         return 0 if result.ok else 1
-    if sub == "rotate":
-        if rest:
-            raise ReaError(f"audit rotate: unexpected {' '.join(rest)!r}; {_AUDIT_USAGE}")
+    if args.audit_command == "rotate":
         audit = AuditLog(rea_dir)
         try:
             rotated = audit.rotate("manual")
@@ -3372,25 +3476,9 @@ def cmd_audit(rea_dir: Path, argv: list[str], out: TextIO) -> int:
         else:
             out.write(f"audit: rotated to {rotated.name}\n")
         return 0
-    if sub == "tail":
-        n = _parse_tail_count(rest)
-        for line in _tail_lines(rea_dir, n):
-            out.write(line.decode("utf-8", "replace") + "\n")
-        return 0
-    raise ReaError(f"audit: unknown subcommand {sub!r}; {_AUDIT_USAGE}")
-
-
-def _parse_tail_count(rest: list[str]) -> int:
-    if not rest:
-        return 10
-    text: str | None = None
-    if len(rest) == 2 and rest[0] in ("-n", "--lines"):
-        text = rest[1]
-    elif len(rest) == 1 and rest[0].startswith("-n") and len(rest[0]) > 2:
-        text = rest[0][2:]
-    if text is None or not text.isdigit():
-        raise ReaError(f"audit tail: expected -n N (a whole number); {_AUDIT_USAGE}")
-    return int(text)
+    for line in _tail_lines(rea_dir, args.lines):
+        out.write(line.decode("utf-8", "replace") + "\n")
+    return 0
 
 
 def _tail_lines(rea_dir: Path, n: int) -> list[bytes]:
@@ -3939,23 +4027,18 @@ def cmd_status(
     root: Path,
     argv: list[str],
     out: TextIO,
-    policy_summary: Callable[[], dict[str, object]],
+    summary: Callable[[], dict[str, object]],
 ) -> int:
     """`status [--json] [--watch]`: the running gateway as its files show it (§8)."""
-    as_json = watch = False
-    for arg in argv:
-        if arg == "--json":
-            as_json = True
-        elif arg == "--watch":
-            watch = True
-        else:
-            print(
-                f"rea status: unknown argument {arg!r}; use --json and/or --watch", file=sys.stderr
-            )
-            return 2
+    try:
+        args = parse_command(["status", *argv])
+    except ReaError as exc:
+        print(f"rea: {exc}", file=sys.stderr)
+        return 2
+    as_json, watch = args.json, args.watch
     if not watch:
         try:
-            report = gather_status(root, policy_summary)
+            report = gather_status(root, summary)
         except ReaError as exc:
             print(f"rea status: {exc}", file=sys.stderr)
             return 2
@@ -3965,7 +4048,7 @@ def cmd_status(
     try:
         while True:
             try:
-                text = _render(gather_status(root, policy_summary), as_json)
+                text = _render(gather_status(root, summary), as_json)
             except ReaError as exc:
                 text = f"rea status: {exc}\n"  # shown, not fatal: a file may be mid-edit
             out.write(_CLEAR_SCREEN + text)
@@ -3977,7 +4060,7 @@ def cmd_status(
         return 0
 
 
-def gather_status(root: Path, policy_summary: Callable[[], dict[str, object]]) -> StatusReport:
+def gather_status(root: Path, summary: Callable[[], dict[str, object]]) -> StatusReport:
     """Read serve.pid, serve.state.json, HALT, audit.jsonl and the policy summary.
 
     Raises ReaError for unreadable files (exit 2); an unusable state file is not an error
@@ -4011,7 +4094,7 @@ def gather_status(root: Path, policy_summary: Callable[[], dict[str, object]]) -
         state_problem=problem,
         halt_active=halt_active,
         halt_reason=halt_reason,
-        policy=policy_summary(),
+        policy=summary(),
         audit=_audit_summary(rea_dir / AUDIT_FILE),
     )
 
@@ -4368,7 +4451,6 @@ _DEFINITION_LABELS = {  # field -> how a reason names it
     "env_passthrough": "env_passthrough",
 }
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_TRUST_USAGE = "usage: rea.py trust SERVER [--tool NAME] [--yes] [--dry-run] [--root DIR]"
 
 
 def server_definition(spec: ServerSpec) -> dict[str, object]:
@@ -4438,6 +4520,16 @@ class _ServerPin:
 
 class _PinsUnusable(Exception):
     """fingerprints.json cannot be trusted; str() is the one-line reason."""
+
+
+def _tools_by_name(tools: Sequence[Mapping[str, object]]) -> dict[str, Mapping[str, object]]:
+    """A `tools/list` result by tool name; a tool without a text name is skipped."""
+    by_name: dict[str, Mapping[str, object]] = {}
+    for tool in tools:
+        name = tool.get("name")
+        if isinstance(name, str):
+            by_name[name] = tool
+    return by_name
 
 
 class Fingerprints:
@@ -4814,7 +4906,7 @@ def cmd_trust(
     root: Path,
     argv: list[str],
     out: TextIO,
-    list_tools: Callable[[ServerSpec], list[dict[str, object]]] | None,
+    lister: Callable[[ServerSpec], list[dict[str, object]]] | None,
 ) -> int:
     """`trust SERVER [--tool NAME] [--yes] [--dry-run]`: show what changed, then re-pin it.
 
@@ -4839,7 +4931,7 @@ def cmd_trust(
     if pins.error is not None:
         out.write(f"{pins.error}\n  its pins cannot be trusted; {server} is pinned afresh\n")
     old = pins._pin_of(server)
-    tools = list_tools(spec) if list_tools is not None else None
+    tools = lister(spec) if lister is not None else None
 
     if tool_name is not None:
         if tools is None:
@@ -4868,46 +4960,11 @@ def cmd_trust(
     return 0
 
 
-def _tools_by_name(tools: Sequence[Mapping[str, object]]) -> dict[str, Mapping[str, object]]:
-    """A `tools/list` result by tool name; a tool without a text name is skipped."""
-    by_name: dict[str, Mapping[str, object]] = {}
-    for tool in tools:
-        name = tool.get("name")
-        if isinstance(name, str):
-            by_name[name] = tool
-    return by_name
-
-
 def _parse_trust_args(argv: list[str]) -> tuple[str, str | None, bool]:
-    server: str | None = None
-    tool_name: str | None = None
-    dry_run = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--tool", "--root"):
-            if i + 1 >= len(argv):
-                raise ReaError(f"trust: {arg} needs a value; {_TRUST_USAGE}")
-            if arg == "--tool":
-                tool_name = argv[i + 1]
-            i += 2  # --root is the caller's: the root is already resolved
-            continue
-        if arg.startswith("--tool="):
-            tool_name = arg.removeprefix("--tool=")
-        elif arg.startswith("--root="):
-            pass
-        elif arg in ("--yes", "-y"):
-            pass  # running the command is the acceptance
-        elif arg == "--dry-run":
-            dry_run = True
-        elif arg.startswith("-") or server is not None:
-            raise ReaError(f"trust: unexpected {arg!r}; {_TRUST_USAGE}")
-        else:
-            server = arg
-        i += 1
-    if server is None:
-        raise ReaError(f"trust: which server? {_TRUST_USAGE}")
-    return server, tool_name, dry_run
+    args = parse_command(["trust", *argv])
+    if args.server is None:
+        raise ReaError("trust: which server? usage: rea.py trust SERVER [--tool NAME] [--dry-run]")
+    return str(args.server), args.tool, bool(args.dry_run)
 
 
 def _field_diff(label: str, old: object, new: object) -> str:
@@ -5505,10 +5562,6 @@ def _bench_audit(rea_path: Path, work_dir: Path, calls: int) -> dict[str, float]
 
 # Bench command #################################################################
 
-_BENCH_USAGE = (
-    "usage: rea.py bench [--calls N] [--warmup N] [--fsync off|always|batch] [--delay-ms N] [--json]\n"
-    "                    [--server NAME --tool T --args JSON] [--root DIR]"
-)
 _BENCH_START_SAMPLES = 3  # start times are noisy: the median of three spawns
 _BENCH_ADDED_P50_MS = 0.3
 _BENCH_RATIO_16 = 0.8
@@ -5533,67 +5586,29 @@ class _BenchOptions:
 
 
 def _bench_options(argv: list[str]) -> _BenchOptions:
-    values: dict[str, str] = {}
-    as_json = False
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if word == "--json":
-            as_json = True
-            i += 1
-            continue
-        name, eq, inline = word.partition("=")
-        if name not in (
-            "--calls",
-            "--warmup",
-            "--fsync",
-            "--server",
-            "--tool",
-            "--args",
-            "--delay-ms",
-        ):
-            raise ReaError(f"bench: unknown option {word!r}\n{_BENCH_USAGE}")
-        if eq:
-            values[name] = inline
-            i += 1
-        elif i + 1 < len(argv):
-            values[name] = argv[i + 1]
-            i += 2
-        else:
-            raise ReaError(f"bench: {name} needs a value\n{_BENCH_USAGE}")
-    counts: dict[str, int] = {}
-    for name, default, least in (("--calls", 2000, 1), ("--warmup", 200, 0)):
-        try:
-            counts[name] = int(values.get(name, default))
-        except ValueError:
-            raise ReaError(f"bench: {name} must be a whole number") from None
-        if counts[name] < least:
-            raise ReaError(f"bench: {name} must be at least {least}")
-    fsync = values.get("--fsync", "off")
-    if fsync not in ("off", "always", "batch"):
-        raise ReaError(f"bench: --fsync must be off, always or batch, not {fsync!r}")
-    server, tool = values.get("--server"), values.get("--tool")
+    args = parse_command(["bench", *argv])
+    server, tool = args.server, args.tool
     if (server is None) != (tool is None):
         raise ReaError("bench: --server and --tool go together (and --args, default {})")
-    if "--args" in values and server is None:
+    if args.args is not None and server is None:
         raise ReaError("bench: --args needs --server and --tool")
     arguments: dict[str, object] | None = None
-    if "--args" in values:
+    if args.args is not None:
         try:
-            parsed = json.loads(values["--args"])
+            parsed = json.loads(args.args)
         except ValueError as exc:
             raise ReaError(f"bench: --args is not JSON ({exc})") from None
         if not isinstance(parsed, dict):
             raise ReaError('bench: --args must be a JSON object, such as \'{"path": "x"}\'')
         arguments = {str(key): value for key, value in parsed.items()}
     try:
-        delay_ms = float(values.get("--delay-ms", 0))
+        delay_ms = float(args.delay_ms)
     except ValueError:
         raise ReaError("bench: --delay-ms must be a number of milliseconds") from None
     if not 0 <= delay_ms <= 1000 or (delay_ms and server is not None):
         raise ReaError("bench: --delay-ms takes 0 to 1000, for the built-in echo server only")
     return _BenchOptions(
-        counts["--calls"], counts["--warmup"], as_json, fsync, server, tool, arguments, delay_ms
+        args.calls, args.warmup, args.json, args.fsync, server, tool, arguments, delay_ms
     )
 
 
@@ -6071,32 +6086,15 @@ def cmd_init(root: Path, argv: list[str], out: TextIO, rea_path: Path) -> int:
 
 
 def _init_parse_argv(argv: list[str]) -> tuple[Path | None, bool]:
+    args = parse_command(["init", *argv])
     source: Path | None = None
-    write = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--from" or arg.startswith("--from="):
-            if arg == "--from":
-                if i + 1 >= len(argv) or not argv[i + 1]:
-                    raise ReaError(
-                        "init --from: needs a path (a .mcp.json or Claude Desktop config)"
-                    )
-                value = argv[i + 1]
-                i += 1
-            else:
-                value = arg.split("=", 1)[1]
-            if source is not None:
-                raise ReaError("init: --from given twice; import one file at a time")
-            source = (Path.cwd() / Path(value).expanduser()).absolute()
-        elif arg == "--write":
-            write = True
-        else:
-            raise ReaError(f"init: unknown argument {arg!r}; use init [--from PATH] [--write]")
-        i += 1
-    if write and source is None:
+    if args.source is not None:
+        if not args.source:
+            raise ReaError("init --from: needs a path (a .mcp.json or Claude Desktop config)")
+        source = (Path.cwd() / Path(args.source).expanduser()).absolute()
+    if args.write and source is None:
         raise ReaError("init --write: needs --from PATH, the .mcp.json to rewrite")
-    return source, write
+    return source, bool(args.write)
 
 
 def _init_read_client_config(path: Path) -> _JsonPairs:
@@ -6854,7 +6852,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 UNSUPPORTED_VERSION = -32022
 RESOURCE_NOT_FOUND = -32002
-DENIED = -32001  # a non-tool request refused by policy (tool calls get an isError result)
+POLICY_DENIED = -32001  # a non-tool request refused by policy (tool calls: an isError result)
 
 HEALTH_TOOL = "__rea__health"
 GATEWAY_INFO: JsonObj = {"name": "rea", "title": "rea governance gateway", "version": VERSION}
@@ -7792,6 +7790,7 @@ class Downstream:
         self._removed_tools: tuple[str, ...] = ()
         self._secret_values: tuple[str, ...] = ()  # resolved env: values, longest first
         self._stopping = False
+        self._starter: threading.Thread | None = None  # the first start, joined at stop
 
     # -- what others read --
 
@@ -7888,7 +7887,10 @@ class Downstream:
                 self._status = ServerStatus.DISABLED
             self.ready.set()
             return
-        threading.Thread(target=self._bring_up, name=f"rea-start-{self.name}", daemon=True).start()
+        self._starter = threading.Thread(
+            target=self._bring_up, name=f"rea-start-{self.name}", daemon=True
+        )
+        self._starter.start()
 
     def _bring_up(self) -> None:
         hooks = self._ctx.hooks
@@ -8087,6 +8089,14 @@ class Downstream:
         if transport is not None:
             transport.stopping = True
             transport.stop()
+        starter = self._starter
+        if starter is not None and starter is not threading.current_thread():
+            starter.join(timeout=self._ctx.timeouts.handshake_s)
+        with self._lock:
+            late = self._transport  # started while we stopped: _bring_up stops it itself
+        if late is not None and late is not transport:
+            late.stopping = True
+            late.stop()
         self.ready.set()
 
 
@@ -8354,7 +8364,7 @@ def refusal_outcome(kind: CallKind, decision: Decision) -> Outcome:
         return Outcome(decision.status, error=err, note=decision.message)
     if kind in (CallKind.TOOL, CallKind.HEALTH):
         return Outcome(decision.status, tool_error_result(decision.message), note=decision.message)
-    err = RpcError(DENIED, decision.message)
+    err = RpcError(POLICY_DENIED, decision.message)
     return Outcome(decision.status, error=err, note=decision.message)
 
 
@@ -10832,45 +10842,6 @@ def cmd_unfreeze(root: Path) -> int:
 
 # main ########################################################################
 
-USAGE = """usage: python rea.py COMMAND [options] [--root DIR]
-
-commands:
-  init [--from .mcp.json] [--write]   create .rea/ (policy, registry), import a client config
-  serve                         run the gateway on stdin/stdout (point your MCP client here)
-  status [--json] [--watch]     what the running gateway and each server are doing
-  check [--json]                validate .rea/ files and print the resolved registry and policy
-  audit verify [--json] | audit rotate | audit tail [-n N]
-  freeze [--reason TEXT]        refuse every tool call (kill switch: .rea/HALT)
-  trust SERVER [--tool NAME]    accept a server's changed definition or tools (re-pin them)
-  bench [--calls N] [--json]    measure the gateway's added latency and throughput here
-  unfreeze                      allow tool calls again
-  --version, --help
-"""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one ReaError line, not usage + exit."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ReaError(f"{self.prog}: {message} (see `python rea.py --help`)")
-
-
-def _parser() -> _Parser:
-    parser = _Parser(prog="rea.py", add_help=False)
-    parser.add_argument("--version", action="store_true")
-    parser.add_argument("-h", "--help", action="store_true")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    commands: dict[str, _Parser] = {}
-    for name in ("serve", "status", "check", "freeze", "unfreeze"):
-        p = sub.add_parser(name, add_help=False)
-        p.add_argument("--root", default=None)
-        commands[name] = p
-    commands["status"].add_argument("--json", action="store_true")
-    commands["status"].add_argument("--watch", action="store_true")
-    commands["check"].add_argument("--json", action="store_true")
-    commands["freeze"].add_argument("--reason", default=None)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
@@ -10893,56 +10864,33 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["_echo-server"]:  # hidden: the downstream `bench` measures against
         return cmd_echo_server(argv[1:])
-    if argv[:1] in (["audit"], ["trust"], ["bench"], ["init"]):  # these parse their own words
-        rest, root_arg = _pop_root(argv[1:])
-        root = find_root(root_arg)
-        if argv[0] == "audit":
-            return cmd_audit(root / ".rea", rest, sys.stdout)
-        if argv[0] == "trust":
-            return cmd_trust(root, rest, sys.stdout, lambda spec: probe_tools(spec, root))
-        if argv[0] == "init":
-            return cmd_init(root, rest, sys.stdout, Path(__file__).resolve())
-        return cmd_bench(root, rest, sys.stdout, Path(__file__).resolve())
-    args = _parser().parse_args(argv)
+    args = parse_command(argv)
     if args.version:
         print(f"rea.py {VERSION}")
         return 0
     if args.help or not args.command:
-        print(USAGE, end="")
+        print(command_line().format_help(), end="")
         return 0 if args.help else 2
-    root = find_root(args.root)
+    root = find_root(getattr(args, "root", None))
     command: str = args.command
+    words = argv[argv.index(command) + 1 :]
     if command == "serve":
-        return cmd_serve(root, [])
+        return cmd_serve(root, words)
     if command == "check":
         return cmd_check(root, args.json)
     if command == "status":
-        flags = [f for f, on in (("--json", args.json), ("--watch", args.watch)) if on]
-        return cmd_status(root, flags, sys.stdout, lambda: policy_summary(root))
+        return cmd_status(root, words, sys.stdout, lambda: policy_summary(root))
     if command == "freeze":
         return cmd_freeze(root, args.reason)
     if command == "unfreeze":
         return cmd_unfreeze(root)
-    raise ReaError(f"unknown command {command!r} (see `python rea.py --help`)")
-
-
-def _pop_root(argv: list[str]) -> tuple[list[str], str | None]:
-    out: list[str] = []
-    root: str | None = None
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--root":
-            if i + 1 >= len(argv):
-                raise ReaError("--root needs a directory")
-            root = argv[i + 1]
-            i += 2
-            continue
-        if argv[i].startswith("--root="):
-            root = argv[i].split("=", 1)[1]
-        else:
-            out.append(argv[i])
-        i += 1
-    return out, root
+    if command == "audit":
+        return cmd_audit(root / REA_DIR, words, sys.stdout)
+    if command == "trust":
+        return cmd_trust(root, words, sys.stdout, lambda spec: probe_tools(spec, root))
+    if command == "init":
+        return cmd_init(root, words, sys.stdout, Path(__file__).resolve())
+    return cmd_bench(root, words, sys.stdout, Path(__file__).resolve())
 
 
 def policy_summary(root: Path) -> dict[str, object]:

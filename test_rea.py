@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import hashlib
@@ -271,6 +272,30 @@ class TestSection2Files:
         (tmp_path / "policy.yaml").write_bytes(b"autonomy_level: \xff\n")
         with pytest.raises(rea.ReaError, match="UTF-8"):
             rea.load_policy(tmp_path)
+
+
+class TestSection1Shape:
+    def test_the_module_docstring_maps_every_section_banner_in_order(self):
+        source = Path(rea.__file__).read_text()
+        banners = re.findall(r"^# ([^#\n].*?) #{5,}$", source, re.M)
+        doc = rea.__doc__ or ""
+        block = doc.split("one line per banner:", 1)[1].split("\n\n", 2)[1]
+        mapped: list[str] = []
+        for line in block.splitlines():
+            if line.startswith("    ") and not line.startswith("     "):
+                names = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+                mapped.extend(n.strip() for n in names.split(","))
+        assert mapped == banners
+
+    def test_rea_imports_only_the_standard_library(self):
+        tree = ast.parse(Path(rea.__file__).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        assert imported <= set(sys.stdlib_module_names) | {"__future__"}
 
 
 class TestSection1ProjectRoot:
@@ -4992,12 +5017,12 @@ class TestSection12Bench:
     @pytest.mark.parametrize(
         ("argv", "message"),
         [
-            (["--fsync", "sometimes"], "--fsync must be off, always or batch"),
-            (["--calls", "0"], "--calls must be at least 1"),
-            (["--warmup", "many"], "--warmup must be a whole number"),
+            (["--fsync", "sometimes"], "--fsync: invalid choice: 'sometimes'"),
+            (["--calls", "0"], "--calls: '0' is not a whole number >= 1"),
+            (["--warmup", "many"], "--warmup: 'many' is not a whole number"),
             (["--server", "x"], "--server and --tool go together"),
             (["--server", "x", "--tool", "t", "--args", "[1]"], "--args must be a JSON object"),
-            (["--frobnicate"], "unknown option"),
+            (["--frobnicate"], "unknown argument --frobnicate"),
         ],
     )
     def test_bad_options_are_refused_before_anything_starts(
@@ -5383,7 +5408,7 @@ class TestSection11Init:
         ("argv", "message"),
         [
             (["--write"], "needs --from"),
-            (["--from"], "needs a path"),
+            (["--from"], "--from: expected one argument"),
             (["--force"], "unknown argument"),
             (["--from", "missing.json"], "no such file"),
         ],
