@@ -2526,7 +2526,8 @@ def scan_injection(text: str, tier: str) -> InjectionVerdict:
 
 
 def _utf8_len(text: str) -> int:
-    return len(text.encode("utf-8"))
+    # surrogatepass: a lone surrogate (a JS string cut mid-emoji) is counted, not fatal
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _json_size(value: object) -> int:
@@ -2544,7 +2545,7 @@ def cap_text(text: str, max_bytes: int) -> tuple[str, bool]:
     The notice says how many bytes of the original are shown. When max_bytes cannot even
     hold the notice, the result is the notice alone.
     """
-    data = text.encode("utf-8")
+    data = text.encode("utf-8", "surrogatepass")
     total = len(data)
     if total <= max_bytes:
         return text, False
@@ -2652,6 +2653,31 @@ def cap_content(content: list[object], max_bytes: int) -> tuple[list[object], bo
     if omitted:
         out.append(_omission_notice(omitted, max_bytes))
     return out, True
+
+
+def cap_result(result: dict[str, object], max_bytes: int) -> tuple[dict[str, object], bool]:
+    """A tool result within the cap (§6 step 10): its content cut as `cap_content` does,
+    and a `structuredContent` over the cap dropped with a notice in the content, since a
+    cut object is not valid JSON."""
+    truncated = False
+    content = result.get("content")
+    if isinstance(content, list):
+        capped, truncated = cap_content(content, max_bytes)
+        if truncated:
+            result = {**result, "content": capped}
+    if "structuredContent" in result:
+        size = _json_size(result["structuredContent"])
+        if size > max_bytes:
+            notice = {
+                "type": "text",
+                "text": f"[TRUNCATED by rea: structuredContent of {size} bytes removed, "
+                f"over the limit of {max_bytes} bytes]",
+            }
+            kept = result.get("content")
+            result = {k: v for k, v in result.items() if k != "structuredContent"}
+            result["content"] = [*(kept if isinstance(kept, list) else []), notice]
+            truncated = True
+    return result, truncated
 
 
 # Audit log ###################################################################
@@ -8400,12 +8426,9 @@ def check_tool_result(
     injection; a likely injection is withheld under `injection_detection: block`."""
     policy = rules.policy
     metadata: JsonObj = {}
-    content = result.get("content")
-    if isinstance(content, list):
-        capped, truncated = cap_content(content, policy.max_result_kb * 1024)
-        if truncated:
-            result = {**result, "content": capped}
-            metadata["truncated"] = True
+    result, truncated = cap_result(result, policy.max_result_kb * 1024)
+    if truncated:
+        metadata["truncated"] = True
     value, names = rules.redactor.redact_value(result)
     processed = as_obj(value) or {}
     verdict = scan_injection(content_text(processed), tier)
@@ -8433,6 +8456,47 @@ def check_tool_result(
         verdict=BreakerVerdict.SUCCESS,  # an isError result is the tool's answer (§9)
     )
     return outcome, verdict
+
+
+def check_error(rules: Rules, tier: Tier, tool: str, error: RpcError) -> Outcome:
+    """§6 step 10 on the error channel: a server's JSON-RPC error reaches the model as
+    surely as a result, so its `message` and `data` are capped, redacted and scanned
+    the same way; a likely injection is withheld under `injection_detection: block`."""
+    max_bytes = rules.policy.max_result_kb * 1024
+    message, cut = cap_text(error.message, max_bytes)
+    data: object = error.data
+    if data is not None and _json_size(data) > max_bytes:
+        data, cut = None, True
+    redacted, names = rules.redactor.redact_value({"message": message, "data": data})
+    parts = as_obj(redacted) or {}
+    message, data = str(parts.get("message", "")), parts.get("data")
+    metadata: JsonObj = {"truncated": True} if cut else {}
+    if names:
+        metadata["redacted"] = list(names)
+    shown = message if data is None else f"{message}\n{json.dumps(data, ensure_ascii=False)}"
+    verdict = scan_injection(shown, tier)
+    status = AuditStatus.ERROR
+    if verdict.verdict != "clean":
+        metadata["injection"] = {
+            "verdict": verdict.verdict,
+            "phrases": list(verdict.phrases),
+            "base64": verdict.via_base64,
+        }
+        if verdict.verdict == "likely_injection" and rules.policy.injection_detection == "block":
+            status, data = AuditStatus.DENIED, None
+            message = (
+                f"rea: denied: the error of {tool} was withheld: it looks like a prompt "
+                f"injection ({', '.join(verdict.phrases)}). Set injection_detection: warn in "
+                ".rea/policy.yaml to let such errors through with a warning"
+            )
+    return Outcome(
+        status,
+        error=RpcError(error.code, message, data),
+        note=f"server error {error.code}: {message}",
+        metadata=metadata,
+        redacted=bool(names),
+        verdict=BreakerVerdict.FAILURE,
+    )
 
 
 def check_request_result(rules: Rules, result: JsonObj) -> Outcome:
@@ -9607,13 +9671,8 @@ class Calls:
         if call.cancelled:
             return Outcome(AuditStatus.ERROR, note="cancelled by the client")
         if isinstance(error, RpcError):
-            message = ds.scrub(error.message)
-            data, _ = call.rules.redactor.redact_value(error.data)
-            return failure_outcome(
-                call.kind,
-                f"server error {error.code}: {message}",
-                RpcError(error.code, message, data),
-            )
+            scrubbed = RpcError(error.code, ds.scrub(error.message), error.data)
+            return check_error(call.rules, call.tier, call.target.bare, scrubbed)
         if isinstance(error, TimeoutError):
             text = (
                 f"rea: error: server {ds.name} did not answer {call.target.bare} within "
