@@ -2698,6 +2698,7 @@ FSYNC_MODES = tuple(FsyncMode)
 AUDIT_FILE = "audit.jsonl"
 AUDIT_HEAD_FILE = "audit.head"
 AUDIT_LOCK_FILE = "audit.lock"
+AUDIT_CUTS_FILE = "audit.cuts"  # the heads of every cut the writer found, one JSON line each
 _ROTATED_RE = re.compile(r"^audit-(\d{8})-(\d{6})(?:-(\d+))?\.jsonl$")
 _READ_CHUNK = 1 << 16
 _HEAD_INTERVAL_S = 1.0  # SPEC §7: the head is written at most once a second while records arrive
@@ -3109,6 +3110,7 @@ class AuditLog:
     def _reload_tail(self, fd: int, size: int) -> None:
         """Find the chain value at the end of the file: seek from the end, never read it all."""
         previous = self._known
+        cut = self._cut_since(previous, fd, size)
         if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
             torn = _read_last_line(fd, size + 1)
             new_size = size - len(torn)
@@ -3146,6 +3148,75 @@ class AuditLog:
                 self._file_records = self._count_records(fd, size)
         st = os.fstat(fd)
         self._known = (st.st_size, st.st_mtime_ns)
+        if cut is not None:
+            self._record_cut(fd, cut, size)
+
+    def _cut_since(
+        self, previous: tuple[int, int] | None, fd: int, size: int
+    ) -> dict[str, object] | None:
+        """Where the chain ended before, when the file no longer reaches it: records were
+        cut from its end (§7). Against what this process saw, else against the head."""
+        if previous is not None:
+            if size >= previous[0]:
+                return None
+            return {
+                "expected_bytes": previous[0],
+                "expected_records": self._file_records,
+                "expected_last_hash": self._tail_hash,
+            }
+        head = _Head.load(self._dir)
+        if head is None or head.file != AUDIT_FILE or head.bytes <= 0:
+            return None
+        if (
+            head.bytes <= size
+            and os.pread(fd, 1, head.bytes - 1) == b"\n"
+            and _line_hash(_read_last_line(fd, head.bytes)) == head.last_hash
+        ):
+            return None
+        return {
+            "expected_bytes": head.bytes,
+            "expected_records": head.records,
+            "expected_last_hash": head.last_hash,
+        }
+
+    def _record_cut(self, fd: int, cut: dict[str, object], size: int) -> None:
+        """Never paper over a cut: keep the old head in audit.cuts (verify reports it from
+        then on), log it, and chain an `audit.truncation_detected` record onto what is left."""
+        evidence: dict[str, object] = {
+            "file": AUDIT_FILE,
+            **cut,
+            "found_bytes": size,
+            "found_records": self._file_records,
+            "found_last_hash": self._tail_hash,
+            "detected_at": utc_now_iso(),
+        }
+        cuts = os.open(self._dir / AUDIT_CUTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(cuts, (json.dumps(evidence) + "\n").encode())
+            os.fsync(cuts)
+        finally:
+            os.close(cuts)
+        log("error", "audit_truncation_detected", **evidence)
+        marker = AuditRecord(
+            timestamp=utc_now_iso(),
+            session_id="system",
+            tool_name="audit.truncation_detected",
+            server_name="rea",
+            tier="read",
+            status="error",
+            autonomy_level="system",
+            duration_ms=0,
+            error="records were cut from the end of the audit log; audit.cuts keeps where it ended",
+            metadata=evidence,
+        ).chained(self._tail_hash)
+        line, digest = _encode_line(marker)
+        self._write(fd, line)
+        os.fsync(fd)
+        st = os.fstat(fd)
+        self._known = (st.st_size, st.st_mtime_ns)
+        self._tail_hash = digest
+        self._file_records += 1
+        self._head_dirty = True
 
     def _count_records(self, fd: int, size: int) -> int:
         """Records in the file, for the head: from the head's own figure when it still holds."""
@@ -3382,7 +3453,6 @@ def _is_rotation_marker(rec: Mapping[str, object]) -> bool:
 def verify_audit(rea_dir: Path) -> VerifyResult:
     """Walk audit-*.jsonl oldest first, then audit.jsonl, checking every link of the chain."""
     rea_dir = Path(rea_dir)
-    paths = [*_rotated_files(rea_dir), rea_dir / AUDIT_FILE]
     snapshot: list[tuple[str, int, int]] = []
     # A shared flock while taking the snapshot: no append is half-written in what we read,
     # and appends resume at once (we read beyond the lock, only up to the sizes seen).
@@ -3394,21 +3464,61 @@ def verify_audit(rea_dir: Path) -> VerifyResult:
     try:
         if lock_fd is not None:
             fcntl.flock(lock_fd, fcntl.LOCK_SH)
-        for p in paths:
+        # listed under the lock: a rotation meanwhile must never look like a deleted file
+        for p in [*_rotated_files(rea_dir), rea_dir / AUDIT_FILE]:
             try:
                 fd = os.open(p, os.O_RDONLY)
             except FileNotFoundError:
                 continue
             snapshot.append((p.name, fd, os.fstat(fd).st_size))
         head = _Head.load(rea_dir)
+        cuts = _load_cuts(rea_dir)
     finally:
         if lock_fd is not None:
             os.close(lock_fd)  # closing releases the flock
     try:
-        return _verify_snapshot(snapshot, head)
+        result = _verify_snapshot(snapshot, head)
+        if result.ok and cuts:
+            first = cuts[0]
+            return VerifyResult(
+                False,
+                result.records,
+                result.files,
+                str(first.get("file", AUDIT_FILE)),
+                _int_or(first.get("found_records"), 0) + 1,
+                str(first.get("expected_last_hash")),
+                str(first.get("found_last_hash")),
+                f"truncated: records were cut from the end of the log before "
+                f"{first.get('detected_at')} ({first.get('expected_records')} records "
+                f"expected, {first.get('found_records')} found; see {AUDIT_CUTS_FILE})",
+            )
+        return result
     finally:
         for _, fd, _ in snapshot:
             os.close(fd)
+
+
+def _load_cuts(rea_dir: Path) -> list[dict[str, object]]:
+    """The cuts a writer found and kept (audit.cuts); a line that does not parse counts
+    as a cut too: the evidence file itself was tampered with."""
+    try:
+        data = (rea_dir / AUDIT_CUTS_FILE).read_bytes()
+    except OSError:
+        return []
+    cuts: list[dict[str, object]] = []
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        cuts.append(value if isinstance(value, dict) else {"detected_at": "(unreadable entry)"})
+    return cuts
+
+
+def _int_or(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -> VerifyResult:
@@ -7980,27 +8090,32 @@ class Downstream:
 
     def _take_tools(self, tools: list[JsonObj], caps: JsonObj | None = None) -> None:
         """Compare the tools with their pins (§10): changed ones are withheld, new ones
-        pinned. A list naming one tool twice holds every copy: the copy checked must be
-        the copy exposed."""
+        pinned. A list naming one tool twice holds the whole server: the copy checked
+        must be the copy exposed, and a server that lists two copies is not to be
+        trusted with either."""
         names = [str(t["name"]) for t in tools]
-        twice = {n for n in names if names.count(n) > 1}
-        verdict = self._ctx.fingerprints.check_tools(
-            self.name, [t for t in tools if t["name"] not in twice]
-        )
-        withheld = dict(verdict.changed)
-        for name in twice:
-            withheld[name] = "listed more than once by the server"
-            log("error", "tool_listed_twice", server=self.name, tool=name)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            why = f"server {self.name} is held: it lists tool {twice[0]} more than once"
+            verdict = ToolVerdict((), (), dict.fromkeys(names, why), ())
+            log("error", "server_held", server=self.name, reason=why)
+            self._ctx.hooks.audit_event(
+                "server_tools", self.name, AuditStatus.DENIED, {"event": "SERVER_HELD"}, why
+            )
+        else:
+            verdict = self._ctx.fingerprints.check_tools(self.name, tools)
         with self._lock:
             was = self._status
             self._tools = tuple(tools)
-            self._withheld = withheld
+            self._withheld = dict(verdict.changed)
             self._new_tools = verdict.new
             self._removed_tools = verdict.removed
             if caps is not None:
                 self._capabilities = caps
                 self._status = ServerStatus.READY
                 self._last_error = None
+            if twice:
+                self._last_error = why
         if caps is not None and was is not ServerStatus.READY:
             log("info", "health_changed", server=self.name, healthy=True)
 
