@@ -322,6 +322,7 @@ def command_line() -> _Parser:
     trust.add_argument("--tool", metavar="NAME", help="re-pin this one tool only")
     trust.add_argument("-y", "--yes", action="store_true", help="accepted for scripts")
     trust.add_argument("--dry-run", action="store_true", help="show what changed, pin nothing")
+    trust.add_argument("--reason", metavar="TEXT", help="why; kept in the audit record")
     bench = add(sub, "bench", "measure the gateway's added latency and throughput here")
     bench.add_argument("--calls", type=_count(1), default=2000, metavar="N")
     bench.add_argument("--warmup", type=_count(0), default=200, metavar="N")
@@ -1226,6 +1227,59 @@ def find_root(root_arg: str | None, cwd: Path | None = None) -> Path:
         if (folder / REA_DIR).is_dir():
             return folder
     return here
+
+
+@dataclass(frozen=True)
+class Governance:
+    """Where a root's governance lives (§2). Outside a linked git worktree, all of it is
+    in `root/.rea`. In a linked worktree (agents in parallel worktrees of one repository)
+    the audit chain, its head and lock, and the pins live in the primary checkout's
+    `.rea/`, and its HALT stops every worktree: governance is per repository."""
+
+    own: Path  # policy, registry, live state and this root's own HALT
+    shared: Path  # the audit chain, its head, lock and cuts; fingerprints.json
+
+    @property
+    def linked(self) -> bool:
+        return self.shared != self.own
+
+    @property
+    def halt_files(self) -> tuple[Path, ...]:
+        own = self.own / "HALT"
+        return (own,) if not self.linked else (own, self.shared / "HALT")
+
+
+def governance_of(root: Path) -> Governance:
+    own = root / REA_DIR
+    primary = primary_checkout(root)
+    return Governance(own, primary / REA_DIR if primary is not None else own)
+
+
+def primary_checkout(root: Path) -> Path | None:
+    """The primary checkout when root lies in a linked git worktree (its `.git` is a file
+    naming a git dir under the primary's `.git/worktrees/`), else None."""
+    for folder in (root, *root.parents):
+        git = folder / ".git"
+        if git.is_dir():
+            return None
+        if not git.is_file():
+            continue
+        try:
+            text = git.read_text(encoding="utf-8", errors="replace")
+            match = re.match(r"gitdir:\s*(.+)", text.strip())
+            if match is None:
+                return None
+            gitdir = (folder / match.group(1).strip()).resolve()
+            common = gitdir.parent.parent
+            commondir = gitdir / "commondir"
+            if commondir.is_file():
+                common = (gitdir / commondir.read_text(encoding="utf-8").strip()).resolve()
+        except OSError:
+            return None
+        if common.name == ".git" and common.parent != folder:
+            return common.parent
+        return None
+    return None
 
 
 def _read_document(
@@ -3594,7 +3648,9 @@ def cmd_audit(rea_dir: Path, argv: list[str], out: TextIO) -> int:
         if args.json:
             out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
         elif result.ok:
-            out.write(f"audit: OK — {result.records} records in {len(result.files)} files\n")
+            out.write(
+                f"audit: OK — {result.records} records in {len(result.files)} files ({rea_dir})\n"
+            )
         else:
             hashes = ""
             if result.expected is not None or result.found is not None:
@@ -3615,6 +3671,35 @@ def cmd_audit(rea_dir: Path, argv: list[str], out: TextIO) -> int:
     for line in _tail_lines(rea_dir, args.lines):
         out.write(line.decode("utf-8", "replace") + "\n")
     return 0
+
+
+def record_governance_act(
+    governance: Governance, act: str, metadata: dict[str, object], session_id: str = "cli"
+) -> None:
+    """Governance acts are audited like calls (§7): server `rea`, tier `write`, in the
+    repository's one chain. The act stands even when the record cannot be written: the
+    failure is one line on stderr."""
+    try:
+        policy = load_policy(governance.own)
+        level, fsync = policy.autonomy_level, policy.audit_fsync
+    except ReaError:
+        level, fsync = "unknown", "always"
+    audit = AuditLog(governance.shared, fsync)
+    try:
+        audit.append(
+            session_id=session_id,
+            tool_name=act,
+            server_name="rea",
+            tier="write",
+            status="allowed",
+            autonomy_level=level,
+            duration_ms=0,
+            metadata={"event": "GOVERNANCE", "user": os.environ.get("USER", ""), **metadata},
+        )
+    except OSError as exc:
+        print(f"rea: {act}: done, but not audited ({exc.strerror or exc})", file=sys.stderr)
+    finally:
+        audit.close()
 
 
 def _tail_lines(rea_dir: Path, n: int) -> list[bytes]:
@@ -4147,6 +4232,7 @@ class StatusReport:
     halt_reason: str | None
     policy: dict[str, object]
     audit: AuditSummary
+    shared_dir: Path | None = None  # a linked worktree's primary .rea/ (audit, pins, HALT)
 
     @property
     def exit_code(self) -> int:
@@ -4219,7 +4305,12 @@ def gather_status(root: Path, summary: Callable[[], dict[str, object]]) -> Statu
                 f"{rea_dir / PID_FILE} names pid {pid_in_file} but the live state's owner is "
                 f"{state.owner_pid}"
             )
-    halt_active, halt_reason = _read_halt(rea_dir / HALT_FILE)
+    governance = governance_of(root)
+    halt_active, halt_reason = False, None
+    for halt in governance.halt_files:
+        halt_active, halt_reason = _read_halt(halt)
+        if halt_active:
+            break
     return StatusReport(
         rea_dir=rea_dir,
         running=running,
@@ -4231,7 +4322,8 @@ def gather_status(root: Path, summary: Callable[[], dict[str, object]]) -> Statu
         halt_active=halt_active,
         halt_reason=halt_reason,
         policy=summary(),
-        audit=_audit_summary(rea_dir / AUDIT_FILE),
+        audit=_audit_summary(governance.shared / AUDIT_FILE),
+        shared_dir=governance.shared if governance.linked else None,
     )
 
 
@@ -4430,6 +4522,8 @@ def _as_json(report: StatusReport) -> dict[str, object]:
         "exit_code": report.exit_code,
         "uptime_s": _uptime_s(state) if report.running and state is not None else None,
         "state_problem": report.state_problem,
+        "folder": str(report.rea_dir),
+        "shared_folder": str(report.shared_dir) if report.shared_dir is not None else None,
         "state": report.raw_state,
         "halt": {"active": report.halt_active, "reason": report.halt_reason},
         "policy": report.policy,
@@ -4456,6 +4550,9 @@ def _human_lines(report: StatusReport) -> list[str]:
         lines.append("gateway: not running")
     if report.state_problem is not None:
         lines.append(f"  {report.state_problem}")
+    lines.append(f"folder: {report.rea_dir}")
+    if report.shared_dir is not None:
+        lines.append(f"  a linked worktree: audit log, pins and HALT from {report.shared_dir}")
     if state is not None:
         version = f", version {state.gateway_version}" if state.gateway_version else ""
         lines.append(f"session: {state.session_id}{version}")
@@ -4577,6 +4674,7 @@ def _one_line(text: str, limit: int = 200) -> str:
 # can already write `.rea/`.
 
 FINGERPRINTS_FILE = "fingerprints.json"
+FINGERPRINTS_LOCK = "fingerprints.lock"  # trust and serve read-modify-write under it (§10)
 FINGERPRINTS_FORMAT = 1
 TOOL_PINNED_FIELDS = ("name", "description", "inputSchema", "outputSchema", "annotations")
 _DEFINITION_FIELDS = ("command", "args", "env_keys", "env_passthrough")
@@ -4695,6 +4793,23 @@ class Fingerprints:
             self._load()
         self._flush_logs()
 
+    @contextlib.contextmanager
+    def _across_processes(self) -> Iterator[None]:
+        """An exclusive flock of .rea/fingerprints.lock around a read-modify-write: `trust`
+        and a running `serve` never overwrite each other's pins (§10). Taken inside
+        `_lock`, never the other way round."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.parent / FINGERPRINTS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield  # a folder we cannot write to: nothing can be pinned there either
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _flush_logs(self) -> None:
         with self._lock:
             pending, self._pending_logs = self._pending_logs, []
@@ -4740,7 +4855,7 @@ class Fingerprints:
 
     def check_server(self, spec: ServerSpec) -> str | None:
         """None if the server may start (pinning it when first seen); else why it is held."""
-        with self._lock:
+        with self._lock, self._across_processes():
             self._refresh()
             held = self._check_server_locked(spec)
         self._flush_logs()
@@ -4770,7 +4885,7 @@ class Fingerprints:
         every tool withheld: fail closed.
         """
         current = _tools_by_name(tools)
-        with self._lock:
+        with self._lock, self._across_processes():
             self._refresh()
             pin = self._servers.get(server)
             if self.error is None and pin is not None and server not in self._held:
@@ -4863,7 +4978,7 @@ class Fingerprints:
         pinning them afresh on the next start would be exactly the silent re-trust the
         pins exist to prevent.
         """
-        with self._lock:
+        with self._lock, self._across_processes():
             self._refresh()
             if self.error is not None:
                 aside = self.path.with_name(f"{FINGERPRINTS_FILE}.unusable")
@@ -4890,7 +5005,7 @@ class Fingerprints:
 
     def _accept_tool(self, server: str, name: str, tool: Mapping[str, object] | None) -> None:
         """Re-pin one tool of a trusted server; None drops its pin (accepts its removal)."""
-        with self._lock:
+        with self._lock, self._across_processes():
             self._refresh()
             pin = self._servers.get(server)
             if self.error is not None or pin is None or server in self._held:
@@ -5051,7 +5166,7 @@ def cmd_trust(
     nothing. Without --tool the definition and the whole current tool set are pinned
     (removed tools' pins are dropped); with --tool only that tool's pin changes.
     """
-    server, tool_name, dry_run = _parse_trust_args(argv)
+    server, tool_name, dry_run, reason = _parse_trust_args(argv)
     rea_dir = root / REA_DIR
     registry = load_registry(rea_dir)
     specs = {spec.name: spec for spec in registry.servers}
@@ -5063,7 +5178,8 @@ def cmd_trust(
             "trust a server the registry declares"
         )
     spec = specs[server]
-    pins = Fingerprints(rea_dir)
+    governance = governance_of(root)
+    pins = Fingerprints(governance.shared)
     if pins.error is not None:
         out.write(f"{pins.error}\n  its pins cannot be trusted; {server} is pinned afresh\n")
     old = pins._pin_of(server)
@@ -5072,7 +5188,22 @@ def cmd_trust(
     if tool_name is not None:
         if tools is None:
             raise ReaError(f"trust {server} --tool {tool_name}: the server's tools are unknown")
-        return _trust_one_tool(pins, server, tool_name, tools, old, dry_run, out)
+        code = _trust_one_tool(pins, server, tool_name, tools, old, dry_run, out)
+        if not dry_run:
+            pinned = old.tools.get(tool_name) if old is not None else None
+            now = _tools_by_name(tools).get(tool_name)
+            record_governance_act(
+                governance,
+                "trust",
+                {
+                    "server": server,
+                    "tool": tool_name,
+                    "reason": reason,
+                    "pinned": pinned.hash if pinned is not None else None,
+                    "accepted": tool_hash(now) if now is not None else None,
+                },
+            )
+        return code
 
     defn = server_definition(spec)
     if old is None:
@@ -5093,14 +5224,32 @@ def cmd_trust(
     pins._accept(spec, tools, [*pins._known_names(), *specs])
     what = "definition" if tools is None else f"definition and {len(_tools_by_name(tools))} tool(s)"
     out.write(f"{server}: pinned {what} in {pins.path}\n")
+    accepted: dict[str, object] = {"definition": definition_hash(defn)}
+    if tools is not None:
+        accepted["tools"] = {name: tool_hash(t) for name, t in _tools_by_name(tools).items()}
+    record_governance_act(
+        governance,
+        "trust",
+        {
+            "server": server,
+            "reason": reason,
+            "pinned": {
+                "definition": old.hash,
+                "tools": {name: t.hash for name, t in old.tools.items()},
+            }
+            if old is not None
+            else None,
+            "accepted": accepted,
+        },
+    )
     return 0
 
 
-def _parse_trust_args(argv: list[str]) -> tuple[str, str | None, bool]:
+def _parse_trust_args(argv: list[str]) -> tuple[str, str | None, bool, str | None]:
     args = parse_command(["trust", *argv])
     if args.server is None:
         raise ReaError("trust: which server? usage: rea.py trust SERVER [--tool NAME] [--dry-run]")
-    return str(args.server), args.tool, bool(args.dry_run)
+    return str(args.server), args.tool, bool(args.dry_run), args.reason
 
 
 def _field_diff(label: str, old: object, new: object) -> str:
@@ -8662,10 +8811,12 @@ class ConfigWatch:
     one), the registry once a second, HALT on every call. A file that no longer parses
     keeps the last good one in force and logs once per change."""
 
-    def __init__(self, root: Path, registry: Registry, policy: Policy) -> None:
+    def __init__(
+        self, root: Path, registry: Registry, policy: Policy, halt_files: Sequence[Path]
+    ) -> None:
         self.root = root
         self.rea_dir = root / REA_DIR
-        self._halt_path = str(self.rea_dir / HALT_FILE)
+        self._halt_paths = tuple(str(p) for p in halt_files)
         self._policy_paths = tuple(str(self.rea_dir / n) for n in ("policy.yaml", "policy.json"))
         self._registry_paths = tuple(
             str(self.rea_dir / n) for n in ("registry.yaml", "registry.json")
@@ -8723,16 +8874,19 @@ class ConfigWatch:
         return registry
 
     def halt_reason(self) -> str | None:
-        """The reason in .rea/HALT, or None when the gateway is not frozen."""
-        try:  # a stat first: the common case (no HALT) must cost one syscall per call
-            os.stat(self._halt_path)
-            with open(self._halt_path, encoding="utf-8", errors="replace") as f:
-                text = f.read(4096).strip()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            return f"HALT present but unreadable ({exc.strerror})"
-        return text or "no reason given"
+        """The reason in .rea/HALT (this root's, or in a linked worktree the primary
+        checkout's too, §2), or None when the gateway is not frozen."""
+        for index, path in enumerate(self._halt_paths):
+            try:  # a stat first: the common case (no HALT) must cost one syscall per file
+                os.stat(path)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text = f.read(4096).strip() or "no reason given"
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                text = f"HALT present but unreadable ({exc.strerror})"
+            return text if index == 0 else f"{text} (repository-wide: {path})"
+        return None
 
 
 def _file_signature(paths: tuple[str, ...]) -> tuple[object, ...]:
@@ -9377,14 +9531,15 @@ class AuditTrail:
         metadata: JsonObj,
         error: str | None = None,
         started: float | None = None,
+        tier: Tier = Tier.READ,
     ) -> None:
-        """A record of the gateway's own (not a call): read tier, the policy's level."""
+        """A record of the gateway's own (not a call), at the policy's level."""
         rules = self._rules()
         self._append(
             session_id=self._session.id,
             tool_name=tool,
             server_name=server,
-            tier=Tier.READ,
+            tier=tier,
             status=status,
             autonomy_level=rules.policy.autonomy_level,
             duration_ms=int((time.monotonic() - started) * 1000) if started is not None else 0,
@@ -10287,17 +10442,21 @@ class Gateway:
     ) -> None:
         self.root = root
         self.rea_dir = root / REA_DIR
+        self.governance = governance_of(root)
         self.timeouts = timeouts or Timeouts()
         self.session = Session()
-        self.config = ConfigWatch(root, registry, policy)
+        self.config = ConfigWatch(root, registry, policy, self.governance.halt_files)
         self._applied = self.config.rules()
         self.audit = AuditLog(
-            self.rea_dir, policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days
+            self.governance.shared,
+            policy.audit_fsync,
+            policy.audit_max_bytes,
+            policy.audit_max_age_days,
         )
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
         self.blocker = SessionBlocker(policy.session_blocker_threshold)
-        self.fingerprints = Fingerprints(self.rea_dir)
+        self.fingerprints = Fingerprints(self.governance.shared)
         self.deadlines = Deadlines()
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rea-worker")
         self.catalog = Catalog()
@@ -10377,6 +10536,7 @@ class Gateway:
             "gateway_started",
             session_id=self.session.id,
             root=str(self.root),
+            governance=str(self.governance.shared),
             servers=len(self.servers.all()),
             version=VERSION,
         )
@@ -10451,6 +10611,7 @@ class Gateway:
         if rules is not self._applied:
             self._applied = rules
             policy = rules.policy
+            self._audit_reload("policy.reload", policy.source)
             self.audit.configure(
                 policy.audit_fsync, policy.audit_max_bytes, policy.audit_max_age_days
             )
@@ -10461,8 +10622,19 @@ class Gateway:
             self._tools_changed()
         registry = self.config.registry_changed()
         if registry is not None:
+            self._audit_reload("registry.reload", registry.source)
             self.servers.reload(registry)
             self._tools_changed()
+
+    def _audit_reload(self, act: str, source: Path | None) -> None:
+        """A policy or registry reload is a governance act (§7): its file's SHA-256."""
+        try:
+            digest = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
+        except OSError:
+            digest = None
+        metadata: JsonObj = {"event": "GOVERNANCE", "file": str(source) if source else None}
+        metadata["sha256"] = digest
+        self.trail.event(act, "rea", AuditStatus.ALLOWED, metadata, tier=Tier.WRITE)
 
     # -- the client's messages --
 
@@ -10907,6 +11079,7 @@ def cmd_serve(root: Path, argv: list[str]) -> int:
     sys.stdout = sys.stderr
     timeouts = Timeouts.from_env(os.environ)
     rea_dir.mkdir(exist_ok=True)
+    governance_of(root).shared.mkdir(exist_ok=True)
     warmer = threading.Thread(
         target=warm_bytecode_cache,
         args=(Path(__file__).resolve(),),
@@ -10934,6 +11107,9 @@ def cmd_check(root: Path, as_json: bool) -> int:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     print(f"root: {root}")
+    governance = governance_of(root)
+    if governance.linked:
+        print(f"a linked worktree: audit log, pins and HALT from {governance.shared}")
     print(f"registry: {registry.source or '(none: no servers)'}")
     for spec in registry.servers:
         state = "enabled" if spec.enabled else "disabled"
@@ -11000,16 +11176,20 @@ def cmd_freeze(root: Path, reason: str | None) -> int:
     rea_dir.mkdir(exist_ok=True)
     text = reason or f"frozen by {os.environ.get('USER', 'someone')} at {utc_now_iso()}"
     (rea_dir / "HALT").write_text(text + "\n", encoding="utf-8")
+    record_governance_act(governance_of(root), "freeze", {"reason": text, "halt": str(rea_dir)})
     print(f"frozen: every tool call is refused until `python rea.py unfreeze` ({text})")
     return 0
 
 
 def cmd_unfreeze(root: Path) -> int:
+    halt = root / ".rea" / "HALT"
     try:
-        (root / ".rea" / "HALT").unlink()
+        was = halt.read_text(encoding="utf-8", errors="replace").strip()
+        halt.unlink()
     except FileNotFoundError:
         print("not frozen: .rea/HALT does not exist")
         return 0
+    record_governance_act(governance_of(root), "unfreeze", {"reason": was, "halt": str(halt)})
     print("unfrozen: tool calls are allowed again")
     return 0
 
@@ -11059,7 +11239,7 @@ def _main(argv: list[str]) -> int:
     if command == "unfreeze":
         return cmd_unfreeze(root)
     if command == "audit":
-        return cmd_audit(root / REA_DIR, words, sys.stdout)
+        return cmd_audit(governance_of(root).shared, words, sys.stdout)
     if command == "trust":
         return cmd_trust(root, words, sys.stdout, lambda spec: probe_tools(spec, root))
     if command == "init":

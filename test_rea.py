@@ -2087,7 +2087,7 @@ class TestSection7AuditCommand:
     def test_verify_prints_ok_with_counts_and_exits_zero(self, written: Path) -> None:
         out = io.StringIO()
         assert rea.cmd_audit(written, ["verify"], out) == 0
-        assert out.getvalue() == "audit: OK — 6 records in 1 files\n"
+        assert out.getvalue() == f"audit: OK — 6 records in 1 files ({written})\n"
 
     def test_verify_broken_prints_place_and_exits_one(self, written: Path) -> None:
         path = written / "audit.jsonl"
@@ -3616,7 +3616,7 @@ class TestSection5Proxying:
             if not cursor:
                 break
         assert pages >= 3
-        assert len(names) == len(set(names)) == 230 + 15 + 1
+        assert len(names) == len(set(names)) == 230 + 16 + 1
         assert c.request("tools/list", {"cursor": "bogus"})["error"]["code"] == -32602
 
 
@@ -4558,6 +4558,41 @@ class TestSection5Robustness:
         )
 
 
+class TestSection2Worktrees:
+    """Governance is per repository (§2): a linked worktree honours the primary's HALT and
+    writes the primary's audit chain and pins."""
+
+    def test_freeze_in_the_primary_stops_a_gateway_in_a_linked_worktree(
+        self, fake_server, tmp_path, gateway
+    ):
+        primary = tmp_path / "repo"
+        primary.mkdir()
+        git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+        subprocess.run([*git, "init", "-q", str(primary)], check=True)
+        (primary / "README").write_text("x")
+        subprocess.run([*git, "-C", str(primary), "add", "README"], check=True)
+        subprocess.run([*git, "-C", str(primary), "commit", "-qm", "init"], check=True)
+        linked = tmp_path / "agent-1"
+        subprocess.run([*git, "-C", str(primary), "worktree", "add", "-q", str(linked)], check=True)
+        (primary / ".rea").mkdir()
+        (linked / ".rea").mkdir()
+        registry = {"version": "1", "servers": [server(fake_server, "a")]}
+        (linked / ".rea" / "registry.json").write_text(json.dumps(registry))
+        c = running(gateway, linked)
+        assert c.text("a__echo", {"x": 1}) == '{"x": 1}'
+        assert rea.cmd_freeze(primary, "stop every agent") == 0
+        text = c.text("a__echo", {"x": 2})
+        assert text.startswith("rea: denied:") and "stop every agent" in text
+        c.close()
+        assert not (linked / ".rea" / "audit.jsonl").exists()
+        tools = [r["tool_name"] for r in audit_records(primary)]
+        assert tools.count("echo") == 2 and "freeze" in tools
+        assert (primary / ".rea" / "fingerprints.json").exists()
+        assert not (linked / ".rea" / "fingerprints.json").exists()
+        status = run_rea("status", "--root", str(linked))
+        assert f"from {primary / '.rea'}" in status.stdout
+
+
 class TestSection2ErrorsEndToEnd:
     def test_check_names_file_line_and_column_of_a_bad_key(self, tmp_path):
         (tmp_path / ".rea").mkdir()
@@ -4734,7 +4769,10 @@ class TestSection10Servers:
         rea.Fingerprints(rea_dir).check_server(_trust_spec())
         mode = stat.S_IMODE((rea_dir / "fingerprints.json").stat().st_mode)
         assert mode == 0o600
-        assert sorted(p.name for p in rea_dir.iterdir()) == ["fingerprints.json"]  # no temp left
+        assert sorted(p.name for p in rea_dir.iterdir()) == [
+            "fingerprints.json",
+            "fingerprints.lock",
+        ]  # no temp left
         document = _trust_file(tmp_path)
         assert document["version"] == 1
         text = (rea_dir / "fingerprints.json").read_text()
@@ -4895,6 +4933,69 @@ class TestSection10UnusableFile:
         (tmp_path / ".rea" / "fingerprints.json").write_text("{}")
         assert pins.check_server(_trust_spec()) is not None
         assert pins.error is not None and "lacks 'servers'" in pins.error
+
+
+class TestSection10PinsAcrossProcesses:
+    def test_trust_and_serve_never_lose_each_others_pins(self, tmp_path: Path) -> None:
+        rea_dir = _trust_rea_dir(tmp_path)
+        spec = _trust_spec()
+        assert rea.Fingerprints(rea_dir).check_server(spec) is None
+        code = (
+            "import json, sys, rea\n"
+            "pins = rea.Fingerprints(rea.Path(sys.argv[1]))\n"
+            "for i in range(40):\n"
+            "    tool = {'name': f'a{i}', 'description': 'd', 'inputSchema': {'type': 'object'}}\n"
+            "    pins.check_tools('github', [tool])\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(HERE)}
+        other = subprocess.Popen([sys.executable, "-c", code, str(rea_dir)], env=env)
+        pins = rea.Fingerprints(rea_dir)
+        for i in range(40):
+            pins.check_tools("github", [_trust_tool(f"b{i}")])
+        assert other.wait(60) == 0
+        pinned = json.loads((rea_dir / "fingerprints.json").read_text())["servers"]["github"]
+        names = set(pinned["tools"])
+        assert {f"a{i}" for i in range(40)} <= names and {f"b{i}" for i in range(40)} <= names
+
+
+class TestSection7GovernanceActs:
+    """freeze, unfreeze, trust and reloads are audited like calls: server rea, tier write."""
+
+    def test_freeze_unfreeze_and_trust_are_audited_with_their_reasons(self, tmp_path: Path) -> None:
+        spec = _trust_spec()
+        _trust_pinned(tmp_path, spec, [_trust_tool()])
+        _trust_registry(tmp_path, _trust_spec(args=("-y", "other-server")))
+        assert rea.cmd_freeze(tmp_path, "incident 42") == 0
+        assert rea.cmd_unfreeze(tmp_path) == 0
+        out = io.StringIO()
+        assert (
+            rea.cmd_trust(tmp_path, ["github", "--reason", "reviewed the new args"], out, None) == 0
+        )
+        acts = [r for r in audit_records(tmp_path) if r["server_name"] == "rea"]
+        assert [r["tool_name"] for r in acts] == ["freeze", "unfreeze", "trust"]
+        assert all(r["tier"] == "write" and r["status"] == "allowed" for r in acts)
+        assert acts[0]["metadata"]["reason"] == "incident 42"
+        assert acts[1]["metadata"]["reason"] == "incident 42"
+        trust = acts[2]["metadata"]
+        assert trust["reason"] == "reviewed the new args" and trust["server"] == "github"
+        assert trust["pinned"]["definition"] != trust["accepted"]["definition"]
+        assert rea.verify_audit(tmp_path / ".rea").ok
+
+    def test_a_policy_reload_is_audited_with_the_files_hash(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")], "autonomy_level: L1\n")
+        c = running(gateway, root)
+        _govern_write_policy(root, "autonomy_level: L0\n")
+        digest = hashlib.sha256((root / ".rea" / "policy.yaml").read_bytes()).hexdigest()
+
+        def reloaded() -> list[dict[str, object]]:
+            return [r for r in audit_records(root) if r["tool_name"] == "policy.reload"]
+
+        record = poll(reloaded, what="the reload record")[0]  # type: ignore[index]
+        assert record["server_name"] == "rea" and record["tier"] == "write"
+        assert record["metadata"]["sha256"] == digest
+        c.close()
 
 
 class TestSection10TrustCommand:
@@ -6334,7 +6435,7 @@ class TestSection8StatusEndToEnd:
         assert state["owner_pid"] == c.proc.pid
         got = {d["name"]: d for d in state["downstreams"]}
         assert set(got) == {"alpha", "beta"}
-        for name, count in (("alpha", 15), ("beta", 2)):
+        for name, count in (("alpha", 16), ("beta", 2)):
             d = got[name]
             assert d["healthy"] is True and d["circuit_state"] == "closed"
             assert d["pid"] == pids[name] and pid_alive(d["pid"])
@@ -7124,8 +7225,8 @@ def _govern_assert_denied(res: dict[str, object], *needles: str) -> str:
 
 
 def _govern_tool_records(root: Path) -> list[dict[str, object]]:
-    """Audit records of tool calls (not the gateway's own health records)."""
-    return [r for r in audit_records(root) if r["server_name"] != "__rea__"]
+    """Audit records of tool calls (not the gateway's own records, nor governance acts)."""
+    return [r for r in audit_records(root) if r["server_name"] not in ("__rea__", "rea")]
 
 
 def _govern_write_policy(root: Path, text: str) -> None:
