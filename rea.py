@@ -9485,8 +9485,8 @@ class AuditTrail:
         elif target is not None:
             server = target.downstream.name
             tool = target.bare if call.kind is CallKind.TOOL else call.kind.value
-        elif call.kind is CallKind.TOOL:
-            tool = redact(call.name).text
+        elif call.kind is CallKind.TOOL:  # the client's name alone: each part redacted
+            tool = "__".join(redact(part).text for part in call.name.split("__"))
             server = tool.split("__", 1)[0] if "__" in tool else ""
         else:
             server, tool = "", call.kind.value

@@ -7747,6 +7747,17 @@ class TestSection6ReferenceProfileEndToEnd:
 
 
 class TestSection6RedactionEndToEnd:
+    def test_an_unknown_tools_name_reaches_the_audit_log_redacted(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        for name in (_GOVERN_GH_TOKEN, f"a__{_GOVERN_GH_TOKEN}"):
+            assert c.call(name)["error"]["code"] == -32602
+            record = audit_records(root)[-1]
+            assert record["status"] == "error" and "REDACTED" in record["tool_name"]
+        assert _GOVERN_GH_TOKEN not in (root / ".rea" / "audit.jsonl").read_text()
+
     def test_builtin_secrets_are_redacted_in_results_and_named_in_the_audit(
         self, fake_server, rea_project, gateway
     ):
