@@ -9499,6 +9499,8 @@ class AuditTrail:
             meta["trace_id"] = call.trace
         meta.update(outcome.metadata)
         note = outcome.note
+        if note and target is None and call.kind is CallKind.TOOL:
+            note = note.replace(call.name, tool)  # the name as redacted above
         if note:
             note = target.downstream.scrub(note) if target is not None else redact(note).text
         seconds = time.monotonic() - call.started
