@@ -109,6 +109,7 @@ from urllib.parse import unquote
 VERSION = "0.1.0"
 REA_DIR = ".rea"
 ZERO_HASH = "0" * 64
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # JSON values once parsed: the boundary type. Parse into typed records right there.
 JSON = object
@@ -4215,6 +4216,7 @@ class AuditSummary:
     last_timestamp: str | None
     last_tool: str | None
     last_status: str | None
+    tail_hash_looks_valid: bool | None = None  # the last record's hash is its content's
 
 
 @dataclass(frozen=True)
@@ -4472,6 +4474,7 @@ def _audit_summary(path: Path) -> AuditSummary:
     except OSError as exc:
         raise ReaError(f"{path}: cannot read the audit log ({exc.strerror})") from exc
     timestamp = tool = status = None
+    looks_valid: bool | None = None
     try:
         record: object = json.loads(last) if last else None
     except ValueError:
@@ -4481,7 +4484,16 @@ def _audit_summary(path: Path) -> AuditSummary:
             value if isinstance(value := record.get(key), str) else None
             for key in ("timestamp", "tool_name", "status")
         )
-    return AuditSummary(str(path), True, size, records, timestamp, tool, status)
+        claimed = record.pop("hash", None)
+        looks_valid = (
+            isinstance(claimed, str)
+            and SHA256_HEX.match(claimed) is not None
+            and record_hash(record) == claimed
+        )
+    elif last:
+        looks_valid = False
+    return AuditSummary(str(path), True, size, records, timestamp, tool, status, looks_valid)
+
 
 
 def _last_line(fh: BinaryIO, size: int) -> bytes:
@@ -4513,29 +4525,56 @@ def _render(report: StatusReport, as_json: bool) -> str:
 
 
 def _as_json(report: StatusReport) -> dict[str, object]:
+    """A superset of the reference tool's `status --json` (`serve`, `policy`, `audit`), so
+    scripts written for it keep working (§8); rea.py's own fields beside them."""
     state = report.state
     audit = report.audit
+    downstreams = (as_obj(report.raw_state or {}) or {}).get("downstreams")
+    uptime = _uptime_s(state) if report.running and state is not None else None
     return {
+        "base_dir": str(report.rea_dir.parent),
+        "serve": {
+            "running": report.running,
+            "pid": report.pid,
+            "stale": report.stale_pid is not None,
+            "stale_pid": report.stale_pid,
+            "session_id": state.session_id if state is not None else None,
+            "started_at": state.started_at if state is not None else None,
+            "updated_at": state.updated_at if state is not None else None,
+            "uptime_s": uptime,
+            "metrics_port": state.metrics_port if state is not None else None,
+            "downstreams": downstreams if isinstance(downstreams, list) else [],
+            "state_problem": report.state_problem,
+        },
+        "policy": {
+            **report.policy,
+            "halt_active": report.halt_active,
+            "halt_reason": report.halt_reason,
+        },
+        "audit": {
+            "present": audit.exists,
+            "lines": audit.records,
+            "last_timestamp": audit.last_timestamp,
+            "tail_hash_looks_valid": audit.tail_hash_looks_valid,
+            "file": audit.path,
+            "size_bytes": audit.size_bytes,
+            "last_tool_name": audit.last_tool,
+            "last_status": audit.last_status,
+            # earlier names of rea.py's own
+            "exists": audit.exists,
+            "records": audit.records,
+            "last_record_at": audit.last_timestamp,
+        },
         "running": report.running,
         "pid": report.pid,
         "stale_pid": report.stale_pid,
         "exit_code": report.exit_code,
-        "uptime_s": _uptime_s(state) if report.running and state is not None else None,
+        "uptime_s": uptime,
         "state_problem": report.state_problem,
         "folder": str(report.rea_dir),
         "shared_folder": str(report.shared_dir) if report.shared_dir is not None else None,
         "state": report.raw_state,
         "halt": {"active": report.halt_active, "reason": report.halt_reason},
-        "policy": report.policy,
-        "audit": {
-            "file": audit.path,
-            "exists": audit.exists,
-            "size_bytes": audit.size_bytes,
-            "records": audit.records,
-            "last_record_at": audit.last_timestamp,
-            "last_tool_name": audit.last_tool,
-            "last_status": audit.last_status,
-        },
     }
 
 
@@ -4593,7 +4632,8 @@ def _policy_line(policy: dict[str, object]) -> str:
         parts.append(f"profile {policy['profile']}")
     if policy.get("blocked_paths_count") is not None:
         parts.append(f"{policy['blocked_paths_count']} blocked paths")
-    return f"policy: {policy.get('file', '(defaults)')} — " + ", ".join(parts)
+    source = policy.get("file") or "no policy file: the defaults"
+    return f"policy: {source} — " + ", ".join(parts)
 
 
 def _server_lines(downstreams: tuple[DownstreamStatus, ...]) -> list[str]:
@@ -4684,7 +4724,6 @@ _DEFINITION_LABELS = {  # field -> how a reason names it
     "env_keys": "env keys",
     "env_passthrough": "env_passthrough",
 }
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def server_definition(spec: ServerSpec) -> dict[str, object]:
@@ -5138,7 +5177,7 @@ def _pins_object(
 
 
 def _pins_hash(value: object, where: str) -> str:
-    if not isinstance(value, str) or not _SHA256_RE.match(value):
+    if not isinstance(value, str) or not SHA256_HEX.match(value):
         raise _PinsUnusable(f"{where} is not a SHA-256 hex digest")
     return value
 

@@ -2808,8 +2808,8 @@ class TestSection8Status:
         assert data["stale_pid"] is None
         assert data["state"] == state
         assert data["halt"] == {"active": False, "reason": None}
-        assert data["policy"] == POLICY
-        assert data["audit"]["exists"] is False
+        assert data["policy"] == {**POLICY, "halt_active": False, "halt_reason": None}
+        assert data["audit"]["exists"] is False and data["audit"]["present"] is False
         assert 3700 < data["uptime_s"] < 3800
 
     def test_unhealthy_downstream_exits_1_and_shows_circuit_and_blocker(self, tmp_path, sleeper):
@@ -6412,6 +6412,35 @@ def _audit_status_state(root: Path) -> dict[str, object] | None:
 
 
 class TestSection8StatusEndToEnd:
+    def test_status_json_is_a_superset_of_the_reference_tools_shape(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "alpha")])
+        c = running(gateway, root)
+        c.call("alpha__echo", {"x": 1})
+
+        def shaped() -> dict[str, object] | None:
+            _, rep = _audit_status_json(root)
+            serve = rep.get("serve") or {}
+            return rep if serve.get("downstreams") else None
+
+        rep = poll(shaped, what="status --json with the live state")
+        assert isinstance(rep, dict)
+        assert rep["base_dir"] == str(root)
+        serve = rep["serve"]
+        assert serve["running"] is True and serve["pid"] == c.proc.pid and serve["stale"] is False
+        assert serve["session_id"] == c.health()["gateway"]["session_id"]
+        assert {"started_at", "metrics_port"} <= set(serve)
+        assert [d["name"] for d in serve["downstreams"]] == ["alpha"]
+        policy = rep["policy"]
+        assert {"profile", "autonomy_level", "blocked_paths_count"} <= set(policy)
+        assert policy["halt_active"] is False and policy["halt_reason"] is None
+        audit = rep["audit"]
+        assert audit["present"] is True and audit["lines"] >= 1
+        assert audit["tail_hash_looks_valid"] is True and audit["last_timestamp"]
+        human = _audit_status_cli(root, "status").stdout
+        assert "policy: no policy file: the defaults" in human and "None" not in human
+
     def test_status_json_from_another_process_reports_the_running_gateway(
         self, fake_server, rea_project, gateway
     ):
