@@ -4495,7 +4495,6 @@ def _audit_summary(path: Path) -> AuditSummary:
     return AuditSummary(str(path), True, size, records, timestamp, tool, status, looks_valid)
 
 
-
 def _last_line(fh: BinaryIO, size: int) -> bytes:
     """The last complete (newline-terminated) line, read backwards in chunks.
 
@@ -11110,6 +11109,15 @@ def health_tool_definition() -> JsonObj:
 # Commands ####################################################################
 
 
+SERVE_ON_A_TERMINAL = """\
+rea.py serve speaks the Model Context Protocol on stdin and stdout: it is meant to be
+started by an MCP client (Claude Code, Claude Desktop, Cursor, VS Code), not typed at.
+  python rea.py init --from .mcp.json --write   route your client's servers through rea
+  python rea.py status                          what a running gateway is doing
+  python rea.py check                           validate .rea/ and show what is loaded
+Waiting for a client on stdin; Ctrl-D or Ctrl-C stops."""
+
+
 def cmd_serve(root: Path, argv: list[str]) -> int:
     rea_dir = root / ".rea"
     registry = load_registry(rea_dir)
@@ -11119,6 +11127,8 @@ def cmd_serve(root: Path, argv: list[str]) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     timeouts = Timeouts.from_env(os.environ)
+    if os.isatty(0):  # a person, not a client: say so in plain words (stdout stays silent)
+        print(SERVE_ON_A_TERMINAL, file=sys.stderr, flush=True)
     rea_dir.mkdir(exist_ok=True)
     governance_of(root).shared.mkdir(exist_ok=True)
     warmer = threading.Thread(

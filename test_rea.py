@@ -3077,7 +3077,7 @@ BUILTIN = ["echo", "slow", "crash", "fail", "tool_error", "huge", "secret", "inj
            "count", "noisy", "env", "image", "read_file", "delete_file", "stall", "structured"]
 FEATURES = "--features" in args  # resources, prompts, completion, logging, client requests
 if FEATURES:
-    BUILTIN += ["progress", "sample", "change_tools", "log", "level", "ask"]
+    BUILTIN += ["progress", "sample", "change_tools", "log", "level", "ask", "meta"]
 BASE = opt("--uri", "fake://x")
 answers = {}
 answer_cond = threading.Condition()
@@ -3101,8 +3101,9 @@ def send(msg):
         sys.stdout.write(data); sys.stdout.flush()
 
 def result(rid, res):
-    if ERA == "stateless":
+    if ERA == "stateless":  # as mcp-server-time does: its own identity on every result
         res = {"resultType": "complete", **res}
+        res.setdefault("_meta", {})["io.modelcontextprotocol/serverInfo"] = {"name": "fake-time", "version": "1"}
     send({"jsonrpc": "2.0", "id": rid, "result": res})
 
 def error(rid, code, message, data=None):
@@ -3194,6 +3195,8 @@ def call(rid, name, a):
         result(rid, text("logged"))
     elif name == "level":
         result(rid, text(level[0]))
+    elif name == "meta":
+        result(rid, text(json.dumps(hidden.get("_meta"), sort_keys=True)))
     elif name == "env":
         result(rid, text(json.dumps(dict(os.environ))))
     elif name == "image":
@@ -3250,6 +3253,7 @@ def handle(msg):
     if method == "tools/call":
         a = dict(params.get("arguments") or {})
         a["_token"] = meta.get("progressToken")
+        a["_meta"] = meta
         a["_inputs"] = params.get("inputResponses")
         a["_state"] = params.get("requestState")
         threading.Thread(target=call, args=(rid, params.get("name"), a), daemon=True).start()
@@ -3753,6 +3757,70 @@ META_2026: dict[str, object] = {
     "io.modelcontextprotocol/clientCapabilities": {},
 }
 DISCOVER_2099 = {"_meta": {**META_2026, "io.modelcontextprotocol/protocolVersion": "2099-01-01"}}
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class TestSection5TraceAndIdentity:
+    def test_trace_context_reaches_the_child_and_its_id_the_audit_record(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a", "--features")])
+        c = running(gateway, root)
+        meta = {"traceparent": TRACEPARENT, "tracestate": "rojo=00f067aa0ba902b7", "baggage": "k=v"}
+        res = c.request("tools/call", {"name": "a__meta", "arguments": {}, "_meta": meta})
+        seen = json.loads(res["result"]["content"][0]["text"])
+        assert {k: seen[k] for k in meta} == meta  # untouched
+        record = audit_records(root)[-1]
+        assert record["metadata"]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    def test_a_stateless_childs_own_identity_never_reaches_the_client(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "modern", "--era", "stateless")])
+        c = running(gateway, root)
+        for res in (
+            c.call("modern__echo", {"v": 1})["result"],
+            c.request("tools/call", {"name": "modern__echo", "arguments": {}, "_meta": META_2026})[
+                "result"
+            ],
+        ):
+            names = json.dumps(res)
+            assert "fake-time" not in names and "serverInfo" not in names
+        disc = c.request("server/discover", {"_meta": META_2026})["result"]
+        assert disc["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "rea"
+
+
+class TestSection5PeopleAreClientsToo:
+    def test_serve_on_a_terminal_says_what_it_is_for(self, tmp_path):
+        import pty
+
+        (tmp_path / ".rea").mkdir()
+        controller, terminal = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, str(REA_PY), "serve", "--root", str(tmp_path)],
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        os.close(terminal)
+        lines: list[str] = []
+        assert proc.stderr is not None
+        stderr = proc.stderr
+        threading.Thread(
+            target=lambda: lines.extend(line.decode() for line in stderr), daemon=True
+        ).start()
+        try:
+            poll(lambda: "Ctrl-C" in "".join(lines), what="the words for a person")
+            said = "".join(lines)
+            assert "MCP client" in said and "rea.py init" in said and "rea.py status" in said
+            assert not said.lstrip().startswith("{"), said  # plain words, not a JSON log line
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            os.close(controller)
+        assert proc.stdout is not None and proc.stdout.read() == b""  # stdout stays the protocol
 
 
 class TestSection5EraFallback:
