@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -8223,4 +8224,1001 @@ class TestSection4PolicyReloadEndToEnd:
         )
         assert c.call("a__echo", {"p": ".env"})["result"]["content"][0]["text"].startswith(
             "rea: denied: autonomy"
+        )
+
+
+# Issue #12: one answer and one record on every path ###########################
+# (to be folded into the SPEC-ordered sections)
+
+# Control server ##############################################################
+# A stdlib-only MCP server in either era. Every tools/call it receives is logged to --log
+# (one JSON object a line) with the call's `tag` argument, so a test can count how often
+# the gateway sent a call and how often a tool really ran.
+
+CONTROL_SERVER = r"""
+import json, os, sys, threading, time
+
+args = sys.argv[1:]
+def opt(name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+
+ERA = opt("--era", "handshake")
+LOG = opt("--log")
+SERIAL = "--serial" in args  # one request at a time: read, work, answer, read the next
+time.sleep(float(opt("--start-delay", "0")))  # a slow start: the first tools/list waits for it
+TOOLS = ["tag", "gate", "fail", "work", "echo", "sample", "ask", "result_then_sample",
+         "sample_then_result", "surrogate"]
+SAMPLING = {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}], "maxTokens": 5}
+out_lock = threading.Lock()
+log_lock = threading.Lock()
+answers = {}
+answer_cond = threading.Condition()
+
+def note(event, **fields):
+    if LOG:
+        with log_lock, open(LOG, "a") as f:
+            f.write(json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n")
+
+def send(*msgs):  # several messages in one write: they reach the gateway back to back
+    data = "".join(json.dumps(m) + "\n" for m in msgs)
+    with out_lock:
+        sys.stdout.write(data); sys.stdout.flush()
+
+def result(rid, res):
+    if ERA == "stateless":
+        res = {"resultType": res.get("resultType", "complete"), **res}
+    return {"jsonrpc": "2.0", "id": rid, "result": res}
+
+def text(t, is_error=False):
+    return {"content": [{"type": "text", "text": t}], "isError": is_error}
+
+def sampling(sid):
+    return {"jsonrpc": "2.0", "id": sid, "method": "sampling/createMessage", "params": SAMPLING}
+
+def await_answer(sid, tag):
+    with answer_cond:
+        while sid not in answers:
+            answer_cond.wait()
+        ans = answers.pop(sid)
+    if "result" in ans:
+        said = ((ans["result"] or {}).get("content") or {}).get("text")
+        note("answer", tag=tag, ok=True, text=said)
+        return said
+    note("answer", tag=tag, ok=False, error=ans.get("error"))
+    return None
+
+def call(rid, name, a, params):
+    tag = a.get("tag")
+    inputs = params.get("inputResponses")
+    note("call", tag=tag, name=name, inputs=inputs is not None)
+    if name == "tag":
+        note("exec", tag=tag)
+        time.sleep(float(a.get("seconds", 0)))
+        send(result(rid, text(f"done {tag}")))
+    elif name == "gate":
+        while not os.path.exists(a["file"]):
+            time.sleep(0.01)
+        send(result(rid, text(f"opened {tag}")))
+    elif name == "fail":
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": "backend exploded"}})
+    elif name == "work":
+        time.sleep(float(a.get("seconds", 0)))
+        send(result(rid, text(f"worked {tag} {len(a.get('blob', ''))}")))
+    elif name == "echo":
+        send(result(rid, {"content": [{"type": "text", "text": "echo"}], "structuredContent": a}))
+    elif name == "sample":  # ask the client, wait for its answer, then answer the call
+        sid = f"s-{rid}"
+        send(sampling(sid))
+        said = await_answer(sid, tag)
+        if said is not None:  # the tool runs only with the model's answer
+            note("exec", tag=tag)
+        while a.get("gate") and not os.path.exists(a["gate"]):  # work on, until told
+            time.sleep(0.01)
+        send(result(rid, text(f"model said: {said}", said is None)))
+    elif name == "result_then_sample":  # the call is answered; only then a request follows
+        sid = f"s-{rid}"
+        send(result(rid, text(f"answered {tag}")), sampling(sid))
+        await_answer(sid, tag)
+    elif name == "sample_then_result":  # asks the client, then answers without waiting
+        sid = f"s-{rid}"
+        send(sampling(sid), result(rid, text(f"did not wait {tag}")))
+        await_answer(sid, tag)
+    elif name == "ask":  # SEP-2322: an input_required result, then the call again
+        if not inputs:
+            note("ask_round", tag=tag)
+            send(result(rid, {"resultType": "input_required", "requestState": f"st-{tag}",
+                              "inputRequests": {"q1": {"method": "sampling/createMessage",
+                                                       "params": SAMPLING}}}))
+        else:
+            note("exec", tag=tag)
+            send(result(rid, text(f"asked {tag}: {inputs['q1']['content']['text']}")))
+    elif name == "surrogate":  # a JS string cut mid-emoji, beside a secret
+        send(result(rid, text("half \ud83d moon ghp_" + "Zq8W" * 9 + " end")))
+    else:
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "no such tool"}})
+
+def handle(msg):
+    method, rid, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
+    meta = params.get("_meta") or {}
+    if method is None and rid is not None:
+        with answer_cond:
+            answers[rid] = msg
+            answer_cond.notify_all()
+        return
+    if rid is None:
+        if method == "notifications/cancelled":
+            note("cancelled", requestId=params.get("requestId"))
+        return
+    if ERA == "stateless":
+        if method == "initialize":
+            return send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "gone"}})
+        if meta.get("io.modelcontextprotocol/protocolVersion") != "2026-07-28":
+            return send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32022, "message": "unsupported",
+                         "data": {"supported": ["2026-07-28"]}}})
+        if method == "server/discover":
+            return send(result(rid, {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}},
+                                     "_meta": {"io.modelcontextprotocol/serverInfo": {"name": "c", "version": "1"}}}))
+    else:
+        if method == "server/discover":
+            return send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "Method not found"}})
+        if method == "initialize":
+            return send(result(rid, {"protocolVersion": params.get("protocolVersion"),
+                                     "capabilities": {"tools": {}},
+                                     "serverInfo": {"name": "c", "version": "1"}}))
+    if method == "tools/list":
+        res = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in TOOLS]}
+        if ERA == "stateless":
+            res.update(ttlMs=0, cacheScope="public")
+        return send(result(rid, res))
+    if method == "tools/call":
+        name, a = params.get("name"), dict(params.get("arguments") or {})
+        if SERIAL:
+            return call(rid, name, a, params)
+        threading.Thread(target=call, args=(rid, name, a, params), daemon=True).start()
+        return
+    if method == "ping":
+        return send(result(rid, {}))
+    send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "Method not found"}})
+
+note("started")
+for line in sys.stdin:
+    if line.strip():
+        handle(json.loads(line))
+"""
+
+
+@pytest.fixture(scope="session")
+def control_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("fixture12") / "control_mcp_server.py"
+    path.write_text(CONTROL_SERVER)
+    return str(path)
+
+
+def control(script: str, name: str, log: Path, *flags: str) -> dict[str, object]:
+    """A registry entry for the control server, logging to `log`."""
+    return {"name": name, "command": sys.executable, "args": [script, "--log", str(log), *flags]}
+
+
+def events(log: Path, event: str, tag: object = None) -> list[dict[str, object]]:
+    """The control server's log lines of one kind (and one tag, when given)."""
+    if not log.exists():
+        return []
+    whole = log.read_text().split("\n")[:-1]  # a line being written is not read yet
+    found = [json.loads(line) for line in whole if line.strip()]
+    return [e for e in found if e["event"] == event and (tag is None or e.get("tag") == tag)]
+
+
+def answers_to(c: Client, rid: object) -> list[dict[str, object]]:
+    """Every response line the gateway wrote for one request id (a request of its own,
+    to the client, has a `method` and is not counted)."""
+    msgs = [json.loads(line) for line in list(c.raw_lines)]
+    return [m for m in msgs if "method" not in m and m.get("id") == rid]
+
+
+def tool_records(root: Path, tool: str) -> list[dict[str, object]]:
+    return [r for r in audit_records(root) if r["tool_name"] == tool]
+
+
+def digest(arguments: dict[str, object]) -> str:
+    """`metadata.args_sha256` as §7 defines it."""
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def round_trip(c: Client) -> None:
+    """A request answered: all the gateway wrote before has been read. `server/discover`,
+    which either era's client may send and which changes nothing (§5)."""
+    found = c.request("server/discover", {"_meta": STATELESS_SAMPLING_META}, timeout=10)
+    assert "supportedVersions" in found["result"], found
+
+
+def stateless_call(c: Client, name: str, arguments: dict[str, object], **extra: object) -> int:
+    params: dict[str, object] = {
+        "name": name,
+        "arguments": arguments,
+        "_meta": STATELESS_SAMPLING_META,
+        **extra,
+    }
+    return c.start("tools/call", params)
+
+
+SAMPLING_ANSWER = {"role": "assistant", "content": {"type": "text", "text": "Ada"}, "model": "m"}
+
+
+def answer_client_request(c: Client, request: dict[str, object]) -> None:
+    c.send({"jsonrpc": "2.0", "id": request["id"], "result": SAMPLING_ANSWER})
+
+
+# §5 Shutdown #################################################################
+
+
+def drained(c: Client, timeout: float = 5) -> None:
+    """Once the gateway has exited: wait until the harness has read all it wrote.
+
+    `Client` keeps no handle on its two reader threads; they are found by their target."""
+    readers = [
+        t for t in threading.enumerate() if getattr(t, "_target", None) in (c._read, c._drain)
+    ]
+    for t in readers:
+        t.join(timeout)
+
+
+def exit_status(c: Client, timeout: float = 15) -> int:
+    """Close the client's side of stdin, wait for the gateway to exit, read what it wrote."""
+    assert c.proc.stdin is not None
+    c.proc.stdin.close()
+    status = c.proc.wait(timeout)
+    drained(c)
+    return status
+
+
+class TestSection5ShutdownWithCallsInFlight:
+    @pytest.mark.parametrize("n", [16, 40])
+    def test_stdin_closed_with_calls_in_flight_audits_every_call(
+        self, n, control_server, rea_project, gateway, tmp_path
+    ):
+        """Every call in flight when stdin closes ends with one audit record and one answer."""
+        root = rea_project([control(control_server, "a", tmp_path / "a.log")])
+        c = running(gateway, root)
+        calls = {
+            c.start("tools/call", {"name": "a__tag", "arguments": a}): a
+            for a in ({"tag": f"t{i}", "seconds": 1} for i in range(n))
+        }
+        assert exit_status(c) == 0
+        self.assert_each_call_audited_and_answered(c, root, calls)
+
+    @pytest.mark.parametrize("n", [16, 40])
+    def test_stdin_closed_while_calls_wait_for_start_up_audits_every_call(
+        self, n, control_server, rea_project, gateway, tmp_path
+    ):
+        """Calls read before stdin closed, still waiting for a slow child to start, are in
+        flight (§5): they run, they are not refused as 'shutting down'."""
+        log = tmp_path / "a.log"
+        root = rea_project([control(control_server, "a", log, "--start-delay", "1")])
+        c = gateway(root)
+        c.initialize()
+        calls = {
+            c.start("tools/call", {"name": "a__tag", "arguments": a}): a
+            for a in ({"tag": f"t{i}", "seconds": 0.5} for i in range(n))
+        }
+        assert exit_status(c) == 0
+        self.assert_each_call_audited_and_answered(c, root, calls)
+        assert sorted(e["tag"] for e in events(log, "exec")) == sorted(
+            str(a["tag"]) for a in calls.values()
+        )
+
+    @staticmethod
+    def assert_each_call_audited_and_answered(
+        c: Client, root: Path, calls: dict[int, dict[str, object]]
+    ) -> None:
+        records = tool_records(root, "tag")
+        assert len(records) == len(calls), f"{len(records)} audit records for {len(calls)} calls"
+        assert sorted(r["metadata"]["args_sha256"] for r in records) == sorted(
+            digest(a) for a in calls.values()
+        )
+        assert {r["status"] for r in records} == {"allowed"}
+        for rid, a in calls.items():
+            got = answers_to(c, rid)
+            assert len(got) == 1, f"call {a['tag']} answered {len(got)} times"
+            assert got[0]["result"]["content"][0]["text"] == f"done {a['tag']}", got[0]
+
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+    def test_a_signal_to_an_idle_gateway_exits_0_without_aborting(
+        self, sig, fake_server, rea_project, gateway
+    ):
+        """An idle gateway (stdin still open) stops cleanly: never `Fatal Python error`."""
+        root = rea_project([server(fake_server, "a")])
+        for attempt in range(3):
+            c = running(gateway, root)
+            c.proc.send_signal(sig)
+            status = c.proc.wait(15)
+            drained(c)
+            fatal = [line for line in c.stderr_lines if "Fatal Python error" in line]
+            assert status == 0 and not fatal, (
+                f"attempt {attempt + 1}: exit status {status}; {''.join(c.stderr_lines[-8:])}"
+            )
+
+    def test_initialize_initialized_and_a_call_then_eof_serves_the_call(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """`printf '<initialize>\\n<initialized>\\n<tools/call>\\n' | rea.py serve`: the call
+        was read before stdin closed, so it is served, not refused as 'shutting down'."""
+        log = tmp_path / "a.log"
+        root = rea_project([control(control_server, "a", log, "--start-delay", "0.5")])
+        c = gateway(root)
+        lines = [
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "printf", "version": "1"},
+                },
+            },
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "a__tag", "arguments": {"tag": "piped"}},
+            },
+        ]
+        c.send_raw(b"".join(json.dumps(m).encode() + b"\n" for m in lines))
+        assert exit_status(c) == 0
+        got = answers_to(c, 2)
+        assert len(got) == 1 and "result" in got[0], got
+        assert got[0]["result"]["content"][0]["text"] == "done piped"
+        assert [e["tag"] for e in events(log, "exec")] == ["piped"]
+        assert [r["status"] for r in tool_records(root, "tag")] == ["allowed"]
+
+    @pytest.mark.parametrize(
+        ("flags", "tool"),
+        [(["--features"], "sample"), (["--features", "--era", "stateless"], "ask")],
+        ids=["relayed-child-request", "gateways-own-input-request"],
+    )
+    def test_stdin_closed_while_a_request_to_the_client_is_pending_exits_within_8_s(
+        self, flags, tool, fake_server, rea_project, gateway
+    ):
+        """A sampling request the client never answers (relayed from a handshake child, or
+        the gateway's own for a stateless child's input_required) does not hold the stop up."""
+        root = rea_project([server(fake_server, "a", *flags)])
+        c = gateway(root)
+        c.initialize(capabilities={"sampling": {}})
+        c.tools()
+        rid = c.start("tools/call", {"name": f"a__{tool}", "arguments": {}})
+        c.wait_notification("sampling/createMessage")  # never answered
+        pid = c.downstream("a")["pid"]
+        t0 = time.monotonic()
+        assert c.proc.stdin is not None
+        c.proc.stdin.close()
+        try:
+            status = c.proc.wait(12)
+        except subprocess.TimeoutExpired:
+            status = None
+            c.proc.kill()
+        took = time.monotonic() - t0
+        drained(c)
+        assert status is not None and took < 10, f"still running after {took:.1f} s"
+        assert status == 0
+        poll(lambda: not pid_alive(pid), timeout=3, what="the child stopped")
+        assert len(answers_to(c, rid)) == 1
+        assert [r["status"] for r in tool_records(root, tool)] == ["error"]
+
+
+# §5 Robustness ###############################################################
+
+
+class TestSection5NothingTheClientSendsEndsTheSession:
+    def test_a_cancel_with_an_object_request_id_is_dropped(self, fake_server, rea_project, gateway):
+        """`notifications/cancelled` whose requestId is an object: dropped, the session goes on."""
+        c = running(gateway, rea_project([server(fake_server, "a")]))
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": {"bad": 1}},
+            }
+        )
+        assert c.request("ping", timeout=5)["result"] == {}
+        assert c.call("a__echo", {"after": 1}, timeout=5)["result"]["structuredContent"] == {
+            "after": 1
+        }
+        assert c.proc.poll() is None
+
+    def test_a_deeply_nested_line_gets_an_error_and_the_session_goes_on(
+        self, fake_server, rea_project, gateway
+    ):
+        """100,000 `[` on one line: -32700 or -32600 with id null, then business as usual."""
+        c = running(gateway, rea_project([server(fake_server, "a")]))
+        c.send_raw(b"[" * 100_000 + b"\n")
+        err = c.wait(None, timeout=5)["error"]
+        assert err["code"] in (-32700, -32600), err
+        assert c.request("ping", timeout=5)["result"] == {}
+        assert c.call("a__echo", {"after": 2}, timeout=5)["result"]["structuredContent"] == {
+            "after": 2
+        }
+        assert c.proc.poll() is None
+
+
+# §6 The call lifecycle #######################################################
+
+
+def is_denied(answer: dict[str, object]) -> bool:
+    """A refusal: a `rea: denied:` result (§5), or a JSON-RPC error."""
+    if "error" in answer:
+        return True
+    res = answer["result"]
+    return bool(res.get("isError")) and str(res["content"][0]["text"]).startswith("rea: denied")
+
+
+class TestSection6OneAnswerOneRecordAcrossEras:
+    def test_a_child_request_right_after_its_result_does_not_answer_the_call_twice(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """A stateless client's call, answered by a handshake child that then asks the client
+        to sample: the call is answered once, and the late request gets an error."""
+        log = tmp_path / "h.log"
+        root = rea_project([control(control_server, "h", log)])
+        c = gateway(root)
+        c.request("tools/list", {"_meta": STATELESS_SAMPLING_META})
+        rid = stateless_call(c, "h__result_then_sample", {"tag": "late"})
+        first = c.wait(rid)
+        poll(
+            lambda: events(log, "answer", "late") or len(answers_to(c, rid)) > 1,
+            timeout=5,
+            what="the child's late request answered, or a second answer to the call",
+        )
+        round_trip(c)
+        got = answers_to(c, rid)
+        assert len(got) == 1, f"call answered {len(got)} times: {got}"
+        assert first["result"]["content"][0]["text"] == "answered late", first
+        assert [r["status"] for r in tool_records(root, "result_then_sample")] == ["allowed"]
+        assert events(log, "answer", "late")[0]["ok"] is False
+
+    def test_a_suspended_call_whose_child_answers_without_the_input_is_audited_and_freed(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """The child asks (the client gets input_required), then answers the call without
+        waiting; the client never retries: one audit record by call_timeout_s, slot freed."""
+        policy = (
+            "gateway:\n  call_timeout_s: 2\n  servers:\n    h:\n      max_concurrent_calls: 1\n"
+        )
+        root = rea_project([control(control_server, "h", tmp_path / "h.log")], policy)
+        c = gateway(root)
+        c.request("tools/list", {"_meta": STATELESS_SAMPLING_META})
+        t0 = time.monotonic()
+        first = c.wait(stateless_call(c, "h__sample_then_result", {"tag": "parked"}))
+        assert first["result"]["resultType"] == "input_required", first
+        records = poll(
+            lambda: tool_records(root, "sample_then_result"),
+            timeout=5,
+            what="the audit record of a call the client never retried",
+        )
+        assert time.monotonic() - t0 < 5
+        assert [r["status"] for r in records] == ["error"]
+        later = c.wait(stateless_call(c, "h__echo", {"n": 1}), timeout=5)
+        assert later["result"].get("structuredContent") == {"n": 1}, later
+
+    def test_a_call_cancelled_during_an_input_round_is_not_sent_again(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """Handshake client, stateless child's input_required asked of the client: a cancel,
+        then the answer; the call is not sent to the child again and the id not answered."""
+        log = tmp_path / "s.log"
+        root = rea_project([control(control_server, "s", log, "--era", "stateless")])
+        c = gateway(root)
+        c.initialize(capabilities={"sampling": {}})
+        c.tools()
+        rid = c.start("tools/call", {"name": "s__ask", "arguments": {"tag": "gone"}})
+        ask = c.wait_notification("sampling/createMessage")
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": rid, "reason": "user pressed esc"},
+            }
+        )
+        answer_client_request(c, ask)
+        poll(lambda: tool_records(root, "ask"), timeout=5, what="the call's audit record")
+        round_trip(c)
+        sent = events(log, "call", "gone")
+        assert len(sent) == 1, f"the cancelled call reached the child {len(sent)} times"
+        assert not events(log, "exec", "gone")
+        assert answers_to(c, rid) == [], "a cancelled request was answered"
+        assert len(tool_records(root, "ask")) == 1
+
+    def test_a_stateless_retry_cancelled_while_the_child_works_is_not_answered(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """Stateless client: after its retry hands the child the input, the client cancels
+        the retry; the child hears of it, the retry is not answered, one audit record."""
+        log = tmp_path / "h.log"
+        root = rea_project([control(control_server, "h", log)])
+        c = gateway(root)
+        c.request("tools/list", {"_meta": STATELESS_SAMPLING_META})
+        args = {"tag": "retried", "gate": str(tmp_path / "never")}
+        first = c.wait(stateless_call(c, "h__sample", args))["result"]
+        assert first["resultType"] == "input_required", first
+        ((key, _),) = first["inputRequests"].items()
+        retry = stateless_call(
+            c,
+            "h__sample",
+            args,
+            inputResponses={key: SAMPLING_ANSWER},
+            requestState=first["requestState"],
+        )
+        poll(lambda: events(log, "answer", "retried"), timeout=5, what="the child got its input")
+        c.send(
+            {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": retry}}
+        )
+        poll(lambda: events(log, "cancelled"), timeout=5, what="the cancel passed on")
+        poll(lambda: tool_records(root, "sample"), timeout=5, what="the call's audit record")
+        round_trip(c)
+        assert answers_to(c, retry) == []
+        assert len(tool_records(root, "sample")) == 1
+
+
+def halt(root: Path) -> None:
+    (root / ".rea" / "HALT").write_text("frozen by the test\n")
+
+
+class TestSection6PolicyBetweenInputRounds:
+    def test_halt_set_while_the_client_answers_an_input_request_stops_the_call(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """Handshake client, stateless child: a HALT set while the gateway waits for the
+        client's answer denies the call; it is not sent to the child again."""
+        log = tmp_path / "s.log"
+        root = rea_project([control(control_server, "s", log, "--era", "stateless")])
+        c = gateway(root)
+        c.initialize(capabilities={"sampling": {}})
+        c.tools()
+        rid = c.start("tools/call", {"name": "s__ask", "arguments": {"tag": "halted"}})
+        ask = c.wait_notification("sampling/createMessage")
+        halt(root)
+        answer_client_request(c, ask)
+        answer = c.wait(rid, timeout=10)
+        assert is_denied(answer), answer
+        assert len(events(log, "call", "halted")) == 1, "the call was sent again under HALT"
+        assert not events(log, "exec", "halted")
+        assert [r["status"] for r in tool_records(root, "ask")] == ["denied"]
+
+    def test_halt_set_before_a_stateless_clients_retry_stops_the_call(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """Stateless client, handshake child: a HALT set before the client's retry denies
+        the retry, and the child never gets the client's input."""
+        log = tmp_path / "h.log"
+        root = rea_project([control(control_server, "h", log)])
+        c = gateway(root)
+        c.request("tools/list", {"_meta": STATELESS_SAMPLING_META})
+        args = {"tag": "halted"}
+        first = c.wait(stateless_call(c, "h__sample", args))["result"]
+        assert first["resultType"] == "input_required", first
+        ((key, _),) = first["inputRequests"].items()
+        halt(root)
+        retry = stateless_call(
+            c,
+            "h__sample",
+            args,
+            inputResponses={key: SAMPLING_ANSWER},
+            requestState=first["requestState"],
+        )
+        answer = c.wait(retry, timeout=10)
+        assert is_denied(answer), answer
+        assert not [e for e in events(log, "answer", "halted") if e["ok"]]
+        assert not events(log, "exec", "halted")
+        assert [r["status"] for r in tool_records(root, "sample")] == ["denied"]
+
+
+class TestSection6LoneSurrogates:
+    SURROGATE_CALL = (
+        b'{"jsonrpc":"2.0","id":"p1","method":"tools/call",'
+        b'"params":{"name":"a__echo","arguments":{"p":"~\\ud800/x"}}}\n'
+    )
+
+    def test_a_lone_surrogate_in_a_path_argument_is_answered_and_audited_once(
+        self, fake_server, rea_project, gateway
+    ):
+        """`{"p": "~\\ud800/x"}`: an answer, one audit record, and the id is free again."""
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        c.send_raw(self.SURROGATE_CALL)
+        first = c.wait("p1", timeout=5)
+        assert "result" in first or "error" in first
+        round_trip(c)
+        records = tool_records(root, "echo")
+        assert len(records) == 1, f"{len(records)} audit records for the call; it got {first}"
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":"p1","method":"tools/call",'
+            b'"params":{"name":"a__echo","arguments":{"p":"fine"}}}\n'
+        )
+        again = c.wait("p1", timeout=5)
+        assert again.get("result", {}).get("structuredContent") == {"p": "fine"}, again
+        assert len(tool_records(root, "echo")) == 2
+
+    def test_a_lone_surrogate_in_a_call_before_the_first_tools_list_is_answered(
+        self, fake_server, rea_project, gateway
+    ):
+        """The same call right after initialize (no tools/list yet) still gets an answer."""
+        root = rea_project([server(fake_server, "a")])
+        c = gateway(root)
+        c.initialize()
+        c.send_raw(self.SURROGATE_CALL)
+        first = c.wait("p1", timeout=8)
+        assert "result" in first or "error" in first
+        round_trip(c)
+        records = tool_records(root, "echo")
+        assert len(records) == 1, f"{len(records)} audit records for the call; it got {first}"
+
+    def test_a_lone_surrogate_in_a_childs_result_is_answered_redacted_and_audited(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """A result holding `\\ud83d` alone beside a GitHub token: a normal result with the
+        token redacted, one audit record, and the token nowhere in the gateway's stderr."""
+        root = rea_project([control(control_server, "a", tmp_path / "a.log")])
+        c = running(gateway, root)
+        answer = c.call("a__surrogate", timeout=5)
+        assert "result" in answer, answer
+        text = answer["result"]["content"][0]["text"]
+        assert "moon" in text and "[REDACTED" in text and "ghp_" not in text, text
+        assert answer["result"].get("isError") is not True
+        assert [r["status"] for r in tool_records(root, "surrogate")] == ["allowed"]
+        assert exit_status(c) == 0
+        assert not [line for line in c.stderr_lines if "ghp_" in line]
+
+
+# §9 Supervisor, breaker ######################################################
+
+
+class TestSection9BusyChildIsNotDead:
+    def test_a_child_busy_with_one_request_while_its_stdin_fills_is_not_killed(
+        self, control_server, fake_server, rea_project, gateway, tmp_path
+    ):
+        """A one-request-at-a-time child gets a 4 MB argument while busy: it is not killed,
+        every call succeeds, and meanwhile `ping` and another server's calls are prompt."""
+        log = tmp_path / "busy.log"
+        root = rea_project(
+            [control(control_server, "busy", log, "--serial"), server(fake_server, "other")]
+        )
+        c = running(gateway, root)
+        pid = c.downstream("busy")["pid"]
+        work = [
+            c.start(
+                "tools/call", {"name": "busy__work", "arguments": {"tag": f"w{i}", "seconds": 1.5}}
+            )
+            for i in range(4)
+        ]
+        blob = "x" * 4_000_000  # far more than a pipe holds: the child reads it in 6 s
+        big = c.start(
+            "tools/call", {"name": "busy__work", "arguments": {"tag": "big", "blob": blob}}
+        )
+        t0 = time.monotonic()
+        assert c.request("ping", timeout=10)["result"] == {}
+        assert time.monotonic() - t0 < 1, f"ping took {time.monotonic() - t0:.1f} s"
+        t0 = time.monotonic()
+        assert c.call("other__echo", {"n": 1}, timeout=10)["result"]["structuredContent"] == {
+            "n": 1
+        }
+        assert time.monotonic() - t0 < 1, (
+            f"another server's call took {time.monotonic() - t0:.1f} s"
+        )
+        for i, rid in enumerate(work):
+            text = c.wait(rid, timeout=15)["result"]["content"][0]["text"]
+            assert text == f"worked w{i} 0", text
+        text = c.wait(big, timeout=15)["result"]["content"][0]["text"]
+        assert text == f"worked big {len(blob)}", text
+        assert c.downstream("busy")["pid"] == pid
+        assert len(events(log, "started")) == 1, "the busy child was restarted"
+
+
+class TestSection9BreakerProbe:
+    POLICY = "gateway:\n  breaker:\n    failure_threshold: 2\n    cooldown_s: 0.5\n"
+
+    def test_a_call_older_than_the_opening_does_not_close_the_circuit_while_the_probe_is_out(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """Half-open: the success of a call started before the circuit opened is not the
+        probe's outcome; the circuit stays half-open and refuses others until the probe ends."""
+        log = tmp_path / "b.log"
+        root = rea_project([control(control_server, "b", log)], self.POLICY)
+        c = running(gateway, root)
+        old_gate, probe_gate = tmp_path / "old.open", tmp_path / "probe.open"
+        old = c.start(
+            "tools/call", {"name": "b__gate", "arguments": {"tag": "old", "file": str(old_gate)}}
+        )
+        poll(lambda: events(log, "call", "old"), what="the old call at the child")
+        for _ in range(2):
+            assert c.call("b__fail")["error"]["message"] == "backend exploded"
+        assert c.downstream("b")["circuit_state"] == "open"
+        poll(lambda: c.downstream("b")["circuit_state"] == "half-open", what="half-open")
+        probe = c.start(
+            "tools/call",
+            {"name": "b__gate", "arguments": {"tag": "probe", "file": str(probe_gate)}},
+        )
+        poll(lambda: events(log, "call", "probe"), what="the probe at the child")
+        old_gate.touch()
+        assert c.wait(old)["result"]["content"][0]["text"] == "opened old"
+        assert c.downstream("b")["circuit_state"] in ("half-open", "open")
+        refused = c.call("b__echo", {"n": 1})["result"]
+        assert refused.get("isError") is True, refused
+        assert refused["content"][0]["text"].startswith("rea: denied: circuit for server b")
+        probe_gate.touch()
+        assert c.wait(probe)["result"]["content"][0]["text"] == "opened probe"
+        assert c.downstream("b")["circuit_state"] == "closed"
+
+
+# Soak: every path at once ####################################################
+
+SOAK_SECONDS = 12.0  # of random traffic; then stdin closes (the stop takes at most ~8 s)
+SOAK_POLICY = """\
+gateway:
+  call_timeout_s: 3
+  restart_backoff_s: 0.05
+  breaker:
+    failure_threshold: 5
+    cooldown_s: 0.2
+"""
+
+SOAK_TOOLS = ("tag", "ask", "sample", "result_then_sample", "sample_then_result")
+
+
+class Soak:
+    """One gateway under random traffic; records what was sent, checks the invariants."""
+
+    def __init__(self, c: Client, seed: int, logs: dict[str, Path]) -> None:
+        self.c = c
+        self.rng = random.Random(seed)  # what to send: the same for a seed
+        self.replies = random.Random(seed + 1)  # how to answer: depends on arrival order too
+        self.logs = logs
+        self.sent: dict[int, str] = {}  # request id -> what it was, for messages
+        self.cancelled: set[int] = set()
+        self.calls: dict[int, dict[str, object]] = {}  # tools/call id -> its arguments
+        self.logical: dict[str, dict[str, object]] = {}  # tag -> arguments of its one call
+        self.first_of: dict[str, str] = {}  # retry tag -> tag of the call it may continue
+        self.named: dict[str, str] = {}  # tag -> tool and era, for messages
+        self.followed: set[int] = set()  # calls whose input_required was dealt with
+        self.answered_requests: set[object] = set()  # the gateway's requests to us
+        self.child_pids: set[int] = set()
+        self.stateless: set[int] = set()  # calls sent in the stateless era
+        self.seen = 0  # raw lines looked at
+        self.n = 0
+        self.kills = 0
+        self.last_kill = 0.0
+        self.violations: list[str] = []
+
+    def tag(self) -> str:
+        self.n += 1
+        return f"t{self.n}"
+
+    def call(self, name: str, args: dict[str, object], stateless: bool, **extra: object) -> int:
+        params: dict[str, object] = {"name": name, "arguments": args, **extra}
+        if stateless:
+            params["_meta"] = STATELESS_SAMPLING_META
+        rid = self.c.start("tools/call", params)
+        if stateless:
+            self.stateless.add(rid)
+        self.sent[rid] = f"tools/call {name} {args.get('tag')}" + (
+            " (stateless)" if stateless else ""
+        )
+        self.calls[rid] = args
+        self.logical.setdefault(str(args["tag"]), args)
+        self.named.setdefault(
+            str(args["tag"]), f"{name} ({'stateless' if stateless else 'handshake'})"
+        )
+        return rid
+
+    def in_flight(self) -> list[int]:
+        answered = {json.loads(line).get("id") for line in list(self.c.raw_lines)}
+        return [rid for rid in self.calls if rid not in answered and rid not in self.cancelled]
+
+    def step(self) -> None:
+        op = self.rng.choices(
+            [
+                "fast",
+                "slow",
+                "cancel",
+                "kill",
+                "ask",
+                "ask_h",
+                "sample",
+                "late",
+                "parked",
+                "health",
+            ],
+            weights=[30, 15, 12, 4, 8, 8, 8, 4, 4, 4],
+        )[0]
+        if op == "fast":
+            self.call("h__tag", {"tag": self.tag(), "seconds": self.rng.uniform(0, 0.05)}, False)
+        elif op == "slow":
+            self.call("h__tag", {"tag": self.tag(), "seconds": self.rng.uniform(0.5, 2)}, False)
+        elif op == "cancel":
+            handshake = [r for r in self.in_flight() if r not in self.stateless]
+            if handshake:
+                rid = self.rng.choice(handshake)
+                self.cancelled.add(rid)
+                self.c.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": rid, "reason": "soak"},
+                    }
+                )
+        elif op == "kill":
+            now = time.monotonic()
+            if self.kills < 3 and now - self.last_kill > 2.5 and self.in_flight():
+                pid = self.health().get(self.rng.choice(["h", "h", "s"]))
+                if isinstance(pid, int):
+                    os.kill(pid, signal.SIGKILL)
+                    self.kills += 1
+                    self.last_kill = now
+        elif op == "ask":  # stateless client, stateless child: input_required passes through
+            self.call("s__ask", {"tag": self.tag()}, True)
+        elif op == "ask_h":  # handshake client, stateless child: the gateway asks the client
+            self.call("s__ask", {"tag": self.tag()}, False)
+        elif op == "sample":  # stateless client, handshake child that asks and waits
+            self.call("h__sample", {"tag": self.tag()}, True)
+        elif op == "late":  # ... that answers, then asks
+            self.call("h__result_then_sample", {"tag": self.tag()}, True)
+        elif op == "parked":  # ... that asks, then answers without waiting
+            self.call("h__sample_then_result", {"tag": self.tag()}, True)
+        else:
+            self.health()
+
+    def health(self) -> dict[str, object]:
+        """Each server's pid now (and remember every child pid seen)."""
+        rid = self.c.start("tools/call", {"name": "__rea__health", "arguments": {}})
+        self.sent[rid] = "__rea__health"
+        try:
+            answer = self.c.wait(rid, timeout=5)
+        except AssertionError:
+            self.violations.append(f"health call {rid} not answered within 5 s")
+            return {}
+        pids = {
+            d["name"]: d["pid"]
+            for d in json.loads(answer["result"]["content"][0]["text"])["downstreams"]
+        }
+        self.child_pids |= {p for p in pids.values() if isinstance(p, int)}
+        return pids
+
+    def follow_up(self) -> None:
+        """Answer the gateway's requests (mostly), and retry input_required calls (sometimes)."""
+        lines = list(self.c.raw_lines)
+        new, self.seen = lines[self.seen :], len(lines)
+        for raw in new:
+            msg = json.loads(raw)
+            if "method" in msg and "id" in msg:
+                if self.replies.random() < 0.8:
+                    answer_client_request(self.c, msg)
+                continue
+            rid = msg.get("id")
+            result = msg.get("result") or {}
+            if rid not in self.calls or result.get("resultType") != "input_required":
+                continue
+            if rid in self.followed or self.replies.random() < 0.4:
+                continue  # this client never retries
+            self.followed.add(rid)
+            inputs = {key: SAMPLING_ANSWER for key in result.get("inputRequests") or {}}
+            first = str(self.calls[rid]["tag"])
+            again = {"tag": self.tag(), "retry_of": first}
+            if "s__ask" not in self.sent[rid]:
+                # The gateway's requestState: the call it suspended goes on, unless it ended
+                # meanwhile and this is a new call; their records are counted together.
+                self.first_of[str(again["tag"])] = self.first_of.get(first, first)
+            self.call(
+                self.sent[rid].split()[1],
+                again,
+                True,
+                inputResponses=inputs,
+                requestState=result.get("requestState"),
+            )
+
+    def check_answers(self) -> None:
+        counts: dict[object, int] = {}
+        for raw in self.c.raw_lines:
+            msg = json.loads(raw)
+            if "method" not in msg:
+                counts[msg.get("id")] = counts.get(msg.get("id"), 0) + 1
+        for rid, what in self.sent.items():
+            n = counts.get(rid, 0)
+            if n > 1:
+                self.violations.append(f"answered {n} times (at most once): {rid} {what}")
+            elif n == 0 and rid not in self.cancelled:
+                self.violations.append(f"never answered (not cancelled): {rid} {what}")
+
+    def check_audit(self, root: Path) -> None:
+        records: dict[object, int] = {}
+        for r in audit_records(root):
+            if r["server_name"] in ("h", "s") and r["tool_name"] in SOAK_TOOLS:
+                key = r["metadata"]["args_sha256"]
+                records[key] = records.get(key, 0) + 1
+        expected = {digest(args): tag for tag, args in self.logical.items()}
+        groups: dict[str, list[str]] = {}
+        for tag in self.logical:
+            groups.setdefault(self.first_of.get(tag, tag), []).append(tag)
+        for tags in groups.values():
+            found = {t: records.get(digest(self.logical[t]), 0) for t in tags}
+            # one call, plus at most one more for each retry that became a call of its own
+            if sum(found.values()) not in range(1, len(tags) + 1) or max(found.values()) > 1:
+                self.violations.append(
+                    f"one audit record per call: {tags[0]} {self.named[tags[0]]}"
+                    + (f" and its retries {tags[1:]}" if tags[1:] else "")
+                    + f" have {sum(found.values())} ({found})"
+                )
+        for key in set(records) - set(expected):
+            self.violations.append(f"audit record for a call never made: args_sha256 {key}")
+
+    def check_executions(self) -> None:
+        for name, log in self.logs.items():
+            tags = [e["tag"] for e in events(log, "exec")]
+            for tag in sorted({t for t in tags if tags.count(t) > 1}):
+                self.violations.append(
+                    f"at most once: server {name} ran {tag} {tags.count(tag)} times"
+                )
+
+
+class TestSoak:
+    def test_random_traffic_keeps_every_invariant(
+        self, control_server, rea_project, gateway, tmp_path
+    ):
+        """Calls fast and slow, cancels, killed children, input rounds (some never retried)
+        and a stop: one answer per request, one audit record per call, nothing run twice,
+        an intact chain, no child left behind."""
+        seed = int(os.environ.get("REA_SOAK_SEED", "1212"))
+        logs = {"h": tmp_path / "h.log", "s": tmp_path / "s.log"}
+        root = rea_project(
+            [
+                control(control_server, "h", logs["h"]),
+                control(control_server, "s", logs["s"], "--era", "stateless"),
+            ],
+            SOAK_POLICY,
+        )
+        c = gateway(root)
+        c.initialize(capabilities={"sampling": {}})
+        c.tools()
+        c.request("tools/list", {"_meta": STATELESS_SAMPLING_META})
+        soak = Soak(c, seed, logs)
+        soak.health()
+        end = time.monotonic() + SOAK_SECONDS
+        while time.monotonic() < end and c.proc.poll() is None:
+            soak.step()
+            soak.follow_up()
+            time.sleep(soak.rng.uniform(0, 0.08))  # pacing of the traffic, not a wait for it
+        soak.health()
+        soak.follow_up()
+        for _ in range(5):  # read before stdin closes: in flight, not refused (§5)
+            soak.call("h__tag", {"tag": soak.tag(), "seconds": 0.2}, False)
+        t0 = time.monotonic()
+        assert c.proc.stdin is not None
+        c.proc.stdin.close()
+        try:
+            status: int | None = c.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            status = None
+        drained(c)
+        if status != 0 or time.monotonic() - t0 > 10:
+            soak.violations.append(
+                f"clean stop: exit status {status} after {time.monotonic() - t0:.1f} s"
+            )
+        soak.check_answers()
+        soak.check_audit(root)
+        soak.check_executions()
+        verify = subprocess.run(
+            [sys.executable, str(REA_PY), "audit", "verify", "--root", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if verify.returncode != 0:
+            soak.violations.append(f"audit verify: {verify.stdout.strip()} {verify.stderr.strip()}")
+        try:
+            poll(lambda: not any(pid_alive(p) for p in soak.child_pids), timeout=3)
+        except AssertionError:
+            alive = sorted(p for p in soak.child_pids if pid_alive(p))
+            soak.violations.append(f"no orphan: children {alive} outlived the gateway")
+        assert not soak.violations, (
+            f"seed {seed} (REA_SOAK_SEED={seed} replays it); {len(soak.calls)} calls, "
+            f"{len(soak.cancelled)} cancelled; broken invariants:\n" + "\n".join(soak.violations)
         )
