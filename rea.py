@@ -2991,7 +2991,9 @@ class AuditLog:
         self._head_dirty = False
         self._head_timer: threading.Timer | None = None
         # Group commit (fsync "batch"): sequence numbers of records written / made durable.
-        self._sync_cond = threading.Condition()  # guards: _written_seq, _synced_seq, _syncing
+        self._sync_cond = threading.Condition(
+            threading.Lock()
+        )  # guards: _written_seq, _synced_seq, _syncing
         self._written_seq = 0
         self._synced_seq = 0
         self._syncing = False
@@ -7529,12 +7531,16 @@ class ChildProcess:
             cwd=cwd,
             start_new_session=True,  # the client's Ctrl-C reaches the gateway, which stops us in order
         )
+        assert self.proc.stdin is not None
+        self._stdin_fd = self.proc.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)  # nobody ever waits in a write: see send()
         self.era = Era.HANDSHAKE
         self.version = HANDSHAKE_VERSIONS[0]
         self.stopping = False
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.requests = PendingRequests(name)
-        self._out_cond = threading.Condition()  # guards: _outbox, _closing, _writing_since
+        self._out_lock = threading.Lock()  # guards: _outbox, _closing, _writing_since
+        self._out_ready = threading.Condition(self._out_lock)  # the writer has work
         self._outbox: collections.deque[bytes] = collections.deque()
         self._closing = False
         self._writing_since: float | None = None  # a write the child has not taken yet
@@ -7557,13 +7563,26 @@ class ChildProcess:
     # -- sending --
 
     def send(self, msg: JsonObj) -> None:
-        """Queue one message for the writer; never blocks the caller."""
+        """Hand one message to the child's stdin without ever waiting for it. The writer
+        thread owns the pipe; when it is idle and the pipe takes the whole message at
+        once, the sender writes it directly (no thread hop on the hot path). Anything
+        that would wait, the rest of a partial write included, is queued for the writer."""
         data = encode(msg)
-        with self._out_cond:
+        with self._out_lock:
             if self._closing or self.requests.closed:
                 raise ChildDied(f"server {self.name}: its stdin is closed")
+            if not self._outbox and self._writing_since is None:
+                try:
+                    written = os.write(self._stdin_fd, data)
+                except BlockingIOError:
+                    written = 0
+                except OSError:
+                    raise ChildDied(f"server {self.name}: its stdin is closed") from None
+                if written == len(data):
+                    return
+                data = data[written:]
             self._outbox.append(data)
-            self._out_cond.notify()
+            self._out_ready.notify()
 
     def request_async(
         self, method: str, params: JsonObj | None, timeout_s: float, on_done: OnDone
@@ -7608,7 +7627,7 @@ class ChildProcess:
         """Fail requests past their deadline; return the next deadline, if any. A child that
         has taken none of its input for as long as a call may wait is stuck: killed (§9)."""
         expired, soonest = self.requests.due(now)
-        with self._out_cond:
+        with self._out_lock:
             since = self._writing_since
         for request_id, pending in expired:
             if since is not None and since <= pending.sent_at:
@@ -7631,25 +7650,31 @@ class ChildProcess:
     def _write_stdin(self) -> None:
         stdin = self.proc.stdin
         assert stdin is not None
-        fd = stdin.fileno()
+        fd = self._stdin_fd
         try:
             while True:
-                with self._out_cond:
+                with self._out_lock:
                     while not self._outbox and not self._closing:
-                        self._out_cond.wait()
+                        self._out_ready.wait()
                     if self._closing:
                         break
                     data = self._outbox.popleft()
                     self._writing_since = time.monotonic()
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view) :]
-                with self._out_cond:
+                    try:
+                        view = view[os.write(fd, view) :]
+                    except BlockingIOError:  # a busy child: wait for room, only here
+                        select.select([], [fd], [], 0.5)
+                        with self._out_lock:
+                            if self._closing:
+                                return
+                with self._out_lock:
                     self._writing_since = None
         except OSError:
             pass  # the child is gone: its reader sees the end and reports it
         finally:
-            with self._out_cond:
+            with self._out_lock:
                 self._closing = True
                 self._outbox.clear()
                 self._writing_since = None
@@ -7719,9 +7744,9 @@ class ChildProcess:
 
     def _died(self) -> None:
         pending = self.requests.close()
-        with self._out_cond:
+        with self._out_lock:
             self._closing = True
-            self._out_cond.notify()
+            self._out_ready.notify()
         code: int | None
         try:
             code = self.proc.wait(timeout=2)
@@ -7748,10 +7773,10 @@ class ChildProcess:
         """Close stdin; then SIGTERM; then SIGKILL after kill_after_s; reap and join the
         child's threads, so that every answer it gave has been delivered (§5)."""
         self.stopping = True
-        with self._out_cond:
+        with self._out_lock:
             self._closing = True
             self._outbox.clear()
-            self._out_cond.notify()
+            self._out_ready.notify()
         if _wait(self.proc, 0.5):
             self.signal(signal.SIGTERM)  # helpers it left in its process group, if any
         else:
@@ -7801,7 +7826,8 @@ class Deadlines:
     Cheaper than a Timer per call, and joined at stop."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()  # guards: _sources, _wake_at, _closed
+        self._lock = threading.Lock()  # guards: _sources, _wake_at, _closed
+        self._wake = threading.Condition(self._lock)  # a sooner deadline, or the close
         self._sources: set[Expiring] = set()
         self._wake_at = float("inf")  # when the thread will next look
         self._closed = False
@@ -7809,22 +7835,22 @@ class Deadlines:
         self._thread.start()
 
     def watch(self, source: Expiring, deadline: float) -> None:
-        with self._cond:
+        with self._lock:
             self._sources.add(source)
             if deadline < self._wake_at:
                 self._wake_at = deadline
-                self._cond.notify()
+                self._wake.notify()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify()
+            self._wake.notify()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 if self._closed:
                     return
                 sources = list(self._sources)
@@ -7837,16 +7863,16 @@ class Deadlines:
                     log("error", "internal_error", where="deadlines", error=repr(exc))
                     nxt = None
                 if nxt is None:
-                    with self._cond:
+                    with self._lock:
                         self._sources.discard(source)
                 elif soonest is None or nxt < soonest:
                     soonest = nxt
-            with self._cond:
+            with self._lock:
                 if self._closed:
                     return
                 wait = 1.0 if soonest is None else min(1.0, max(0.005, soonest - time.monotonic()))
                 self._wake_at = time.monotonic() + wait
-                self._cond.wait(wait)
+                self._wake.wait(wait)
 
 
 def child_meta(version: str) -> JsonObj:
@@ -8976,7 +9002,9 @@ class ClientWire:
         self._on_line = on_line
         self._deadlines = deadlines
         self._out_lock = threading.Lock()  # guards: whole messages on stdout
-        self._cond = threading.Condition()  # guards: _open, _asks, _seq, _closed
+        self._lock = threading.Lock()  # guards: _open, _asks, _seq, _closed, _draining
+        self._answered = threading.Condition(self._lock)  # an open request was answered
+        self._draining = False  # someone waits for every answer: notify them
         self._open: dict[tuple[str, object], Era] = {}
         self._asks: dict[str, _Ask] = {}
         self._seq = 0
@@ -9068,7 +9096,7 @@ class ClientWire:
     def open(self, req_id: object, era: Era) -> bool:
         """Take a request as open; False when one with this id is open already."""
         key = id_key(req_id)
-        with self._cond:
+        with self._lock:
             if key in self._open:
                 return False
             self._open[key] = era
@@ -9077,18 +9105,20 @@ class ClientWire:
     def reply(self, req_id: object, result: JsonObj) -> bool:
         """Answer an open request with a result shaped for its era; False (and nothing
         written) when it is not open: answered before, or never taken."""
-        with self._cond:
+        with self._lock:
             era = self._open.pop(id_key(req_id), None)
-            self._cond.notify_all()
+            if self._draining:
+                self._answered.notify_all()
         if era is None:
             return False
         self.write({"jsonrpc": "2.0", "id": req_id, "result": shaped_result(result, era)})
         return True
 
     def reply_error(self, req_id: object, err: RpcError) -> bool:
-        with self._cond:
+        with self._lock:
             era = self._open.pop(id_key(req_id), None)
-            self._cond.notify_all()
+            if self._draining:
+                self._answered.notify_all()
         if era is None:
             return False
         self.write({"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
@@ -9106,22 +9136,23 @@ class ClientWire:
         )
 
     def open_count(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._open)
 
     def wait_answered(self, deadline: float) -> bool:
         """Wait until every open request is answered, or the deadline: True when all are."""
-        with self._cond:
+        with self._lock:
+            self._draining = True
             while self._open:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(left)
+                self._answered.wait(left)
             return True
 
     def fail_open(self, err: RpcError) -> None:
         """Answer every request still open with this error (at stop)."""
-        with self._cond:
+        with self._lock:
             ids = list(self._open)
         for _, value in ids:
             self.reply_error(value, err)
@@ -9139,7 +9170,7 @@ class ClientWire:
         client's); on_answer gets its response, or an error made here on timeout,
         cancellation or stop, exactly once."""
         deadline = time.monotonic() + timeout_s
-        with self._cond:
+        with self._lock:
             closed = self._closed
             self._seq += 1
             ask_id = f"rea-{self._seq}"
@@ -9172,7 +9203,7 @@ class ClientWire:
     def on_response(self, msg: JsonObj) -> bool:
         """The client answered one of our requests; False when it is not ours (or late)."""
         ask_id = msg.get("id")
-        with self._cond:
+        with self._lock:
             ask = self._asks.pop(ask_id, None) if isinstance(ask_id, str) else None
         if ask is None:
             return False
@@ -9181,7 +9212,7 @@ class ClientWire:
 
     def cancel_ask(self, ask_id: str, reason: str) -> None:
         """Withdraw a request of ours: the client is told, its waiter gets an error."""
-        with self._cond:
+        with self._lock:
             ask = self._asks.pop(ask_id, None)
         if ask is None:
             return
@@ -9191,7 +9222,7 @@ class ClientWire:
     def expire(self, now: float) -> float | None:
         expired: list[tuple[str, _Ask]] = []
         soonest: float | None = None
-        with self._cond:
+        with self._lock:
             for ask_id, ask in list(self._asks.items()):
                 if ask.deadline <= now:
                     expired.append((ask_id, self._asks.pop(ask_id)))
@@ -9205,7 +9236,7 @@ class ClientWire:
     def close(self) -> None:
         """At stop: no more requests of ours; every one still waiting gets an error now,
         so nothing waits for a client that is going away (§5: a stop takes seconds)."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             asks = list(self._asks.values())
             self._asks.clear()
@@ -9307,8 +9338,7 @@ class Session:
 
     @property
     def suspicious(self) -> str | None:
-        with self._lock:
-            return self._suspicious
+        return self._suspicious  # one reference, set under the lock: read as it is
 
     def mark_suspicious(self, what: str) -> None:
         with self._lock:
@@ -9345,8 +9375,7 @@ class Catalog:
 
     @property
     def view(self) -> CatalogView:
-        with self._lock:
-            return self._view
+        return self._view  # one reference, swapped whole under the lock: read as it is
 
     def rebuild_tools(self, servers: Iterable[ServerTools], max_len: int) -> bool:
         """Index every server's tools afresh; True when the client's tool list changed."""
@@ -9490,6 +9519,7 @@ class Call:
     rounds: int = 0  # input rounds fulfilled for a handshake-era client
     ask_id: str | None = None  # the gateway's request to the client during an input round
     parked: tuple[JsonObj | None, Exception | None] | None = None  # an answer met mid-round
+    suspended: bool = False  # the InputBridge holds it (once suspended, `finish` looks there)
 
 
 class AuditTrail:
@@ -9687,14 +9717,34 @@ class InputBridge:
 
 
 class _Turn:
-    """One stretch of work on a call. It ends by handing the call on (sent to its server,
-    waiting for the client) or with the outcome `finish` records."""
+    """One stretch of work on a call, on one thread (`with calls._turn(call) as turn`).
+    It ends by handing the call on (sent to its server, waiting for the client) or with
+    the outcome `finish` records; an exception on the way finishes it too (§6: every
+    path). A class, not a generator: this runs on every call."""
 
-    __slots__ = ("handed_on", "outcome")
+    __slots__ = ("_call", "_calls", "handed_on", "outcome")
 
-    def __init__(self) -> None:
+    def __init__(self, calls: Calls, call: Call) -> None:
+        self._calls = calls
+        self._call = call
         self.outcome: Outcome | None = None
         self.handed_on = False
+
+    def __enter__(self) -> _Turn:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        call = self._call
+        if exc is not None:
+            # the exception text can hold anything the call carried: logged by type only
+            log("error", "internal_error", where=call.kind.value, error=type(exc).__name__)
+            self.outcome = internal_outcome(call.kind, type(exc).__name__)
+            self.handed_on = False
+        if not self.handed_on:
+            self._calls.finish(call, self.outcome or internal_outcome(call.kind, "no outcome"))
+        return isinstance(exc, Exception)  # a bug costs this call, never the thread
 
 
 @dataclass(frozen=True)
@@ -9731,8 +9781,10 @@ class Calls:
         self._trail = trail
         self._hooks = hooks
         self.bridge = InputBridge(deadlines, self._retry_overdue)
-        # guards: _table, _live, _accepting, and every mutable field of every Call
-        self._lock = threading.Condition()
+        # guards: _table, _live, _accepting, _stopping, and every mutable field of a Call
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # a call finished (waited on at stop)
+        self._stopping = False
         self._table: dict[tuple[str, object], Call] = {}  # by the client's open request id
         self._live: set[Call] = set()  # every call not finished, a retry owed or not
         self._accepting = True
@@ -9773,19 +9825,8 @@ class Calls:
         else:
             self._begin(call)
 
-    @contextlib.contextmanager
-    def _turn(self, call: Call) -> Iterator[_Turn]:
-        turn = _Turn()
-        try:
-            yield turn
-        except Exception as exc:
-            # the exception text can hold anything the call carried: logged by type only
-            log("error", "internal_error", where=call.kind.value, error=type(exc).__name__)
-            turn.outcome = internal_outcome(call.kind, type(exc).__name__)
-            turn.handed_on = False
-        finally:
-            if not turn.handed_on:
-                self.finish(call, turn.outcome or internal_outcome(call.kind, "no outcome"))
+    def _turn(self, call: Call) -> _Turn:
+        return _Turn(self, call)
 
     def _begin(self, call: Call) -> None:
         with self._turn(call) as turn:
@@ -9804,7 +9845,7 @@ class Calls:
             else:
                 call.target = routed
                 call.tier = self._tier_of(call, routed)
-            turn.outcome = self._decide(call) or self._admit(call, turn)
+            turn.outcome = self._decide(call, reread=False) or self._admit(call, turn)
             if turn.outcome is None and not turn.handed_on:
                 self._forward(call, turn)
 
@@ -9825,9 +9866,11 @@ class Calls:
             )
         return tier
 
-    def _decide(self, call: Call) -> Outcome | None:
-        """Run the steps over a fresh view (every round: a HALT set meanwhile stops it)."""
-        call.rules = self._hooks.rules()
+    def _decide(self, call: Call, reread: bool = True) -> Outcome | None:
+        """Run the steps over a fresh view (every round: a HALT set meanwhile stops it).
+        The first round uses the rules read as the call arrived, a moment ago."""
+        if reread:
+            call.rules = self._hooks.rules()
         view = CallView(
             call.kind,
             call.name,
@@ -10105,10 +10148,12 @@ class Calls:
             if len(calls) != 1:
                 return False
             call = calls[0]
+            call.suspended = True
             req_id, call.req_id = call.req_id, None
             self._table.pop(id_key(req_id), None)
             call.state = CallState.WAITING_INPUT
-            self._lock.notify_all()
+            if self._stopping:
+                self._settled.notify_all()
         suspension = self.bridge.suspend(
             call, transport, server_request_id, method, call.rules.policy.call_timeout_s
         )
@@ -10220,7 +10265,8 @@ class Calls:
             answer = req_id is not None and not call.cancelled
             pending = call.transport, call.transport_id
             ask_id = call.ask_id
-            self._lock.notify_all()
+            if self._stopping:
+                self._settled.notify_all()
         try:
             transport, request_id = pending
             if (
@@ -10231,7 +10277,8 @@ class Calls:
                 transport.cancel(request_id, outcome.note or "the call ended")
             if ask_id is not None:
                 self._wire.cancel_ask(ask_id, "the call ended")
-            self.bridge.drop(call)
+            if call.suspended:
+                self.bridge.drop(call)
             if permit is not None:
                 self._limiter.give_back(permit.server)
                 permit.breaker.settle(permit.ticket, outcome.verdict)
@@ -10249,11 +10296,12 @@ class Calls:
         """Wait until no call has an open request of the client's (at stop); a call whose
         retry the client owes cannot finish once stdin is closed."""
         with self._lock:
+            self._stopping = True
             while any(c.req_id is not None for c in self._live):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._lock.wait(left)
+                self._settled.wait(left)
             return True
 
     def fail_all(self) -> None:
