@@ -1694,26 +1694,41 @@ def glob_match_tool(patterns: Sequence[str], name: str) -> bool:
 
 # The governance folder is always blocked: an agent must not edit its own rules.
 _ALWAYS_BLOCKED = REA_DIR + "/"
-# PATH_MAX on Linux; longer strings are content, not paths.
-_MAX_PATH_CHARS = 4096
 _MAX_DECODE_ROUNDS = 3
+# Readings of one string at most (trim x decode x `\` x NUL, ~48 in practice): a bound
+# for an adversarial mix of them.
+_MAX_FORMS = 128
+# Linux NAME_MAX: no longer component exists, so the walk need not ask the disk.
+_NAME_MAX_BYTES = 255
+# Symlinks one walk follows before it stops, as the kernel does (ELOOP).
+_MAX_LINKS = 40
+# Only strings this short are memoised: a long content string rarely comes back, and the
+# memo must not pin megabytes.
+_MEMO_MAX_CHARS = 1024
+_MEMO_MAX_ENTRIES = 4096
 _URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):")
 _FILE_URI = re.compile(r"file:", re.IGNORECASE)
 _LEADING_SLASHES = re.compile(r"^/+")
-_EXPLICIT_PATH_PREFIXES = ("/", "~", "./", "../")
+# Links the kernel resolves per process: the gateway would see its own cwd, root or
+# descriptors where the child sees the child's, so they are refused outright (§6).
+_PROC_LINK = re.compile(r"/proc/[^/]+/(?:task/[^/]+/)?(cwd|root|fd)(?:/|\Z)", re.DOTALL)
+_ANCESTOR_OF_REA = "a folder holding .rea/, in a write"
 
 
 @dataclass(frozen=True)
 class _CompiledGlob:
-    """One blocked_paths glob, compiled once: its source text, its kind and its regex.
+    """One blocked_paths glob, compiled once: its source text, its kind and its regexes.
 
     kind: "absolute" matches the absolute path; "anchored" (has a `/` inside) matches
-    the path relative to the root; "basename" (no `/` inside) matches any segment.
+    the path relative to the root; "basename" (no `/` inside) matches any component.
+    `ancestor` (anchored and absolute globs) matches the folders above a match, which a
+    write-tier call may not name: moving `config/` would carry `config/prod.yml` away.
     """
 
     source: str
     kind: str
     regex: re.Pattern[str]
+    ancestor: re.Pattern[str] | None = None
 
 
 def _glob_body_to_regex(body: str) -> str:
@@ -1740,8 +1755,25 @@ def _glob_body_to_regex(body: str) -> str:
     return "".join(out)
 
 
+def _ancestor_regex(body: str, flags: int) -> re.Pattern[str] | None:
+    """The folders strictly above what `body` matches, up to its first `**`."""
+    segments = body.split("/")[:-1]
+    fixed: list[str] = []
+    for segment in segments:
+        if "**" in segment:
+            break
+        fixed.append(_glob_body_to_regex(segment))
+    if not fixed:
+        return None
+    nested = ""
+    for segment_regex in reversed(fixed[1:]):
+        nested = f"(?:/{segment_regex}{nested})?"
+    return re.compile(fixed[0] + nested, flags)
+
+
 def _compile_glob(source: str, home: str, flags: int) -> _CompiledGlob | None:
     """Compile one glob; None for an empty one (it would block nothing or everything)."""
+    flags |= re.DOTALL  # a component may hold a newline; `**` crosses it too
     glob = source.strip().replace("\\", "/")
     if glob == "~" or glob.startswith("~/"):
         glob = home + glob[1:]
@@ -1753,14 +1785,22 @@ def _compile_glob(source: str, home: str, flags: int) -> _CompiledGlob | None:
         if not body:
             return None
         # A match covers the named path and everything below it.
-        pattern = "/" + _glob_body_to_regex(body) + "(?:/.*)?"
-        return _CompiledGlob(source, "absolute", re.compile(pattern, flags))
+        pattern = "/" + _glob_body_to_regex(body) + r"(?:/.*)?"
+        ancestor = _ancestor_regex(body, flags)
+        return _CompiledGlob(
+            source,
+            "absolute",
+            re.compile(pattern, flags),
+            re.compile("/(?:" + ancestor.pattern + ")?", flags) if ancestor else None,
+        )
     if not glob:
         return None
     if "/" in glob:
-        pattern = _glob_body_to_regex(glob) + "(?:/.*)?"
-        return _CompiledGlob(source, "anchored", re.compile(pattern, flags))
-    pattern = "(?:^|/)" + _glob_body_to_regex(glob) + "(?:/|$)"
+        pattern = _glob_body_to_regex(glob) + r"(?:/.*)?"
+        return _CompiledGlob(
+            source, "anchored", re.compile(pattern, flags), _ancestor_regex(glob, flags)
+        )
+    pattern = "(?:^|/)" + _glob_body_to_regex(glob) + r"(?:/|\Z)"
     return _CompiledGlob(source, "basename", re.compile(pattern, flags))
 
 
@@ -1817,33 +1857,103 @@ def _iter_strings(value: object) -> list[str]:
     return found
 
 
-_PLAN_CACHE_MAX = 4096
-_NOT_SEEN = object()
+def _normalise(absolute: str) -> str:
+    """`.`, `..` and duplicate slashes of an absolute path resolved lexically."""
+    return _LEADING_SLASHES.sub("/", os.path.normpath(absolute))
+
+
+def _readings(text: str) -> list[str]:
+    """The text every way a server may read it: as written, trimmed, percent-decoded (up
+    to three rounds), `\\` as `/`, cut at a NUL (C APIs stop there) or with it dropped
+    (a sanitiser), in every combination. A form still holding a NUL opens nothing."""
+    rounds: dict[str, int] = {text: 0}  # each form, with the decoding rounds behind it
+    queue = collections.deque([text])  # breadth first: the simplest readings come first
+    while queue:
+        form = queue.popleft()
+        done = rounds[form]
+        nexts = [(form.strip(), done)]
+        if "%" in form and done < _MAX_DECODE_ROUNDS:
+            nexts.append((unquote(form), done + 1))
+        if "\\" in form:
+            nexts.append((form.replace("\\", "/"), done))
+        if "\x00" in form:
+            nexts += [(form.split("\x00", 1)[0], done), (form.replace("\x00", ""), done)]
+        for nxt, nxt_done in nexts:
+            if nxt not in rounds and len(rounds) < _MAX_FORMS:
+                rounds[nxt] = nxt_done
+                queue.append(nxt)
+    return [form for form in rounds if "\x00" not in form]
+
+
+def _component_too_long(part: str) -> bool:
+    return len(part) > 63 and len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX_BYTES
+
+
+_S_IFMT = 0o170000
+
+
+def _static_walk(base: str, path: str) -> str | None:
+    """The walk of `path` from the real folder `base` when it needs no disk: only `.`
+    and `..` before a first name too long to exist (prose is one such name). Else None."""
+    current = base
+    parts = path.split("/")
+    for index, part in enumerate(parts):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        if _component_too_long(part):
+            return _normalise(current + "/" + "/".join(parts[index:]))
+        return None
+    return current
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a string stands for, as far as the file system does not matter (memoised).
+
+    `read_hit` / `write_hit`: the glob a lexical reading matches, for a read-tier call
+    and for a write- or destructive-tier one (which also may not name an ancestor of
+    `.rea/`). `walks`: (base, path, guarded) to resolve through symlinks on each call;
+    `base` is the real root for a relative path, "/" for an absolute one; a guarded walk
+    (a URL read as a local path) counts only when its first component exists.
+    """
+
+    read_hit: str | None
+    write_hit: str | None
+    walks: tuple[tuple[str, str, bool], ...]
 
 
 class PathGuard:
     """Decides whether any string in a call's arguments names a blocked path (§6 step 6).
 
-    A string names a path when, stripped of surrounding whitespace, it has no line break
-    and either starts with `/`, `~`, `./`, `../` or `file:`, or holds no whitespace at all
-    (so `.env`, `src/.env` and `CODEOWNERS` are paths, a sentence mentioning `.env` is
-    not). Each such string is read every way a downstream server might read it: raw and
-    percent-decoded up to three times, `\\` as `/`, with a NUL removed or cut at, `file:`
-    URIs unwrapped (query and fragment kept and stripped), `~` expanded, then made
-    absolute against the root and resolved both lexically (`normpath`) and physically
-    (`realpath`, following symlinks where the path exists). If any reading matches a
-    glob, the string is blocked.
+    Every string, at any depth, dict keys included, is a path candidate, whatever it
+    holds and however long (SPEC §6 "What counts as a path"): a server may trim it,
+    percent-decode it, read `\\` as `/`, stop at a NUL, unwrap a `file:` URI or expand
+    `~`, and may resolve it lexically first (Node's path.resolve, as the reference file
+    server does: `x y/../.env` is `.env`, whatever `x y` is) or physically (Python's
+    open: the kernel follows symlinks before `..`). Each reading is therefore made
+    absolute against the root and resolved both ways, and both results are matched.
+    Prose passes because a component must *equal* a blocked name: `the .env file` is
+    one component, not `.env`.
 
-    Globs (gitignore-like): `*` and `?` stay within one segment, `**` crosses them;
-    a glob with no `/` inside (`.env`, `.env.*`, `secrets/`) matches any segment at any
-    depth, inside or outside the root; a glob with a `/` inside (`.rea/HALT`) is
+    Globs (gitignore-like): `*` and `?` stay within one component, `**` crosses them;
+    a glob with no `/` inside (`.env`, `.env.*`, `secrets/`) matches any component at
+    any depth, inside or outside the root; a glob with a `/` inside (`.rea/HALT`) is
     anchored at the root; a glob starting with `/` or `~/` is anchored at the file
     system root. A match also blocks everything below the matched path, so a trailing
     `/` only documents that the glob names a folder. `.rea/` is always added.
 
+    Always refused: `/proc/*/cwd`, `/proc/*/root` and `/proc/*/fd` (also reached
+    through `/dev/fd` or `/proc/self`), which the gateway would resolve in its own
+    process rather than the child's; and, in a write- or destructive-tier call, a
+    folder holding `.rea/` (`.`, the root, `sub/..`, `/`) or holding what an anchored
+    glob names, since moving or rewriting it carries the blocked files along.
+
     A URL with a scheme other than `file:` (`https://host/.env`) names a remote
     resource and passes, unless read as a local path its `..` climbs out of the
-    `scheme:` folder (`https://../.env`), in which case that local reading is checked.
+    `scheme:` folder (`https://../.env`) or that folder exists in the root.
     """
 
     def __init__(
@@ -1854,7 +1964,7 @@ class PathGuard:
         case_insensitive: bool | None = None,
         home: Path | None = None,
     ) -> None:
-        self._root_abs = _LEADING_SLASHES.sub("/", os.path.normpath(os.path.abspath(root)))
+        self._root_abs = _normalise(os.path.abspath(root))
         self._root_real = os.path.realpath(self._root_abs)
         if case_insensitive is None:
             case_insensitive = _detect_case_insensitive(Path(self._root_real))
@@ -1873,99 +1983,87 @@ class PathGuard:
         self._globs = tuple(globs)
         self._roots = tuple(dict.fromkeys((self._root_abs, self._root_real)))
         # Memos of the pure steps (dict operations are atomic: safe across threads).
-        self._plans: dict[str, tuple[tuple[str, str], ...]] = {}
-        self._matches: dict[str, object] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._verdicts: dict[str, tuple[str | None, str | None]] = {}
 
-    def check(self, arguments: object) -> tuple[str, str] | None:
-        """The first (offending string, matching glob), or None when no string is blocked.
+    def check(self, arguments: object, *, tier: str = "write") -> tuple[str, str] | None:
+        """The first (string as named, what it matches), or None when nothing is blocked.
 
-        What does not touch the file system (which strings are paths, their lexical
-        readings, which glob a path matches) is memoised: it runs on every call. The
-        symlink walk is never cached, since links can change between calls.
+        `tier` is the call's tier: anything but "read" (the default is the stricter
+        "write") also refuses the folders holding `.rea/`. What does not touch the file
+        system is memoised, since this runs on every call; the symlink walk is not,
+        since links can change between calls.
         """
+        write = tier != "read"
         for text in _iter_strings(arguments):
             plan = self._plans.get(text)
             if plan is None:
                 plan = self._plan(text)
-                if len(self._plans) >= _PLAN_CACHE_MAX:
-                    self._plans.clear()
-                self._plans[text] = plan
-            for local, lexical in plan:
-                glob = self._match_memo(lexical)
-                if glob is None:
-                    physical = self._physical_of(local, lexical)
-                    if physical != lexical:
-                        glob = self._match_memo(physical)
-                if glob is not None:
-                    return text, glob
+                if len(text) <= _MEMO_MAX_CHARS:
+                    if len(self._plans) >= _MEMO_MAX_ENTRIES:
+                        self._plans.clear()
+                    self._plans[text] = plan
+            hit = plan.write_hit if write else plan.read_hit
+            if hit is None:
+                for base, path, guarded in plan.walks:
+                    if guarded and not os.path.lexists(base + "/" + path.split("/", 1)[0]):
+                        continue  # a URL, and no `scheme:` folder to read it from
+                    resolved, hit = self._walk(base, path)
+                    if hit is None:
+                        verdict = self._verdict(resolved)
+                        hit = verdict[1] if write else verdict[0]
+                    if hit is not None:
+                        break
+            if hit is not None:
+                return text, hit
         return None
 
-    def _plan(self, text: str) -> tuple[tuple[str, str], ...]:
-        """Each local path the text may stand for, with its lexical absolute form."""
-        candidate = self._path_candidate(text)
-        if candidate is None:
-            return ()
-        plan: dict[tuple[str, str], None] = {}
-        for form in self._forms(candidate):
-            for local in self._local_paths(form):
-                joined = local if local.startswith("/") else self._root_abs + "/" + local
-                plan[(local, _LEADING_SLASHES.sub("/", os.path.normpath(joined)))] = None
-        return tuple(plan)
+    def _plan(self, text: str) -> _Plan:
+        read_hit: str | None = None
+        write_hit: str | None = None
+        walks: dict[tuple[str, str, bool], None] = {}
+        for form in _readings(text):
+            for local, guarded in self._local_paths(form):
+                if local.startswith("/"):
+                    base, joined = "/", local
+                else:
+                    base, joined = self._root_real, self._root_abs + "/" + local
+                lexical = _normalise(joined)
+                candidates = [(base, local)]
+                if ".." in local.split("/"):
+                    # Resolved lexically first, then through the links that remain (Node).
+                    inside = self._inside_root_abs(lexical)
+                    candidates.append(
+                        (self._root_real, inside) if inside is not None else ("/", lexical)
+                    )
+                if guarded:  # a URL in its `scheme:` folder: only if that folder exists
+                    walks.update(((b, p, True), None) for b, p in candidates)
+                    continue
+                verdicts = [self._verdict(lexical)]
+                for walk_base, path in candidates:
+                    static = _static_walk(walk_base, path)
+                    if static is None:
+                        walks[(walk_base, path, False)] = None
+                    else:  # the disk would not be asked: decided now, once
+                        verdicts.append(self._verdict(static))
+                for read, write in verdicts:
+                    read_hit = read_hit or read
+                    write_hit = write_hit or write
+        return _Plan(read_hit, write_hit, tuple(walks))
 
-    def _match_memo(self, absolute: str) -> str | None:
-        found = self._matches.get(absolute, _NOT_SEEN)
-        if found is _NOT_SEEN:
-            found = self._match(absolute)
-            if len(self._matches) >= _PLAN_CACHE_MAX:
-                self._matches.clear()
-            self._matches[absolute] = found
-        return found if isinstance(found, str) else None
+    def _inside_root_abs(self, absolute: str) -> str | None:
+        """`absolute` relative to the root as given (so the walk starts at its real
+        path, not at "/"), or None when it is not below it."""
+        root = self._root_abs
+        if absolute == root:
+            return ""
+        if absolute.startswith(root + "/") or root == "/":
+            return absolute[len(root) :].lstrip("/")
+        return None
 
-    def _physical_of(self, local: str, lexical: str) -> str:
-        try:
-            if local.startswith("/"):
-                return os.path.realpath(local)
-            return self._physical(local)
-        except (OSError, ValueError):
-            return lexical
-
-    @staticmethod
-    def _path_candidate(text: str) -> str | None:
-        """The text as a path candidate, or None when it is content rather than a path."""
-        stripped = text.strip()
-        if not stripped or len(stripped) > _MAX_PATH_CHARS:
-            return None
-        if "\n" in stripped or "\r" in stripped:
-            return None
-        if stripped.startswith(_EXPLICIT_PATH_PREFIXES) or _FILE_URI.match(stripped):
-            return stripped
-        if any(ch.isspace() for ch in stripped):
-            return None
-        return stripped
-
-    @staticmethod
-    def _forms(candidate: str) -> list[str]:
-        """The text as written and percent-decoded, `\\` as `/`, NUL cut at and dropped."""
-        decoded = [candidate]
-        current = candidate
-        for _ in range(_MAX_DECODE_ROUNDS):
-            nxt = unquote(current)
-            if nxt == current:
-                break
-            decoded.append(nxt)
-            current = nxt
-        forms: list[str] = []
-        for text in decoded:
-            text = text.replace("\\", "/")
-            if "\x00" in text:
-                # C APIs stop at NUL; a sanitiser may drop it instead. Check both.
-                forms.append(text.split("\x00", 1)[0])
-                text = text.replace("\x00", "")
-            forms.append(text)
-        return list(dict.fromkeys(forms))
-
-    def _local_paths(self, form: str) -> list[str]:
-        """The local file system paths a form stands for (URI unwrapping, `~`)."""
+    def _local_paths(self, form: str) -> list[tuple[str, bool]]:
+        """The local paths a reading stands for (URI unwrapped, `~` expanded), each with
+        whether it is a URL read as a local path (`guarded`)."""
         if _FILE_URI.match(form):
             rest = form[5:]
             if rest.startswith("//"):
@@ -1973,44 +2071,107 @@ class PathGuard:
                 slash = rest.find("/", 2)
                 rest = rest[slash:] if slash >= 0 else "/"
             bare = re.split(r"[?#]", rest, maxsplit=1)[0]
-            return list(dict.fromkeys((rest, bare, unquote(rest), unquote(bare))))
+            paths = dict.fromkeys((rest, bare, unquote(rest), unquote(bare)))
+            return [(path, False) for path in paths if path]
         scheme = _URI_SCHEME.match(form)
         if scheme is not None:
-            # A remote URL is not a local path, unless `..` climbs out of `scheme:`.
-            lexical = os.path.normpath(form)
-            first = lexical.split("/", 1)[0]
-            if first.casefold() == (scheme.group(1) + ":").casefold():
-                return []
-            return [form]
+            # A remote URL is not a local path, unless `..` climbs out of `scheme:`; while
+            # it stays in, it counts only if a `scheme:` folder exists (guarded).
+            first = os.path.normpath(form).split("/", 1)[0]
+            return [(form, first.casefold() == (scheme.group(1) + ":").casefold())]
         if form == "~" or form.startswith("~/"):
-            return [self._home + form[1:]]
+            return [(self._home + form[1:], False), (form, False)]
         if form.startswith("~"):
             user, _, rest = form[1:].partition("/")
             home = _home_dir_of(user)
             if home is not None:
-                return [home + "/" + rest, form]
-        return [form]
+                return [(home + "/" + rest, False), (form, False)]
+        return [(form, False)] if form else []
 
-    def _physical(self, relative: str) -> str:
-        """realpath of a path relative to the root, walking only its own components.
+    def _walk(self, base: str, path: str) -> tuple[str, str | None]:
+        """Resolve `path` from the real folder `base` as the kernel would: component by
+        component, `..` from where the links led, each link's target read and walked.
 
-        os.path.realpath would lstat every component of the root too, on every call;
-        the root's real path is known. Any symlink, `..` or odd error defers to realpath.
+        Where a component does not exist, the rest is joined lexically (nothing below a
+        missing name can be a link). Returns the path and, when the walk passes through
+        a per-process /proc link, the glob-like name of that link (checked before it is
+        followed: resolved here it would be the gateway's, not the child's).
         """
-        parts = [part for part in relative.split("/") if part and part != "."]
-        if ".." in parts:
-            return os.path.realpath(self._root_abs + "/" + relative)
-        current = self._root_real
-        for i, part in enumerate(parts):
-            step = current + "/" + part
-            try:
-                mode = os.lstat(step).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                return "/".join([step, *parts[i + 1 :]])  # the rest does not exist: as written
-            if stat.S_ISLNK(mode):
-                return os.path.realpath(self._root_abs + "/" + relative)
+        current = base
+        pending = path.split("/")
+        pending.reverse()
+        links = 0
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                current = os.path.dirname(current)
+                continue
+            step = current + part if current == "/" else current + "/" + part
+            proc = _PROC_LINK.match(step) if step.startswith("/proc/") else None
+            if proc is not None:
+                return step, f"/proc/*/{proc.group(1)}"
+            if len(part) > 63 and _component_too_long(part):
+                mode = None
+            else:
+                try:
+                    mode = os.lstat(step).st_mode
+                except (OSError, ValueError):
+                    mode = None
+            if mode is None:
+                if not pending:
+                    return step, None
+                pending.append(part)
+                return _normalise(current + "/" + "/".join(reversed(pending))), None
+            if mode & _S_IFMT == stat.S_IFLNK:
+                links += 1
+                try:
+                    target = os.readlink(step)
+                except OSError:
+                    target = None
+                if target is None or links > _MAX_LINKS:
+                    return _normalise(step + "/" + "/".join(reversed(pending))), None
+                if target.startswith("/"):
+                    current = "/"
+                pending.extend(reversed(target.split("/")))
+                continue
             current = step
-        return current
+        return current, None
+
+    def _verdict(self, absolute: str) -> tuple[str | None, str | None]:
+        """What an absolute, normalised path matches in a read-tier call and in a write-
+        or destructive-tier one (None: nothing). Memoised: it runs on every call."""
+        memo = len(absolute) <= _MEMO_MAX_CHARS
+        found = self._verdicts.get(absolute) if memo else None
+        if found is None:
+            proc = _PROC_LINK.match(absolute)
+            read = f"/proc/*/{proc.group(1)}" if proc is not None else self._match(absolute)
+            found = (read, read or self._ancestor(absolute))
+            if memo:
+                if len(self._verdicts) >= _MEMO_MAX_ENTRIES:
+                    self._verdicts.clear()
+                self._verdicts[absolute] = found
+        return found
+
+    def _ancestor(self, absolute: str) -> str | None:
+        """Does `absolute` hold `.rea/`, or what an anchored glob names? (write tiers)"""
+        fold = self.case_insensitive
+        probe = absolute.casefold() if fold else absolute
+        for root in self._roots:
+            base = root.casefold() if fold else root
+            if probe in ("/", base) or base.startswith(probe + "/"):
+                return _ANCESTOR_OF_REA
+        rels = self._relative_to_root(absolute)
+        for glob in self._globs:
+            if glob.ancestor is None:
+                continue
+            if glob.kind == "absolute":
+                if glob.ancestor.fullmatch(absolute):
+                    return f"a folder holding {glob.source}, in a write"
+            elif any(rel and glob.ancestor.fullmatch(rel) for rel in rels):
+                return f"a folder holding {glob.source}, in a write"
+        return None
 
     def _relative_to_root(self, absolute: str) -> list[str]:
         """The path relative to the root (lexical and real root), empty when outside."""
@@ -7817,7 +7978,7 @@ def step_injection_lock(gw: Gateway, call: Call) -> Decision | None:
 
 
 def step_blocked_paths(gw: Gateway, call: Call) -> Decision | None:
-    hit = call.rules.guard.check(call.arguments)
+    hit = call.rules.guard.check(call.arguments, tier=call.tier)
     if hit is None:
         return None
     path, glob = hit
@@ -9362,7 +9523,7 @@ class Gateway:
         if reason is not None:
             refusal = f"rea: denied: the gateway is frozen (.rea/HALT): {reason}. `python rea.py unfreeze` allows it again"
         elif check_paths:
-            hit = rules.guard.check({k: v for k, v in params.items() if k != "_meta"})
+            hit = rules.guard.check({k: v for k, v in params.items() if k != "_meta"}, tier="read")
             if hit is not None:
                 refusal = (
                     f"rea: denied: {method} names a blocked path {hit[0]!r} (matches {hit[1]!r}). "

@@ -1096,10 +1096,34 @@ class TestSection6BlockedPaths:
         guard = guard_for(project, ["/nowhere", ".env"])
         assert guard.check({"p": "up/../.env"}) == ("up/../.env", ".env")
 
-    @pytest.mark.skipif(not Path("/proc/self/root").exists(), reason="needs /proc")
-    def test_proc_self_root_is_resolved(self, project: Path) -> None:
-        arg = f"/proc/self/root{project}/.rea/HALT"
-        assert guard_for(project, []).check([arg]) == (arg, ".rea/")
+    @pytest.mark.parametrize(
+        ("arg", "link"),
+        [
+            ("/proc/self/root{root}/notes.md", "root"),
+            ("/proc/1/cwd/notes.md", "cwd"),
+            ("/proc/self/cwd", "cwd"),
+            ("/proc/self/fd/0", "fd"),
+            ("/proc/thread-self/cwd/x", "cwd"),
+            ("/proc/self/task/1/root/etc", "root"),
+            ("file:///proc/self/cwd/notes.md", "cwd"),
+            ("/proc/self/cwd/../x", "cwd"),
+        ],
+    )
+    def test_per_process_proc_links_are_refused_outright(
+        self, project: Path, arg: str, link: str
+    ) -> None:
+        # Resolved in the gateway they would name the gateway's cwd, root or descriptors,
+        # not the child's: no reading of them can be trusted, so none is allowed.
+        arg = arg.replace("{root}", str(project))
+        assert guard_for(project, []).check([arg], tier="read") == (arg, f"/proc/*/{link}")
+
+    @pytest.mark.skipif(not Path("/dev/fd").is_symlink(), reason="needs /dev/fd -> /proc")
+    def test_proc_links_reached_through_other_links_are_refused(self, project: Path) -> None:
+        (project / "fds").symlink_to("/proc/self/fd")
+        guard = guard_for(project, [])
+        assert guard.check(["/dev/fd/3"], tier="read") == ("/dev/fd/3", "/proc/*/fd")
+        assert guard.check(["fds/3"], tier="read") == ("fds/3", "/proc/*/fd")
+        assert guard.check(["/proc/self/status", "/proc/self/fdinfo/1"], tier="read") is None
 
     def test_first_blocked_string_in_document_order_is_reported(self, project: Path) -> None:
         args = {"a": "fine", "b": [".env", "secrets/x"], "c": {".rea/HALT": 1}}
@@ -1157,7 +1181,9 @@ class TestSection6BlockedPaths:
         ],
     )
     def test_harmless_strings_pass(self, project: Path, arg: str) -> None:
-        assert guard_for(project).check({"x": arg}) is None
+        assert guard_for(project).check({"x": arg}, tier="read") is None
+        if arg != ".envrc.bak/..":  # the root itself: a write may not name it (see below)
+            assert guard_for(project).check({"x": arg}, tier="write") is None
 
     def test_paths_outside_root_only_match_basename_and_absolute_globs(
         self, project: Path, tmp_path: Path
@@ -1227,6 +1253,125 @@ class TestSection6BlockedPaths:
             concrete = glob.replace("*", "local").rstrip("/") + ("/f" if glob.endswith("/") else "")
             assert guard.check([concrete]) is not None, (profile, glob)
         assert guard.check(["src/main.py", "README.md", ".environment"]) is None
+
+    # SPEC §6 "What counts as a path": whatever a string holds, however long it is.
+
+    @pytest.mark.parametrize(
+        ("arg", "glob"),
+        [
+            ("x y/../.env", ".env"),
+            ("sub/a b/../../.env", ".env"),
+            ("secrets/prod creds.txt", "secrets/"),
+            ("x\n/../.env", ".env"),
+            ("\n.env\n", ".env"),
+            ("./" * 2100 + ".env", ".env"),
+            ("x/../" * 1000 + ".rea/HALT", ".rea/HALT"),
+            ("a" * 300 + "/../.env", ".env"),
+            ("x y/../.rea/policy.json", ".rea/"),
+            ("%20/../.env", ".env"),
+            ("%2520x/..%2F.env", ".env"),
+        ],
+    )
+    def test_whitespace_newlines_and_length_do_not_make_a_path_content(
+        self, project: Path, arg: str, glob: str
+    ) -> None:
+        assert guard_for(project).check({"p": arg}, tier="read") == (arg, glob)
+
+    def test_a_symlink_in_a_folder_named_with_spaces_is_followed(self, project: Path) -> None:
+        (project / "x y").mkdir()
+        (project / "x y" / "vault").symlink_to(project / "secrets")
+        arg = "x y/vault/prod creds.txt"
+        assert guard_for(project).check([arg], tier="read") == (arg, "secrets/")
+
+    @pytest.mark.parametrize(
+        "arg",
+        [
+            "please read the .env file and the secrets/ folder",
+            "line one\n.env is ignored by git\n",
+            "| file | note |\n|---|---|\n| .env | local |\n",
+            "Edit .rea/policy.yaml to allow it",
+            "lorem .env ipsum secrets/ dolor " * 500,
+            '{"path": ".env"}',
+        ],
+    )
+    def test_prose_is_not_a_path_because_no_component_equals_a_blocked_name(
+        self, project: Path, arg: str
+    ) -> None:
+        assert guard_for(project).check([arg], tier="write") is None
+
+    def test_links_are_read_on_every_call_never_from_a_memo(self, project: Path) -> None:
+        guard = guard_for(project)
+        assert guard.check(["later.txt", "x y/later.txt"], tier="read") is None
+        (project / "later.txt").symlink_to(".env")
+        (project / "x y").symlink_to("secrets")
+        assert guard.check(["later.txt"], tier="read") == ("later.txt", ".env")
+        assert guard.check(["x y/later.txt"], tier="read") == ("x y/later.txt", "secrets/")
+
+    def test_symlink_loops_and_odd_characters_end_the_walk(self, project: Path) -> None:
+        (project / "loop").symlink_to("loop")
+        (project / "a").symlink_to("b")
+        (project / "b").symlink_to("a")
+        guard = guard_for(project)
+        assert guard.check(["loop/x", "a/y", "\udc80", "\ud800/x", "é" * 200], tier="read") is None
+        assert guard.check(["loop/../.env"], tier="read") is not None
+
+    def test_a_url_is_read_as_a_local_path_only_where_its_folder_exists(
+        self, project: Path
+    ) -> None:
+        guard = guard_for(project)
+        assert guard.check(["https://example.com/.env"], tier="read") is None
+        (project / "https:" / "example.com").mkdir(parents=True)
+        hit = guard.check(["https://example.com/.env"], tier="read")
+        assert hit == ("https://example.com/.env", ".env")
+
+    def test_a_huge_string_is_checked_in_bounded_time(self, project: Path) -> None:
+        guard = guard_for(project)
+        content = ("def f(x):\n    return x / 2  # 100% of .env\\n\n" * 25000)[:1_000_000]
+        start = time.perf_counter()
+        assert guard.check({"content": content}, tier="write") is None
+        assert guard.check({"content": content + "\n/../../.env"}, tier="write") is not None
+        assert time.perf_counter() - start < 2.0
+
+    # A write- or destructive-tier call may not name a folder holding .rea/ (§6).
+
+    @pytest.mark.parametrize(
+        "arg", [".", "./", "src/..", "x y/..", "{root}", "{root}/", "/", "..", "~", "file://{root}"]
+    )
+    def test_a_write_naming_a_folder_above_rea_is_refused(self, project: Path, arg: str) -> None:
+        arg = arg.replace("{root}", str(project))
+        guard = guard_for(project, [])
+        assert guard.check({"source": arg}, tier="write") == (
+            arg,
+            "a folder holding .rea/, in a write",
+        )
+        assert guard.check({"source": arg}, tier="destructive") is not None
+        assert guard.check({"source": arg}, tier="read") is None
+
+    def test_a_write_with_empty_or_sibling_strings_is_not_refused(self, project: Path) -> None:
+        guard = guard_for(project, ["config/prod.yml"])
+        assert guard.check({"content": "", "path": "src/x.py", "b": " "}, tier="write") is None
+        assert guard.check(["config/other.yml", "src", "../elsewhere"], tier="write") is None
+
+    def test_a_write_naming_the_folder_of_an_anchored_glob_is_refused(self, project: Path) -> None:
+        guard = guard_for(project, ["config/deploy/prod.yml", "/etc/ssl/private/"])
+        assert guard.check(["config"], tier="write") == (
+            "config",
+            "a folder holding config/deploy/prod.yml, in a write",
+        )
+        assert guard.check(["./config/deploy/"], tier="write") is not None
+        assert guard.check(["/etc/ssl"], tier="write") is not None
+        assert guard.check(["config", "/etc/ssl"], tier="read") is None
+        assert guard.check(["config/deploy/dev.yml", "sub/config"], tier="write") is None
+
+    def test_case_insensitive_file_systems_fold_every_reading(self, project: Path) -> None:
+        guard = guard_for(project, case_insensitive=True)
+        assert guard.check(["x y/../.ENV"], tier="read") == ("x y/../.ENV", ".env")
+        assert guard.check(["SECRETS/prod creds.txt"], tier="read") is not None
+        assert guard.check(["%2EREA/Policy.yaml"], tier="read") is not None
+        assert guard.check(["FILE://" + str(project).upper() + "/.Env"], tier="read") is not None
+        assert guard.check([str(project).upper()], tier="write") is not None
+        assert guard.check([str(project).upper()], tier="read") is None
+        assert guard.check(["the .ENV file"], tier="read") is None
 
     def test_check_is_fast(self, project: Path) -> None:
         guard = guard_for(project)
