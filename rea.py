@@ -1256,8 +1256,10 @@ def _redact_pattern(value: object, filename: str, place: str) -> RedactPattern:
 # would hang every call whose result it scans (SPEC §6). Such patterns are refused at
 # load by their shape: a variable quantifier inside a repeated group ((a+)+, (a*)*,
 # (\w+\s?)+), or a repeated group whose alternatives can start the same way ((a|a)*,
-# (a|aa)*). The check reads re's own parse tree so that escapes, classes and inline
-# flags are understood exactly as re will run them.
+# (a|aa)*); so are two unbounded repeats in a row that can take turns over the same text
+# (.*.*x, .*x.*y), which backtrack cubically. What is left costs at most O(n^2), which
+# BoundedRegex (below) brings down to linear. The check reads re's own parse tree so
+# that escapes, classes and inline flags are understood exactly as re will run them.
 
 _REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
 # Characters on which "can two branches start alike?" is decided: Latin-1 plus a few
@@ -1265,6 +1267,8 @@ _REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.V
 _PROBE = frozenset([chr(c) for c in range(256)] + ["\u0660", "\u4e2d", "\u3000", "\u2028"])
 _sre_parse: Callable[[str, int], object] = importlib.import_module("re._parser").parse
 _REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
+# A repeat allowed more than this many times costs like an unbounded one.
+_UNBOUNDED = 1000
 
 
 def regex_flags(flags: str) -> int:
@@ -1287,9 +1291,16 @@ def check_user_regex(regex: str, flags: str) -> str | None:
         return f"does not compile: {err}"
     state = getattr(tree, "state", None)
     ignore_case = bool(getattr(state, "flags", 0) & re.IGNORECASE)
-    shape = _RegexShape(ignore_case).scan(_items(tree), None)
+    checker = _RegexShape(ignore_case)
+    shape = checker.scan(_items(tree), None) or checker.compounding(_items(tree))
     if shape is None and compiled.fullmatch(""):
         return "matches the empty string, so it would match everywhere"
+    if shape is None and _anchor_of(compiled) is None and _unbounded_then_more(tree):
+        return (
+            "has nothing that every match contains (a literal or a character class) and "
+            "something after an unbounded repeat (like (ab|cd)+(ef|gh)), so it cannot be "
+            "searched in bounded time; add a fixed part"
+        )
     return shape
 
 
@@ -1409,6 +1420,85 @@ class _RegexShape:
             return set(), True  # zero width
         return set(_PROBE), True  # back-references and the rest: assume the worst
 
+    def compounding(self, items: list[tuple[str, object]]) -> str | None:
+        """Two unbounded repeats in a row that can take turns over the same text (`.*.*x`,
+        `.*x.*y`, `\\w+\\w+:`): each start then tries every split of the text between them,
+        a cost cubic in its length that no window keeps small. Nested sequences are read
+        too; a repeat that ends the pattern cannot fail afterwards, so it is let through."""
+        sequence = self.sequence(items)
+        for i, (op, arg) in enumerate(sequence):
+            first = self.unbounded(op, arg)
+            if first is None:
+                continue
+            for j in range(i + 1, len(sequence)):
+                second = self.unbounded(*sequence[j])
+                if second is not None and first & second and j < len(sequence) - 1:
+                    return (
+                        "has two unbounded repeats in a row that can match the same text "
+                        "(like .*.*x or .*x.*y), which backtracks polynomially; bound one "
+                        "({0,200}) or make the first possessive (.*+)"
+                    )
+                if not self.consumed([sequence[j]]) <= first:
+                    break  # the first repeat cannot run past this item
+        for op, arg in sequence:
+            parts = _args(arg)
+            inner: list[list[tuple[str, object]]] = []
+            if op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+                inner = [_items(alt) for alt in parts[1]]
+            elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+                inner = [_items(parts[2])]
+            elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+                inner = [_items(parts[1])]
+            for sub in inner:
+                reason = self.compounding(sub)
+                if reason:
+                    return reason
+        return None
+
+    def sequence(self, items: list[tuple[str, object]]) -> list[tuple[str, object]]:
+        """The items in the order they consume text: groups opened, a fixed repeat of two
+        or more written out twice (enough to see its copies compound)."""
+        out: list[tuple[str, object]] = []
+        for op, arg in items:
+            parts = _args(arg)
+            if op == "SUBPATTERN" and len(parts) == 4:
+                out += self.sequence(_items(parts[3]))
+            elif op in _REPEATS and len(parts) == 3 and _int(parts[0]) == _int(parts[1]) >= 2:
+                body = self.sequence(_items(parts[2]))
+                out += body + body
+            else:
+                out.append((op, arg))
+        return out
+
+    def unbounded(self, op: str, arg: object) -> set[str] | None:
+        """The characters an unbounded, backtracking repeat takes; None for anything else."""
+        parts = _args(arg)
+        if op in _REPEATS and len(parts) == 3 and _int(parts[1]) > _UNBOUNDED:
+            return self.consumed(_items(parts[2])) or None
+        return None
+
+    def consumed(self, items: list[tuple[str, object]]) -> set[str]:
+        """The probe characters anything in `items` can consume."""
+        result: set[str] = set()
+        for op, arg in items:
+            parts = _args(arg)
+            if op in ("LITERAL", "NOT_LITERAL", "ANY", "IN"):
+                result |= self.first_item(op, arg)[0]
+            elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+                result |= self.consumed(_items(parts[2]))
+            elif op == "SUBPATTERN" and len(parts) == 4:
+                result |= self.consumed(_items(parts[3]))
+            elif op == "ATOMIC_GROUP":
+                result |= self.consumed(_items(arg))
+            elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+                for alt in parts[1]:
+                    result |= self.consumed(_items(alt))
+            elif op == "GROUPREF_EXISTS" and len(parts) == 3:
+                result |= self.consumed(_items(parts[1])) | self.consumed(_items(parts[2]))
+            elif op not in ("AT", "ASSERT", "ASSERT_NOT"):
+                result |= _PROBE  # a back-reference: anything
+        return result
+
     def literal(self, code: int) -> set[str]:
         ch = chr(code)
         return {ch, ch.lower(), ch.upper()} if self.ignore_case else {ch}
@@ -1425,7 +1515,9 @@ class _RegexShape:
                 hit = hit or ch in self.literal(_int(arg)) or folded in self.literal(_int(arg))
             elif op.startswith("RANGE") and len(parts) == 2:
                 low, high = _int(parts[0]), _int(parts[1])
-                hit = hit or any(low <= ord(c) <= high for c in {ch, ch.lower(), ch.upper()})
+                # (a case change may give two characters: 'ß'.upper() is 'SS')
+                cases = {c for c in (ch, ch.lower(), ch.upper()) if len(c) == 1}
+                hit = hit or any(low <= ord(c) <= high for c in cases)
             elif op == "CATEGORY":
                 hit = hit or _in_category(str(arg), ch)
             else:
@@ -1445,6 +1537,691 @@ def _in_category(name: str, ch: str) -> bool:
         if name == base.replace("CATEGORY_", "CATEGORY_NOT_"):
             return not test(ch)
     return True
+
+
+# User regular expressions: bounded cost ##########################################
+#
+# A pattern that passes the load check can still cost O(n^2) on n characters when re
+# searches it: `.*token`, `[a-z]*secret` and `\w+=\w+` try every start and from each
+# scan to the end of a run (~150 s for `.*token` on 512 KB of one line). SPEC §6 keeps
+# any one pattern under 100 ms on a 512 KB result, so a user pattern is searched only
+# where it can match, in windows (BoundedRegex):
+#
+# - An anchor read from the parse tree: the longest literal run every match holds
+#   (`token`, `=`), else its rarest required character class (`\d` in `[a-z]+\d`).
+#   Text without it is skipped at C speed, and so is an anchor with nothing before it
+#   that the part before the anchor could take (`\w+=` needs a word character there).
+# - Around each anchor, a window. Backwards, only as far as the run of characters the
+#   part before can consume (`.*token` starts at its line, `[a-z]*secret` after the last
+#   non-letter), and at most _REGEX_EXACT characters when that part is one repeat like
+#   `.*` or `\w+` (from a run's first character it takes any part of it, so the first
+#   start tried is the leftmost), else at most its width or _REGEX_WINDOW. Forwards, the
+#   width of the part after when that is at most _REGEX_EXACT, else _REGEX_WINDOW.
+#   Anchors closer than a window share one search, so dense text costs one search too.
+# - Vetoes before a search: the part after the anchor, compiled alone, must match after
+#   it, and the pattern's other literal runs must be at hand.
+# - A match that touches the end of its window is matched again from its start with
+#   room doubling, so a long secret is redacted whole; a greedy part before that can run
+#   over an anchor is matched again to the farthest one in its run.
+#
+# The trade-off, in exchange for a cost linear in the text (plus ~1 us per match): the
+# part of a match before its anchor is found up to _REGEX_EXACT characters back (for
+# `.*`-like prefixes; _REGEX_WINDOW for others), so a longer one is redacted from there
+# on and what lies further back stays; a part after the anchor that needs more than
+# _REGEX_WINDOW characters before it can succeed is found only while a budget of
+# _REGEX_LONG_BUDGET characters per text lasts, and never beyond _REGEX_EXACT. Secrets
+# are shorter. Shapes no window makes cheap (`.*.*x`, cubic) are refused at load.
+
+_REGEX_WINDOW = 256
+_REGEX_EXACT = 4096
+# A search ends this far past the widest match, so that `$` and `\b` there see the real
+# next characters, not an end of text made by the window.
+_REGEX_SLACK = 2
+# Anchors in one cluster at most that are each vetoed first (one call each); a denser
+# cluster is searched at once, which costs about as much.
+_REGEX_VETO_MAX = 32
+# Characters per text that attempts reaching past a window (_REGEX_EXACT each) may scan.
+_REGEX_LONG_BUDGET = 1 << 20
+_CATEGORY_SOURCE = {
+    "CATEGORY_DIGIT": r"\d",
+    "CATEGORY_NOT_DIGIT": r"\D",
+    "CATEGORY_SPACE": r"\s",
+    "CATEGORY_NOT_SPACE": r"\S",
+    "CATEGORY_WORD": r"\w",
+    "CATEGORY_NOT_WORD": r"\W",
+}
+_AT_SOURCE = {
+    "AT_BEGINNING": "^",
+    "AT_BEGINNING_STRING": r"\A",
+    "AT_END": "$",
+    "AT_END_STRING": r"\Z",
+    "AT_BOUNDARY": r"\b",
+    "AT_NON_BOUNDARY": r"\B",
+}
+_FLAG_SOURCE = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"), (re.ASCII, "a"))
+_SINGLE_CHAR_OPS = ("LITERAL", "NOT_LITERAL", "ANY", "IN")
+_sre_maxrepeat: int = importlib.import_module("re._constants").MAXREPEAT
+
+
+def _flag_letters(flags: int) -> str:
+    return "".join(letter for bit, letter in _FLAG_SOURCE if flags & bit)
+
+
+def _unparse(items: list[tuple[str, object]]) -> str | None:
+    """Regex source for parsed items (groups become non-capturing); None for what has
+    no meaning alone (back-references, conditionals) or is not known."""
+    out: list[str] = []
+    for op, arg in items:
+        piece = _unparse_item(op, arg)
+        if piece is None:
+            return None
+        out.append(piece)
+    return "".join(out)
+
+
+def _unparse_item(op: str, arg: object) -> str | None:
+    parts = _args(arg)
+    if op == "LITERAL":
+        return re.escape(chr(_int(arg)))
+    if op == "NOT_LITERAL":
+        return "[^" + re.escape(chr(_int(arg))) + "]"
+    if op == "ANY":
+        return "."
+    if op == "IN" and isinstance(arg, list):
+        members: list[str] = []
+        for sub_op, sub_arg in _items(arg):
+            pair = _args(sub_arg)
+            if sub_op == "NEGATE":
+                members.insert(0, "^")
+            elif sub_op == "LITERAL":
+                members.append(re.escape(chr(_int(sub_arg))))
+            elif sub_op == "RANGE" and len(pair) == 2:
+                start, stop = chr(_int(pair[0])), chr(_int(pair[1]))
+                members.append(re.escape(start) + "-" + re.escape(stop))
+            elif sub_op == "CATEGORY" and str(sub_arg) in _CATEGORY_SOURCE:
+                members.append(_CATEGORY_SOURCE[str(sub_arg)])
+            else:
+                return None
+        return "[" + "".join(members) + "]"
+    if op == "AT":
+        return _AT_SOURCE.get(str(arg))
+    if op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+        body = _unparse(_items(parts[2]))
+        if body is None:
+            return None
+        low, high = _int(parts[0]), _int(parts[1])
+        count = f"{{{low},}}" if high >= _sre_maxrepeat else f"{{{low},{high}}}"
+        suffix = {"MAX_REPEAT": "", "MIN_REPEAT": "?", "POSSESSIVE_REPEAT": "+"}[op]
+        return f"(?:{body}){count}{suffix}"
+    if op == "SUBPATTERN" and len(parts) == 4:
+        body = _unparse(_items(parts[3]))
+        if body is None:
+            return None
+        on, off = _flag_letters(_int(parts[1])), _flag_letters(_int(parts[2]))
+        return f"(?{on}{'-' + off if off else ''}:{body})"
+    if op == "ATOMIC_GROUP":
+        body = _unparse(_items(arg))
+        return None if body is None else f"(?>{body})"
+    if op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+        alternatives = [_unparse(_items(alt)) for alt in parts[1]]
+        if any(alt is None for alt in alternatives):
+            return None
+        return "(?:" + "|".join(alt for alt in alternatives if alt is not None) + ")"
+    if op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+        body = _unparse(_items(parts[1]))
+        if body is None:
+            return None
+        ahead = _int(parts[0]) >= 0
+        mark = {(True, "ASSERT"): "=", (True, "ASSERT_NOT"): "!"}.get((ahead, op))
+        return f"(?{mark or ('<=' if op == 'ASSERT' else '<!')}{body})"
+    return None
+
+
+def _shape_of(items: list[tuple[str, object]]) -> object:
+    """A parse tree with group numbers dropped, to compare a round trip through _unparse."""
+    shape: list[object] = []
+    for op, arg in items:
+        parts = _args(arg)
+        if op == "SUBPATTERN" and len(parts) == 4:
+            inner = _shape_of(_items(parts[3]))
+            if parts[1] or parts[2]:
+                shape.append(("SUBPATTERN", parts[1], parts[2], inner))
+            elif isinstance(inner, tuple):
+                shape.extend(inner)  # a plain group, written back as (?:...), is no item
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            shape.append((op, parts[0], parts[1], _shape_of(_items(parts[2]))))
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            shape.append((op, tuple(_shape_of(_items(alt)) for alt in parts[1])))
+        elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+            shape.append((op, parts[0], _shape_of(_items(parts[1]))))
+        elif op == "ATOMIC_GROUP":
+            shape.append((op, _shape_of(_items(arg))))
+        elif op == "IN":
+            shape.append((op, tuple((o, str(a)) for o, a in _items(arg))))
+        else:
+            shape.append((op, str(arg)))
+    return tuple(shape)
+
+
+def _compile_alone(items: list[tuple[str, object]], flags: int) -> re.Pattern[str] | None:
+    """Part of a pattern compiled on its own, or None when that would not mean the same."""
+    source = _unparse(items)
+    if source is None:
+        return None
+    flags &= ~re.VERBOSE  # the source written here has no comments or free spacing
+    try:
+        compiled = re.compile(source, flags)
+        if _shape_of(_items(_sre_parse(source, flags))) != _shape_of(items):
+            return None
+    except (re.error, RecursionError):
+        return None
+    return compiled
+
+
+def _max_width(items: list[tuple[str, object]]) -> int:
+    """The most characters `items` can match or look at ahead (_sre_maxrepeat: no bound);
+    a lookahead counts as if it consumed what it reads, which can only widen a window."""
+    total = 0
+    for op, arg in items:
+        parts = _args(arg)
+        width = _sre_maxrepeat
+        if op in _SINGLE_CHAR_OPS:
+            width = 1
+        elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+            width = _max_width(_items(parts[1])) if _int(parts[0]) >= 0 else 0
+        elif op == "AT":
+            width = 0
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            body = _max_width(_items(parts[2]))
+            high = _int(parts[1])
+            width = body and (_sre_maxrepeat if high >= _sre_maxrepeat else high * body)
+        elif op == "SUBPATTERN" and len(parts) == 4:
+            width = _max_width(_items(parts[3]))
+        elif op == "ATOMIC_GROUP":
+            width = _max_width(_items(arg))
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            width = max(_max_width(_items(alt)) for alt in parts[1])
+        total = min(_sre_maxrepeat, total + width)
+    return total
+
+
+def _min_width(items: list[tuple[str, object]]) -> int:
+    """The fewest characters `items` can match."""
+    total = 0
+    for op, arg in items:
+        parts = _args(arg)
+        if op in _SINGLE_CHAR_OPS:
+            total += 1
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            total += _int(parts[0]) * _min_width(_items(parts[2]))
+        elif op == "SUBPATTERN" and len(parts) == 4:
+            total += _min_width(_items(parts[3]))
+        elif op == "ATOMIC_GROUP":
+            total += _min_width(_items(arg))
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            total += min(_min_width(_items(alt)) for alt in parts[1])
+    return total
+
+
+def _unbounded_then_more(tree: object) -> bool:
+    """Does anything follow the last unbounded part at the top of the pattern? Without an
+    anchor, every start would scan that part and then fail there."""
+    items = [(op, arg) for op, arg, _ in _flatten(_items(tree), 0)]
+    last = max((i for i, item in enumerate(items) if _max_width([item]) > _REGEX_EXACT), default=-1)
+    return 0 <= last < len(items) - 1
+
+
+def _window(width: int) -> int:
+    """How far to search on one side of an anchor for a part this wide."""
+    return width if width <= _REGEX_EXACT else _REGEX_WINDOW
+
+
+@dataclass(frozen=True)
+class _Anchor:
+    """Where a user pattern can match: what every match contains, and how far around it.
+
+    `finder` finds anchors (overlapping ones too), each `length` characters long, and
+    `reverse` finds them in reversed text (the last one of a stretch); `others` are the
+    pattern's other literal runs, all of which a match holds too. `before` and `after`
+    bound the search on each side (`bounded_after`: `after` is exact). `run` matches a
+    run of the characters the part before the anchor can consume (a superset), read
+    backwards for where a match may start and forwards for how far it may reach;
+    `rest` is the part after the anchor compiled alone, and `least_before` the fewest
+    characters the part before takes: the two vetoes. `crosses`: the part before can
+    run greedily over an anchor to a later one.
+    """
+
+    finder: re.Pattern[str]
+    reverse: re.Pattern[str]
+    length: int
+    others: tuple[re.Pattern[str], ...]
+    before: int
+    after: int
+    bounded_after: bool
+    run: re.Pattern[str] | None
+    rest: re.Pattern[str] | None
+    least_before: int
+    crosses: bool
+
+
+def _flatten(items: list[tuple[str, object]], flags: int) -> list[tuple[str, object, int]]:
+    """The top-level items with groups opened, each with the flags in force there."""
+    out: list[tuple[str, object, int]] = []
+    for op, arg in items:
+        parts = _args(arg)
+        if op == "SUBPATTERN" and len(parts) == 4:
+            inner = (flags | _int(parts[1])) & ~_int(parts[2])
+            out += _flatten(_items(parts[3]), inner)
+        else:
+            out.append((op, arg, flags))
+    return out
+
+
+def _consumable(items: list[tuple[str, object, int]]) -> str | None:
+    """A pattern for one of the characters `items` can consume (a superset; "" for none),
+    or None when that is not known."""
+    atoms: list[str] = []
+    ignore_case = False
+
+    def collect(op: str, arg: object, flags: int) -> bool:
+        nonlocal ignore_case
+        parts = _args(arg)
+        if op in _SINGLE_CHAR_OPS:
+            atom = r"[\s\S]" if op == "ANY" and flags & re.DOTALL else _unparse_item(op, arg)
+            if atom is None:
+                return False
+            atoms.append(atom)
+            ignore_case = ignore_case or bool(flags & re.IGNORECASE)
+            return True
+        if op in ("AT", "ASSERT", "ASSERT_NOT"):
+            return True  # consumes nothing
+        children: list[tuple[str, object, int]] = []
+        if op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            children = _flatten(_items(parts[2]), flags)
+        elif op == "ATOMIC_GROUP":
+            children = _flatten(_items(arg), flags)
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            for alt in parts[1]:
+                children += _flatten(_items(alt), flags)
+        else:
+            return False
+        return all(collect(*child) for child in children)
+
+    if not all(collect(*item) for item in items):
+        return None
+    if not atoms:
+        return ""
+    body = "|".join(atoms)
+    return f"(?{'i' if ignore_case else ''}:{body})"
+
+
+def _simple_prefix(items: list[tuple[str, object]]) -> bool:
+    """One greedy or lazy unbounded repeat of one character class (`.*`, `[a-z]*`, `\\w+`):
+    from the first character of a run it can consume any part of it, so the leftmost
+    start is where that run begins."""
+    if len(items) != 1:
+        return False
+    op, arg = items[0]
+    parts = _args(arg)
+    if op not in _REPEATS or len(parts) != 3:
+        return False
+    body = _items(parts[2])
+    return (
+        _int(parts[0]) <= 1
+        and _int(parts[1]) >= _sre_maxrepeat
+        and len(body) == 1
+        and body[0][0] in _SINGLE_CHAR_OPS
+    )
+
+
+def _literal_runs(flat: list[tuple[str, object, int]]) -> list[tuple[int, int]]:
+    """(start, end) of each run of top-level literals alike in case sensitivity."""
+    runs: list[tuple[int, int]] = []
+    index = 0
+    while index < len(flat):
+        if flat[index][0] != "LITERAL":
+            index += 1
+            continue
+        fold = flat[index][2] & re.IGNORECASE
+        end = index + 1
+        while (
+            end < len(flat) and flat[end][0] == "LITERAL" and flat[end][2] & re.IGNORECASE == fold
+        ):
+            end += 1
+        runs.append((index, end))
+        index = end
+    return runs
+
+
+def _literal_text(flat: list[tuple[str, object, int]], start: int, end: int) -> str:
+    return "".join(chr(_int(arg)) for _, arg, _ in flat[start:end])
+
+
+def _anchor_of(pattern: re.Pattern[str]) -> _Anchor | None:
+    """The anchor of a pattern: its longest literal run, else its rarest required
+    character class (one outside any repeat, or the first of a `+`/`{n,}`). Among equals,
+    one with a bounded part before it, then the last (so that less follows it).
+    None when it has neither."""
+    try:
+        tree = _sre_parse(pattern.pattern, pattern.flags)
+    except (re.error, RecursionError):
+        return None
+    flags = _int(getattr(getattr(tree, "state", None), "flags", pattern.flags))
+    flat = _flatten(_items(tree), flags)
+    plain = [(o, a) for o, a, _ in flat]
+    shape = _RegexShape(bool(flags & re.IGNORECASE))
+    runs = _literal_runs(flat)
+    candidates: list[tuple[tuple[int, bool, int], int, int]] = []  # (score, start, end)
+
+    def bounded(index: int) -> bool:  # is the part before searched in full?
+        return _simple_prefix(plain[:index]) or _max_width(plain[:index]) <= _REGEX_EXACT
+
+    for start, end in runs:
+        candidates.append(((1, bounded(start), end - start), start, end))
+    for index, (op, arg, _) in enumerate(flat):
+        single: tuple[str, object] | None = None
+        parts = _args(arg)
+        if op in ("IN", "NOT_LITERAL"):
+            single = (op, arg)
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3 and _int(parts[0]) >= 1:
+            body = _items(parts[2])
+            if len(body) == 1 and body[0][0] in ("IN", "NOT_LITERAL", "LITERAL"):
+                single = body[0]
+        if single is not None:
+            size = len(shape.first_item(*single)[0])
+            candidates.append(((0, bounded(index), -size), index, index + 1))
+    if not candidates:
+        return None
+    _, start, end = max(candidates, key=lambda c: (c[0], c[1]))
+    op, arg, item_flags = flat[start]
+    before, after = plain[:start], plain[end:]
+    one = _consumable(flat[:start])
+    # An anchor with nothing the part before could take just before it is no anchor.
+    behind, ahead = (f"(?<={one})", f"(?={one})") if one and _min_width(before) else ("", "")
+    if op == "LITERAL":
+        text = _literal_text(flat, start, end)
+        fold = item_flags & re.IGNORECASE
+        finder = re.compile(f"{behind}(?={re.escape(text)})", fold)
+        reverse = re.compile(re.escape(text[::-1]) + ahead, fold)
+        length = len(text)
+        probes = [text]
+    else:
+        single = (op, arg)
+        parts = _args(arg)
+        if op not in ("IN", "NOT_LITERAL"):  # the first of a repeat; the rest of it follows
+            single = _items(parts[2])[0]
+            high = _int(parts[1])
+            left = (_int(parts[0]) - 1, high if high >= _sre_maxrepeat else high - 1, parts[2])
+            after = [(op, left), *after]
+        source = _unparse_item(*single)
+        if source is None:
+            return None
+        class_flags = item_flags & (re.IGNORECASE | re.ASCII)
+        finder = re.compile(behind + source, class_flags)
+        reverse = re.compile(source + ahead, class_flags)
+        length = 1
+        probes = [ch for ch in _PROBE if re.fullmatch(source, ch, class_flags)]
+    others = tuple(
+        re.compile(re.escape(_literal_text(flat, s, e)), flat[s][2] & re.IGNORECASE)
+        for s, e in runs
+        if (s, e) != (start, end)
+    )
+    after_width = _max_width(after)
+    run = None if one is None else re.compile(f"{one}*" if one else "")
+    # Can a match run over this anchor to a later one? Only if the part before can take
+    # the anchor's characters, and not if it is one lazy repeat (it stops at the first).
+    crosses = (
+        run is not None
+        and any(run.fullmatch(probe) for probe in probes)
+        and not (_simple_prefix(before) and before[0][0] == "MIN_REPEAT")
+    )
+    return _Anchor(
+        finder=finder,
+        reverse=reverse,
+        length=length,
+        others=others,
+        before=_REGEX_EXACT if _simple_prefix(before) else _window(_max_width(before)),
+        after=_window(after_width),
+        bounded_after=after_width <= _REGEX_EXACT,
+        run=run,
+        rest=_compile_alone(after, flags) if after else None,
+        least_before=_min_width(before),
+        crosses=crosses,
+    )
+
+
+class BoundedRegex:
+    """A user regex searched only where it can match, so that its cost on a text stays
+    near linear whatever the text (the scheme and its trade-off: see above)."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self._anchor = _anchor_of(pattern)
+        tree = _sre_parse(pattern.pattern, pattern.flags)
+        self._width = _max_width(_items(tree))
+
+    def finditer(self, text: str) -> Iterator[re.Match[str]]:
+        """Non-overlapping matches, in order, as re.finditer finds them (within the
+        windows above); their spans index `text` itself."""
+        if self._anchor is None:  # bounded width: the load check refuses the others
+            return self._chunked(text)
+        return _AnchoredScan(self.pattern, self._anchor, text).matches()
+
+    def _chunked(self, text: str) -> Iterator[re.Match[str]]:
+        """No anchor: the text in chunks, each searched with room for a match after it."""
+        n = len(text)
+        after = _window(self._width)
+        last = 0
+        for chunk in range(0, n + 1, _REGEX_WINDOW):
+            top = chunk + _REGEX_WINDOW
+            low = max(chunk, last)
+            high = min(n, top + after + _REGEX_SLACK)
+            while low < top and low <= n:
+                match = self.pattern.search(text, low, high)
+                if match is None or match.start() >= top:
+                    break
+                if match.end() >= high - _REGEX_SLACK and high < n and self._width > _REGEX_EXACT:
+                    match = _extend(self.pattern, text, match)
+                yield match
+                last = low = max(match.end(), match.start() + 1)
+
+
+def _extend(pattern: re.Pattern[str], text: str, match: re.Match[str]) -> re.Match[str]:
+    """The match again from its start, with room doubling until it stops short."""
+    n = len(text)
+    room = _REGEX_WINDOW
+    while True:
+        end = min(n, match.end() + room)
+        longer = pattern.match(text, match.start(), end)
+        if longer is None:
+            return match
+        if longer.end() < end - _REGEX_SLACK or end == n:
+            return longer
+        match, room = longer, room * 2
+
+
+class _AnchoredScan:
+    """One pass of a BoundedRegex over one text (its state: where the last match ended,
+    the run of consumable characters last measured, what is left of the long budget)."""
+
+    def __init__(self, pattern: re.Pattern[str], anchor: _Anchor, text: str) -> None:
+        self.pattern = pattern
+        self.anchor = anchor
+        self.text = text
+        self.n = len(text)
+        self.last = 0  # where the last match ended: no match starts before it
+        self.segment = (0, -1, False)  # a run of consumable characters: start, end, ended
+        self.budget = _REGEX_LONG_BUDGET
+
+    def matches(self) -> Iterator[re.Match[str]]:
+        anchor, text = self.anchor, self.text
+        scan = 0
+        while True:
+            found = anchor.finder.search(text, scan)
+            if found is None:
+                return
+            first = found.start()
+            # The anchors within one window of the first are searched together.
+            span = min(self.n, first + _REGEX_WINDOW + anchor.length)
+            tail = anchor.reverse.search(text[first:span][::-1])
+            final = span - tail.end() if tail is not None else first
+            kept = self._vetted(first, final)
+            if kept is not None:
+                yield from self._search(*kept)  # which moves self.last past each match
+            scan = max(final + 1, self.last)
+
+    def _vetted(self, first: int, final: int) -> tuple[int, int] | None:
+        """The first and final anchors of a cluster that can still match; None if none."""
+        anchor, text = self.anchor, self.text
+        rest = anchor.rest
+        least = anchor.least_before if anchor.run is not None else 0
+        if rest is None and not least:
+            return first, final
+        anchors: list[int] = []
+        for found in anchor.finder.finditer(text, first, final + anchor.length):
+            if len(anchors) == _REGEX_VETO_MAX:
+                return first, final  # dense: one search costs less than a veto each
+            anchors.append(found.start())
+        reach = anchor.after + _REGEX_SLACK
+        alive = []
+        for at in anchors:
+            if least and at - self._run_start(at) < least:
+                continue  # too little before it that the part before could take
+            after = at + anchor.length
+            if (
+                rest is None
+                or rest.match(text, after, after + reach) is not None
+                # The part after may need more room than the window: look further, on budget.
+                or (not anchor.bounded_after and self._long(rest, after) is not None)
+            ):
+                alive.append(at)
+        return (alive[0], alive[-1]) if alive else None
+
+    def _search(self, first: int, final: int) -> Iterator[re.Match[str]]:
+        anchor, text, n = self.anchor, self.text, self.n
+        low = max(self.last, first - anchor.before)
+        if anchor.run is not None:
+            low = max(low, self._run_start(first))
+        high = min(n, final + anchor.length + anchor.after + _REGEX_SLACK)
+        beyond = high + (0 if anchor.bounded_after else _REGEX_EXACT)
+        for other in anchor.others:  # every literal of the pattern must be at hand
+            if other.search(text, low, beyond) is None:
+                return
+        plain = not anchor.crosses
+        exact = anchor.bounded_after
+        while low <= final:
+            match: re.Match[str] | None = None
+            if plain:
+                # The common case at C speed: matches inside the window, none of which
+                # needs a second look (none touches its end, none leaves room before it
+                # for an anchor the window may have cut short).
+                for found in self.pattern.finditer(text, low, high):
+                    if found.start() > final:
+                        return
+                    if not exact and (
+                        found.end() >= high - _REGEX_SLACK
+                        or self._anchor_between(low, found.start())
+                    ):
+                        match = found
+                        break
+                    end = found.end()
+                    low = self.last = end if end > found.start() else end + 1
+                    yield found
+                else:
+                    if exact or low > final:
+                        return
+            else:
+                match = self.pattern.search(text, low, high)
+            if not anchor.bounded_after and self.budget > 0:
+                # The window may have cut short a match at an anchor before the one found:
+                # its likeliest start tried again with more room (on budget); if that fails
+                # too, the search goes on past it.
+                skipped = self._cut_short(low, match, final, high)
+                if skipped is not None:
+                    start, at = skipped
+                    longer = self._long(self.pattern, start)
+                    if longer is None:
+                        low = at + 1
+                        continue
+                    match = longer
+            if match is None or match.start() > final:
+                return
+            match = self._reach(match, final, high)
+            low = self.last = max(match.end(), match.start() + 1)
+            yield match
+
+    def _anchor_between(self, low: int, start: int) -> bool:
+        """Is there an anchor, with room for the part before it, in [low, start)?"""
+        anchor = self.anchor
+        first = low + anchor.least_before
+        if first >= start:
+            return False
+        return anchor.finder.search(self.text, first, start - 1 + anchor.length) is not None
+
+    def _cut_short(
+        self, low: int, match: re.Match[str] | None, final: int, high: int
+    ) -> tuple[int, int] | None:
+        """(likeliest start, anchor) of an anchor before `match` (or any, if None) that
+        fails in the window only for want of room after it; None if there is none."""
+        anchor, text = self.anchor, self.text
+        end = final if match is None else min(final, match.start() - 1)
+        if end < low + anchor.least_before:
+            return None  # no room for an anchor with its part before between them
+        found = anchor.finder.search(text, low, end + anchor.length)
+        if found is None or found.start() > end:
+            return None
+        at = found.start()
+        start = max(low, at - anchor.before)
+        if anchor.run is not None:
+            start = max(start, self._run_start(at))
+            if at - start < anchor.least_before:
+                return None  # the part before cannot fit: no room after would help
+        rest = anchor.rest
+        if rest is not None and rest.match(text, at + anchor.length, high) is not None:
+            return None  # the part after fits in the window: it was not cut short
+        return start, at
+
+    def _reach(self, match: re.Match[str], final: int, high: int) -> re.Match[str]:
+        """The whole match: a greedy part before the anchor may reach anchors past this
+        cluster (`.*token` takes a line's last `token`), a part after it past the window."""
+        anchor, text, n = self.anchor, self.text, self.n
+        if anchor.crosses:
+            self._run_start(match.start())
+            start, end, _ = self.segment
+            reach = min(end, match.start() + _REGEX_EXACT)
+            if start <= match.start() and reach > final:
+                later = anchor.finder.search(text, final + 1, reach + anchor.length)
+                if later is not None:
+                    room = min(n, reach + anchor.length + anchor.after + _REGEX_SLACK)
+                    longer = self.pattern.match(text, match.start(), room)
+                    if longer is not None and longer.end() > match.end():
+                        match, high = longer, room
+        if match.end() >= high - _REGEX_SLACK and high < n and not anchor.bounded_after:
+            match = _extend(self.pattern, text, match)
+        return match
+
+    def _run_start(self, at: int) -> int:
+        """Where the run of consumable characters that ends at `at` starts, not before the
+        last match; measured once per run, up to _REGEX_EXACT on either side."""
+        run = self.anchor.run
+        assert run is not None
+        text = self.text
+        start, end, ended = self.segment
+        if not start <= at <= end:
+            floor = max(self.last, at - _REGEX_EXACT, end + 1 if ended and end < at else 0)
+            back = run.match(text[floor:at][::-1])
+            start = at - (back.end() if back is not None else 0)
+            ahead = run.match(text, at, at + _REGEX_EXACT)
+            end = ahead.end() if ahead is not None else at
+            self.segment = (start, end, end < at + _REGEX_EXACT)
+        return max(start, self.last)
+
+    def _long(self, pattern: re.Pattern[str], at: int) -> re.Match[str] | None:
+        """One anchored attempt reaching _REGEX_EXACT further, while the budget lasts."""
+        if self.budget <= 0:
+            return None
+        self.budget -= _REGEX_EXACT
+        return pattern.match(self.text, at, min(self.n, at + _REGEX_EXACT))
 
 
 # Child environment ################################################################
@@ -2222,10 +2999,27 @@ class Redaction:
 @dataclass(frozen=True)
 class _SecretPattern:
     """One named secret regex. If it has a group named `s`, only that group is replaced,
-    so `api_key=` keeps its key and only the value disappears."""
+    so `api_key=` keeps its key and only the value disappears. A user's pattern is run
+    through `bounded` (see "User regular expressions: bounded cost"); the built-in ones
+    are written to run in linear time and use re directly."""
 
     name: str
     regex: re.Pattern[str]
+    bounded: BoundedRegex | None = None
+
+    def subn(self, text: str) -> tuple[str, int]:
+        if self.bounded is None:
+            return self.regex.subn(_replacer(self), text)
+        replace = _replacer(self)
+        out: list[str] = []
+        done = 0
+        for match in self.bounded.finditer(text):
+            out += (text[done : match.start()], replace(match))
+            done = match.end()
+        if not out:
+            return text, 0
+        out.append(text[done:])
+        return "".join(out), len(out) // 2
 
 
 _BUILTIN_SECRETS: tuple[tuple[str, str, int], ...] = (
@@ -2301,7 +3095,8 @@ class Redactor:
             flags = 0
             for letter in letters:
                 flags |= _FLAG_LETTERS.get(letter, 0)
-            user.append(_SecretPattern(name, re.compile(regex, flags)))
+            compiled = re.compile(regex, flags)
+            user.append(_SecretPattern(name, compiled, BoundedRegex(compiled)))
         self._user = tuple(user)
 
     def redact(self, text: str) -> Redaction:
@@ -2311,7 +3106,7 @@ class Redactor:
             patterns = self._builtin + self._user
         names: list[str] = []
         for pattern in patterns:
-            text, count = pattern.regex.subn(_replacer(pattern), text)
+            text, count = pattern.subn(text)
             if count and pattern.name not in names:
                 names.append(pattern.name)
         return Redaction(text, tuple(names))

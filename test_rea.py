@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -882,6 +883,132 @@ class TestSection6UserRegex:
     def test_case_insensitive_flag_makes_branches_overlap(self) -> None:
         assert rea.check_user_regex("(Ab|aC)+", "") is None
         assert rea.check_user_regex("(Ab|aC)+", "i") is not None
+
+    @pytest.mark.parametrize("regex", [r".*.*x", r"(.*)(.*)x", r".*x.*y", r"(.*x){2}", r"\w+\w+:"])
+    def test_refuses_repeats_that_compound_polynomially(self, regex: str) -> None:
+        reason = rea.check_user_regex(regex, "")
+        assert reason is not None and "unbounded repeats in a row" in reason
+
+    @pytest.mark.parametrize("regex", [r"(?:ab|cd)+(?:ef|gh)", r"\b(?:ab|cd)+\b"])
+    def test_refuses_an_unbounded_pattern_with_nothing_fixed_to_search_for(
+        self, regex: str
+    ) -> None:
+        reason = rea.check_user_regex(regex, "")
+        assert reason is not None and "add a fixed part" in reason
+
+    @pytest.mark.parametrize(
+        "regex", [r"(.*)x", r".*token", r"[a-z]*secret", r"\w+=\w+", r"password.*=.*", r".*+.*x"]
+    )
+    def test_accepts_quadratic_shapes_which_run_bounded(self, regex: str) -> None:
+        assert rea.check_user_regex(regex, "") is None
+
+
+# SPEC §6: any one user pattern costs under 100 ms on a 512 KB result.
+_HALF_MB = 512 * 1024
+
+
+def _adversarial(head: str, unit: str) -> str:
+    """A real match, then 512 KB on which a naive search of the pattern is quadratic."""
+    return (head + unit * (_HALF_MB // len(unit) + 1))[:_HALF_MB]
+
+
+class TestSection6UserRegexCost:
+    """User patterns pass the load check yet cost O(n^2) searched naively (~150 s for
+    `.*token` on 512 KB of one line): they run bounded, and still redact."""
+
+    @pytest.mark.parametrize(
+        ("regex", "head", "units", "secret"),
+        [
+            (
+                r".*token",
+                "my token ",
+                ["a", "a" * 3000 + "\ntoken", "token" + "a" * 3000],
+                "my token",
+            ),
+            (r"(.*)x", "pwx ", ["a", "x" + "a" * 3000 + "\n", "a" * 3000 + "\nx"], "pwx"),
+            (r"[a-z]*secret", "mysecret ", ["a", "a" * 3000 + "1secret", "secret"], "mysecret"),
+            (r"\w+=\w+", "key=hunter2 ", ["a", "a" * 3000 + "= ", "a" * 30 + "= ", "="], "hunter2"),
+            (r"[a-z]+\d", "pin7 ", ["a", "a" * 200 + "-1"], "pin7"),
+            (r"(?P<k>tok)\s*[:=]\s*(?P<s>\w+)", "tok: s3cr3t ", ["tok=", "tok: " * 10], "s3cr3t"),
+        ],
+    )
+    def test_a_pattern_costs_little_on_adversarial_text_and_still_redacts(
+        self, regex: str, head: str, units: list[str], secret: str
+    ) -> None:
+        redactor = rea.Redactor([("Mine", regex, "")])
+        slowest = 0.0
+        for unit in units:
+            text = _adversarial(head, unit)
+            start = time.perf_counter()
+            result = redactor.redact(text)
+            slowest = max(slowest, time.perf_counter() - start)
+            assert secret not in result.text[: len(head) + 20], unit[:20]
+            assert "[REDACTED:Mine]" in result.text and result.names == ("Mine",)
+        print(f"\n{regex}: slowest {slowest * 1000:.1f} ms on 512 KB")
+        assert slowest < 1.0  # ~5-60 ms measured; generous for a loaded 2-core machine
+
+    @pytest.mark.parametrize(
+        "regex",
+        [
+            r".*token",
+            r".*?token",
+            r"(.*)x",
+            r"[a-z]*secret",
+            r"\w+=\w+",
+            r"token=\S+",
+            r"(?i)TOKEN=\w{3,8}",
+            r"\btok\b",
+            r"tok$",
+            r"(?m)^tok",
+            r"x(?=y)",
+            r"(?<=a)b+",
+            r"[a-z]+\d",
+            r"(?P<k>key)\s*[:=]\s*(?P<s>\w+)",
+            r"\w+\s+\w+",
+            r"(ab|cd)e",
+            r"eyJ[\w-]+\.[\w-]+\.[\w-]+",
+            r"(?s)BEGIN.*?END",
+            r"[A-Z]{2,}",
+            r"\s*\S+\s*=",
+            r"(a)?(?(1)b|c)d",
+            r"(x)\1y",
+            r"(?i:tok)en",
+        ],
+    )
+    def test_bounded_search_finds_what_re_finds(self, regex: str) -> None:
+        rng = random.Random(regex)
+        pattern = re.compile(regex)
+        bounded = rea.BoundedRegex(pattern)
+        words = ["token", "secret", "key=abc", "BEGIN", "END", "eyJab.cd.ef", "tok", "xy", " "]
+        for _ in range(40):
+            parts: list[str] = []
+            while sum(map(len, parts)) < rng.choice([20, 300, 3000]):
+                if rng.random() < 0.3:
+                    parts.append(rng.choice(words))
+                else:
+                    parts.append(
+                        "".join(rng.choice("abcdekotxyz=-. \n_19ABDEGIN:") for _ in range(9))
+                    )
+            text = "".join(parts)
+            want = [(m.span(), m.groups()) for m in pattern.finditer(text)]
+            assert [(m.span(), m.groups()) for m in bounded.finditer(text)] == want, text
+
+    def test_a_long_match_is_redacted_whole(self) -> None:
+        jwt = "eyJ" + "a" * 40 + "." + "b" * 3000 + "." + "c" * 50
+        redactor = rea.Redactor([("JWT", r"eyJ[\w-]+\.[\w-]+\.[\w-]+", "")])
+        assert (
+            redactor.redact(f"Authorization: {jwt} ok").text == "Authorization: [REDACTED:JWT] ok"
+        )
+        line = "x" * 3000 + "token"  # the whole line before `token`, within 4096 characters
+        assert (
+            rea.Redactor([("L", ".*token", "")]).redact(line + "\nnext").text
+            == "[REDACTED:L]\nnext"
+        )
+
+    def test_window_ends_are_not_text_ends(self) -> None:
+        redactor = rea.Redactor([("End", r"tok$", ""), ("Word", r"\bkey\b", "")])
+        assert redactor.redact("tok and more, keys").names == ()
+        assert redactor.redact("a key, then tok").text == "a [REDACTED:Word], then [REDACTED:End]"
 
 
 def _blocked_paths(profile: str) -> list[str]:
