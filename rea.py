@@ -1539,13 +1539,11 @@ def _in_category(name: str, ch: str) -> bool:
     return True
 
 
-# User regular expressions: bounded cost ##########################################
-#
-# A pattern that passes the load check can still cost O(n^2) on n characters when re
-# searches it: `.*token`, `[a-z]*secret` and `\w+=\w+` try every start and from each
-# scan to the end of a run (~150 s for `.*token` on 512 KB of one line). SPEC §6 keeps
-# any one pattern under 100 ms on a 512 KB result, so a user pattern is searched only
-# where it can match, in windows (BoundedRegex):
+# Bounded cost. A pattern that passes the load check can still cost O(n^2) on n
+# characters when re searches it: `.*token`, `[a-z]*secret` and `\w+=\w+` try every
+# start and from each scan to the end of a run (~150 s for `.*token` on 512 KB of one
+# line). SPEC §6 keeps any one pattern under 100 ms on a 512 KB result, so a user
+# pattern is searched only where it can match, in windows (BoundedRegex):
 #
 # - An anchor read from the parse tree: the longest literal run every match holds
 #   (`token`, `=`), else its rarest required character class (`\d` in `[a-z]+\d`).
@@ -3000,7 +2998,7 @@ class Redaction:
 class _SecretPattern:
     """One named secret regex. If it has a group named `s`, only that group is replaced,
     so `api_key=` keeps its key and only the value disappears. A user's pattern is run
-    through `bounded` (see "User regular expressions: bounded cost"); the built-in ones
+    through `bounded` (see "Bounded cost" under "User regular expressions"); the built-ins
     are written to run in linear time and use re directly."""
 
     name: str
