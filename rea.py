@@ -944,8 +944,10 @@ class Policy:
 # would hang every call whose result it scans (SPEC §6). Such patterns are refused at
 # load by their shape: a variable quantifier inside a repeated group ((a+)+, (a*)*,
 # (\w+\s?)+), or a repeated group whose alternatives can start the same way ((a|a)*,
-# (a|aa)*). The check reads re's own parse tree so that escapes, classes and inline
-# flags are understood exactly as re will run them.
+# (a|aa)*); so are two unbounded repeats in a row that can take turns over the same text
+# (.*.*x, .*x.*y), which backtrack cubically. What is left costs at most O(n^2), which
+# BoundedRegex (below) brings down to linear. The check reads re's own parse tree so
+# that escapes, classes and inline flags are understood exactly as re will run them.
 
 _REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
 # Characters on which "can two branches start alike?" is decided: Latin-1 plus a few
@@ -953,6 +955,8 @@ _REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.V
 _PROBE = frozenset([chr(c) for c in range(256)] + ["\u0660", "\u4e2d", "\u3000", "\u2028"])
 _sre_parse: Callable[[str, int], object] = importlib.import_module("re._parser").parse
 _REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
+# A repeat allowed more than this many times costs like an unbounded one.
+_UNBOUNDED = 1000
 
 
 def regex_flags(flags: str) -> int:
@@ -975,9 +979,16 @@ def check_user_regex(regex: str, flags: str) -> str | None:
         return f"does not compile: {err}"
     state = getattr(tree, "state", None)
     ignore_case = bool(getattr(state, "flags", 0) & re.IGNORECASE)
-    shape = _RegexShape(ignore_case).scan(_items(tree), None)
+    checker = _RegexShape(ignore_case)
+    shape = checker.scan(_items(tree), None) or checker.compounding(_items(tree))
     if shape is None and compiled.fullmatch(""):
         return "matches the empty string, so it would match everywhere"
+    if shape is None and _anchor_of(compiled) is None and _unbounded_then_more(tree):
+        return (
+            "has nothing that every match contains (a literal or a character class) and "
+            "something after an unbounded repeat (like (ab|cd)+(ef|gh)), so it cannot be "
+            "searched in bounded time; add a fixed part"
+        )
     return shape
 
 
@@ -1097,6 +1108,85 @@ class _RegexShape:
             return set(), True  # zero width
         return set(_PROBE), True  # back-references and the rest: assume the worst
 
+    def compounding(self, items: list[tuple[str, object]]) -> str | None:
+        """Two unbounded repeats in a row that can take turns over the same text (`.*.*x`,
+        `.*x.*y`, `\\w+\\w+:`): each start then tries every split of the text between them,
+        a cost cubic in its length that no window keeps small. Nested sequences are read
+        too; a repeat that ends the pattern cannot fail afterwards, so it is let through."""
+        sequence = self.sequence(items)
+        for i, (op, arg) in enumerate(sequence):
+            first = self.unbounded(op, arg)
+            if first is None:
+                continue
+            for j in range(i + 1, len(sequence)):
+                second = self.unbounded(*sequence[j])
+                if second is not None and first & second and j < len(sequence) - 1:
+                    return (
+                        "has two unbounded repeats in a row that can match the same text "
+                        "(like .*.*x or .*x.*y), which backtracks polynomially; bound one "
+                        "({0,200}) or make the first possessive (.*+)"
+                    )
+                if not self.consumed([sequence[j]]) <= first:
+                    break  # the first repeat cannot run past this item
+        for op, arg in sequence:
+            parts = _args(arg)
+            inner: list[list[tuple[str, object]]] = []
+            if op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+                inner = [_items(alt) for alt in parts[1]]
+            elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+                inner = [_items(parts[2])]
+            elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+                inner = [_items(parts[1])]
+            for sub in inner:
+                reason = self.compounding(sub)
+                if reason:
+                    return reason
+        return None
+
+    def sequence(self, items: list[tuple[str, object]]) -> list[tuple[str, object]]:
+        """The items in the order they consume text: groups opened, a fixed repeat of two
+        or more written out twice (enough to see its copies compound)."""
+        out: list[tuple[str, object]] = []
+        for op, arg in items:
+            parts = _args(arg)
+            if op == "SUBPATTERN" and len(parts) == 4:
+                out += self.sequence(_items(parts[3]))
+            elif op in _REPEATS and len(parts) == 3 and _int(parts[0]) == _int(parts[1]) >= 2:
+                body = self.sequence(_items(parts[2]))
+                out += body + body
+            else:
+                out.append((op, arg))
+        return out
+
+    def unbounded(self, op: str, arg: object) -> set[str] | None:
+        """The characters an unbounded, backtracking repeat takes; None for anything else."""
+        parts = _args(arg)
+        if op in _REPEATS and len(parts) == 3 and _int(parts[1]) > _UNBOUNDED:
+            return self.consumed(_items(parts[2])) or None
+        return None
+
+    def consumed(self, items: list[tuple[str, object]]) -> set[str]:
+        """The probe characters anything in `items` can consume."""
+        result: set[str] = set()
+        for op, arg in items:
+            parts = _args(arg)
+            if op in ("LITERAL", "NOT_LITERAL", "ANY", "IN"):
+                result |= self.first_item(op, arg)[0]
+            elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+                result |= self.consumed(_items(parts[2]))
+            elif op == "SUBPATTERN" and len(parts) == 4:
+                result |= self.consumed(_items(parts[3]))
+            elif op == "ATOMIC_GROUP":
+                result |= self.consumed(_items(arg))
+            elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+                for alt in parts[1]:
+                    result |= self.consumed(_items(alt))
+            elif op == "GROUPREF_EXISTS" and len(parts) == 3:
+                result |= self.consumed(_items(parts[1])) | self.consumed(_items(parts[2]))
+            elif op not in ("AT", "ASSERT", "ASSERT_NOT"):
+                result |= _PROBE  # a back-reference: anything
+        return result
+
     def literal(self, code: int) -> set[str]:
         ch = chr(code)
         return {ch, ch.lower(), ch.upper()} if self.ignore_case else {ch}
@@ -1113,7 +1203,9 @@ class _RegexShape:
                 hit = hit or ch in self.literal(_int(arg)) or folded in self.literal(_int(arg))
             elif op.startswith("RANGE") and len(parts) == 2:
                 low, high = _int(parts[0]), _int(parts[1])
-                hit = hit or any(low <= ord(c) <= high for c in {ch, ch.lower(), ch.upper()})
+                # (a case change may give two characters: 'ß'.upper() is 'SS')
+                cases = {c for c in (ch, ch.lower(), ch.upper()) if len(c) == 1}
+                hit = hit or any(low <= ord(c) <= high for c in cases)
             elif op == "CATEGORY":
                 hit = hit or _in_category(str(arg), ch)
             else:
@@ -1133,6 +1225,689 @@ def _in_category(name: str, ch: str) -> bool:
         if name == base.replace("CATEGORY_", "CATEGORY_NOT_"):
             return not test(ch)
     return True
+
+
+# Bounded cost. A pattern that passes the load check can still cost O(n^2) on n
+# characters when re searches it: `.*token`, `[a-z]*secret` and `\w+=\w+` try every
+# start and from each scan to the end of a run (~150 s for `.*token` on 512 KB of one
+# line). SPEC §6 keeps any one pattern under 100 ms on a 512 KB result, so a user
+# pattern is searched only where it can match, in windows (BoundedRegex):
+#
+# - An anchor read from the parse tree: the longest literal run every match holds
+#   (`token`, `=`), else its rarest required character class (`\d` in `[a-z]+\d`).
+#   Text without it is skipped at C speed, and so is an anchor with nothing before it
+#   that the part before the anchor could take (`\w+=` needs a word character there).
+# - Around each anchor, a window. Backwards, only as far as the run of characters the
+#   part before can consume (`.*token` starts at its line, `[a-z]*secret` after the last
+#   non-letter), and at most _REGEX_EXACT characters when that part is one repeat like
+#   `.*` or `\w+` (from a run's first character it takes any part of it, so the first
+#   start tried is the leftmost), else at most its width or _REGEX_WINDOW. Forwards, the
+#   width of the part after when that is at most _REGEX_EXACT, else _REGEX_WINDOW.
+#   Anchors closer than a window share one search, so dense text costs one search too.
+# - Vetoes before a search: the part after the anchor, compiled alone, must match after
+#   it, and the pattern's other literal runs must be at hand.
+# - A match that touches the end of its window is matched again from its start with
+#   room doubling, so a long secret is redacted whole; a greedy part before that can run
+#   over an anchor is matched again to the farthest one in its run.
+#
+# The trade-off, in exchange for a cost linear in the text (plus ~1 us per match): the
+# part of a match before its anchor is found up to _REGEX_EXACT characters back (for
+# `.*`-like prefixes; _REGEX_WINDOW for others), so a longer one is redacted from there
+# on and what lies further back stays; a part after the anchor that needs more than
+# _REGEX_WINDOW characters before it can succeed is found only while a budget of
+# _REGEX_LONG_BUDGET characters per text lasts, and never beyond _REGEX_EXACT. Secrets
+# are shorter. Shapes no window makes cheap (`.*.*x`, cubic) are refused at load.
+
+_REGEX_WINDOW = 256
+_REGEX_EXACT = 4096
+# A search ends this far past the widest match, so that `$` and `\b` there see the real
+# next characters, not an end of text made by the window.
+_REGEX_SLACK = 2
+# Anchors in one cluster at most that are each vetoed first (one call each); a denser
+# cluster is searched at once, which costs about as much.
+_REGEX_VETO_MAX = 32
+# Characters per text that attempts reaching past a window (_REGEX_EXACT each) may scan.
+_REGEX_LONG_BUDGET = 1 << 20
+_CATEGORY_SOURCE = {
+    "CATEGORY_DIGIT": r"\d",
+    "CATEGORY_NOT_DIGIT": r"\D",
+    "CATEGORY_SPACE": r"\s",
+    "CATEGORY_NOT_SPACE": r"\S",
+    "CATEGORY_WORD": r"\w",
+    "CATEGORY_NOT_WORD": r"\W",
+}
+_AT_SOURCE = {
+    "AT_BEGINNING": "^",
+    "AT_BEGINNING_STRING": r"\A",
+    "AT_END": "$",
+    "AT_END_STRING": r"\Z",
+    "AT_BOUNDARY": r"\b",
+    "AT_NON_BOUNDARY": r"\B",
+}
+_FLAG_SOURCE = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"), (re.ASCII, "a"))
+_SINGLE_CHAR_OPS = ("LITERAL", "NOT_LITERAL", "ANY", "IN")
+_sre_maxrepeat: int = importlib.import_module("re._constants").MAXREPEAT
+
+
+def _flag_letters(flags: int) -> str:
+    return "".join(letter for bit, letter in _FLAG_SOURCE if flags & bit)
+
+
+def _unparse(items: list[tuple[str, object]]) -> str | None:
+    """Regex source for parsed items (groups become non-capturing); None for what has
+    no meaning alone (back-references, conditionals) or is not known."""
+    out: list[str] = []
+    for op, arg in items:
+        piece = _unparse_item(op, arg)
+        if piece is None:
+            return None
+        out.append(piece)
+    return "".join(out)
+
+
+def _unparse_item(op: str, arg: object) -> str | None:
+    parts = _args(arg)
+    if op == "LITERAL":
+        return re.escape(chr(_int(arg)))
+    if op == "NOT_LITERAL":
+        return "[^" + re.escape(chr(_int(arg))) + "]"
+    if op == "ANY":
+        return "."
+    if op == "IN" and isinstance(arg, list):
+        members: list[str] = []
+        for sub_op, sub_arg in _items(arg):
+            pair = _args(sub_arg)
+            if sub_op == "NEGATE":
+                members.insert(0, "^")
+            elif sub_op == "LITERAL":
+                members.append(re.escape(chr(_int(sub_arg))))
+            elif sub_op == "RANGE" and len(pair) == 2:
+                start, stop = chr(_int(pair[0])), chr(_int(pair[1]))
+                members.append(re.escape(start) + "-" + re.escape(stop))
+            elif sub_op == "CATEGORY" and str(sub_arg) in _CATEGORY_SOURCE:
+                members.append(_CATEGORY_SOURCE[str(sub_arg)])
+            else:
+                return None
+        return "[" + "".join(members) + "]"
+    if op == "AT":
+        return _AT_SOURCE.get(str(arg))
+    if op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+        body = _unparse(_items(parts[2]))
+        if body is None:
+            return None
+        low, high = _int(parts[0]), _int(parts[1])
+        count = f"{{{low},}}" if high >= _sre_maxrepeat else f"{{{low},{high}}}"
+        suffix = {"MAX_REPEAT": "", "MIN_REPEAT": "?", "POSSESSIVE_REPEAT": "+"}[op]
+        return f"(?:{body}){count}{suffix}"
+    if op == "SUBPATTERN" and len(parts) == 4:
+        body = _unparse(_items(parts[3]))
+        if body is None:
+            return None
+        on, off = _flag_letters(_int(parts[1])), _flag_letters(_int(parts[2]))
+        return f"(?{on}{'-' + off if off else ''}:{body})"
+    if op == "ATOMIC_GROUP":
+        body = _unparse(_items(arg))
+        return None if body is None else f"(?>{body})"
+    if op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+        alternatives = [_unparse(_items(alt)) for alt in parts[1]]
+        if any(alt is None for alt in alternatives):
+            return None
+        return "(?:" + "|".join(alt for alt in alternatives if alt is not None) + ")"
+    if op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+        body = _unparse(_items(parts[1]))
+        if body is None:
+            return None
+        ahead = _int(parts[0]) >= 0
+        mark = {(True, "ASSERT"): "=", (True, "ASSERT_NOT"): "!"}.get((ahead, op))
+        return f"(?{mark or ('<=' if op == 'ASSERT' else '<!')}{body})"
+    return None
+
+
+def _shape_of(items: list[tuple[str, object]]) -> object:
+    """A parse tree with group numbers dropped, to compare a round trip through _unparse."""
+    shape: list[object] = []
+    for op, arg in items:
+        parts = _args(arg)
+        if op == "SUBPATTERN" and len(parts) == 4:
+            inner = _shape_of(_items(parts[3]))
+            if parts[1] or parts[2]:
+                shape.append(("SUBPATTERN", parts[1], parts[2], inner))
+            elif isinstance(inner, tuple):
+                shape.extend(inner)  # a plain group, written back as (?:...), is no item
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            shape.append((op, parts[0], parts[1], _shape_of(_items(parts[2]))))
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            shape.append((op, tuple(_shape_of(_items(alt)) for alt in parts[1])))
+        elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+            shape.append((op, parts[0], _shape_of(_items(parts[1]))))
+        elif op == "ATOMIC_GROUP":
+            shape.append((op, _shape_of(_items(arg))))
+        elif op == "IN":
+            shape.append((op, tuple((o, str(a)) for o, a in _items(arg))))
+        else:
+            shape.append((op, str(arg)))
+    return tuple(shape)
+
+
+def _compile_alone(items: list[tuple[str, object]], flags: int) -> re.Pattern[str] | None:
+    """Part of a pattern compiled on its own, or None when that would not mean the same."""
+    source = _unparse(items)
+    if source is None:
+        return None
+    flags &= ~re.VERBOSE  # the source written here has no comments or free spacing
+    try:
+        compiled = re.compile(source, flags)
+        if _shape_of(_items(_sre_parse(source, flags))) != _shape_of(items):
+            return None
+    except (re.error, RecursionError):
+        return None
+    return compiled
+
+
+def _max_width(items: list[tuple[str, object]]) -> int:
+    """The most characters `items` can match or look at ahead (_sre_maxrepeat: no bound);
+    a lookahead counts as if it consumed what it reads, which can only widen a window."""
+    total = 0
+    for op, arg in items:
+        parts = _args(arg)
+        width = _sre_maxrepeat
+        if op in _SINGLE_CHAR_OPS:
+            width = 1
+        elif op in ("ASSERT", "ASSERT_NOT") and len(parts) == 2:
+            width = _max_width(_items(parts[1])) if _int(parts[0]) >= 0 else 0
+        elif op == "AT":
+            width = 0
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            body = _max_width(_items(parts[2]))
+            high = _int(parts[1])
+            width = body and (_sre_maxrepeat if high >= _sre_maxrepeat else high * body)
+        elif op == "SUBPATTERN" and len(parts) == 4:
+            width = _max_width(_items(parts[3]))
+        elif op == "ATOMIC_GROUP":
+            width = _max_width(_items(arg))
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            width = max(_max_width(_items(alt)) for alt in parts[1])
+        total = min(_sre_maxrepeat, total + width)
+    return total
+
+
+def _min_width(items: list[tuple[str, object]]) -> int:
+    """The fewest characters `items` can match."""
+    total = 0
+    for op, arg in items:
+        parts = _args(arg)
+        if op in _SINGLE_CHAR_OPS:
+            total += 1
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            total += _int(parts[0]) * _min_width(_items(parts[2]))
+        elif op == "SUBPATTERN" and len(parts) == 4:
+            total += _min_width(_items(parts[3]))
+        elif op == "ATOMIC_GROUP":
+            total += _min_width(_items(arg))
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            total += min(_min_width(_items(alt)) for alt in parts[1])
+    return total
+
+
+def _unbounded_then_more(tree: object) -> bool:
+    """Does anything follow the last unbounded part at the top of the pattern? Without an
+    anchor, every start would scan that part and then fail there."""
+    items = [(op, arg) for op, arg, _ in _flatten(_items(tree), 0)]
+    last = max((i for i, item in enumerate(items) if _max_width([item]) > _REGEX_EXACT), default=-1)
+    return 0 <= last < len(items) - 1
+
+
+def _window(width: int) -> int:
+    """How far to search on one side of an anchor for a part this wide."""
+    return width if width <= _REGEX_EXACT else _REGEX_WINDOW
+
+
+@dataclass(frozen=True)
+class _Anchor:
+    """Where a user pattern can match: what every match contains, and how far around it.
+
+    `finder` finds anchors (overlapping ones too), each `length` characters long, and
+    `reverse` finds them in reversed text (the last one of a stretch); `others` are the
+    pattern's other literal runs, all of which a match holds too. `before` and `after`
+    bound the search on each side (`bounded_after`: `after` is exact). `run` matches a
+    run of the characters the part before the anchor can consume (a superset), read
+    backwards for where a match may start and forwards for how far it may reach;
+    `rest` is the part after the anchor compiled alone, and `least_before` the fewest
+    characters the part before takes: the two vetoes. `crosses`: the part before can
+    run greedily over an anchor to a later one.
+    """
+
+    finder: re.Pattern[str]
+    reverse: re.Pattern[str]
+    length: int
+    others: tuple[re.Pattern[str], ...]
+    before: int
+    after: int
+    bounded_after: bool
+    run: re.Pattern[str] | None
+    rest: re.Pattern[str] | None
+    least_before: int
+    crosses: bool
+
+
+def _flatten(items: list[tuple[str, object]], flags: int) -> list[tuple[str, object, int]]:
+    """The top-level items with groups opened, each with the flags in force there."""
+    out: list[tuple[str, object, int]] = []
+    for op, arg in items:
+        parts = _args(arg)
+        if op == "SUBPATTERN" and len(parts) == 4:
+            inner = (flags | _int(parts[1])) & ~_int(parts[2])
+            out += _flatten(_items(parts[3]), inner)
+        else:
+            out.append((op, arg, flags))
+    return out
+
+
+def _consumable(items: list[tuple[str, object, int]]) -> str | None:
+    """A pattern for one of the characters `items` can consume (a superset; "" for none),
+    or None when that is not known."""
+    atoms: list[str] = []
+    ignore_case = False
+
+    def collect(op: str, arg: object, flags: int) -> bool:
+        nonlocal ignore_case
+        parts = _args(arg)
+        if op in _SINGLE_CHAR_OPS:
+            atom = r"[\s\S]" if op == "ANY" and flags & re.DOTALL else _unparse_item(op, arg)
+            if atom is None:
+                return False
+            atoms.append(atom)
+            ignore_case = ignore_case or bool(flags & re.IGNORECASE)
+            return True
+        if op in ("AT", "ASSERT", "ASSERT_NOT"):
+            return True  # consumes nothing
+        children: list[tuple[str, object, int]] = []
+        if op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3:
+            children = _flatten(_items(parts[2]), flags)
+        elif op == "ATOMIC_GROUP":
+            children = _flatten(_items(arg), flags)
+        elif op == "BRANCH" and len(parts) == 2 and isinstance(parts[1], list):
+            for alt in parts[1]:
+                children += _flatten(_items(alt), flags)
+        else:
+            return False
+        return all(collect(*child) for child in children)
+
+    if not all(collect(*item) for item in items):
+        return None
+    if not atoms:
+        return ""
+    body = "|".join(atoms)
+    return f"(?{'i' if ignore_case else ''}:{body})"
+
+
+def _simple_prefix(items: list[tuple[str, object]]) -> bool:
+    """One greedy or lazy unbounded repeat of one character class (`.*`, `[a-z]*`, `\\w+`):
+    from the first character of a run it can consume any part of it, so the leftmost
+    start is where that run begins."""
+    if len(items) != 1:
+        return False
+    op, arg = items[0]
+    parts = _args(arg)
+    if op not in _REPEATS or len(parts) != 3:
+        return False
+    body = _items(parts[2])
+    return (
+        _int(parts[0]) <= 1
+        and _int(parts[1]) >= _sre_maxrepeat
+        and len(body) == 1
+        and body[0][0] in _SINGLE_CHAR_OPS
+    )
+
+
+def _literal_runs(flat: list[tuple[str, object, int]]) -> list[tuple[int, int]]:
+    """(start, end) of each run of top-level literals alike in case sensitivity."""
+    runs: list[tuple[int, int]] = []
+    index = 0
+    while index < len(flat):
+        if flat[index][0] != "LITERAL":
+            index += 1
+            continue
+        fold = flat[index][2] & re.IGNORECASE
+        end = index + 1
+        while (
+            end < len(flat) and flat[end][0] == "LITERAL" and flat[end][2] & re.IGNORECASE == fold
+        ):
+            end += 1
+        runs.append((index, end))
+        index = end
+    return runs
+
+
+def _literal_text(flat: list[tuple[str, object, int]], start: int, end: int) -> str:
+    return "".join(chr(_int(arg)) for _, arg, _ in flat[start:end])
+
+
+def _anchor_of(pattern: re.Pattern[str]) -> _Anchor | None:
+    """The anchor of a pattern: its longest literal run, else its rarest required
+    character class (one outside any repeat, or the first of a `+`/`{n,}`). Among equals,
+    one with a bounded part before it, then the last (so that less follows it).
+    None when it has neither."""
+    try:
+        tree = _sre_parse(pattern.pattern, pattern.flags)
+    except (re.error, RecursionError):
+        return None
+    flags = _int(getattr(getattr(tree, "state", None), "flags", pattern.flags))
+    flat = _flatten(_items(tree), flags)
+    plain = [(o, a) for o, a, _ in flat]
+    shape = _RegexShape(bool(flags & re.IGNORECASE))
+    runs = _literal_runs(flat)
+    candidates: list[tuple[tuple[int, bool, int], int, int]] = []  # (score, start, end)
+
+    def bounded(index: int) -> bool:  # is the part before searched in full?
+        return _simple_prefix(plain[:index]) or _max_width(plain[:index]) <= _REGEX_EXACT
+
+    for start, end in runs:
+        candidates.append(((1, bounded(start), end - start), start, end))
+    for index, (op, arg, _) in enumerate(flat):
+        single: tuple[str, object] | None = None
+        parts = _args(arg)
+        if op in ("IN", "NOT_LITERAL"):
+            single = (op, arg)
+        elif op in (*_REPEATS, "POSSESSIVE_REPEAT") and len(parts) == 3 and _int(parts[0]) >= 1:
+            body = _items(parts[2])
+            if len(body) == 1 and body[0][0] in ("IN", "NOT_LITERAL", "LITERAL"):
+                single = body[0]
+        if single is not None:
+            size = len(shape.first_item(*single)[0])
+            candidates.append(((0, bounded(index), -size), index, index + 1))
+    if not candidates:
+        return None
+    _, start, end = max(candidates, key=lambda c: (c[0], c[1]))
+    op, arg, item_flags = flat[start]
+    before, after = plain[:start], plain[end:]
+    one = _consumable(flat[:start])
+    # An anchor with nothing the part before could take just before it is no anchor.
+    behind, ahead = (f"(?<={one})", f"(?={one})") if one and _min_width(before) else ("", "")
+    if op == "LITERAL":
+        text = _literal_text(flat, start, end)
+        fold = item_flags & re.IGNORECASE
+        finder = re.compile(f"{behind}(?={re.escape(text)})", fold)
+        reverse = re.compile(re.escape(text[::-1]) + ahead, fold)
+        length = len(text)
+        probes = [text]
+    else:
+        single = (op, arg)
+        parts = _args(arg)
+        if op not in ("IN", "NOT_LITERAL"):  # the first of a repeat; the rest of it follows
+            single = _items(parts[2])[0]
+            high = _int(parts[1])
+            left = (_int(parts[0]) - 1, high if high >= _sre_maxrepeat else high - 1, parts[2])
+            after = [(op, left), *after]
+        source = _unparse_item(*single)
+        if source is None:
+            return None
+        class_flags = item_flags & (re.IGNORECASE | re.ASCII)
+        finder = re.compile(behind + source, class_flags)
+        reverse = re.compile(source + ahead, class_flags)
+        length = 1
+        probes = [ch for ch in _PROBE if re.fullmatch(source, ch, class_flags)]
+    others = tuple(
+        re.compile(re.escape(_literal_text(flat, s, e)), flat[s][2] & re.IGNORECASE)
+        for s, e in runs
+        if (s, e) != (start, end)
+    )
+    after_width = _max_width(after)
+    run = None if one is None else re.compile(f"{one}*" if one else "")
+    # Can a match run over this anchor to a later one? Only if the part before can take
+    # the anchor's characters, and not if it is one lazy repeat (it stops at the first).
+    crosses = (
+        run is not None
+        and any(run.fullmatch(probe) for probe in probes)
+        and not (_simple_prefix(before) and before[0][0] == "MIN_REPEAT")
+    )
+    return _Anchor(
+        finder=finder,
+        reverse=reverse,
+        length=length,
+        others=others,
+        before=_REGEX_EXACT if _simple_prefix(before) else _window(_max_width(before)),
+        after=_window(after_width),
+        bounded_after=after_width <= _REGEX_EXACT,
+        run=run,
+        rest=_compile_alone(after, flags) if after else None,
+        least_before=_min_width(before),
+        crosses=crosses,
+    )
+
+
+class BoundedRegex:
+    """A user regex searched only where it can match, so that its cost on a text stays
+    near linear whatever the text (the scheme and its trade-off: see above)."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self._anchor = _anchor_of(pattern)
+        tree = _sre_parse(pattern.pattern, pattern.flags)
+        self._width = _max_width(_items(tree))
+
+    def finditer(self, text: str) -> Iterator[re.Match[str]]:
+        """Non-overlapping matches, in order, as re.finditer finds them (within the
+        windows above); their spans index `text` itself."""
+        if self._anchor is None:  # bounded width: the load check refuses the others
+            return self._chunked(text)
+        return _AnchoredScan(self.pattern, self._anchor, text).matches()
+
+    def _chunked(self, text: str) -> Iterator[re.Match[str]]:
+        """No anchor: the text in chunks, each searched with room for a match after it."""
+        n = len(text)
+        after = _window(self._width)
+        last = 0
+        for chunk in range(0, n + 1, _REGEX_WINDOW):
+            top = chunk + _REGEX_WINDOW
+            low = max(chunk, last)
+            high = min(n, top + after + _REGEX_SLACK)
+            while low < top and low <= n:
+                match = self.pattern.search(text, low, high)
+                if match is None or match.start() >= top:
+                    break
+                if match.end() >= high - _REGEX_SLACK and high < n and self._width > _REGEX_EXACT:
+                    match = _extend(self.pattern, text, match)
+                yield match
+                last = low = max(match.end(), match.start() + 1)
+
+
+def _extend(pattern: re.Pattern[str], text: str, match: re.Match[str]) -> re.Match[str]:
+    """The match again from its start, with room doubling until it stops short."""
+    n = len(text)
+    room = _REGEX_WINDOW
+    while True:
+        end = min(n, match.end() + room)
+        longer = pattern.match(text, match.start(), end)
+        if longer is None:
+            return match
+        if longer.end() < end - _REGEX_SLACK or end == n:
+            return longer
+        match, room = longer, room * 2
+
+
+class _AnchoredScan:
+    """One pass of a BoundedRegex over one text (its state: where the last match ended,
+    the run of consumable characters last measured, what is left of the long budget)."""
+
+    def __init__(self, pattern: re.Pattern[str], anchor: _Anchor, text: str) -> None:
+        self.pattern = pattern
+        self.anchor = anchor
+        self.text = text
+        self.n = len(text)
+        self.last = 0  # where the last match ended: no match starts before it
+        self.segment = (0, -1, False)  # a run of consumable characters: start, end, ended
+        self.budget = _REGEX_LONG_BUDGET
+
+    def matches(self) -> Iterator[re.Match[str]]:
+        anchor, text = self.anchor, self.text
+        scan = 0
+        while True:
+            found = anchor.finder.search(text, scan)
+            if found is None:
+                return
+            first = found.start()
+            # The anchors within one window of the first are searched together.
+            span = min(self.n, first + _REGEX_WINDOW + anchor.length)
+            tail = anchor.reverse.search(text[first:span][::-1])
+            final = span - tail.end() if tail is not None else first
+            kept = self._vetted(first, final)
+            if kept is not None:
+                yield from self._search(*kept)  # which moves self.last past each match
+            scan = max(final + 1, self.last)
+
+    def _vetted(self, first: int, final: int) -> tuple[int, int] | None:
+        """The first and final anchors of a cluster that can still match; None if none."""
+        anchor, text = self.anchor, self.text
+        rest = anchor.rest
+        least = anchor.least_before if anchor.run is not None else 0
+        if rest is None and not least:
+            return first, final
+        anchors: list[int] = []
+        for found in anchor.finder.finditer(text, first, final + anchor.length):
+            if len(anchors) == _REGEX_VETO_MAX:
+                return first, final  # dense: one search costs less than a veto each
+            anchors.append(found.start())
+        reach = anchor.after + _REGEX_SLACK
+        alive = []
+        for at in anchors:
+            if least and at - self._run_start(at) < least:
+                continue  # too little before it that the part before could take
+            after = at + anchor.length
+            if (
+                rest is None
+                or rest.match(text, after, after + reach) is not None
+                # The part after may need more room than the window: look further, on budget.
+                or (not anchor.bounded_after and self._long(rest, after) is not None)
+            ):
+                alive.append(at)
+        return (alive[0], alive[-1]) if alive else None
+
+    def _search(self, first: int, final: int) -> Iterator[re.Match[str]]:
+        anchor, text, n = self.anchor, self.text, self.n
+        low = max(self.last, first - anchor.before)
+        if anchor.run is not None:
+            low = max(low, self._run_start(first))
+        high = min(n, final + anchor.length + anchor.after + _REGEX_SLACK)
+        beyond = high + (0 if anchor.bounded_after else _REGEX_EXACT)
+        for other in anchor.others:  # every literal of the pattern must be at hand
+            if other.search(text, low, beyond) is None:
+                return
+        plain = not anchor.crosses
+        exact = anchor.bounded_after
+        while low <= final:
+            match: re.Match[str] | None = None
+            if plain:
+                # The common case at C speed: matches inside the window, none of which
+                # needs a second look (none touches its end, none leaves room before it
+                # for an anchor the window may have cut short).
+                for found in self.pattern.finditer(text, low, high):
+                    if found.start() > final:
+                        return
+                    if not exact and (
+                        found.end() >= high - _REGEX_SLACK
+                        or self._anchor_between(low, found.start())
+                    ):
+                        match = found
+                        break
+                    end = found.end()
+                    low = self.last = end if end > found.start() else end + 1
+                    yield found
+                else:
+                    if exact or low > final:
+                        return
+            else:
+                match = self.pattern.search(text, low, high)
+            if not anchor.bounded_after and self.budget > 0:
+                # The window may have cut short a match at an anchor before the one found:
+                # its likeliest start tried again with more room (on budget); if that fails
+                # too, the search goes on past it.
+                skipped = self._cut_short(low, match, final, high)
+                if skipped is not None:
+                    start, at = skipped
+                    longer = self._long(self.pattern, start)
+                    if longer is None:
+                        low = at + 1
+                        continue
+                    match = longer
+            if match is None or match.start() > final:
+                return
+            match = self._reach(match, final, high)
+            low = self.last = max(match.end(), match.start() + 1)
+            yield match
+
+    def _anchor_between(self, low: int, start: int) -> bool:
+        """Is there an anchor, with room for the part before it, in [low, start)?"""
+        anchor = self.anchor
+        first = low + anchor.least_before
+        if first >= start:
+            return False
+        return anchor.finder.search(self.text, first, start - 1 + anchor.length) is not None
+
+    def _cut_short(
+        self, low: int, match: re.Match[str] | None, final: int, high: int
+    ) -> tuple[int, int] | None:
+        """(likeliest start, anchor) of an anchor before `match` (or any, if None) that
+        fails in the window only for want of room after it; None if there is none."""
+        anchor, text = self.anchor, self.text
+        end = final if match is None else min(final, match.start() - 1)
+        if end < low + anchor.least_before:
+            return None  # no room for an anchor with its part before between them
+        found = anchor.finder.search(text, low, end + anchor.length)
+        if found is None or found.start() > end:
+            return None
+        at = found.start()
+        start = max(low, at - anchor.before)
+        if anchor.run is not None:
+            start = max(start, self._run_start(at))
+            if at - start < anchor.least_before:
+                return None  # the part before cannot fit: no room after would help
+        rest = anchor.rest
+        if rest is not None and rest.match(text, at + anchor.length, high) is not None:
+            return None  # the part after fits in the window: it was not cut short
+        return start, at
+
+    def _reach(self, match: re.Match[str], final: int, high: int) -> re.Match[str]:
+        """The whole match: a greedy part before the anchor may reach anchors past this
+        cluster (`.*token` takes a line's last `token`), a part after it past the window."""
+        anchor, text, n = self.anchor, self.text, self.n
+        if anchor.crosses:
+            self._run_start(match.start())
+            start, end, _ = self.segment
+            reach = min(end, match.start() + _REGEX_EXACT)
+            if start <= match.start() and reach > final:
+                later = anchor.finder.search(text, final + 1, reach + anchor.length)
+                if later is not None:
+                    room = min(n, reach + anchor.length + anchor.after + _REGEX_SLACK)
+                    longer = self.pattern.match(text, match.start(), room)
+                    if longer is not None and longer.end() > match.end():
+                        match, high = longer, room
+        if match.end() >= high - _REGEX_SLACK and high < n and not anchor.bounded_after:
+            match = _extend(self.pattern, text, match)
+        return match
+
+    def _run_start(self, at: int) -> int:
+        """Where the run of consumable characters that ends at `at` starts, not before the
+        last match; measured once per run, up to _REGEX_EXACT on either side."""
+        run = self.anchor.run
+        assert run is not None
+        text = self.text
+        start, end, ended = self.segment
+        if not start <= at <= end:
+            floor = max(self.last, at - _REGEX_EXACT, end + 1 if ended and end < at else 0)
+            back = run.match(text[floor:at][::-1])
+            start = at - (back.end() if back is not None else 0)
+            ahead = run.match(text, at, at + _REGEX_EXACT)
+            end = ahead.end() if ahead is not None else at
+            self.segment = (start, end, end < at + _REGEX_EXACT)
+        return max(start, self.last)
+
+    def _long(self, pattern: re.Pattern[str], at: int) -> re.Match[str] | None:
+        """One anchored attempt reaching _REGEX_EXACT further, while the budget lasts."""
+        if self.budget <= 0:
+            return None
+        self.budget -= _REGEX_EXACT
+        return pattern.match(self.text, at, min(self.n, at + _REGEX_EXACT))
 
 
 # Child environment ################################################################
@@ -1907,26 +2682,43 @@ def glob_match_tool(patterns: Sequence[str], name: str) -> bool:
 
 # The governance folder is always blocked: an agent must not edit its own rules.
 _ALWAYS_BLOCKED = REA_DIR + "/"
-# PATH_MAX on Linux; longer strings are content, not paths.
-_MAX_PATH_CHARS = 4096
 _MAX_DECODE_ROUNDS = 3
+# Readings of one string at most (trim x decode x `\` x NUL, ~48 in practice): a bound
+# for an adversarial mix of them.
+_MAX_FORMS = 128
+# Linux NAME_MAX: no longer component exists, so the walk need not ask the disk.
+_NAME_MAX_BYTES = 255
+# Symlinks one walk follows before it stops, as the kernel does (ELOOP).
+_MAX_LINKS = 40
+# Only strings this short are memoised: a long content string rarely comes back, and the
+# memo must not pin megabytes.
+_MEMO_MAX_CHARS = 1024
+_MEMO_MAX_ENTRIES = 4096
 _URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):")
 _FILE_URI = re.compile(r"file:", re.IGNORECASE)
 _LEADING_SLASHES = re.compile(r"^/+")
-_EXPLICIT_PATH_PREFIXES = ("/", "~", "./", "../")
+# Links the kernel resolves per process: the gateway would see its own cwd, root or
+# descriptors where the child sees the child's, so they are refused outright (§6).
+# cwd, root and fd resolve in the server's process, not ours; environ and mem hold its
+# secrets (its env: values) whatever the policy says
+_PROC_LINK = re.compile(r"/proc/[^/]+/(?:task/[^/]+/)?(cwd|root|fd|environ|mem)(?:/|\Z)", re.DOTALL)
+_ANCESTOR_OF_REA = "a folder holding .rea/, in a write"
 
 
 @dataclass(frozen=True)
 class _CompiledGlob:
-    """One blocked_paths glob, compiled once: its source text, its kind and its regex.
+    """One blocked_paths glob, compiled once: its source text, its kind and its regexes.
 
     kind: "absolute" matches the absolute path; "anchored" (has a `/` inside) matches
-    the path relative to the root; "basename" (no `/` inside) matches any segment.
+    the path relative to the root; "basename" (no `/` inside) matches any component.
+    `ancestor` (anchored and absolute globs) matches the folders above a match, which a
+    write-tier call may not name: moving `config/` would carry `config/prod.yml` away.
     """
 
     source: str
     kind: str
     regex: re.Pattern[str]
+    ancestor: re.Pattern[str] | None = None
 
 
 def _glob_body_to_regex(body: str) -> str:
@@ -1953,8 +2745,25 @@ def _glob_body_to_regex(body: str) -> str:
     return "".join(out)
 
 
+def _ancestor_regex(body: str, flags: int) -> re.Pattern[str] | None:
+    """The folders strictly above what `body` matches, up to its first `**`."""
+    segments = body.split("/")[:-1]
+    fixed: list[str] = []
+    for segment in segments:
+        if "**" in segment:
+            break
+        fixed.append(_glob_body_to_regex(segment))
+    if not fixed:
+        return None
+    nested = ""
+    for segment_regex in reversed(fixed[1:]):
+        nested = f"(?:/{segment_regex}{nested})?"
+    return re.compile(fixed[0] + nested, flags)
+
+
 def _compile_glob(source: str, home: str, flags: int) -> _CompiledGlob | None:
     """Compile one glob; None for an empty one (it would block nothing or everything)."""
+    flags |= re.DOTALL  # a component may hold a newline; `**` crosses it too
     glob = source.strip().replace("\\", "/")
     if glob == "~" or glob.startswith("~/"):
         glob = home + glob[1:]
@@ -1966,14 +2775,22 @@ def _compile_glob(source: str, home: str, flags: int) -> _CompiledGlob | None:
         if not body:
             return None
         # A match covers the named path and everything below it.
-        pattern = "/" + _glob_body_to_regex(body) + "(?:/.*)?"
-        return _CompiledGlob(source, "absolute", re.compile(pattern, flags))
+        pattern = "/" + _glob_body_to_regex(body) + r"(?:/.*)?"
+        ancestor = _ancestor_regex(body, flags)
+        return _CompiledGlob(
+            source,
+            "absolute",
+            re.compile(pattern, flags),
+            re.compile("/(?:" + ancestor.pattern + ")?", flags) if ancestor else None,
+        )
     if not glob:
         return None
     if "/" in glob:
-        pattern = _glob_body_to_regex(glob) + "(?:/.*)?"
-        return _CompiledGlob(source, "anchored", re.compile(pattern, flags))
-    pattern = "(?:^|/)" + _glob_body_to_regex(glob) + "(?:/|$)"
+        pattern = _glob_body_to_regex(glob) + r"(?:/.*)?"
+        return _CompiledGlob(
+            source, "anchored", re.compile(pattern, flags), _ancestor_regex(glob, flags)
+        )
+    pattern = "(?:^|/)" + _glob_body_to_regex(glob) + r"(?:/|\Z)"
     return _CompiledGlob(source, "basename", re.compile(pattern, flags))
 
 
@@ -2030,33 +2847,103 @@ def _iter_strings(value: object) -> list[str]:
     return found
 
 
-_PLAN_CACHE_MAX = 4096
-_NOT_SEEN = object()
+def _normalise(absolute: str) -> str:
+    """`.`, `..` and duplicate slashes of an absolute path resolved lexically."""
+    return _LEADING_SLASHES.sub("/", os.path.normpath(absolute))
+
+
+def _readings(text: str) -> list[str]:
+    """The text every way a server may read it: as written, trimmed, percent-decoded (up
+    to three rounds), `\\` as `/`, cut at a NUL (C APIs stop there) or with it dropped
+    (a sanitiser), in every combination. A form still holding a NUL opens nothing."""
+    rounds: dict[str, int] = {text: 0}  # each form, with the decoding rounds behind it
+    queue = collections.deque([text])  # breadth first: the simplest readings come first
+    while queue:
+        form = queue.popleft()
+        done = rounds[form]
+        nexts = [(form.strip(), done)]
+        if "%" in form and done < _MAX_DECODE_ROUNDS:
+            nexts.append((unquote(form), done + 1))
+        if "\\" in form:
+            nexts.append((form.replace("\\", "/"), done))
+        if "\x00" in form:
+            nexts += [(form.split("\x00", 1)[0], done), (form.replace("\x00", ""), done)]
+        for nxt, nxt_done in nexts:
+            if nxt not in rounds and len(rounds) < _MAX_FORMS:
+                rounds[nxt] = nxt_done
+                queue.append(nxt)
+    return [form for form in rounds if "\x00" not in form]
+
+
+def _component_too_long(part: str) -> bool:
+    return len(part) > 63 and len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX_BYTES
+
+
+_S_IFMT = 0o170000
+
+
+def _static_walk(base: str, path: str) -> str | None:
+    """The walk of `path` from the real folder `base` when it needs no disk: only `.`
+    and `..` before a first name too long to exist (prose is one such name). Else None."""
+    current = base
+    parts = path.split("/")
+    for index, part in enumerate(parts):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        if _component_too_long(part):
+            return _normalise(current + "/" + "/".join(parts[index:]))
+        return None
+    return current
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a string stands for, as far as the file system does not matter (memoised).
+
+    `read_hit` / `write_hit`: the glob a lexical reading matches, for a read-tier call
+    and for a write- or destructive-tier one (which also may not name an ancestor of
+    `.rea/`). `walks`: (base, path, guarded) to resolve through symlinks on each call;
+    `base` is the real root for a relative path, "/" for an absolute one; a guarded walk
+    (a URL read as a local path) counts only when its first component exists.
+    """
+
+    read_hit: str | None
+    write_hit: str | None
+    walks: tuple[tuple[str, str, bool], ...]
 
 
 class PathGuard:
     """Decides whether any string in a call's arguments names a blocked path (§6 step 6).
 
-    A string names a path when, stripped of surrounding whitespace, it has no line break
-    and either starts with `/`, `~`, `./`, `../` or `file:`, or holds no whitespace at all
-    (so `.env`, `src/.env` and `CODEOWNERS` are paths, a sentence mentioning `.env` is
-    not). Each such string is read every way a downstream server might read it: raw and
-    percent-decoded up to three times, `\\` as `/`, with a NUL removed or cut at, `file:`
-    URIs unwrapped (query and fragment kept and stripped), `~` expanded, then made
-    absolute against the root and resolved both lexically (`normpath`) and physically
-    (`realpath`, following symlinks where the path exists). If any reading matches a
-    glob, the string is blocked.
+    Every string, at any depth, dict keys included, is a path candidate, whatever it
+    holds and however long (SPEC §6 "What counts as a path"): a server may trim it,
+    percent-decode it, read `\\` as `/`, stop at a NUL, unwrap a `file:` URI or expand
+    `~`, and may resolve it lexically first (Node's path.resolve, as the reference file
+    server does: `x y/../.env` is `.env`, whatever `x y` is) or physically (Python's
+    open: the kernel follows symlinks before `..`). Each reading is therefore made
+    absolute against the root and resolved both ways, and both results are matched.
+    Prose passes because a component must *equal* a blocked name: `the .env file` is
+    one component, not `.env`.
 
-    Globs (gitignore-like): `*` and `?` stay within one segment, `**` crosses them;
-    a glob with no `/` inside (`.env`, `.env.*`, `secrets/`) matches any segment at any
-    depth, inside or outside the root; a glob with a `/` inside (`.rea/HALT`) is
+    Globs (gitignore-like): `*` and `?` stay within one component, `**` crosses them;
+    a glob with no `/` inside (`.env`, `.env.*`, `secrets/`) matches any component at
+    any depth, inside or outside the root; a glob with a `/` inside (`.rea/HALT`) is
     anchored at the root; a glob starting with `/` or `~/` is anchored at the file
     system root. A match also blocks everything below the matched path, so a trailing
     `/` only documents that the glob names a folder. `.rea/` is always added.
 
+    Always refused: `/proc/*/cwd`, `/proc/*/root` and `/proc/*/fd` (also reached
+    through `/dev/fd` or `/proc/self`), which the gateway would resolve in its own
+    process rather than the child's; and, in a write- or destructive-tier call, a
+    folder holding `.rea/` (`.`, the root, `sub/..`, `/`) or holding what an anchored
+    glob names, since moving or rewriting it carries the blocked files along.
+
     A URL with a scheme other than `file:` (`https://host/.env`) names a remote
     resource and passes, unless read as a local path its `..` climbs out of the
-    `scheme:` folder (`https://../.env`), in which case that local reading is checked.
+    `scheme:` folder (`https://../.env`) or that folder exists in the root.
     """
 
     def __init__(
@@ -2067,7 +2954,7 @@ class PathGuard:
         case_insensitive: bool | None = None,
         home: Path | None = None,
     ) -> None:
-        self._root_abs = _LEADING_SLASHES.sub("/", os.path.normpath(os.path.abspath(root)))
+        self._root_abs = _normalise(os.path.abspath(root))
         self._root_real = os.path.realpath(self._root_abs)
         if case_insensitive is None:
             case_insensitive = _detect_case_insensitive(Path(self._root_real))
@@ -2086,99 +2973,87 @@ class PathGuard:
         self._globs = tuple(globs)
         self._roots = tuple(dict.fromkeys((self._root_abs, self._root_real)))
         # Memos of the pure steps (dict operations are atomic: safe across threads).
-        self._plans: dict[str, tuple[tuple[str, str], ...]] = {}
-        self._matches: dict[str, object] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._verdicts: dict[str, tuple[str | None, str | None]] = {}
 
-    def check(self, arguments: object) -> tuple[str, str] | None:
-        """The first (offending string, matching glob), or None when no string is blocked.
+    def check(self, arguments: object, *, tier: str = "write") -> tuple[str, str] | None:
+        """The first (string as named, what it matches), or None when nothing is blocked.
 
-        What does not touch the file system (which strings are paths, their lexical
-        readings, which glob a path matches) is memoised: it runs on every call. The
-        symlink walk is never cached, since links can change between calls.
+        `tier` is the call's tier: anything but "read" (the default is the stricter
+        "write") also refuses the folders holding `.rea/`. What does not touch the file
+        system is memoised, since this runs on every call; the symlink walk is not,
+        since links can change between calls.
         """
+        write = tier != "read"
         for text in _iter_strings(arguments):
             plan = self._plans.get(text)
             if plan is None:
                 plan = self._plan(text)
-                if len(self._plans) >= _PLAN_CACHE_MAX:
-                    self._plans.clear()
-                self._plans[text] = plan
-            for local, lexical in plan:
-                glob = self._match_memo(lexical)
-                if glob is None:
-                    physical = self._physical_of(local, lexical)
-                    if physical != lexical:
-                        glob = self._match_memo(physical)
-                if glob is not None:
-                    return text, glob
+                if len(text) <= _MEMO_MAX_CHARS:
+                    if len(self._plans) >= _MEMO_MAX_ENTRIES:
+                        self._plans.clear()
+                    self._plans[text] = plan
+            hit = plan.write_hit if write else plan.read_hit
+            if hit is None:
+                for base, path, guarded in plan.walks:
+                    if guarded and not os.path.lexists(base + "/" + path.split("/", 1)[0]):
+                        continue  # a URL, and no `scheme:` folder to read it from
+                    resolved, hit = self._walk(base, path)
+                    if hit is None:
+                        verdict = self._verdict(resolved)
+                        hit = verdict[1] if write else verdict[0]
+                    if hit is not None:
+                        break
+            if hit is not None:
+                return text, hit
         return None
 
-    def _plan(self, text: str) -> tuple[tuple[str, str], ...]:
-        """Each local path the text may stand for, with its lexical absolute form."""
-        candidate = self._path_candidate(text)
-        if candidate is None:
-            return ()
-        plan: dict[tuple[str, str], None] = {}
-        for form in self._forms(candidate):
-            for local in self._local_paths(form):
-                joined = local if local.startswith("/") else self._root_abs + "/" + local
-                plan[(local, _LEADING_SLASHES.sub("/", os.path.normpath(joined)))] = None
-        return tuple(plan)
+    def _plan(self, text: str) -> _Plan:
+        read_hit: str | None = None
+        write_hit: str | None = None
+        walks: dict[tuple[str, str, bool], None] = {}
+        for form in _readings(text):
+            for local, guarded in self._local_paths(form):
+                if local.startswith("/"):
+                    base, joined = "/", local
+                else:
+                    base, joined = self._root_real, self._root_abs + "/" + local
+                lexical = _normalise(joined)
+                candidates = [(base, local)]
+                if ".." in local.split("/"):
+                    # Resolved lexically first, then through the links that remain (Node).
+                    inside = self._inside_root_abs(lexical)
+                    candidates.append(
+                        (self._root_real, inside) if inside is not None else ("/", lexical)
+                    )
+                if guarded:  # a URL in its `scheme:` folder: only if that folder exists
+                    walks.update(((b, p, True), None) for b, p in candidates)
+                    continue
+                verdicts = [self._verdict(lexical)]
+                for walk_base, path in candidates:
+                    static = _static_walk(walk_base, path)
+                    if static is None:
+                        walks[(walk_base, path, False)] = None
+                    else:  # the disk would not be asked: decided now, once
+                        verdicts.append(self._verdict(static))
+                for read, write in verdicts:
+                    read_hit = read_hit or read
+                    write_hit = write_hit or write
+        return _Plan(read_hit, write_hit, tuple(walks))
 
-    def _match_memo(self, absolute: str) -> str | None:
-        found = self._matches.get(absolute, _NOT_SEEN)
-        if found is _NOT_SEEN:
-            found = self._match(absolute)
-            if len(self._matches) >= _PLAN_CACHE_MAX:
-                self._matches.clear()
-            self._matches[absolute] = found
-        return found if isinstance(found, str) else None
+    def _inside_root_abs(self, absolute: str) -> str | None:
+        """`absolute` relative to the root as given (so the walk starts at its real
+        path, not at "/"), or None when it is not below it."""
+        root = self._root_abs
+        if absolute == root:
+            return ""
+        if absolute.startswith(root + "/") or root == "/":
+            return absolute[len(root) :].lstrip("/")
+        return None
 
-    def _physical_of(self, local: str, lexical: str) -> str:
-        try:
-            if local.startswith("/"):
-                return os.path.realpath(local)
-            return self._physical(local)
-        except (OSError, ValueError):
-            return lexical
-
-    @staticmethod
-    def _path_candidate(text: str) -> str | None:
-        """The text as a path candidate, or None when it is content rather than a path."""
-        stripped = text.strip()
-        if not stripped or len(stripped) > _MAX_PATH_CHARS:
-            return None
-        if "\n" in stripped or "\r" in stripped:
-            return None
-        if stripped.startswith(_EXPLICIT_PATH_PREFIXES) or _FILE_URI.match(stripped):
-            return stripped
-        if any(ch.isspace() for ch in stripped):
-            return None
-        return stripped
-
-    @staticmethod
-    def _forms(candidate: str) -> list[str]:
-        """The text as written and percent-decoded, `\\` as `/`, NUL cut at and dropped."""
-        decoded = [candidate]
-        current = candidate
-        for _ in range(_MAX_DECODE_ROUNDS):
-            nxt = unquote(current)
-            if nxt == current:
-                break
-            decoded.append(nxt)
-            current = nxt
-        forms: list[str] = []
-        for text in decoded:
-            text = text.replace("\\", "/")
-            if "\x00" in text:
-                # C APIs stop at NUL; a sanitiser may drop it instead. Check both.
-                forms.append(text.split("\x00", 1)[0])
-                text = text.replace("\x00", "")
-            forms.append(text)
-        return list(dict.fromkeys(forms))
-
-    def _local_paths(self, form: str) -> list[str]:
-        """The local file system paths a form stands for (URI unwrapping, `~`)."""
+    def _local_paths(self, form: str) -> list[tuple[str, bool]]:
+        """The local paths a reading stands for (URI unwrapped, `~` expanded), each with
+        whether it is a URL read as a local path (`guarded`)."""
         if _FILE_URI.match(form):
             rest = form[5:]
             if rest.startswith("//"):
@@ -2186,44 +3061,107 @@ class PathGuard:
                 slash = rest.find("/", 2)
                 rest = rest[slash:] if slash >= 0 else "/"
             bare = re.split(r"[?#]", rest, maxsplit=1)[0]
-            return list(dict.fromkeys((rest, bare, unquote(rest), unquote(bare))))
+            paths = dict.fromkeys((rest, bare, unquote(rest), unquote(bare)))
+            return [(path, False) for path in paths if path]
         scheme = _URI_SCHEME.match(form)
         if scheme is not None:
-            # A remote URL is not a local path, unless `..` climbs out of `scheme:`.
-            lexical = os.path.normpath(form)
-            first = lexical.split("/", 1)[0]
-            if first.casefold() == (scheme.group(1) + ":").casefold():
-                return []
-            return [form]
+            # A remote URL is not a local path, unless `..` climbs out of `scheme:`; while
+            # it stays in, it counts only if a `scheme:` folder exists (guarded).
+            first = os.path.normpath(form).split("/", 1)[0]
+            return [(form, first.casefold() == (scheme.group(1) + ":").casefold())]
         if form == "~" or form.startswith("~/"):
-            return [self._home + form[1:]]
+            return [(self._home + form[1:], False), (form, False)]
         if form.startswith("~"):
             user, _, rest = form[1:].partition("/")
             home = _home_dir_of(user)
             if home is not None:
-                return [home + "/" + rest, form]
-        return [form]
+                return [(home + "/" + rest, False), (form, False)]
+        return [(form, False)] if form else []
 
-    def _physical(self, relative: str) -> str:
-        """realpath of a path relative to the root, walking only its own components.
+    def _walk(self, base: str, path: str) -> tuple[str, str | None]:
+        """Resolve `path` from the real folder `base` as the kernel would: component by
+        component, `..` from where the links led, each link's target read and walked.
 
-        os.path.realpath would lstat every component of the root too, on every call;
-        the root's real path is known. Any symlink, `..` or odd error defers to realpath.
+        Where a component does not exist, the rest is joined lexically (nothing below a
+        missing name can be a link). Returns the path and, when the walk passes through
+        a per-process /proc link, the glob-like name of that link (checked before it is
+        followed: resolved here it would be the gateway's, not the child's).
         """
-        parts = [part for part in relative.split("/") if part and part != "."]
-        if ".." in parts:
-            return os.path.realpath(self._root_abs + "/" + relative)
-        current = self._root_real
-        for i, part in enumerate(parts):
-            step = current + "/" + part
-            try:
-                mode = os.lstat(step).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                return "/".join([step, *parts[i + 1 :]])  # the rest does not exist: as written
-            if stat.S_ISLNK(mode):
-                return os.path.realpath(self._root_abs + "/" + relative)
+        current = base
+        pending = path.split("/")
+        pending.reverse()
+        links = 0
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                current = os.path.dirname(current)
+                continue
+            step = current + part if current == "/" else current + "/" + part
+            proc = _PROC_LINK.match(step) if step.startswith("/proc/") else None
+            if proc is not None:
+                return step, f"/proc/*/{proc.group(1)}"
+            if len(part) > 63 and _component_too_long(part):
+                mode = None
+            else:
+                try:
+                    mode = os.lstat(step).st_mode
+                except (OSError, ValueError):
+                    mode = None
+            if mode is None:
+                if not pending:
+                    return step, None
+                pending.append(part)
+                return _normalise(current + "/" + "/".join(reversed(pending))), None
+            if mode & _S_IFMT == stat.S_IFLNK:
+                links += 1
+                try:
+                    target = os.readlink(step)
+                except OSError:
+                    target = None
+                if target is None or links > _MAX_LINKS:
+                    return _normalise(step + "/" + "/".join(reversed(pending))), None
+                if target.startswith("/"):
+                    current = "/"
+                pending.extend(reversed(target.split("/")))
+                continue
             current = step
-        return current
+        return current, None
+
+    def _verdict(self, absolute: str) -> tuple[str | None, str | None]:
+        """What an absolute, normalised path matches in a read-tier call and in a write-
+        or destructive-tier one (None: nothing). Memoised: it runs on every call."""
+        memo = len(absolute) <= _MEMO_MAX_CHARS
+        found = self._verdicts.get(absolute) if memo else None
+        if found is None:
+            proc = _PROC_LINK.match(absolute)
+            read = f"/proc/*/{proc.group(1)}" if proc is not None else self._match(absolute)
+            found = (read, read or self._ancestor(absolute))
+            if memo:
+                if len(self._verdicts) >= _MEMO_MAX_ENTRIES:
+                    self._verdicts.clear()
+                self._verdicts[absolute] = found
+        return found
+
+    def _ancestor(self, absolute: str) -> str | None:
+        """Does `absolute` hold `.rea/`, or what an anchored glob names? (write tiers)"""
+        fold = self.case_insensitive
+        probe = absolute.casefold() if fold else absolute
+        for root in self._roots:
+            base = root.casefold() if fold else root
+            if probe in ("/", base) or base.startswith(probe + "/"):
+                return _ANCESTOR_OF_REA
+        rels = self._relative_to_root(absolute)
+        for glob in self._globs:
+            if glob.ancestor is None:
+                continue
+            if glob.kind == "absolute":
+                if glob.ancestor.fullmatch(absolute):
+                    return f"a folder holding {glob.source}, in a write"
+            elif any(rel and glob.ancestor.fullmatch(rel) for rel in rels):
+                return f"a folder holding {glob.source}, in a write"
+        return None
 
     def _relative_to_root(self, absolute: str) -> list[str]:
         """The path relative to the root (lexical and real root), empty when outside."""
@@ -2274,10 +3212,27 @@ class Redaction:
 @dataclass(frozen=True)
 class _SecretPattern:
     """One named secret regex. If it has a group named `s`, only that group is replaced,
-    so `api_key=` keeps its key and only the value disappears."""
+    so `api_key=` keeps its key and only the value disappears. A user's pattern is run
+    through `bounded` (see "Bounded cost" under "User regular expressions"); the built-ins
+    are written to run in linear time and use re directly."""
 
     name: str
     regex: re.Pattern[str]
+    bounded: BoundedRegex | None = None
+
+    def subn(self, text: str) -> tuple[str, int]:
+        if self.bounded is None:
+            return self.regex.subn(_replacer(self), text)
+        replace = _replacer(self)
+        out: list[str] = []
+        done = 0
+        for match in self.bounded.finditer(text):
+            out += (text[done : match.start()], replace(match))
+            done = match.end()
+        if not out:
+            return text, 0
+        out.append(text[done:])
+        return "".join(out), len(out) // 2
 
 
 _BUILTIN_SECRETS: tuple[tuple[str, str, int], ...] = (
@@ -2353,7 +3308,8 @@ class Redactor:
             flags = 0
             for letter in letters:
                 flags |= _FLAG_LETTERS.get(letter, 0)
-            user.append(_SecretPattern(name, re.compile(regex, flags)))
+            compiled = re.compile(regex, flags)
+            user.append(_SecretPattern(name, compiled, BoundedRegex(compiled)))
         self._user = tuple(user)
 
     def redact(self, text: str) -> Redaction:
@@ -2363,7 +3319,7 @@ class Redactor:
             patterns = self._builtin + self._user
         names: list[str] = []
         for pattern in patterns:
-            text, count = pattern.regex.subn(_replacer(pattern), text)
+            text, count = pattern.subn(text)
             if count and pattern.name not in names:
                 names.append(pattern.name)
         return Redaction(text, tuple(names))
@@ -8599,14 +9555,20 @@ def step_injection_lock(view: CallView) -> Decision | None:
 
 
 def step_blocked_paths(view: CallView) -> Decision | None:
-    hit = view.rules.guard.check(view.arguments)
+    hit = view.rules.guard.check(view.arguments, tier=view.tier)
     if hit is None:
         return None
     path, glob = hit
     what = "argument" if view.kind is CallKind.TOOL else view.kind.value
+    if glob.startswith("/proc/"):
+        return denied(
+            f"{what} names {path!r}, a per-process file of /proc ({glob})",
+            "These are always refused: the server would read its own process, not yours",
+        )
     return denied(
         f"{what} names a blocked path {path!r} (matches {glob!r})",
-        "Edit blocked_paths in .rea/policy.yaml to allow it (.rea/ itself is always blocked)",
+        "Edit blocked_paths in .rea/policy.yaml to allow it (.rea/ itself, and in a write "
+        "any folder holding it, are always refused)",
     )
 
 

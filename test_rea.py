@@ -909,6 +909,132 @@ class TestSection6UserRegex:
         assert rea.check_user_regex("(Ab|aC)+", "") is None
         assert rea.check_user_regex("(Ab|aC)+", "i") is not None
 
+    @pytest.mark.parametrize("regex", [r".*.*x", r"(.*)(.*)x", r".*x.*y", r"(.*x){2}", r"\w+\w+:"])
+    def test_refuses_repeats_that_compound_polynomially(self, regex: str) -> None:
+        reason = rea.check_user_regex(regex, "")
+        assert reason is not None and "unbounded repeats in a row" in reason
+
+    @pytest.mark.parametrize("regex", [r"(?:ab|cd)+(?:ef|gh)", r"\b(?:ab|cd)+\b"])
+    def test_refuses_an_unbounded_pattern_with_nothing_fixed_to_search_for(
+        self, regex: str
+    ) -> None:
+        reason = rea.check_user_regex(regex, "")
+        assert reason is not None and "add a fixed part" in reason
+
+    @pytest.mark.parametrize(
+        "regex", [r"(.*)x", r".*token", r"[a-z]*secret", r"\w+=\w+", r"password.*=.*", r".*+.*x"]
+    )
+    def test_accepts_quadratic_shapes_which_run_bounded(self, regex: str) -> None:
+        assert rea.check_user_regex(regex, "") is None
+
+
+# SPEC §6: any one user pattern costs under 100 ms on a 512 KB result.
+_HALF_MB = 512 * 1024
+
+
+def _adversarial(head: str, unit: str) -> str:
+    """A real match, then 512 KB on which a naive search of the pattern is quadratic."""
+    return (head + unit * (_HALF_MB // len(unit) + 1))[:_HALF_MB]
+
+
+class TestSection6UserRegexCost:
+    """User patterns pass the load check yet cost O(n^2) searched naively (~150 s for
+    `.*token` on 512 KB of one line): they run bounded, and still redact."""
+
+    @pytest.mark.parametrize(
+        ("regex", "head", "units", "secret"),
+        [
+            (
+                r".*token",
+                "my token ",
+                ["a", "a" * 3000 + "\ntoken", "token" + "a" * 3000],
+                "my token",
+            ),
+            (r"(.*)x", "pwx ", ["a", "x" + "a" * 3000 + "\n", "a" * 3000 + "\nx"], "pwx"),
+            (r"[a-z]*secret", "mysecret ", ["a", "a" * 3000 + "1secret", "secret"], "mysecret"),
+            (r"\w+=\w+", "key=hunter2 ", ["a", "a" * 3000 + "= ", "a" * 30 + "= ", "="], "hunter2"),
+            (r"[a-z]+\d", "pin7 ", ["a", "a" * 200 + "-1"], "pin7"),
+            (r"(?P<k>tok)\s*[:=]\s*(?P<s>\w+)", "tok: s3cr3t ", ["tok=", "tok: " * 10], "s3cr3t"),
+        ],
+    )
+    def test_a_pattern_costs_little_on_adversarial_text_and_still_redacts(
+        self, regex: str, head: str, units: list[str], secret: str
+    ) -> None:
+        redactor = rea.Redactor([("Mine", regex, "")])
+        slowest = 0.0
+        for unit in units:
+            text = _adversarial(head, unit)
+            start = time.perf_counter()
+            result = redactor.redact(text)
+            slowest = max(slowest, time.perf_counter() - start)
+            assert secret not in result.text[: len(head) + 20], unit[:20]
+            assert "[REDACTED:Mine]" in result.text and result.names == ("Mine",)
+        print(f"\n{regex}: slowest {slowest * 1000:.1f} ms on 512 KB")
+        assert slowest < 1.0  # ~5-60 ms measured; generous for a loaded 2-core machine
+
+    @pytest.mark.parametrize(
+        "regex",
+        [
+            r".*token",
+            r".*?token",
+            r"(.*)x",
+            r"[a-z]*secret",
+            r"\w+=\w+",
+            r"token=\S+",
+            r"(?i)TOKEN=\w{3,8}",
+            r"\btok\b",
+            r"tok$",
+            r"(?m)^tok",
+            r"x(?=y)",
+            r"(?<=a)b+",
+            r"[a-z]+\d",
+            r"(?P<k>key)\s*[:=]\s*(?P<s>\w+)",
+            r"\w+\s+\w+",
+            r"(ab|cd)e",
+            r"eyJ[\w-]+\.[\w-]+\.[\w-]+",
+            r"(?s)BEGIN.*?END",
+            r"[A-Z]{2,}",
+            r"\s*\S+\s*=",
+            r"(a)?(?(1)b|c)d",
+            r"(x)\1y",
+            r"(?i:tok)en",
+        ],
+    )
+    def test_bounded_search_finds_what_re_finds(self, regex: str) -> None:
+        rng = random.Random(regex)
+        pattern = re.compile(regex)
+        bounded = rea.BoundedRegex(pattern)
+        words = ["token", "secret", "key=abc", "BEGIN", "END", "eyJab.cd.ef", "tok", "xy", " "]
+        for _ in range(40):
+            parts: list[str] = []
+            while sum(map(len, parts)) < rng.choice([20, 300, 3000]):
+                if rng.random() < 0.3:
+                    parts.append(rng.choice(words))
+                else:
+                    parts.append(
+                        "".join(rng.choice("abcdekotxyz=-. \n_19ABDEGIN:") for _ in range(9))
+                    )
+            text = "".join(parts)
+            want = [(m.span(), m.groups()) for m in pattern.finditer(text)]
+            assert [(m.span(), m.groups()) for m in bounded.finditer(text)] == want, text
+
+    def test_a_long_match_is_redacted_whole(self) -> None:
+        jwt = "eyJ" + "a" * 40 + "." + "b" * 3000 + "." + "c" * 50
+        redactor = rea.Redactor([("JWT", r"eyJ[\w-]+\.[\w-]+\.[\w-]+", "")])
+        assert (
+            redactor.redact(f"Authorization: {jwt} ok").text == "Authorization: [REDACTED:JWT] ok"
+        )
+        line = "x" * 3000 + "token"  # the whole line before `token`, within 4096 characters
+        assert (
+            rea.Redactor([("L", ".*token", "")]).redact(line + "\nnext").text
+            == "[REDACTED:L]\nnext"
+        )
+
+    def test_window_ends_are_not_text_ends(self) -> None:
+        redactor = rea.Redactor([("End", r"tok$", ""), ("Word", r"\bkey\b", "")])
+        assert redactor.redact("tok and more, keys").names == ()
+        assert redactor.redact("a key, then tok").text == "a [REDACTED:Word], then [REDACTED:End]"
+
 
 def _blocked_paths(profile: str) -> list[str]:
     data = json.loads((VECTORS / f"{profile}.expected.json").read_text())
@@ -1122,10 +1248,36 @@ class TestSection6BlockedPaths:
         guard = guard_for(project, ["/nowhere", ".env"])
         assert guard.check({"p": "up/../.env"}) == ("up/../.env", ".env")
 
-    @pytest.mark.skipif(not Path("/proc/self/root").exists(), reason="needs /proc")
-    def test_proc_self_root_is_resolved(self, project: Path) -> None:
-        arg = f"/proc/self/root{project}/.rea/HALT"
-        assert guard_for(project, []).check([arg]) == (arg, ".rea/")
+    @pytest.mark.parametrize(
+        ("arg", "link"),
+        [
+            ("/proc/self/root{root}/notes.md", "root"),
+            ("/proc/1/cwd/notes.md", "cwd"),
+            ("/proc/self/cwd", "cwd"),
+            ("/proc/self/fd/0", "fd"),
+            ("/proc/thread-self/cwd/x", "cwd"),
+            ("/proc/self/task/1/root/etc", "root"),
+            ("file:///proc/self/cwd/notes.md", "cwd"),
+            ("/proc/self/cwd/../x", "cwd"),
+            ("/proc/self/environ", "environ"),  # the server's env: values, its secrets
+            ("/proc/1/mem", "mem"),
+        ],
+    )
+    def test_per_process_proc_links_are_refused_outright(
+        self, project: Path, arg: str, link: str
+    ) -> None:
+        # Resolved in the gateway they would name the gateway's cwd, root or descriptors,
+        # not the child's: no reading of them can be trusted, so none is allowed.
+        arg = arg.replace("{root}", str(project))
+        assert guard_for(project, []).check([arg], tier="read") == (arg, f"/proc/*/{link}")
+
+    @pytest.mark.skipif(not Path("/dev/fd").is_symlink(), reason="needs /dev/fd -> /proc")
+    def test_proc_links_reached_through_other_links_are_refused(self, project: Path) -> None:
+        (project / "fds").symlink_to("/proc/self/fd")
+        guard = guard_for(project, [])
+        assert guard.check(["/dev/fd/3"], tier="read") == ("/dev/fd/3", "/proc/*/fd")
+        assert guard.check(["fds/3"], tier="read") == ("fds/3", "/proc/*/fd")
+        assert guard.check(["/proc/self/status", "/proc/self/fdinfo/1"], tier="read") is None
 
     def test_first_blocked_string_in_document_order_is_reported(self, project: Path) -> None:
         args = {"a": "fine", "b": [".env", "secrets/x"], "c": {".rea/HALT": 1}}
@@ -1183,7 +1335,9 @@ class TestSection6BlockedPaths:
         ],
     )
     def test_harmless_strings_pass(self, project: Path, arg: str) -> None:
-        assert guard_for(project).check({"x": arg}) is None
+        assert guard_for(project).check({"x": arg}, tier="read") is None
+        if arg != ".envrc.bak/..":  # the root itself: a write may not name it (see below)
+            assert guard_for(project).check({"x": arg}, tier="write") is None
 
     def test_paths_outside_root_only_match_basename_and_absolute_globs(
         self, project: Path, tmp_path: Path
@@ -1253,6 +1407,125 @@ class TestSection6BlockedPaths:
             concrete = glob.replace("*", "local").rstrip("/") + ("/f" if glob.endswith("/") else "")
             assert guard.check([concrete]) is not None, (profile, glob)
         assert guard.check(["src/main.py", "README.md", ".environment"]) is None
+
+    # SPEC §6 "What counts as a path": whatever a string holds, however long it is.
+
+    @pytest.mark.parametrize(
+        ("arg", "glob"),
+        [
+            ("x y/../.env", ".env"),
+            ("sub/a b/../../.env", ".env"),
+            ("secrets/prod creds.txt", "secrets/"),
+            ("x\n/../.env", ".env"),
+            ("\n.env\n", ".env"),
+            ("./" * 2100 + ".env", ".env"),
+            ("x/../" * 1000 + ".rea/HALT", ".rea/HALT"),
+            ("a" * 300 + "/../.env", ".env"),
+            ("x y/../.rea/policy.json", ".rea/"),
+            ("%20/../.env", ".env"),
+            ("%2520x/..%2F.env", ".env"),
+        ],
+    )
+    def test_whitespace_newlines_and_length_do_not_make_a_path_content(
+        self, project: Path, arg: str, glob: str
+    ) -> None:
+        assert guard_for(project).check({"p": arg}, tier="read") == (arg, glob)
+
+    def test_a_symlink_in_a_folder_named_with_spaces_is_followed(self, project: Path) -> None:
+        (project / "x y").mkdir()
+        (project / "x y" / "vault").symlink_to(project / "secrets")
+        arg = "x y/vault/prod creds.txt"
+        assert guard_for(project).check([arg], tier="read") == (arg, "secrets/")
+
+    @pytest.mark.parametrize(
+        "arg",
+        [
+            "please read the .env file and the secrets/ folder",
+            "line one\n.env is ignored by git\n",
+            "| file | note |\n|---|---|\n| .env | local |\n",
+            "Edit .rea/policy.yaml to allow it",
+            "lorem .env ipsum secrets/ dolor " * 500,
+            '{"path": ".env"}',
+        ],
+    )
+    def test_prose_is_not_a_path_because_no_component_equals_a_blocked_name(
+        self, project: Path, arg: str
+    ) -> None:
+        assert guard_for(project).check([arg], tier="write") is None
+
+    def test_links_are_read_on_every_call_never_from_a_memo(self, project: Path) -> None:
+        guard = guard_for(project)
+        assert guard.check(["later.txt", "x y/later.txt"], tier="read") is None
+        (project / "later.txt").symlink_to(".env")
+        (project / "x y").symlink_to("secrets")
+        assert guard.check(["later.txt"], tier="read") == ("later.txt", ".env")
+        assert guard.check(["x y/later.txt"], tier="read") == ("x y/later.txt", "secrets/")
+
+    def test_symlink_loops_and_odd_characters_end_the_walk(self, project: Path) -> None:
+        (project / "loop").symlink_to("loop")
+        (project / "a").symlink_to("b")
+        (project / "b").symlink_to("a")
+        guard = guard_for(project)
+        assert guard.check(["loop/x", "a/y", "\udc80", "\ud800/x", "é" * 200], tier="read") is None
+        assert guard.check(["loop/../.env"], tier="read") is not None
+
+    def test_a_url_is_read_as_a_local_path_only_where_its_folder_exists(
+        self, project: Path
+    ) -> None:
+        guard = guard_for(project)
+        assert guard.check(["https://example.com/.env"], tier="read") is None
+        (project / "https:" / "example.com").mkdir(parents=True)
+        hit = guard.check(["https://example.com/.env"], tier="read")
+        assert hit == ("https://example.com/.env", ".env")
+
+    def test_a_huge_string_is_checked_in_bounded_time(self, project: Path) -> None:
+        guard = guard_for(project)
+        content = ("def f(x):\n    return x / 2  # 100% of .env\\n\n" * 25000)[:1_000_000]
+        start = time.perf_counter()
+        assert guard.check({"content": content}, tier="write") is None
+        assert guard.check({"content": content + "\n/../../.env"}, tier="write") is not None
+        assert time.perf_counter() - start < 2.0
+
+    # A write- or destructive-tier call may not name a folder holding .rea/ (§6).
+
+    @pytest.mark.parametrize(
+        "arg", [".", "./", "src/..", "x y/..", "{root}", "{root}/", "/", "..", "~", "file://{root}"]
+    )
+    def test_a_write_naming_a_folder_above_rea_is_refused(self, project: Path, arg: str) -> None:
+        arg = arg.replace("{root}", str(project))
+        guard = guard_for(project, [])
+        assert guard.check({"source": arg}, tier="write") == (
+            arg,
+            "a folder holding .rea/, in a write",
+        )
+        assert guard.check({"source": arg}, tier="destructive") is not None
+        assert guard.check({"source": arg}, tier="read") is None
+
+    def test_a_write_with_empty_or_sibling_strings_is_not_refused(self, project: Path) -> None:
+        guard = guard_for(project, ["config/prod.yml"])
+        assert guard.check({"content": "", "path": "src/x.py", "b": " "}, tier="write") is None
+        assert guard.check(["config/other.yml", "src", "../elsewhere"], tier="write") is None
+
+    def test_a_write_naming_the_folder_of_an_anchored_glob_is_refused(self, project: Path) -> None:
+        guard = guard_for(project, ["config/deploy/prod.yml", "/etc/ssl/private/"])
+        assert guard.check(["config"], tier="write") == (
+            "config",
+            "a folder holding config/deploy/prod.yml, in a write",
+        )
+        assert guard.check(["./config/deploy/"], tier="write") is not None
+        assert guard.check(["/etc/ssl"], tier="write") is not None
+        assert guard.check(["config", "/etc/ssl"], tier="read") is None
+        assert guard.check(["config/deploy/dev.yml", "sub/config"], tier="write") is None
+
+    def test_case_insensitive_file_systems_fold_every_reading(self, project: Path) -> None:
+        guard = guard_for(project, case_insensitive=True)
+        assert guard.check(["x y/../.ENV"], tier="read") == ("x y/../.ENV", ".env")
+        assert guard.check(["SECRETS/prod creds.txt"], tier="read") is not None
+        assert guard.check(["%2EREA/Policy.yaml"], tier="read") is not None
+        assert guard.check(["FILE://" + str(project).upper() + "/.Env"], tier="read") is not None
+        assert guard.check([str(project).upper()], tier="write") is not None
+        assert guard.check([str(project).upper()], tier="read") is None
+        assert guard.check(["the .ENV file"], tier="read") is None
 
     def test_check_is_fast(self, project: Path) -> None:
         guard = guard_for(project)
@@ -3294,6 +3567,87 @@ for line in sys.stdin:
 def fake_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("fixture") / "fake_mcp_server.py"
     path.write_text(FAKE_SERVER)
+    return str(path)
+
+
+# Two file servers, as the blocked-path check must assume them (SPEC §6 "What counts as a
+# path"): `python` opens a path as given, relative to its cwd (the project root), so the
+# kernel resolves `..` after symlinks and `file:` URIs are unwrapped as urllib does;
+# `node` first resolves it lexically as Node's path.resolve does (`~` expanded), as the
+# reference @modelcontextprotocol/server-filesystem does. Both hold `.env` open from the
+# start, as a server holding files open would (its descriptor is in /proc/self/fd).
+FILE_SERVER = r"""
+import json, os, sys, urllib.parse, urllib.request
+
+STYLE = sys.argv[1]
+HELD = open(".env", "rb") if os.path.exists(".env") else None
+
+def local(p):
+    if STYLE == "node":
+        if p == "~" or p.startswith("~/"):
+            p = os.environ["HOME"] + p[1:]
+        return os.path.normpath(os.path.join(os.getcwd(), p))
+    if p[:5].lower() == "file:":
+        return urllib.request.url2pathname(urllib.parse.urlsplit(p).path)
+    return p
+
+def read(p):
+    with open(local(p), encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+def write(p, content):
+    with open(local(p), "w", encoding="utf-8") as f:
+        f.write(content)
+    return f"wrote {len(content)} characters to {p}"
+
+def sync(files):
+    out = []
+    for p, spec in files.items():
+        if isinstance(spec, dict) and "write" in spec:
+            out.append(write(p, spec["write"]))
+        else:
+            out.append(read(p))
+    return "\n".join(out)
+
+TOOLS = {
+    "read_file": lambda a: read(a["path"]),
+    "read_multiple_files": lambda a: "\n---\n".join(read(p) for p in a["paths"]),
+    "write_file": lambda a: write(a["path"], a["content"]),
+    "move_file": lambda a: (os.rename(local(a["source"]), local(a["destination"])), "moved")[1],
+    "sync_files": lambda a: sync(a["files"]),
+}
+
+def send(msg):
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, rid, params = msg.get("method"), msg.get("id"), msg.get("params") or {}
+    if rid is None:
+        continue
+    if method == "initialize":
+        res = {"protocolVersion": params.get("protocolVersion"), "capabilities": {"tools": {}},
+               "serverInfo": {"name": "files-" + STYLE, "version": "1"}}
+    elif method == "tools/list":
+        res = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in TOOLS]}
+    elif method == "tools/call":
+        try:
+            text, failed = TOOLS[params["name"]](params.get("arguments") or {}), False
+        except Exception as exc:
+            text, failed = f"{type(exc).__name__}: {exc}", True
+        res = {"content": [{"type": "text", "text": text}], "isError": failed}
+    else:
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "Method not found"}})
+        continue
+    send({"jsonrpc": "2.0", "id": rid, "result": res})
+"""
+
+
+@pytest.fixture(scope="session")
+def file_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("fixture") / "file_mcp_server.py"
+    path.write_text(FILE_SERVER)
     return str(path)
 
 
@@ -7765,6 +8119,405 @@ class TestSection6BlockedPathsEndToEnd:
         for arg in (".rea/policy.yaml", f"{root}/.rea/HALT", "./.rea"):
             _govern_assert_denied(c.call("a__echo", {"p": arg}), ".rea/")
         assert c.call("a__echo", {"p": ".env"})["result"]["structuredContent"] == {"p": ".env"}
+
+
+# §6 step 6: issue #13, every way a real file server reads a path ###############
+# One gateway per kind of file server (FILE_SERVER: `python` resolves physically,
+# `node` lexically first), many calls: reading, writing and moving blocked files.
+
+_FILES_POLICY = (
+    "# POLICY-MARKER-5b1e: the agent must never read or change this file\n"
+    "autonomy_level: L1\n"
+    "blocked_paths:\n"
+    "  - .env\n"
+    "  - .env.*\n"
+    "  - secrets/\n"
+    "  - config/prod.yml\n"
+)
+# What each blocked file holds: none of it may ever appear in a result.
+_FILES_SECRETS = {
+    ".env": "ENV-SECRET-31c7\n",
+    ".env.local": "ENVLOCAL-SECRET-8d20\n",
+    "secrets/api.txt": "API-SECRET-6a4e\n",
+    "secrets/prod creds.txt": "CREDS-SECRET-f09b\n",
+    "config/prod.yml": "PROD-SECRET-27d1\n",
+}
+_FILES_PROTECTED = [*_FILES_SECRETS, ".rea/policy.yaml", ".rea/registry.json"]
+_FILES_MARKERS = ["-SECRET-", "POLICY-MARKER-5b1e"]
+_PWNED = "PWNED-by-the-agent"
+_DOTS = "./" * 2100  # over PATH_MAX once joined: the server still normalises it away
+_FILES_DENIAL = ("rea: denied: argument names a blocked path", "rea: denied: argument names '/")
+
+
+def _r(path: str) -> tuple[str, dict[str, object]]:
+    return ("read_file", {"path": path})
+
+
+def _w(path: str) -> tuple[str, dict[str, object]]:
+    return ("write_file", {"path": path, "content": _PWNED})
+
+
+def _mv(source: str, destination: str = "stolen.txt") -> tuple[str, dict[str, object]]:
+    return ("move_file", {"source": source, "destination": destination})
+
+
+def _sync(files: dict[str, object]) -> tuple[str, dict[str, object]]:
+    return ("sync_files", {"files": files})
+
+
+def _rm(*paths: str) -> tuple[str, dict[str, object]]:
+    return ("read_multiple_files", {"paths": ["notes.txt", *paths]})
+
+
+# (class, (tool, arguments)); {root} {outside} {name} {cpid} {fd} are filled in per gateway.
+_FILES_ATTACKS: list[tuple[str, tuple[str, dict[str, object]]]] = [
+    ("whitespace", _r("x y/../.env")),
+    ("whitespace", _r("sub/a b/../../.env")),
+    ("whitespace", _r("secrets/prod creds.txt")),
+    ("whitespace", _r("link/prod creds.txt")),
+    ("whitespace", _r(" .env")),
+    ("whitespace", _r(".env\t")),
+    ("whitespace", _w("x y/../.env")),
+    ("whitespace", _w("secrets/prod creds.txt")),
+    ("whitespace", _mv("sub/a b/../../secrets/prod creds.txt")),
+    ("whitespace", _mv("notes.txt", "x y/../.env")),
+    ("newline", _r("x\n/../.env")),
+    ("newline", _r(".env\n")),
+    ("newline", _r("\n.env")),
+    ("newline", _r("sub/a b\n/../../secrets/api.txt")),
+    ("newline", _w("x\n/../config/prod.yml")),
+    ("newline", _w("secrets/new\n.txt")),
+    ("newline", _mv(".env\n")),
+    ("length", _r(_DOTS + ".env")),
+    ("length", _r("{root}/" + _DOTS + ".env")),
+    ("length", _r("x/../" * 1000 + "secrets/api.txt")),
+    ("length", _r("a" * 300 + "/../.env")),
+    ("length", _r("/" * 5000 + "{root}/config/prod.yml")),
+    ("length", _w(_DOTS + ".env")),
+    ("length", _mv(_DOTS + "secrets/api.txt")),
+    ("dot-dot", _r("missing/../.env")),
+    ("dot-dot", _r("a/b/c/../../../.env")),
+    ("dot-dot", _r("../{name}/.env")),
+    ("dot-dot", _r("sub/missing/../../secrets/api.txt")),
+    ("dot-dot", _r("{root}/nope/../config/prod.yml")),
+    ("dot-dot", _w("missing/../config/prod.yml")),
+    ("dot-dot", _mv("missing/../.env")),
+    ("symlink", _r("innocent.txt")),
+    ("symlink", _r("absfile.txt")),
+    ("symlink", _r("link/api.txt")),
+    ("symlink", _r("abslink/api.txt")),
+    ("symlink", _r("cd/../prod.yml")),
+    ("symlink", _r("{outside}/envlink")),
+    ("symlink", _r("sub/../link/api.txt")),
+    ("symlink", _w("innocent.txt")),
+    ("symlink", _w("link/new.txt")),
+    ("symlink", _mv("abslink/api.txt")),
+    ("symlink", _mv("notes.txt", "link/new.txt")),
+    ("file: URI", _r("file://{root}/.env")),
+    ("file: URI", _r("file:{root}/.env")),
+    ("file: URI", _r("file://localhost{root}/secrets/api.txt")),
+    ("file: URI", _r("FILE://{root}/config/prod.yml")),
+    ("file: URI", _r("file://{root}/sub/../.env")),
+    ("file: URI", _r("file://{root}/.env?x=1#y")),
+    ("file: URI", _r("file://{root}/link/api.txt")),
+    ("file: URI", _w("file://{root}/.env")),
+    ("file: URI", _mv("file://{root}/secrets/api.txt")),
+    ("percent", _r("%2Eenv")),
+    ("percent", _r("%2e%65nv")),
+    ("percent", _r("secrets%2Fapi.txt")),
+    ("percent", _r("x%20y/../.env")),
+    ("percent", _r("sub%2F..%2F.env")),
+    ("percent", _r("file://{root}/%2Eenv")),
+    ("percent", _w("%2Eenv")),
+    ("percent", _mv("secrets%2Fapi.txt")),
+    ("double percent", _r("%252Eenv")),
+    ("double percent", _r("%25252Eenv")),
+    ("double percent", _r("secrets%252Fapi.txt")),
+    ("double percent", _r("file://{root}/%252Eenv")),
+    ("double percent", _w("%252Eenv.local")),
+    ("backslash", _r("sub\\..\\.env")),
+    ("backslash", _r("secrets\\api.txt")),
+    ("backslash", _r(".\\.env")),
+    ("backslash", _r("{root}\\.env")),
+    ("backslash", _w("secrets\\new.txt")),
+    ("backslash", _mv("sub\\..\\.env")),
+    ("NUL", _r(".env\x00.txt")),
+    ("NUL", _r("secrets/api.txt\x00")),
+    ("NUL", _r("x\x00/../.env")),
+    ("NUL", _w(".env\x00")),
+    ("NUL", _mv("config/prod.yml\x00.bak")),
+    ("~", _r("~/.env")),
+    ("~", _r("~/secrets/api.txt")),
+    ("~", _r("~/x y/../.env")),
+    ("~", _r("~//.env")),
+    ("~", _r("~/./link/api.txt")),
+    ("~", _w("~/.env")),
+    ("~", _mv("~/config/prod.yml")),
+    ("/proc", _r("/proc/self/cwd/.env")),
+    ("/proc", _r("/proc/self/cwd/config/prod.yml")),
+    ("/proc", _r("/proc/self/root{root}/config/prod.yml")),
+    ("/proc", _r("/proc/{cpid}/root{root}/secrets/api.txt")),
+    ("/proc", _r("/proc/{cpid}/cwd/config/prod.yml")),
+    ("/proc", _r("/proc/self/fd/{fd}")),
+    ("/proc", _r("/dev/fd/{fd}")),
+    ("/proc", _r("/proc/thread-self/cwd/config/prod.yml")),
+    ("/proc", _r("/proc/self/task/{cpid}/cwd/config/prod.yml")),
+    ("/proc", _r("/proc/self/cwd/../{name}/config/prod.yml")),
+    ("/proc", _w("/proc/self/cwd/config/prod.yml")),
+    ("/proc", _mv("/proc/self/cwd/.env")),
+    ("/proc", _r("/proc/self/environ")),
+    ("/proc", _r("/proc/{cpid}/environ")),
+    ("dict key", _sync({".env": {}})),
+    ("dict key", _sync({"x y/../.env": {}})),
+    ("dict key", _sync({"notes.txt": {}, "secrets/prod creds.txt": {}})),
+    ("dict key", _sync({".env": {"write": _PWNED}})),
+    ("dict key", _sync({"~/x y/../.rea/policy.yaml": {"write": _PWNED}})),
+    ("dict key", _sync({"notes.txt": {"meta": {_DOTS + ".env": 1}}})),
+    ("array", _rm(".env")),
+    ("array", _rm("x y/../secrets/api.txt")),
+    ("array", _rm(_DOTS + "config/prod.yml")),
+    ("array", _rm("file://{root}/.env.local")),
+    ("array", _rm("/proc/self/cwd/.env")),
+    (".rea", _r(".rea/policy.yaml")),
+    (".rea", _r("x y/../.rea/policy.yaml")),
+    (".rea", _r("docs/policy.yaml")),
+    (".rea", _r("{outside}/peek/registry.json")),
+    (".rea", _r(_DOTS + ".rea/policy.yaml")),
+    (".rea", _r("%2Erea/policy.yaml")),
+    (".rea", _w(".rea/policy.yaml")),
+    (".rea", _w("x y/../.rea/policy.yaml")),
+    (".rea", _w(".rea/HALT")),
+    (".rea", _w(_DOTS + ".rea/HALT")),
+    (".rea", _w("docs/HALT")),
+    (".rea", _w("{outside}/peek/HALT")),
+    (".rea", _w("file://{root}/.rea/HALT")),
+    (".rea", _w("~/.rea/HALT")),
+    (".rea", _mv(".rea/policy.yaml")),
+    (".rea", _mv("notes.txt", ".rea/HALT")),
+    (".rea", _mv("notes.txt", "x y/../.rea/registry.json")),
+    (".rea", _mv("docs", "docs2")),
+    ("ancestor", _w(".")),
+    ("ancestor", _mv(".", "moved")),
+    ("ancestor", _mv("{root}", "{outside}/stolen")),
+    ("ancestor", _mv("sub/..", "moved")),
+    ("ancestor", _mv("x y/..", "moved")),
+    ("ancestor", _w("{root}/")),
+    ("ancestor", _mv("./", "moved")),
+    ("ancestor", _mv("~", "moved")),
+    ("ancestor", _mv("/", "moved")),
+    ("ancestor", _mv("config", "cfg")),
+    ("ancestor", _mv("{outside}/..", "{outside}/x")),
+]
+
+# Ordinary strings that mention blocked names without naming them: never refused.
+_FILES_ORDINARY = [
+    "please don't read the .env file",
+    "Remember: never commit .env or secrets/ to git.",
+    "Move credentials out of secrets/ into the vault (#42)",
+    "fix: stop logging secrets/ paths\n\nThe logger printed secrets/ folder names.\n",
+    "Add secrets/ and .env.* to .gitignore",
+    "const env = require('dotenv').config({ path: '.env' });",
+    "import os\nprint(os.environ['HOME'])\n",
+    '{"path": ".env", "mode": "read"}',
+    "https://example.com/.env",
+    "https://github.com/acme/app/blob/main/config/prod.yml",
+    "| file | purpose |\n|---|---|\n| .env | local settings |\n| secrets/ | keys |\n",
+    "See docs/setup.md for how to create your .env",
+    "cp .env.example .env",
+    "rm -rf secrets/ && git commit -m 'oops'",
+    "The API lives at /api/v1/users",
+    "/api/v1/secrets-rotate",
+    "SELECT * FROM env WHERE name = '.env'",
+    "Edit .rea/policy.yaml to change what the agent may do",
+    "src/environment.ts",
+    ".envrc",
+    "secrets.md",
+    "my-secrets/notes.txt",
+    "config/prod.yml.example",
+    "sub/config/prod.yml",
+    "file:///tmp/report.pdf",
+    "mailto:dev@example.com",
+    "~/Documents/notes.txt",
+    "50% done: see %s and 100%/2",
+    "lorem ipsum .env dolor sit amet, secrets/ consectetur " * 120,
+    "",
+]
+
+
+def _files_fill(value: object, subst: dict[str, str]) -> object:
+    if isinstance(value, str):
+        for key, text in subst.items():
+            value = value.replace("{" + key + "}", text)
+        return value
+    if isinstance(value, dict):
+        return {_files_fill(k, subst): _files_fill(v, subst) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_files_fill(v, subst) for v in value]
+    return value
+
+
+def _files_project(base: Path) -> tuple[Path, Path]:
+    """A project with blocked files, folders with spaces and symlinks of every kind."""
+    root, outside = base / "proj", base / "outside"
+    for folder in ("secrets", "config/nested", "sub/a b", "sub/deep", "x y", "notes"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    outside.mkdir()
+    for rel, text in _FILES_SECRETS.items():
+        (root / rel).write_text(text)
+    (root / "notes.txt").write_text("just notes\n")
+    (root / "innocent.txt").symlink_to(".env")  # relative file link
+    (root / "absfile.txt").symlink_to(root / ".env")  # absolute file link
+    (root / "link").symlink_to("secrets")  # relative folder link
+    (root / "abslink").symlink_to(root / "secrets")  # absolute folder link
+    (root / "cd").symlink_to("config/nested")  # cd/.. is config to the kernel, . to a lexer
+    (root / "docs").symlink_to(".rea")
+    (outside / "peek").symlink_to(root / ".rea")
+    (outside / "envlink").symlink_to(root / ".env")
+    return root, outside
+
+
+def _files_snapshot(root: Path) -> dict[str, object]:
+    snap: dict[str, object] = {}
+    for rel in _FILES_PROTECTED:
+        st = os.lstat(root / rel)
+        snap[rel] = ((root / rel).read_bytes(), st.st_mtime_ns)
+    for rel in ("innocent.txt", "absfile.txt", "link", "abslink", "docs"):
+        snap[rel] = os.readlink(root / rel)
+    snap["HALT"] = (root / ".rea" / "HALT").exists()
+    return snap
+
+
+def _files_held_fd(pid: int, target: Path) -> str:
+    """The descriptor number under which the server holds `target` open."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(target):
+                return fd
+        except OSError:
+            continue
+    raise AssertionError(f"server {pid} does not hold {target} open")
+
+
+@pytest.fixture(scope="class", params=["python", "node"])
+def files_gateway(
+    request: pytest.FixtureRequest, file_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Client, Path, dict[str, str]]]:
+    """A gateway over one file server, HOME pointed at the project (`~` is the root)."""
+    style = request.param
+    root, outside = _files_project(tmp_path_factory.mktemp(f"files-{style}"))
+    rea_dir = root / ".rea"
+    rea_dir.mkdir()
+    entry = {"name": "fs", "command": sys.executable, "args": [file_server, style]}
+    (rea_dir / "registry.json").write_text(json.dumps({"version": "1", "servers": [entry]}))
+    (rea_dir / "policy.yaml").write_text(_FILES_POLICY)
+    c = Client(root, env={"HOME": str(root)})
+    c.initialize()
+    c.tools()
+    cpid = int(c.downstream("fs")["pid"])  # type: ignore[call-overload]
+    subst = {
+        "root": str(root),
+        "outside": str(outside),
+        "name": root.name,
+        "cpid": str(cpid),
+        "fd": _files_held_fd(cpid, root / ".env"),
+    }
+    try:
+        yield c, root, subst
+    finally:
+        _govern_stop(c)
+
+
+class TestSection6BlockedPathsAgainstFileServers:
+    """Issue #13: with the real file servers' ways of reading a path, nothing blocked is
+    read, written or moved, and ordinary text is not refused."""
+
+    def test_every_attack_is_refused_and_no_blocked_file_is_read_or_changed(
+        self, files_gateway: tuple[Client, Path, dict[str, str]]
+    ) -> None:
+        c, root, subst = files_gateway
+        before = _files_snapshot(root)
+        refused: dict[str, list[int]] = {}
+        failures: list[str] = []
+        for cls, (tool, template) in _FILES_ATTACKS:
+            arguments = _files_fill(template, subst)
+            res = c.call(f"fs__{tool}", arguments)  # type: ignore[arg-type]
+            dump = json.dumps(res)
+            leaked = [m for m in _FILES_MARKERS if m in dump]
+            result = res.get("result")
+            text = _govern_text(res) if isinstance(result, dict) else ""
+            ok = text.startswith(_FILES_DENIAL) and "\n" not in text and not leaked
+            refused.setdefault(cls, [0, 0])[0] += ok
+            refused[cls][1] += 1
+            if not ok:
+                failures.append(
+                    f"{cls}: {tool} {template!r:.120} -> {text[:160]!r} leaked={leaked}"
+                )
+        summary = ", ".join(f"{cls}: {n}/{total}" for cls, (n, total) in refused.items())
+        print(f"\nrefused ({len(_FILES_ATTACKS)} cases): {summary}")
+        assert not failures, "\n".join([summary, *failures])
+        assert _files_snapshot(root) == before
+        assert not (root / "stolen.txt").exists() and not (root / "moved").exists()
+
+    def test_a_denial_says_what_to_change_in_one_line(
+        self, files_gateway: tuple[Client, Path, dict[str, str]]
+    ) -> None:
+        c, _root, _subst = files_gateway
+        text = _govern_assert_denied(
+            c.call("fs__read_file", {"path": "x y/../.env"}), "'x y/../.env'", "'.env'"
+        )
+        assert "blocked_paths in .rea/policy.yaml" in text and "\n" not in text
+
+    @pytest.mark.parametrize("arg", _FILES_ORDINARY, ids=range(len(_FILES_ORDINARY)))
+    def test_ordinary_strings_are_not_refused(
+        self, files_gateway: tuple[Client, Path, dict[str, str]], arg: str
+    ) -> None:
+        c, root, _subst = files_gateway
+        target = f"notes/pass-{_FILES_ORDINARY.index(arg)}.txt"
+        res = c.call("fs__write_file", {"path": target, "content": arg})
+        assert res["result"].get("isError") is not True, res  # type: ignore[union-attr]
+        assert (root / target).read_text() == arg
+        assert "rea: denied" not in json.dumps(c.call("fs__read_file", {"path": arg}))
+        assert "rea: denied" not in json.dumps(c.call("fs__sync_files", {"files": {arg: {}}}))
+
+    def test_allowed_files_are_still_read_and_written(
+        self, files_gateway: tuple[Client, Path, dict[str, str]]
+    ) -> None:
+        c, root, _subst = files_gateway
+        assert c.text("fs__read_file", {"path": "notes.txt"}) == "just notes\n"
+        assert c.text("fs__read_file", {"path": "sub/../notes.txt"}) == "just notes\n"
+        c.call("fs__write_file", {"path": "x y/new file.txt", "content": "hello"})
+        assert (root / "x y" / "new file.txt").read_text() == "hello"
+
+
+def test_the_file_servers_really_leak_without_the_gateway(file_server: str, tmp_path: Path) -> None:
+    """The fixture servers are as exposed as the real ones: asked directly, they hand over
+    blocked files for the path forms the suite above must refuse."""
+    root, _outside = _files_project(tmp_path)
+    leaks = {
+        "python": ["x y/../.env", "cd/../prod.yml", "innocent.txt", "/proc/self/cwd/.env"],
+        "node": ["x y/../.env", _DOTS + ".env", "missing/../.env", "~/.env"],
+    }
+    for style, paths in leaks.items():
+        calls = [
+            {
+                "jsonrpc": "2.0",
+                "id": i,
+                "method": "tools/call",
+                "params": {"name": "read_file", "arguments": {"path": p}},
+            }
+            for i, p in enumerate(paths)
+        ]
+        out = subprocess.run(
+            [sys.executable, file_server, style],
+            input="".join(json.dumps(m) + "\n" for m in calls),
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=30,
+            env={**os.environ, "HOME": str(root)},
+        ).stdout
+        for line, path in zip(out.splitlines(), paths, strict=True):
+            assert "-SECRET-" in line, (style, path, line)
 
 
 # The reference tool's own profile, loaded unchanged as the policy ###########
