@@ -78,6 +78,7 @@ import fcntl
 import fnmatch
 import hashlib
 import importlib
+import ipaddress
 import json
 import math
 import os
@@ -94,6 +95,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -870,17 +872,36 @@ _WITHHELD = "<withheld>"
 
 
 @dataclass(frozen=True)
+class OAuthSettings:
+    """`oauth:` of a remote server (SPEC §3, §13): who rea is at its authorization server."""
+
+    client_id: str | None = None  # a client registered there beforehand
+    scopes: tuple[str, ...] = ()
+    # An https URL serving rea's Client ID Metadata Document, for a user who hosts one: a
+    # local command has no https address of its own, so without it rea registers (RFC 7591).
+    client_metadata_url: str | None = None
+
+
+@dataclass(frozen=True)
 class ServerSpec:
-    """One downstream MCP server as the registry declares it (SPEC §3)."""
+    """One downstream MCP server as the registry declares it (SPEC §3): a local one
+    started with `command`, or a remote one spoken to at `url` (§13)."""
 
     name: str
-    command: str
+    command: str = ""
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # raw templates, ${VAR} unexpanded
     env_passthrough: tuple[str, ...] = ()
     tier_overrides: Mapping[str, str] = field(default_factory=dict)  # tool -> tier
     enabled: bool = True
     trust_annotations: bool = False
+    url: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)  # raw templates, like env:
+    oauth: OAuthSettings = field(default_factory=OAuthSettings)
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.url)
 
 
 @dataclass(frozen=True)
@@ -2309,7 +2330,105 @@ _SERVER_KEYS = (
     "tier_overrides",
     "enabled",
     "trust_annotations",
+    "url",
+    "headers",
+    "oauth",
 )
+_LOCAL_ONLY_KEYS = ("args", "env", "env_passthrough")  # a remote server has no process
+_REMOTE_ONLY_KEYS = ("headers", "oauth")
+
+# Headers rea sets itself on every request to a remote server (§13): `headers:` may not
+# replace them, or a registry could forge a session or a protocol version.
+_OWN_HEADERS = frozenset(
+    {
+        "accept",
+        "content-type",
+        "content-length",
+        "host",
+        "connection",
+        "transfer-encoding",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+        "last-event-id",
+    }
+)
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2 token
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as ::ffff:127.x) or the name localhost."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def public_url(url: str) -> str:
+    """A URL as it may be shown: no user, password, query or fragment (they may hold secrets)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "the URL"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_remote_url(url: str) -> str | None:
+    """What is wrong with the URL of a remote server or an authorization server, or None.
+
+    Only https://, or http:// to this machine (§13): a token or a tool call in clear text
+    over a network is readable by anyone on the path. The text never shows a query or a
+    password, which may be secrets.
+    """
+    if not url or any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        return "the URL is empty or has spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # a port that is not a number in range raises here
+    except ValueError as exc:
+        return f"{public_url(url)} is not a valid URL ({exc})"
+    shown = public_url(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "http"):
+        return f"{shown}: only https:// is accepted (or http:// to 127.0.0.1, ::1 or localhost)"
+    if not parts.hostname:
+        return f"{shown}: the URL has no host"
+    if parts.username is not None or parts.password is not None:
+        return f"{shown}: the URL carries a user or password; put credentials under headers:"
+    if parts.fragment:
+        return f"{shown}: the URL has a #fragment; remove it"
+    if scheme == "http" and not is_loopback_host(parts.hostname):
+        return f"{shown}: http:// is accepted only to this machine (127.0.0.1, ::1, localhost); use https://"
+    return None
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a header of `headers:`, or None."""
+    if not _HEADER_NAME_RE.fullmatch(name):
+        return "is not a valid HTTP header name"
+    if name.lower() in _OWN_HEADERS or name.lower().startswith("mcp-param-"):
+        return "is set by rea itself"
+    return None
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why a header value cannot be sent (a line break would start a header of its own);
+    the value itself is never part of the answer: it may be a secret."""
+    if any(not (0x20 <= ord(ch) <= 0x7E or ch == "\t") for ch in value):
+        return "has a line break, a control or a non-ASCII character"
+    return None
 
 
 def registry_from_value(value: object, filename: str) -> Registry:
@@ -2344,8 +2463,42 @@ def _server_from_value(value: object, filename: str, place: str) -> ServerSpec:
             "use lowercase letters, digits and '-', starting with a letter or digit",
         )
     command = s.string("command", "")
-    if not command:
-        raise s.fail("command", "missing", "give the program to start, such as npx")
+    url = s.string("url", "")
+    if command and url:
+        raise s.fail(
+            "url",
+            "a server has exactly one of command and url",
+            "keep command for a local server or url for a remote one",
+        )
+    if not command and not url:
+        raise s.fail(
+            "command",
+            "missing",
+            "give the program to start, such as npx, or the url of a remote server",
+        )
+    overrides = s.string_map("tier_overrides")
+    for tool, tier in overrides.items():
+        if tier not in TIERS:
+            raise s.fail(
+                f"tier_overrides.{tool}", f"unknown tier {tier!r}", "use read, write or destructive"
+            )
+    spec = _remote_server(s, url) if url else _local_server(s, command)
+    return replace(
+        spec,
+        name=name,
+        tier_overrides=overrides,
+        enabled=s.boolean("enabled", True),
+        trust_annotations=s.boolean("trust_annotations", False),
+    )
+
+
+def _local_server(s: _Section, command: str) -> ServerSpec:
+    """What only a server started as a child process has (SPEC §3)."""
+    for key in _REMOTE_ONLY_KEYS:
+        if s.get(key) is not None:
+            raise s.fail(
+                key, "is for a remote server (url)", f"remove {key}, or give a url, not a command"
+            )
     args = s.string_list("args")
     env = s.string_map("env")
     for key, template in env.items():
@@ -2365,22 +2518,50 @@ def _server_from_value(value: object, filename: str, place: str) -> ServerSpec:
                 f"{name_!r} looks like a secret and cannot be passed through",
                 f'map it explicitly under env: ({name_}: "${{{name_}}}")',
             )
-    overrides = s.string_map("tier_overrides")
-    for tool, tier in overrides.items():
-        if tier not in TIERS:
+    return ServerSpec(name="", command=command, args=args, env=env, env_passthrough=passthrough)
+
+
+def _remote_server(s: _Section, url: str) -> ServerSpec:
+    """What only a remote server has (SPEC §3, §13): its URL, headers and OAuth client."""
+    for key in _LOCAL_ONLY_KEYS:
+        if s.get(key) is not None:
             raise s.fail(
-                f"tier_overrides.{tool}", f"unknown tier {tier!r}", "use read, write or destructive"
+                key,
+                "is for a local server (command)",
+                f"remove {key}: a remote server runs no process",
             )
-    return ServerSpec(
-        name=name,
-        command=command,
-        args=args,
-        env=env,
-        env_passthrough=passthrough,
-        tier_overrides=overrides,
-        enabled=s.boolean("enabled", True),
-        trust_annotations=s.boolean("trust_annotations", False),
-    )
+    problem = check_remote_url(url)
+    if problem is not None:
+        raise s.fail("url", problem, "give the server's https:// address")
+    if "${" in url:
+        raise s.fail("url", "${VAR} is not expanded in url", "put a secret under headers: instead")
+    headers = s.string_map("headers")
+    seen: set[str] = set()
+    for key, template in headers.items():
+        where = f"headers.{key}"
+        problem = header_name_problem(key)
+        if problem is not None:
+            raise s.fail(where, f"{key!r} {problem}", "remove it, or rename it")
+        if key.lower() in seen:
+            raise s.fail(where, "appears twice (names ignore case)", "keep one of them")
+        seen.add(key.lower())
+        problem = _template_problem(template) or header_value_problem(template)
+        if problem is not None:
+            raise s.fail(where, f"the value {problem}", "write one line of text, or ${NAME}")
+    o = s.section("oauth", ("client_id", "scopes", "client_metadata_url"))
+    scopes = o.string_list("scopes", "scope names")
+    for index, scope in enumerate(scopes):
+        if any(ch.isspace() or ch in '"\\' for ch in scope):
+            raise o.fail(f"scopes[{index}]", f"{scope!r} is not a scope name", "one scope per item")
+    document = o.string("client_metadata_url", "") or None
+    if document is not None and (
+        not document.startswith("https://") or check_remote_url(document) is not None
+    ):
+        raise o.fail(
+            "client_metadata_url", "must be an https:// URL", "give the document's https address"
+        )
+    oauth = OAuthSettings(o.string("client_id", "") or None, scopes, document)
+    return ServerSpec(name="", url=url, headers=headers, oauth=oauth)
 
 
 # Keys of the reference tool's policy files that the gateway accepts and ignores.
@@ -2563,22 +2744,36 @@ def policy_to_json(policy: Policy) -> dict[str, object]:
 
 
 def registry_to_json(registry: Registry) -> dict[str, object]:
-    """The registry as JSON with every env: value withheld (SPEC §3: never shown)."""
+    """The registry as JSON with every env: and headers: value withheld (SPEC §3: never
+    shown); a local server has its process keys, a remote one its url, headers and oauth."""
+    return {"version": registry.version, "servers": [_server_to_json(s) for s in registry.servers]}
+
+
+def _server_to_json(spec: ServerSpec) -> dict[str, object]:
+    how: dict[str, object]
+    if spec.remote:
+        how = {
+            "url": spec.url,
+            "headers": {key: _WITHHELD for key in spec.headers},
+            "oauth": {
+                "client_id": spec.oauth.client_id,
+                "scopes": list(spec.oauth.scopes),
+                "client_metadata_url": spec.oauth.client_metadata_url,
+            },
+        }
+    else:
+        how = {
+            "command": spec.command,
+            "args": list(spec.args),
+            "env": {key: _WITHHELD for key in spec.env},
+            "env_passthrough": list(spec.env_passthrough),
+        }
     return {
-        "version": registry.version,
-        "servers": [
-            {
-                "name": spec.name,
-                "command": spec.command,
-                "args": list(spec.args),
-                "env": {key: _WITHHELD for key in spec.env},
-                "env_passthrough": list(spec.env_passthrough),
-                "tier_overrides": dict(spec.tier_overrides),
-                "enabled": spec.enabled,
-                "trust_annotations": spec.trust_annotations,
-            }
-            for spec in registry.servers
-        ],
+        "name": spec.name,
+        **how,
+        "tier_overrides": dict(spec.tier_overrides),
+        "enabled": spec.enabled,
+        "trust_annotations": spec.trust_annotations,
     }
 
 
@@ -5657,6 +5852,7 @@ def _one_line(text: str, limit: int = 200) -> str:
 #   {"version": 1,
 #    "servers": {"github": {"definition": {"command": …, "args": […], "env_keys": […],
 #                                          "env_passthrough": […]},
+#                           (a remote server's: {"url": …, "header_keys": […]})
 #                           "definition_hash": "<sha256>", "pinned_at": "…Z",
 #                           "tools": {"create_issue": {"hash": "<sha256>", "pinned_at": "…Z",
 #                                                      "pinned": {"name", "description",
@@ -5675,16 +5871,22 @@ FINGERPRINTS_LOCK = "fingerprints.lock"  # trust and serve read-modify-write und
 FINGERPRINTS_FORMAT = 1
 TOOL_PINNED_FIELDS = ("name", "description", "inputSchema", "outputSchema", "annotations")
 _DEFINITION_FIELDS = ("command", "args", "env_keys", "env_passthrough")
+_REMOTE_DEFINITION_FIELDS = ("url", "header_keys")
 _DEFINITION_LABELS = {  # field -> how a reason names it
     "command": "command",
     "args": "args",
     "env_keys": "env keys",
     "env_passthrough": "env_passthrough",
+    "url": "url",
+    "header_keys": "header names",
 }
 
 
 def server_definition(spec: ServerSpec) -> dict[str, object]:
-    """What is pinned of a server: how it is started, never the values of its env."""
+    """What is pinned of a server: how it is started, never the values of its env; a
+    remote server by its URL and the names of its headers, never their values (§10)."""
+    if spec.remote:
+        return {"url": spec.url, "header_keys": sorted(spec.headers)}
     return {
         "command": spec.command,
         "args": list(spec.args),
@@ -5871,7 +6073,9 @@ class Fingerprints:
             return None
         if pin.hash == definition_hash(defn):
             return None
-        fields = [_DEFINITION_LABELS[f] for f in _DEFINITION_FIELDS if pin.definition[f] != defn[f]]
+        fields = [
+            label for f, label in _DEFINITION_LABELS.items() if pin.definition.get(f) != defn.get(f)
+        ]
         return f"definition changed since pinned: {', '.join(fields)} changed; {accept}"
 
     def check_tools(self, server: str, tools: Sequence[Mapping[str, object]]) -> ToolVerdict:
@@ -6086,12 +6290,13 @@ def _salvage_server_names(raw: bytes) -> set[str]:
 def _parse_server_pin(name: str, entry: object) -> _ServerPin:
     keys = {"definition", "definition_hash", "pinned_at", "tools"}
     obj = _pins_object(entry, f"servers.{name}", keys, keys)
-    defn = _pins_object(
-        obj["definition"], f"servers.{name}.definition", set(_DEFINITION_FIELDS), None
-    )
-    if not isinstance(defn["command"], str):
-        raise _PinsUnusable(f"servers.{name}.definition.command is not text")
-    for key in ("args", "env_keys", "env_passthrough"):
+    remote = isinstance(obj["definition"], dict) and "url" in obj["definition"]
+    fields = _REMOTE_DEFINITION_FIELDS if remote else _DEFINITION_FIELDS
+    defn = _pins_object(obj["definition"], f"servers.{name}.definition", set(fields), None)
+    text = fields[0]  # command, or url
+    if not isinstance(defn[text], str):
+        raise _PinsUnusable(f"servers.{name}.definition.{text} is not text")
+    for key in fields[1:]:
         items = defn[key]
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise _PinsUnusable(f"servers.{name}.definition.{key} is not a list of text")
@@ -6205,9 +6410,9 @@ def cmd_trust(
     if old is None:
         out.write(f"{server}: no pin yet; its definition:\n{_pretty(defn)}\n")
     else:
-        for key in _DEFINITION_FIELDS:
-            if old.definition[key] != defn[key]:
-                out.write(_field_diff(f"{server} {key}", old.definition[key], defn[key]))
+        for key in _DEFINITION_LABELS:
+            if old.definition.get(key) != defn.get(key):
+                out.write(_field_diff(f"{server} {key}", old.definition.get(key), defn.get(key)))
     lines = 0
     if tools is not None:
         lines = _write_tools_diff(server, old, tools, out)
@@ -6930,6 +7135,11 @@ def _bench_spec(
         return ServerSpec(name="echo", command=argv[0], args=tuple(argv[1:]))
     registry = load_registry(root / ".rea")
     for spec in registry.servers:
+        if spec.name == opts.server and spec.remote:
+            raise ReaError(
+                f"bench --server {spec.name}: a remote server (url); bench drives local "
+                "(command) servers over stdio: bench one of those, or the built-in echo server"
+            )
         if spec.name == opts.server:
             # Same process tree on both paths: a small exec shim puts the child in the root.
             args = ("-c", _BENCH_CHDIR_EXEC, str(root), spec.command, *spec.args)
@@ -7202,6 +7412,11 @@ INIT_REGISTRY_HEADER = """\
 #     tier_overrides: {}    # tool -> read | write | destructive
 #     enabled: true         # false: declared, not started
 #     trust_annotations: false
+#   - name: "linear"        # a remote server (Streamable HTTP): url instead of command
+#     url: "https://mcp.linear.app/mcp"   # https://, or http:// to this machine only
+#     headers:              # optional; values may use ${VAR}, like env:
+#       X-Team: "${LINEAR_TEAM}"
+#     oauth: {}             # optional: client_id, scopes; log in with `python rea.py login linear`
 # Servers see only a neutral environment plus what is named here.
 # Check your edits with `python rea.py check`.
 """
@@ -7228,9 +7443,14 @@ _INIT_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INIT_TEMPLATE_RE = re.compile(r"\$\{([^}]*)\}")
 # Claude Code's `${VAR:-default}`: the registry knows only `${VAR}`.
 _INIT_DEFAULTED_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*):-[^}]*\}$")
-_INIT_REMOTE_TYPES = ("http", "sse", "streamable-http", "streamableHttp", "ws", "websocket")
+# How clients name a server they reach over HTTP (Claude Code `http` and `sse`, Cline
+# `streamableHttp`, others `streamable-http`): rea speaks Streamable HTTP to them (§13).
+_INIT_HTTP_TYPES = ("http", "sse", "streamable-http", "streamableHttp")
+_INIT_REMOTE_TYPES = (*_INIT_HTTP_TYPES, "ws", "websocket")
 # Keys of an mcpServers entry that rea reads; the rest are named as ignored.
 _INIT_ENTRY_KEYS = ("command", "args", "env", "type", "disabled")
+_INIT_REMOTE_KEYS = ("url", "headers", "type", "disabled")
+_INIT_AUTH_SCHEME_RE = re.compile(r"^(Bearer|Basic|token)(\s+)(\S+)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -7238,22 +7458,31 @@ class RegistryEntry:
     """One server as `init` writes it into registry.yaml: every field of SPEC §3."""
 
     name: str
-    command: str
+    command: str = ""
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # ordered (name, template)
     env_passthrough: tuple[str, ...] = ()
     tier_overrides: tuple[tuple[str, str], ...] = ()
     enabled: bool = True
     trust_annotations: bool = False
+    url: str = ""  # a remote server (§13): url, headers and oauth instead of a command
+    headers: tuple[tuple[str, str], ...] = ()  # ordered (name, template)
+    oauth: OAuthSettings = field(default_factory=OAuthSettings)
 
-    def definition(self) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    def definition(self) -> tuple[object, ...]:
         """What an import compares: a re-import is 'the same server' when these match."""
-        return self.command, self.args, tuple(sorted(self.env))
+        return (
+            self.command,
+            self.args,
+            tuple(sorted(self.env)),
+            self.url,
+            tuple(sorted(self.headers)),
+        )
 
 
 @dataclass(frozen=True)
 class SecretReference:
-    """An env value of the client's config that init replaced by `${NAME}`."""
+    """An env or header value of the client's config that init replaced by `${NAME}`."""
 
     name: str  # the variable the user must export
     origin: str  # where the value is, e.g. mcpServers["github"].env.GITHUB_TOKEN in FILE
@@ -7263,10 +7492,11 @@ class SecretReference:
 class ClientEntry:
     """One entry of the client's `mcpServers`, classified by what init does with it.
 
-    outcome: "import" (a stdio server for the registry), "present" (the registry has it
-    already, same definition), "clash" (the registry has a different server of that name),
-    "remote" (url / http / sse: rea cannot host it), "rea" (already routes through rea),
-    "invalid" (cannot be read, or the registry would refuse it).
+    outcome: "import" (a stdio or HTTP server for the registry), "present" (the registry
+    has it already, same definition), "clash" (the registry has a different server of that
+    name), "remote" (a remote server rea cannot govern: websocket, or a secret in its URL),
+    "rea" (already routes through rea), "invalid" (cannot be read, or the registry would
+    refuse it).
     """
 
     key: str
@@ -7296,8 +7526,11 @@ def cmd_init(root: Path, argv: list[str], out: TextIO, rea_path: Path) -> int:
           -2, -3, ... in file order (so a re-run gives the same names);
         * a name the registry already has: the same command/args/env is "already in the
           registry"; a different one is a clash, reported, the registry's entry kept;
-        * remote entries (`url`, or `type` http/sse) and unreadable entries are skipped
-          and kept unchanged in the new .mcp.json so the client still has them;
+        * remote entries (`url`, `type` http, sse, streamable-http) are imported as `url`
+          servers with their `headers`, so that every server the user had is governed; a
+          websocket one, one whose URL query carries a secret (the registry would hold it
+          in plain text), and unreadable entries are skipped and kept unchanged in the new
+          .mcp.json so the client still has them;
         * an entry that already runs `rea.py serve` is skipped (it is replaced).
       Keys rea does not use (e.g. `cwd`) are named in the line; `disabled: true` becomes
       `enabled: false`.
@@ -7308,6 +7541,8 @@ def cmd_init(root: Path, argv: list[str], out: TextIO, rea_path: Path) -> int:
       letters and digits) is written as `${NAME}` (NAME the variable's own name, or
       SERVER_NAME if two servers set NAME differently) and the user is told to export NAME;
       the value itself is never written to the registry nor printed. Other literals stay.
+      `headers` values are treated alike; a secret header becomes `${SERVER_HEADER}`, its
+      scheme (`Bearer `, `Basic `, `token `) kept in front, so the user exports the token.
     - The registry is merged: existing servers are kept untouched; only new names are
       added. A rewritten registry that held text init would not write (comments, edits)
       is first copied to registry.yaml.bak (.bak.N when that exists).
@@ -7443,13 +7678,11 @@ def _init_classify(servers: _JsonPairs, filename: str) -> list[ClientEntry]:
             else:
                 notes.append("name normalised to the registry's rules")
         env, secrets = _init_env(entry.server.env, name, key, filename, secret_values, notes)
-        server = RegistryEntry(
-            name=name,
-            command=entry.server.command,
-            args=entry.server.args,
-            env=env,
-            enabled=entry.server.enabled,
+        headers, header_secrets = _init_headers(
+            entry.server.headers, name, key, filename, secret_values, notes
         )
+        server = replace(entry.server, name=name, env=env, headers=headers)
+        secrets += header_secrets
         problem = _init_registry_problem([server])
         if problem is not None:  # e.g. an empty argument, which the registry refuses
             what = problem.removeprefix("servers[0].").split("; ")[0]  # the fix is for YAML
@@ -7505,8 +7738,7 @@ def _init_entry(key: str, value: object) -> ClientEntry:
     fields = dict(value)
     kind = fields.get("type")
     if "url" in fields or kind in _INIT_REMOTE_TYPES:
-        shown = kind if isinstance(kind, str) else "url"
-        return skip("remote", f"remote server ({shown}); rea hosts stdio servers only")
+        return _init_remote_entry(key, fields, plain)
     if kind is not None and kind != "stdio":
         return skip("invalid", f"type {kind!r} is not supported; rea hosts stdio servers")
     command = fields.get("command")
@@ -7542,6 +7774,58 @@ def _init_entry(key: str, value: object) -> ClientEntry:
     server = RegistryEntry(
         name=key, command=command, args=args, env=tuple(env), enabled=not disabled
     )
+    return ClientEntry(
+        key=key, outcome="import", why="", value=plain, server=server, notes=tuple(notes)
+    )
+
+
+def _init_remote_entry(key: str, fields: dict[str, object], plain: object) -> ClientEntry:
+    """Classify an mcpServers entry a client reaches over the network (SPEC §13)."""
+
+    def skip(outcome: str, why: str) -> ClientEntry:
+        return ClientEntry(key=key, outcome=outcome, why=why, value=plain)
+
+    kind = fields.get("type", "http")
+    url = fields.get("url")
+    headers_value = fields.get("headers", _JsonPairs())
+    if kind not in _INIT_HTTP_TYPES:
+        return skip("remote", f"remote server ({kind}); rea speaks Streamable HTTP only")
+    if not isinstance(url, str) or not url.strip():
+        return skip("invalid", '"url" is missing or not text')
+    try:
+        query = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)
+    except ValueError:
+        query = []
+    if any(_init_looks_secret(name, value) for name, value in query):
+        return skip(
+            "remote",
+            "remote server whose URL carries a secret in its query, which the registry would "
+            "hold in plain text; give it the secret in a header (${VAR}) and add it by hand",
+        )
+    if not isinstance(headers_value, _JsonPairs):
+        return skip("invalid", '"headers" must be an object of Name: "value"')
+    headers: list[tuple[str, str]] = []
+    for name, text in headers_value:
+        if not isinstance(text, str):
+            return skip("invalid", f'"headers".{name} must be text')
+        if any(name.lower() == n.lower() for n, _ in headers):
+            return skip("invalid", f'"headers".{name} appears twice')
+        headers.append((name, text))
+    disabled = fields.get("disabled", False)
+    if not isinstance(disabled, bool):
+        return skip("invalid", '"disabled" must be true or false')
+    notes: list[str] = []
+    ignored = [k for k in fields if k not in _INIT_REMOTE_KEYS]
+    if ignored:
+        notes.append(f"ignored keys rea does not use: {', '.join(ignored)}")
+    if kind == "sse":
+        notes.append(
+            "type sse: rea speaks Streamable HTTP; a server that offers only the old "
+            "HTTP+SSE transport will not start (see python rea.py status)"
+        )
+    if disabled:
+        notes.append("disabled: written as enabled: false")
+    server = RegistryEntry(name=key, url=url, headers=tuple(headers), enabled=not disabled)
     return ClientEntry(
         key=key, outcome="import", why="", value=plain, server=server, notes=tuple(notes)
     )
@@ -7597,6 +7881,47 @@ def _init_env(
     return tuple(env), tuple(secrets)
 
 
+def _init_headers(
+    raw: tuple[tuple[str, str], ...],
+    server: str,
+    key: str,
+    filename: str,
+    secret_values: dict[str, str],
+    notes: list[str],
+) -> tuple[tuple[tuple[str, str], ...], tuple[SecretReference, ...]]:
+    """The headers as the registry gets them: references kept, secret literals made
+    references; `Bearer TOKEN` becomes `Bearer ${SERVER_HEADER}`."""
+    headers: list[tuple[str, str]] = []
+    secrets: list[SecretReference] = []
+    for name, value in raw:
+        defaulted = _INIT_DEFAULTED_RE.match(value)
+        if defaulted:
+            headers.append((name, f"${{{defaulted.group(1)}}}"))
+            notes.append(f"header {name}: the default in {value!r} dropped (rea has only ${{VAR}})")
+            continue
+        templated = bool(_INIT_TEMPLATE_RE.search(value))
+        if (templated and _init_template_ok(value)) or (
+            not templated and "${" not in value and not _init_looks_secret(name, value)
+        ):
+            headers.append((name, value))
+            continue
+        scheme = _INIT_AUTH_SCHEME_RE.match(value)
+        prefix, secret = (scheme.group(1) + " ", scheme.group(3)) if scheme else ("", value)
+        base = re.sub(r"[^A-Z0-9]+", "_", f"{server}_{name}".upper()).strip("_")
+        variable, n = base, 1
+        while secret_values.get(variable, secret) != secret:
+            n += 1
+            variable = f"{base}_{n}"
+        secret_values.setdefault(variable, secret)
+        headers.append((name, f"{prefix}${{{variable}}}"))
+        what = f"the token after {prefix.strip()} in " if prefix else ""
+        origin = (
+            f"{what}mcpServers[{json.dumps(key, ensure_ascii=False)}].headers.{name} in {filename}"
+        )
+        secrets.append(SecretReference(name=variable, origin=origin))
+    return tuple(headers), tuple(secrets)
+
+
 def _init_template_ok(value: str) -> bool:
     if any(not _INIT_ENV_NAME_RE.match(m.group(1)) for m in _INIT_TEMPLATE_RE.finditer(value)):
         return False
@@ -7625,6 +7950,9 @@ def _init_existing(rea_dir: Path) -> tuple[Path | None, list[RegistryEntry]]:
             tier_overrides=tuple(spec.tier_overrides.items()),
             enabled=spec.enabled,
             trust_annotations=spec.trust_annotations,
+            url=spec.url,
+            headers=tuple(spec.headers.items()),
+            oauth=spec.oauth,
         )
         for spec in registry.servers
     ]
@@ -7717,12 +8045,28 @@ def render_registry_yaml(servers: Iterable[RegistryEntry]) -> str:
         lines.append("servers:")
     for server in items:
         lines.append(f"  - name: {_init_yaml_str(server.name)}")
-        lines.append(f"    command: {_init_yaml_str(server.command)}")
-        lines.append(f"    args: [{', '.join(_init_yaml_str(a) for a in server.args)}]")
-        for key, pairs in (("env", server.env), ("tier_overrides", server.tier_overrides)):
+        if server.url:
+            lines.append(f"    url: {_init_yaml_str(server.url)}")
+        else:
+            lines.append(f"    command: {_init_yaml_str(server.command)}")
+            lines.append(f"    args: [{', '.join(_init_yaml_str(a) for a in server.args)}]")
+        for key, pairs in (
+            ("env", server.env),
+            ("headers", server.headers),
+            ("tier_overrides", server.tier_overrides),
+        ):
             if pairs:
                 lines.append(f"    {key}:")
                 lines.extend(f"      {_init_yaml_str(k)}: {_init_yaml_str(v)}" for k, v in pairs)
+        oauth = _init_oauth(server.oauth)
+        if oauth:
+            lines.append("    oauth:")
+            for key, value in oauth.items():
+                if isinstance(value, list):
+                    items_text = ", ".join(_init_yaml_str(str(v)) for v in value)
+                    lines.append(f"      {key}: [{items_text}]")
+                else:
+                    lines.append(f"      {key}: {_init_yaml_str(str(value))}")
         if server.env_passthrough:
             names = ", ".join(_init_yaml_str(n) for n in server.env_passthrough)
             lines.append(f"    env_passthrough: [{names}]")
@@ -7737,13 +8081,18 @@ def render_registry_json(servers: Iterable[RegistryEntry]) -> str:
     """registry.json text (for a user who keeps the registry as JSON)."""
     doc: list[dict[str, object]] = []
     for server in servers:
-        item: dict[str, object] = {
-            "name": server.name,
-            "command": server.command,
-            "args": list(server.args),
-        }
+        item: dict[str, object] = {"name": server.name}
+        if server.url:
+            item["url"] = server.url
+        else:
+            item["command"] = server.command
+            item["args"] = list(server.args)
         if server.env:
             item["env"] = dict(server.env)
+        if server.headers:
+            item["headers"] = dict(server.headers)
+        if _init_oauth(server.oauth):
+            item["oauth"] = _init_oauth(server.oauth)
         if server.env_passthrough:
             item["env_passthrough"] = list(server.env_passthrough)
         if server.tier_overrides:
@@ -7754,6 +8103,18 @@ def render_registry_json(servers: Iterable[RegistryEntry]) -> str:
             item["trust_annotations"] = True
         doc.append(item)
     return json.dumps({"version": "1", "servers": doc}, indent=2, ensure_ascii=False) + "\n"
+
+
+def _init_oauth(oauth: OAuthSettings) -> dict[str, object]:
+    """The `oauth:` keys a registry entry sets, in order; {} for none."""
+    doc: dict[str, object] = {}
+    if oauth.client_id is not None:
+        doc["client_id"] = oauth.client_id
+    if oauth.scopes:
+        doc["scopes"] = list(oauth.scopes)
+    if oauth.client_metadata_url is not None:
+        doc["client_metadata_url"] = oauth.client_metadata_url
+    return doc
 
 
 def _init_yaml_str(text: str) -> str:
@@ -9202,6 +9563,9 @@ class Downstream:
         held = self._ctx.fingerprints.check_server(self.spec)
         if held is not None:
             self._hold(held)
+            return
+        if self.spec.remote:
+            self._fail("remote servers (url) are not served yet", retry=False)
             return
         try:
             env = child_environment(self.spec, os.environ)
@@ -12174,7 +12538,15 @@ def cmd_check(root: Path, as_json: bool) -> int:
     print(f"registry: {registry.source or '(none: no servers)'}")
     for spec in registry.servers:
         state = "enabled" if spec.enabled else "disabled"
-        print(f"  {spec.name} ({state}): {' '.join([spec.command, *spec.args])}")
+        how = public_url(spec.url) if spec.remote else " ".join([spec.command, *spec.args])
+        print(f"  {spec.name} ({state}): {how}")
+        if spec.headers:
+            print(f"    headers: {', '.join(sorted(spec.headers))} (values withheld)")
+        if spec.oauth.client_id or spec.oauth.scopes:
+            scopes = " ".join(spec.oauth.scopes) or "(from the server)"
+            print(
+                f"    oauth: client {spec.oauth.client_id or '(registered at login)'}, scopes {scopes}"
+            )
         if spec.env:
             print(f"    env: {', '.join(sorted(spec.env))} (values withheld)")
         if spec.env_passthrough:

@@ -515,6 +515,136 @@ class TestSection3Registry:
         assert out["version"] == "1"
 
 
+REMOTE_REGISTRY = """\
+version: "1"
+servers:
+  - name: linear
+    url: https://mcp.linear.app/mcp
+    headers:
+      X-Team: "${LINEAR_TEAM}"
+    oauth:
+      client_id: "rea-local"
+      scopes: [read, write]
+    tier_overrides: {create_issue: write}
+"""
+
+
+def located_registry_error(tmp_path: Path, text: str) -> str:
+    """The one line `load_registry` refuses a registry.yaml with (file:line:col: ...)."""
+    write(tmp_path / "registry.yaml", text)
+    with pytest.raises(rea.ReaError) as info:
+        rea.load_registry(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+class TestSection3RemoteRegistry:
+    """SPEC §3 / §13: a registry entry with `url:` is a remote server."""
+
+    def test_reads_the_spec_example(self, tmp_path: Path) -> None:
+        write(tmp_path / "registry.yaml", REMOTE_REGISTRY)
+        (linear,) = rea.load_registry(tmp_path).servers
+        assert linear.remote and linear.command == "" and linear.args == ()
+        assert linear.url == "https://mcp.linear.app/mcp"
+        assert dict(linear.headers) == {"X-Team": "${LINEAR_TEAM}"}
+        assert linear.oauth == rea.OAuthSettings("rea-local", ("read", "write"))
+        assert dict(linear.tier_overrides) == {"create_issue": "write"}
+
+    @pytest.mark.parametrize(
+        ("entry", "where", "message"),
+        [
+            (
+                "command: npx\n    url: https://x.example/mcp",
+                "4:5: servers[0].url:",
+                "exactly one of command and url",
+            ),
+            (
+                "url: http://x.example/mcp",
+                "3:5: servers[0].url:",
+                "http:// is accepted only to this machine",
+            ),
+            ("url: http://10.1.2.3:8080/mcp", "3:5: servers[0].url:", "only to this machine"),
+            ("url: ftp://x.example/mcp", "3:5: servers[0].url:", "only https://"),
+            ("url: https://u:pw@x.example/mcp", "3:5: servers[0].url:", "user or password"),
+            ("url: https://x.example/mcp?k=${KEY}", "3:5: servers[0].url:", "not expanded in url"),
+            (
+                'url: https://x.example/mcp\n    headers: {X-Key: "a\\nb"}',
+                "4:5: servers[0].headers.X-Key:",
+                "the value has a line break",
+            ),
+            (
+                'url: https://x.example/mcp\n    headers:\n      X-Key: "${A"',
+                "5:7: servers[0].headers.X-Key:",
+                "without a closing",
+            ),
+            (
+                "url: https://x.example/mcp\n    headers:\n      Mcp-Session-Id: abc",
+                "5:7: servers[0].headers.Mcp-Session-Id:",
+                "is set by rea itself",
+            ),
+            (
+                "url: https://x.example/mcp\n    args: [a]",
+                "4:5: servers[0].args:",
+                "is for a local server",
+            ),
+            (
+                "url: https://x.example/mcp\n    env: {A: b}",
+                "4:5: servers[0].env:",
+                "is for a local server",
+            ),
+            (
+                "command: npx\n    headers: {A: b}",
+                "4:5: servers[0].headers:",
+                "is for a remote server",
+            ),
+            (
+                "command: npx\n    oauth: {client_id: x}",
+                "4:5: servers[0].oauth:",
+                "is for a remote server",
+            ),
+            (
+                'url: https://x.example/mcp\n    oauth: {scopes: ["a b"]}',
+                "4:5: servers[0].oauth",
+                "is not a scope name",
+            ),
+            ("enabled: true", "2:3: servers[0].command:", "or the url of a remote server"),
+        ],
+    )
+    def test_refusals_are_one_line_at_file_line_col(
+        self, tmp_path: Path, entry: str, where: str, message: str
+    ) -> None:
+        text = f"servers:\n  - name: r\n    {entry}\n"
+        found = located_registry_error(tmp_path, text)
+        assert found.startswith(f"{tmp_path / 'registry.yaml'}:{where}"), found
+        assert message in found
+
+    def test_a_header_value_is_never_shown_in_an_error(self, tmp_path: Path) -> None:
+        text = 'servers:\n  - name: r\n    url: https://x.example/mcp\n    headers: {X-Key: "sk-secret\\r\\nEvil: 1"}\n'
+        found = located_registry_error(tmp_path, text)
+        assert "line break" in found and "sk-secret" not in found
+
+    def test_check_json_withholds_header_values(self, tmp_path: Path) -> None:
+        write(tmp_path / "registry.yaml", REMOTE_REGISTRY)
+        out = rea.registry_to_json(rea.load_registry(tmp_path))
+        assert out["servers"] == [
+            {
+                "name": "linear",
+                "url": "https://mcp.linear.app/mcp",
+                "headers": {"X-Team": "<withheld>"},
+                "oauth": {
+                    "client_id": "rea-local",
+                    "scopes": ["read", "write"],
+                    "client_metadata_url": None,
+                },
+                "tier_overrides": {"create_issue": "write"},
+                "enabled": True,
+                "trust_annotations": False,
+            }
+        ]
+        assert "LINEAR_TEAM" not in json.dumps(out)
+
+
 class TestSection3ChildEnvironment:
     """SPEC §3: ${VAR} interpolation and the child's environment."""
 
@@ -4510,7 +4640,9 @@ class TestSection11InitEndToEnd:
         assert done.returncode == 0, done.stderr
         assert "my-echo" in done.stdout and "remote" in done.stdout
         rewritten = json.loads(mcp.read_text())
-        assert rewritten["mcpServers"]["remote"] == original["mcpServers"]["remote"]
+        assert list(rewritten["mcpServers"]) == ["rea"]  # the remote server is governed too
+        imported = {s.name: s for s in rea.load_registry(tmp_path / ".rea").servers}
+        assert imported["remote"].url == "https://example.invalid/mcp"
         rea_entry = rewritten["mcpServers"]["rea"]
         assert rea_entry == rea.gateway_launch(REA_PY, tmp_path)
         # the command the client will run starts a working gateway
@@ -5202,6 +5334,51 @@ class TestSection10Servers:
         assert text == json.dumps(document, sort_keys=True, indent=2) + "\n"
 
 
+class TestSection10RemoteServers:
+    """§10: a remote server is pinned by its URL and its header names, never their values."""
+
+    def spec(self, **changes: object) -> rea.ServerSpec:
+        fields: dict[str, object] = {
+            "name": "linear",
+            "url": "https://mcp.linear.app/mcp",
+            "headers": {"X-Team": "${LINEAR_TEAM}", "X-Key": "literal-secret-value"},
+        }
+        fields.update(changes)
+        return rea.ServerSpec(**fields)  # type: ignore[arg-type]
+
+    def test_the_pin_is_the_url_and_the_header_names(self, tmp_path: Path) -> None:
+        pins = rea.Fingerprints(_trust_rea_dir(tmp_path))
+        assert pins.check_server(self.spec()) is None
+        entry = _trust_file(tmp_path)["servers"]["linear"]  # type: ignore[index]
+        assert entry["definition"] == {
+            "url": "https://mcp.linear.app/mcp",
+            "header_keys": ["X-Key", "X-Team"],
+        }
+        text = (tmp_path / ".rea" / "fingerprints.json").read_text()
+        assert "literal-secret-value" not in text and "LINEAR_TEAM" not in text
+        # the file reads back: a remote pin has a shape of its own
+        again = rea.Fingerprints(tmp_path / ".rea")
+        assert again.error is None and again.check_server(self.spec()) is None
+
+    def test_a_changed_url_or_header_name_holds_it_a_changed_value_does_not(
+        self, tmp_path: Path
+    ) -> None:
+        rea.Fingerprints(_trust_rea_dir(tmp_path)).check_server(self.spec())
+        pins = rea.Fingerprints(tmp_path / ".rea")
+        moved = pins.check_server(self.spec(url="https://evil.example/mcp"))
+        assert moved is not None and "url changed" in moved
+        renamed = pins.check_server(self.spec(headers={"X-Team": "a", "X-Other": "b"}))
+        assert renamed is not None and "header names changed" in renamed
+        revalued = self.spec(headers={"X-Team": "${OTHER}", "X-Key": "another-value"})
+        assert pins.check_server(revalued) is None
+
+    def test_a_server_turned_from_local_to_remote_is_held(self, tmp_path: Path) -> None:
+        rea.Fingerprints(_trust_rea_dir(tmp_path)).check_server(_trust_spec("linear"))
+        held = rea.Fingerprints(tmp_path / ".rea").check_server(self.spec())
+        assert held is not None and "definition changed since pinned: command, " in held
+        assert "url, header names changed" in held
+
+
 class TestSection10Tools:
     def test_first_list_pins_every_tool_as_new(self, tmp_path: Path) -> None:
         pins = rea.Fingerprints(_trust_rea_dir(tmp_path))
@@ -5802,7 +5979,8 @@ class TestSection11Init:
         code, output = run_init(tmp_path, "--from", str(source))
         assert code == 0
         servers = {s.name: s for s in rea.load_registry(tmp_path / ".rea").servers}
-        assert sorted(servers) == ["filesystem", "github"]
+        assert sorted(servers) == ["filesystem", "github", "linear"]
+        assert servers["linear"].url == "https://mcp.linear.app/sse"
         github = servers["github"]
         assert github.command == "npx"
         assert github.args == ("-y", "@modelcontextprotocol/server-github")
@@ -5887,22 +6065,61 @@ class TestSection11Init:
         assert "export GITHUB_TOKEN=" in output and "export HOME_GITHUB_TOKEN=" in output
         assert output.count("export GITHUB_TOKEN=") == 1
 
-    def test_remote_servers_are_reported_and_kept_in_the_printed_mcp_json(
+    def test_http_servers_are_imported_and_one_with_a_secret_in_its_url_is_kept(
         self, tmp_path: Path
     ) -> None:
         source = write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)
         _, output = run_init(tmp_path, "--from", str(source))
         lines = entry_lines(output)
-        assert any(line.startswith('  "linear": skipped: remote server (sse)') for line in lines)
-        assert any(line.startswith('  "notion": skipped: remote server (url)') for line in lines)
+        assert any(line.startswith('  "linear": imported as linear; type sse') for line in lines)
+        assert any(
+            line.startswith('  "notion": skipped: remote server whose URL carries a secret')
+            for line in lines
+        )
         assert "abc" not in "\n".join(lines)  # a remote URL may carry a key: not echoed
         servers = printed_servers(output)
-        assert list(servers) == ["rea", "linear", "notion"]
+        assert list(servers) == ["rea", "notion"]
         assert servers["rea"] == rea_entry(tmp_path)
-        assert servers["linear"] == CLAUDE_CODE_MCP["mcpServers"]["linear"]  # type: ignore[index]
-        assert all(
-            s.name not in ("linear", "notion") for s in rea.load_registry(tmp_path / ".rea").servers
-        )
+        assert servers["notion"] == CLAUDE_CODE_MCP["mcpServers"]["notion"]  # type: ignore[index]
+        names = [s.name for s in rea.load_registry(tmp_path / ".rea").servers]
+        assert "linear" in names and "notion" not in names
+
+    def test_an_http_server_is_imported_with_its_literal_authorization_as_a_variable(
+        self, tmp_path: Path
+    ) -> None:
+        secret = "sk-" + "Zq9xY8wV7u" * 3
+        doc = {
+            "mcpServers": {
+                "Acme API": {
+                    "type": "http",
+                    "url": "https://mcp.acme.example/mcp",
+                    "headers": {
+                        "Authorization": f"Bearer {secret}",
+                        "X-Api-Key": secret,
+                        "X-Team": "blue",
+                        "X-Env": "${ACME_ENV}",
+                    },
+                },
+                "local": {"type": "streamable-http", "url": "http://127.0.0.1:9000/mcp"},
+            }
+        }
+        source = write_json(tmp_path / ".mcp.json", doc)
+        code, output = run_init(tmp_path, "--from", str(source), "--write")
+        assert code == 0
+        servers = {s.name: s for s in rea.load_registry(tmp_path / ".rea").servers}
+        acme = servers["acme-api"]
+        assert acme.url == "https://mcp.acme.example/mcp"
+        assert dict(acme.headers) == {
+            "Authorization": "Bearer ${ACME_API_AUTHORIZATION}",
+            "X-Api-Key": "${ACME_API_X_API_KEY}",
+            "X-Team": "blue",
+            "X-Env": "${ACME_ENV}",
+        }
+        assert servers["local"].url == "http://127.0.0.1:9000/mcp"
+        for text in (output, (tmp_path / ".rea" / "registry.yaml").read_text(), source.read_text()):
+            assert secret not in text
+        assert "export ACME_API_AUTHORIZATION=" in output and "export ACME_API_X_API_KEY=" in output
+        assert list(json.loads(source.read_text())["mcpServers"]) == ["rea"]
 
     def test_every_entry_gets_exactly_one_report_line(self, tmp_path: Path) -> None:
         doc = {
@@ -5930,7 +6147,7 @@ class TestSection11Init:
         assert '"gw": skipped: already routes through rea' in text
         kept = printed_servers(output)
         assert "gw" not in kept and kept["bad-args"] == doc["mcpServers"]["bad-args"]
-        assert [s.name for s in rea.load_registry(tmp_path / ".rea").servers] == ["ok"]
+        assert [s.name for s in rea.load_registry(tmp_path / ".rea").servers] == ["ok", "remote"]
 
     def test_names_are_normalised_and_clashes_get_numbered_suffixes(self, tmp_path: Path) -> None:
         doc = {
@@ -6019,7 +6236,7 @@ class TestSection11Init:
         doc = json.loads(source.read_text(encoding="utf-8"))
         assert list(doc) == ["mcpServers"]
         assert doc["mcpServers"]["rea"] == rea_entry(tmp_path)
-        assert list(doc["mcpServers"]) == ["rea", "linear", "notion"]
+        assert list(doc["mcpServers"]) == ["rea", "notion"]
         assert TOKEN not in source.read_text(encoding="utf-8")
         assert "saved as" in output
 
@@ -6046,7 +6263,7 @@ class TestSection11Init:
         assert (tmp_path / ".mcp.json.bak").read_bytes() != first_rewrite
         assert json.loads((tmp_path / ".mcp.json.bak.1").read_bytes()) == doc
         names = [s.name for s in rea.load_registry(tmp_path / ".rea").servers]
-        assert names == ["github", "filesystem", "extra"]
+        assert names == ["github", "filesystem", "linear", "extra"]
 
     def test_claude_desktop_config_keeps_its_other_keys_when_written(self, tmp_path: Path) -> None:
         source = write_json(tmp_path / "claude_desktop_config.json", CLAUDE_DESKTOP_CONFIG)
@@ -6090,7 +6307,7 @@ class TestSection11Init:
         code, output = run_init(tmp_path, "--from", str(source))
         assert code == 1
         servers = {s.name: s for s in rea.load_registry(tmp_path / ".rea").servers}
-        assert list(servers) == ["github", "filesystem", "memory"]
+        assert list(servers) == ["github", "filesystem", "linear", "memory"]
         assert servers["github"].command == "docker"
         assert dict(servers["github"].tier_overrides) == {"create_issue": "write"}
         assert servers["github"].env_passthrough == ("LANG",)
@@ -6177,11 +6394,11 @@ class TestSection11Init:
         assert "ignored keys rea does not use: cwd, timeout" in output
 
     def test_a_kept_entry_named_rea_does_not_hide_the_gateway_entry(self, tmp_path: Path) -> None:
-        doc = {"mcpServers": {"rea": {"url": "https://rea.example/mcp"}}}
+        doc = {"mcpServers": {"rea": {"type": "ws", "url": "wss://rea.example/mcp"}}}
         source = write_json(tmp_path / ".mcp.json", doc)
         _, output = run_init(tmp_path, "--from", str(source))
         servers = printed_servers(output)
-        assert servers["rea"] == {"url": "https://rea.example/mcp"}
+        assert servers["rea"] == {"type": "ws", "url": "wss://rea.example/mcp"}
         assert servers["rea-gateway"] == rea_entry(tmp_path)
 
 
