@@ -19,7 +19,8 @@ one line per banner:
     User regular expressions
                             load checks of redact.patterns (no nested quantifiers)
     Child environment       ${VAR} expansion and the allowlisted environment of a child
-    Configuration loading   registry and policy files into records, errors as file:line:col
+    Configuration loading   registry and policy files into records, errors as file:line:col;
+                            the URL and header checks of a remote server
     Configuration as JSON   `check --json`
     Tiers and autonomy      a tool's tier from its name, annotations and overrides
     Blocked paths           PathGuard: every string argument read as a path, every way
@@ -42,6 +43,8 @@ one line per banner:
     Protocol                JSON-RPC, the two MCP eras, Timeouts
     Tool names              `server__tool`, shortened when too long
     Transports              Transport; ChildProcess (reader, writer, stderr threads); Deadlines
+    Remote transport        StreamableHttpTransport: a remote server over Streamable HTTP (§13)
+    OAuth                   discovery, `login` with PKCE, TokenStore, TokenSource, refresh, `logout`
     Downstream and supervisor
                             one server: start, era probe, tools, trust, restarts
     Call pipeline           CallView, the steps, CallLimiter, Permit, Outcome, result checks
@@ -77,16 +80,23 @@ import difflib
 import fcntl
 import fnmatch
 import hashlib
+import http.client
+import http.server
 import importlib
 import ipaddress
+import itertools
 import json
 import math
 import os
+import queue
 import random
 import re
+import secrets
 import select
 import shutil
 import signal
+import socket
+import ssl
 import stat
 import statistics
 import subprocess
@@ -97,6 +107,7 @@ import time
 import unicodedata
 import urllib.parse
 import uuid
+import webbrowser
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -1980,17 +1991,20 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
-def expand_env(template: str, environ: Mapping[str, str], server: str, key: str) -> str:
-    """Expand every ${VAR} of an env: value from environ; an unset VAR is an error."""
+def expand_env(
+    template: str, environ: Mapping[str, str], server: str, key: str, what: str = "env"
+) -> str:
+    """Expand every ${VAR} of an env: (or headers:) value from environ; an unset VAR is an
+    error."""
     problem = _template_problem(template)
     if problem:
-        raise ReaError(f"server {server!r}: env {key}: {problem}; write ${{NAME}}")
+        raise ReaError(f"server {server!r}: {what} {key}: {problem}; write ${{NAME}}")
 
     def value_of(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in environ:
             raise ReaError(
-                f"server {server!r}: env {key} needs ${{{name}}}, which is not set; "
+                f"server {server!r}: {what} {key} needs ${{{name}}}, which is not set; "
                 f"export {name} before starting rea, or remove it from the registry"
             )
         return environ[name]
@@ -8714,6 +8728,11 @@ class PendingRequests:
         with self._lock:
             return self._pending.pop(request_id, None)
 
+    def waiting(self, request_id: int) -> bool:
+        """Whether the request still waits: nobody has taken it to deliver its outcome."""
+        with self._lock:
+            return request_id in self._pending
+
     def due(self, now: float) -> tuple[list[tuple[int, Pending]], float | None]:
         """Take the requests past their deadline; also the next deadline, if any."""
         expired: list[tuple[int, Pending]] = []
@@ -9300,6 +9319,2504 @@ def list_tools(transport: Transport, timeout_s: float) -> list[JsonObj]:
         else:
             log("warn", "tool_skipped", server=transport.name, reason="tool without a string name")
     return tools
+
+
+# Remote transport ############################################################
+#
+# A registry entry with `url:` is a remote MCP server spoken to over Streamable HTTP (§13),
+# through a transport with the face of ChildProcess: a Downstream drives either. Each request
+# is its own POST on a kept-alive connection, answered as JSON or as an event stream that may
+# carry the server's notifications and requests first. Handshake era: `initialize` assigns an
+# Mcp-Session-Id that goes on every later message, a GET stream carries the server's own
+# messages, and a 404 on the session opens a new one. Stateless era (2026-07-28): no session,
+# and every request mirrors its version, method and name into headers. The bearer token comes
+# from a TokenProvider (the OAuth section's TokenSource); a 401 it cannot mend is NeedsLogin.
+
+ACCEPT = "application/json, text/event-stream"  # Streamable HTTP: a client MUST list both
+MAX_CONNECTIONS = 8  # requests in flight at once per remote server; more wait their turn
+CONNECT_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 30.0  # one notification or response POST
+DELETE_TIMEOUT_S = 2.0  # ending the session at stop is best effort
+DRAIN_TIMEOUT_S = 2.0  # what may follow the answer on an event stream, read to keep the connection
+MAX_RESUMES = 3  # GETs with Last-Event-ID after a stream broke before its answer (2025-11-25)
+LISTEN_BACKOFF_MAX_S = 30.0
+MAX_ERROR_BODY = 64 * 1024
+MAX_PROBLEM = 300  # characters of last_stderr()
+
+# Methods that change nothing on the server: when a kept-alive connection breaks after one of
+# them was sent and before any answer, it may go out once more. A tools/call never does: the
+# server may have run it (§9, at most once); nor initialize (it would orphan a session).
+_RESENDABLE = frozenset(
+    {
+        "server/discover",
+        "ping",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+    }
+)
+_SESSION_ID_RE = re.compile(r"^[\x21-\x7e]{1,1024}$")  # 2025-11-25 Session Management 1
+_NET_ERRORS = (OSError, http.client.HTTPException, ValueError)  # ValueError: a TLS socket aborted
+
+
+class TransportFailed(ChildDied):
+    """An exchange with a remote server failed: its connection, or its answer. For the
+    gateway it is what a dead child is: the call fails and is not sent again."""
+
+
+class ServerUnreachable(TransportFailed):
+    """No connection to the server could be opened: the transport ends and says so through
+    on_exit, so that the supervisor reconnects with backoff (§9, §13)."""
+
+
+class NeedsLogin(TransportFailed):
+    """The server wants a token rea does not have, or a refresh was refused (§13). Its text
+    is the line a call answers; `why` is for the log. The request never ran."""
+
+    def __init__(self, server: str, why: str = "") -> None:
+        super().__init__(f"server {server} needs a login: python rea.py login {server}")
+        self.server = server
+        self.why = why
+
+
+class _Abandoned(Exception):
+    """The request was taken by a timeout, a cancellation or stop while its exchange ran."""
+
+
+class TokenProvider(Protocol):
+    """Where a remote transport gets its bearer token (the OAuth section's TokenSource)."""
+
+    def serves(self, url: str) -> bool:
+        """Whether the token may go to this URL (no token passthrough)."""
+        ...
+
+    def access_token(self, *, refresh: bool = True) -> str | None:
+        """The token to send now, or None; may refresh first; NeedsLogin when it cannot."""
+        ...
+
+    def after_unauthorized(self, used: str | None) -> None:
+        """A 401 came back for `used`: make a better token available, or raise NeedsLogin."""
+        ...
+
+    def scrub(self, text: str) -> str:
+        """The text with every token this provider has held taken out."""
+        ...
+
+
+def expanded_headers(spec: ServerSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """A remote server's `headers:` with ${VAR} expanded; ReaError for an unset variable or
+    a value that cannot be sent (the value is never shown: it may be a secret)."""
+    headers: dict[str, str] = {}
+    for key, template in spec.headers.items():
+        value = expand_env(template, environ, spec.name, key, "header")
+        problem = header_value_problem(value)
+        if problem is not None:
+            raise ReaError(
+                f"server {spec.name!r}: header {key}: its value {problem} once expanded; "
+                "fix the variable it uses"
+            )
+        headers[key] = value
+    return headers
+
+
+def header_value(text: str) -> str:
+    """A value for Mcp-Name or Mcp-Param-*: plain when header-safe, else the Base64 sentinel.
+
+    2026-07-28 Streamable HTTP, Value Encoding: non-ASCII, control characters, leading or
+    trailing whitespace, or a plain value that looks like the sentinel, are Base64-encoded.
+    """
+    plain = all(0x20 <= ord(ch) <= 0x7E or ch == "\t" for ch in text)
+    sentinel = text.startswith("=?base64?") and text.endswith("?=")
+    if plain and text == text.strip(" \t") and not sentinel:
+        return text
+    return "=?base64?" + base64.b64encode(text.encode()).decode("ascii") + "?="
+
+
+def canonical_resource(url: str) -> str:
+    """The canonical URI of a server (RFC 8707 §2, MCP authorization "Canonical Server URI"):
+    lower-case scheme and host, no default port, no fragment, no trailing slash."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    default = (scheme, port) in (("https", 443), ("http", 80))
+    netloc = host if port is None or default else f"{host}:{port}"
+    return urllib.parse.urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, ""))
+
+
+def resource_covers(resource: str, url: str) -> bool:
+    """Whether a token for `resource` may be sent to `url`: same origin, and the URL's path is
+    the resource's or below it. Anything else is another server (no token passthrough)."""
+    try:
+        r = urllib.parse.urlsplit(canonical_resource(resource))
+        u = urllib.parse.urlsplit(canonical_resource(url))
+    except ValueError:
+        return False
+    if (r.scheme, r.netloc) != (u.scheme, u.netloc) or not r.netloc:
+        return False
+    return not r.path or u.path == r.path or u.path.startswith(r.path + "/")
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, secret-free reason for a network failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection"
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One event of a text/event-stream body."""
+
+    event: str  # "message" unless the server named it
+    data: str
+    id: str | None  # the stream's last event ID so far (SSE "last event ID buffer")
+    retry_ms: int | None
+
+
+class _ReadsLines(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+def sse_events(body: _ReadsLines) -> Iterator[SseEvent]:
+    """The events of an event-stream body until it ends (WHATWG HTML, "Interpreting an event
+    stream").
+
+    A block that sets any field is yielded, data or not, so that a priming event's id is seen.
+    An event cut off by the end of the body is still yielded: a server that forgets the last
+    blank line should not lose its answer. A line or event longer than MAX_LINE ends the stream.
+    """
+    data: list[str] = []
+    size = 0
+    event = ""
+    last_id: str | None = None
+    retry: int | None = None
+    fields = False
+    while True:
+        raw = body.readline(MAX_LINE + 1)
+        if not raw:
+            break
+        if len(raw) > MAX_LINE:
+            raise TransportFailed("an event stream line is longer than the limit")
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if fields:
+                yield SseEvent(event or "message", "\n".join(data), last_id, retry)
+            data, size, event, fields = [], 0, "", False
+            continue
+        if line.startswith(":"):
+            continue  # a comment, e.g. a keep-alive
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        fields = True
+        if name == "data":
+            size += len(value)
+            if size > MAX_LINE:
+                raise TransportFailed("an event stream event is longer than the limit")
+            data.append(value)
+        elif name == "event":
+            event = value
+        elif name == "id" and "\0" not in value:
+            last_id = value
+        elif name == "retry" and value.isdigit():
+            retry = int(value)
+    if fields:
+        yield SseEvent(event or "message", "\n".join(data), last_id, retry)
+
+
+def param_header_map(tool: JsonObj) -> tuple[tuple[str, tuple[str, ...]], ...] | str:
+    """A tool's x-mcp-header mirrors as (header name, property path), or why the tool is invalid.
+
+    2026-07-28 server/tools "x-mcp-header": a token, unique ignoring case, on a string,
+    integer or boolean property reached from the schema root through `properties` keys only.
+    """
+    found: list[tuple[str, tuple[str, ...]]] = []
+    problems: list[str] = []
+
+    def walk(node: object, path: tuple[str, ...] | None, depth: int) -> None:
+        if depth > 64:  # deeper than any real schema; nothing below is mirrored
+            return
+        if isinstance(node, list):
+            for item in node:
+                walk(item, None, depth + 1)
+            return
+        if not isinstance(node, dict):
+            return
+        if "x-mcp-header" in node:
+            name = node["x-mcp-header"]
+            if path is None:
+                problems.append("x-mcp-header on a property not reachable through properties")
+            elif not isinstance(name, str) or not _HEADER_NAME_RE.fullmatch(name):
+                problems.append(f"x-mcp-header {name!r} is not a header name")
+            elif node.get("type") not in ("string", "integer", "boolean"):
+                problems.append(
+                    f"x-mcp-header {name} is on a property of type {node.get('type')!r}"
+                )
+            else:
+                found.append((name, path))
+        for key, value in node.items():
+            if key == "properties" and path is not None and isinstance(value, dict):
+                for prop, sub in value.items():
+                    walk(sub, (*path, str(prop)), depth + 1)
+            elif key != "x-mcp-header":
+                walk(value, None, depth + 1)
+
+    schema = as_obj(tool.get("inputSchema"))
+    if schema is not None:
+        walk(schema, (), 0)
+    names = [name.lower() for name, _ in found]
+    if len(set(names)) != len(names):
+        problems.append("two x-mcp-header names are the same ignoring case")
+    return "; ".join(problems) if problems else tuple(found)
+
+
+def _mirrored_value(value: object) -> str | None:
+    """A tool argument as an Mcp-Param-* value (2026-07-28 Value Encoding, type conversion)."""
+    if value is None:
+        return None  # a null value: the header is omitted
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def _stateless_version(params: JsonObj | None) -> str | None:
+    """The 2026-07-28 version a message's _meta names, or None (a handshake-era message)."""
+    version = (meta_of(params) or {}).get(META_VERSION)
+    return version if isinstance(version, str) else None
+
+
+def _mcp_name(method: str, params: JsonObj | None) -> str | None:
+    """What Mcp-Name mirrors: params.name of tools/call and prompts/get, params.uri of
+    resources/read."""
+    if params is None:
+        return None
+    key = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
+    value = params.get(key) if key else None
+    return value if isinstance(value, str) else None
+
+
+def _abort(conn: http.client.HTTPConnection | None) -> None:
+    """Break a connection another thread may be reading: its read ends at once."""
+    sock = conn.sock if conn is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle kept-alive connection is usable only if the server has not closed it: a
+    readable idle socket means end-of-file (or junk), so no request is ever sent on it."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _content_type(resp: http.client.HTTPResponse) -> str:
+    return (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+
+
+def parse_www_authenticate(value: str | None) -> dict[str, str]:
+    """The parameters of the Bearer challenge in a WWW-Authenticate header (RFC 9110 §11.6.1,
+    RFC 6750 §3), names in lower case; {} without one."""
+    if not value:
+        return {}
+    start = re.search(r"(?:^|,)\s*bearer(?:\s+|$)", value, re.IGNORECASE)
+    if start is None:
+        return {}
+    param = re.compile(
+        r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*)\s*(?:,|$)'
+    )
+    params: dict[str, str] = {}
+    pos = start.end()
+    while pos < len(value):
+        match = param.match(value, pos)
+        if match is None:
+            break  # the next challenge's scheme, or something unreadable
+        raw = match.group(2)
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params.setdefault(match.group(1).lower(), raw)
+        pos = match.end()
+    return params
+
+
+@dataclass(eq=False)
+class _Request:
+    """One JSON-RPC request to a remote server, as its exchange needs it; who waits for it
+    is in the transport's PendingRequests."""
+
+    id: int
+    method: str
+    params: JsonObj | None
+    deadline: float
+    session_id: str | None = None  # what an initialize answer's Mcp-Session-Id assigned
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """How reading an event stream ended."""
+
+    answered: bool
+    last_id: str | None
+    retry_ms: int | None
+    messages: int
+
+
+class _Lane:
+    """Worker threads of one transport for one kind of work, started on demand, at most `size`.
+
+    Each queued item is claimed exactly once — by an idle worker, by a new one, or as backlog
+    by a busy worker when it finishes — so no item waits while a thread could run it.
+    """
+
+    def __init__(
+        self, name_thread: Callable[[], str], size: int, on_bug: Callable[[Exception], None]
+    ) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards: _threads, _idle, _backlog, _closed
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._backlog = 0
+        self._closed = False
+        self._size = size
+        self._name_thread = name_thread
+        self._on_bug = on_bug
+
+    def submit(self, work: Callable[[], None]) -> None:
+        thread: threading.Thread | None = None
+        with self._lock:
+            if self._closed:
+                raise TransportFailed("the connection is closed")
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self._size:
+                thread = threading.Thread(target=self._run, name=self._name_thread(), daemon=True)
+                self._threads.append(thread)
+            else:
+                self._backlog += 1
+        self._queue.put(work)
+        if thread is not None:
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            try:
+                work()
+            except Exception as exc:  # a bug in one exchange must not end the worker
+                self._on_bug(exc)
+            with self._lock:
+                if self._backlog:
+                    self._backlog -= 1
+                else:
+                    self._idle += 1
+
+    def close(self, join_s: float) -> None:
+        """Let the workers end once the queue is empty (queued work still runs and finds its
+        request gone), and join them for up to join_s."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + join_s
+        for thread in threads:
+            if thread is not threading.current_thread() and thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class StreamableHttpTransport:
+    """A remote MCP server over Streamable HTTP, with the face of ChildProcess (§13).
+
+    Each request is its own POST, run by one of this server's worker threads
+    (`rea-http-NAME-N`) on a kept-alive connection of its own; the answer is JSON or an event
+    stream whose notifications and server requests go to on_message and whose response ends
+    the wait. Deadlines are kept by the gateway's Deadlines through expire(), as for a child.
+    Notifications and responses are queued and go out in order through one sender thread: the
+    client's reader never waits on the network (§9). Request ids are this transport's own.
+
+    In the handshake era a 404 to a request that carried the session id means the server no
+    longer knows the session, so it did not process the request: the session is opened again
+    (once, for every request that met it) and the request sent again. Nothing that may have
+    reached the server is ever sent twice (§9).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        headers: Mapping[str, str],
+        on_message: Callable[[StreamableHttpTransport, JsonObj], None],
+        on_exit: Callable[[StreamableHttpTransport, int | None], None],
+        deadlines: Deadlines,
+        timeouts: Timeouts,
+        auth: TokenProvider | None = None,
+        on_needs_login: Callable[[StreamableHttpTransport, NeedsLogin], None] | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        problem = check_remote_url(url) or next(
+            (
+                f"header {key} {why}"
+                for key, value in headers.items()
+                if (why := header_name_problem(key) or header_value_problem(value))
+            ),
+            None,
+        )
+        if problem is not None:
+            raise ValueError(f"server {name}: {problem}")
+        if auth is not None and not auth.serves(url):
+            raise ValueError(f"server {name}: its token source is for another URL")
+        parts = urllib.parse.urlsplit(url)
+        self.name = name
+        self.url = url
+        self.era = Era.HANDSHAKE
+        self.version = HANDSHAKE_VERSIONS[0]
+        self.stopping = False
+        self.requests = PendingRequests(name)
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._on_needs_login = on_needs_login
+        self._deadlines = deadlines
+        self._timeouts = timeouts
+        # A static Authorization of `headers:` wins: no OAuth token is ever sent beside it.
+        self._static_auth = any(key.lower() == "authorization" for key in headers)
+        self._auth = None if self._static_auth else auth
+        # `headers:` values are secrets by contract (§3): scrubbed from any text we make
+        values = {value for value in headers.values() if len(value) >= MIN_SECRET_CHARS}
+        self._secret_values = tuple(sorted(values, key=len, reverse=True))
+        self._user_headers = dict(headers)
+        self._post_headers: dict[str, str] = {
+            "Accept": ACCEPT,
+            "Content-Type": "application/json",
+            "User-Agent": f"rea/{VERSION}",
+            **headers,
+        }
+        self._https = parts.scheme.lower() == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._tls = ssl.create_default_context() if self._https else None
+        self._lock = threading.Lock()  # guards: _active, _ended, _exited
+        self._active: dict[int, http.client.HTTPConnection] = {}  # request id -> its connection
+        self._ended = False  # stop() or _die() has run
+        self._exited = False  # on_exit has been called
+        # guards: _session_id, _renewing, _init_params, _listen_conn, _listening
+        self._session = threading.Condition()
+        self._session_id: str | None = None
+        self._renewing = False
+        self._init_params: JsonObj | None = None
+        self._listen_conn: http.client.HTTPConnection | None = None
+        self._listening: threading.Thread | None = None
+        self._pool_lock = threading.Lock()  # guards: _idle
+        self._idle: list[http.client.HTTPConnection] = []
+        self._max_idle = max_connections
+        self._stopped = threading.Event()
+        self._problem = ""  # last HTTP problem, one line; replaced whole (one reference write)
+        # tool name -> its x-mcp-header mirrors; replaced whole, never mutated (no lock)
+        self._param_headers: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
+        self._thread_numbers = itertools.count(1)
+        self._requests = _Lane(self._thread_name, max_connections, self._on_bug)
+        self._sender = _Lane(self._thread_name, 1, self._on_bug)
+
+    # -- the face of ChildProcess --
+
+    @property
+    def alive(self) -> bool:
+        return not self.requests.closed
+
+    @property
+    def pid(self) -> int | None:
+        return None  # no process of ours
+
+    def request_async(
+        self, method: str, params: JsonObj | None, timeout_s: float, on_done: OnDone
+    ) -> int:
+        """Send a request; on_done(result, error) is called exactly once, from some thread.
+
+        Errors: RpcError (the server's JSON-RPC error, or an HTTP error status), TimeoutError,
+        TransportFailed (NeedsLogin and ServerUnreachable among them).
+        """
+        request_id, deadline = self.requests.add(method, timeout_s, on_done)
+        job = _Request(request_id, method, params, deadline)
+        try:
+            self._requests.submit(lambda: self._run(job))
+        except TransportFailed:
+            if self.requests.take(request_id) is not None:
+                raise
+            return request_id  # ended meanwhile, and its end delivered the outcome
+        self._deadlines.watch(self, deadline)
+        return request_id
+
+    def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
+        """Send a request and wait for its result (raises what request_async's on_done gets)."""
+        return wait_for(lambda done: self.request_async(method, params, timeout_s, done))
+
+    def notify(self, method: str, params: JsonObj | None = None) -> None:
+        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.send(msg)
+
+    def send(self, msg: JsonObj) -> None:
+        """Queue one message that expects no answer: a notification, or the answer to a
+        server's request. It goes out in order with the others, on the sender thread."""
+        if not self.alive:
+            raise TransportFailed(f"server {self.name} is not connected")
+        if msg.get("method") == "notifications/initialized":
+            # in the caller's thread: no request may overtake it (2025-11-25 Lifecycle)
+            self._post_quietly(msg)
+            return
+        self._sender.submit(lambda: self._post_quietly(msg))
+
+    def cancel(self, request_id: int, reason: str) -> bool:
+        """Forget a request and tell the server; the waiter gets a cancellation error."""
+        pending = self.requests.take(request_id)
+        if pending is None:
+            return False
+        self._abandon(request_id, pending.method, reason)
+        self._call(pending.on_done, None, RpcError(INTERNAL_ERROR, reason))
+        return True
+
+    def expire(self, now: float) -> float | None:
+        """Fail requests past their deadline; return the next deadline, if any. Never waits
+        on the network: it runs on the gateway's one deadline thread."""
+        expired, soonest = self.requests.due(now)
+        for request_id, pending in expired:  # a late answer finds no waiter and is dropped (§9)
+            self._abandon(request_id, pending.method, "timeout")
+            self._call(
+                pending.on_done, None, TimeoutError(f"server {self.name} did not answer in time")
+            )
+        return soonest
+
+    def stop(self) -> None:
+        """Fail what is in flight, end the session (DELETE, best effort), close every
+        connection and join this server's threads."""
+        self.stopping = True
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            active = list(self._active.values())
+        jobs = self.requests.close()
+        self._stopped.set()
+        for conn in active:
+            _abort(conn)
+        with self._session:
+            session, listening, listener = self._session_id, self._listen_conn, self._listening
+            self._session.notify_all()  # a request waiting for a renewal stops waiting
+        _abort(listening)
+        for pending in jobs:
+            self._call(pending.on_done, None, TransportFailed(f"server {self.name}: disconnected"))
+        if session is not None:
+            self._end_session(session)
+        self._close(join_s=self._timeouts.kill_after_s)
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(self._timeouts.kill_after_s)
+        self._exit(0)
+
+    def last_stderr(self) -> str:
+        """The last HTTP problem, one line, with no token or `headers:` value in it."""
+        return self._problem
+
+    # -- internals: bookkeeping --
+
+    def _thread_name(self) -> str:
+        return f"rea-http-{self.name}-{next(self._thread_numbers)}"
+
+    def _on_bug(self, exc: Exception) -> None:
+        log(
+            "error",
+            "internal_error",
+            where="http_worker",
+            server=self.name,
+            error=self._scrub(repr(exc)),
+        )
+
+    def _bind(self, job: _Request, conn: http.client.HTTPConnection) -> bool:
+        """Note the connection a request uses, so that a timeout or cancel can break it."""
+        with self._lock:
+            if not self.requests.waiting(job.id):
+                return False
+            self._active[job.id] = conn
+            return True
+
+    def _unbind(self, job: _Request) -> None:
+        with self._lock:
+            self._active.pop(job.id, None)
+
+    def _call(self, on_done: OnDone, result: JsonObj | None, error: Exception | None) -> None:
+        try:
+            on_done(result, error)
+        except Exception as exc:  # the caller's bug must not end a worker or the deadline thread
+            log(
+                "error",
+                "internal_error",
+                where="on_done",
+                server=self.name,
+                error=self._scrub(repr(exc)),
+            )
+
+    def _finish(self, request_id: int, error: Exception) -> None:
+        pending = self.requests.take(request_id)
+        if pending is not None:
+            self._call(pending.on_done, None, error)
+
+    def _abandon(self, request_id: int, method: str, reason: str) -> None:
+        """Stop waiting for a request: break its stream, and in the handshake era say so.
+
+        2026-07-28 Cancellation: closing the response stream is the cancellation. Earlier
+        revisions: disconnection is not cancellation, so notifications/cancelled is POSTed
+        (2025-11-25 Streamable HTTP, Sending Messages 6); initialize is never cancelled, and
+        server/discover is a stateless-era request whatever the era.
+        """
+        with self._lock:
+            conn = self._active.get(request_id)
+        _abort(conn)
+        if self.era is Era.HANDSHAKE and method not in ("initialize", "server/discover"):
+            with contextlib.suppress(ChildDied):
+                self.notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
+
+    def _note(self, problem: str) -> str:
+        """Remember a problem for last_stderr(); return it scrubbed, as one line."""
+        text = " ".join(self._scrub(problem).split())[:MAX_PROBLEM]
+        self._problem = text
+        return text
+
+    def _fail(self, problem: str) -> TransportFailed:
+        return TransportFailed(self._note(f"server {self.name}: {problem}"))
+
+    def _refused(self, method: str, status: int, reason: str) -> RpcError:
+        """An HTTP error status without a JSON-RPC error in it: the server refused the request,
+        as a JSON-RPC error says (the era probe falls back on it, §5)."""
+        text = self._note(f"server {self.name} answered {method} with HTTP {status} {reason}")
+        return RpcError(INTERNAL_ERROR, text.rstrip())
+
+    def _scrub(self, text: str) -> str:
+        for value in self._secret_values:
+            text = text.replace(value, "[REDACTED:header]")
+        if self._auth is not None:
+            text = self._auth.scrub(text)
+        return text
+
+    def _login_needed(self, exc: NeedsLogin) -> None:
+        """Tell the owner that the server needs a login (it may change the server's status)."""
+        self._note(str(exc))
+        if self._on_needs_login is None:
+            return
+        try:
+            self._on_needs_login(self, exc)
+        except Exception as bug:
+            log(
+                "error", "internal_error", where="on_needs_login", server=self.name, error=repr(bug)
+            )
+
+    def _exit(self, code: int | None) -> None:
+        with self._lock:
+            if self._exited:
+                return
+            self._exited = True
+        try:
+            self._on_exit(self, code)
+        except Exception as exc:
+            log(
+                "error",
+                "internal_error",
+                where="on_exit",
+                server=self.name,
+                error=self._scrub(repr(exc)),
+            )
+
+    def _die(self, reason: str) -> None:
+        """The server cannot be reached: fail everything, and report the exit (§9)."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            active = list(self._active.values())
+        jobs = self.requests.close()
+        text = self._note(reason)
+        log("warn", "remote_disconnected", server=self.name, error=text)
+        self._stopped.set()
+        for conn in active:
+            _abort(conn)
+        with self._session:
+            listening = self._listen_conn
+        _abort(listening)
+        for pending in jobs:
+            self._call(pending.on_done, None, TransportFailed(text))
+        self._close(join_s=0.0)
+        self._exit(None)
+
+    def _close(self, join_s: float) -> None:
+        self._requests.close(join_s)
+        self._sender.close(join_s)
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # -- internals: connections --
+
+    def _new_connection(self, timeout_s: float = CONNECT_TIMEOUT_S) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=timeout_s, context=self._tls
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = self._new_connection()
+        try:
+            conn.connect()
+        except _NET_ERRORS as exc:
+            conn.close()
+            raise ServerUnreachable(
+                self._note(
+                    f"server {self.name}: cannot connect to {public_url(self.url)} ({_reason(exc)})"
+                )
+            ) from None
+        if conn.sock is not None:
+            with contextlib.suppress(OSError):  # small requests and answers: no Nagle delay
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept-alive idle connection the server has not closed, else a new one; and
+        whether it was reused."""
+        while True:
+            with self._pool_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect(), False
+            if _still_open(conn):
+                return conn, True
+            conn.close()  # the server closed it while idle: the request was not sent on it
+
+    def _release(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """Keep a connection whose answer was read to its end; close any other."""
+        if not resp.will_close and resp.isclosed():
+            with self._pool_lock:
+                if not self._stopped.is_set() and len(self._idle) < self._max_idle:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def _discard_body(
+        self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse
+    ) -> None:
+        try:
+            resp.read(MAX_ERROR_BODY)
+        except _NET_ERRORS:
+            conn.close()
+            return
+        self._release(conn, resp)
+
+    # -- internals: one request --
+
+    def _run(self, job: _Request) -> None:
+        if not self.requests.waiting(job.id):
+            return  # timed out or cancelled while it waited for a worker
+        try:
+            self._exchange(job)
+        except _Abandoned:
+            pass
+        except NeedsLogin as exc:  # the owner hears before the caller, which may look next
+            taken = self.requests.take(job.id)
+            self._login_needed(exc)
+            if taken is not None:
+                self._call(taken.on_done, None, exc)
+        except ServerUnreachable as exc:  # down before the caller hears: alive is False by then
+            taken = self.requests.take(job.id)
+            self._die(str(exc))
+            if taken is not None:
+                self._call(taken.on_done, None, exc)
+        except (TransportFailed, RpcError) as exc:
+            self._finish(job.id, exc)
+        except Exception as exc:  # a bug: the caller still gets its one answer
+            self._on_bug(exc)
+            self._finish(job.id, self._fail(f"internal error handling {job.method}"))
+
+    def _headers(
+        self, method: str | None, params: JsonObj | None, stateless: str | None, session: str | None
+    ) -> dict[str, str]:
+        headers = dict(self._post_headers)
+        if stateless is not None:
+            # 2026-07-28 Streamable HTTP, Request Metadata: version, method and name mirrored
+            headers["MCP-Protocol-Version"] = stateless
+            if method is not None:
+                headers["Mcp-Method"] = method
+                name = _mcp_name(method, params)
+                if name is not None:
+                    headers["Mcp-Name"] = header_value(name)
+                if method == "tools/call" and params is not None:
+                    headers.update(self._mirrored(params))
+            return headers
+        if method != "initialize":  # 2025-11-25 Protocol Version Header: every request after it
+            headers["MCP-Protocol-Version"] = self.version
+        if session is not None:
+            headers["Mcp-Session-Id"] = session
+        return headers
+
+    def _mirrored(self, params: JsonObj) -> dict[str, str]:
+        """Mcp-Param-* headers of a tools/call (2026-07-28 Custom Headers from Tool Parameters)."""
+        name = params.get("name")
+        mirrors = self._param_headers.get(name) if isinstance(name, str) else None
+        if not mirrors:
+            return {}
+        arguments = as_obj(params.get("arguments")) or {}
+        out: dict[str, str] = {}
+        for header, path in mirrors:
+            value: object = arguments
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            text = _mirrored_value(value)
+            if text is not None:
+                out[f"Mcp-Param-{header}"] = header_value(text)
+        return out
+
+    def _authorize(self, headers: dict[str, str], refresh: bool = True) -> str | None:
+        """Add the bearer token, if this server has one; return the token sent."""
+        if self._auth is None:
+            return None
+        token = self._auth.access_token(refresh=refresh)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return token
+
+    def _reauthorize(self, token: str | None) -> None:
+        """After a 401: refresh once (MCP authorization, Token Handling), or NeedsLogin."""
+        if self._static_auth:
+            raise self._fail(
+                "refused the Authorization of its headers: (HTTP 401); check the value it "
+                "takes from .rea/registry.yaml"
+            )
+        if self._auth is None:
+            raise NeedsLogin(self.name, "the server answered 401 and rea has no token for it")
+        self._auth.after_unauthorized(token)
+
+    def _session_for(self, job: _Request) -> str | None:
+        """The session id to send; waits while another thread opens a new session."""
+        with self._session:
+            while self._renewing and not self._stopped.is_set():
+                if not self._session.wait(max(0.01, job.deadline - time.monotonic())):
+                    break
+            return self._session_id
+
+    def _adopt(self, job: _Request, result: JsonObj) -> None:
+        """An initialize succeeded: its session (and version) go on every later message."""
+        version = result.get("protocolVersion")
+        with self._session:
+            self._session_id = job.session_id
+            self._init_params = job.params
+        if isinstance(version, str) and version in HANDSHAKE_VERSIONS:
+            self.version = version
+
+    def _renew(self, old: str) -> None:
+        """Open a new session after a 404 on `old`, once for all requests that met it."""
+        with self._session:
+            if self._session_id != old:
+                return  # another request renewed it already
+            while self._renewing:
+                self._session.wait(self._timeouts.handshake_s)
+            if self._session_id != old:
+                return
+            self._renewing = True
+            params = self._init_params
+        try:
+            if params is None:
+                raise self._fail("the session ended before it was set up")
+            log("info", "remote_session_expired", server=self.name)
+            self._reinitialize(params)
+        except NeedsLogin:
+            raise
+        except (TransportFailed, RpcError, TimeoutError) as exc:
+            text = self._note(
+                f"server {self.name}: its session expired and a new one failed: {exc}"
+            )
+            self._die(text)
+            raise TransportFailed(text) from None
+        finally:
+            with self._session:
+                self._renewing = False
+                self._session.notify_all()
+        log("info", "remote_session_renewed", server=self.name)
+
+    def _reinitialize(self, params: JsonObj) -> None:
+        """initialize and notifications/initialized again, in this thread: a renewal runs on
+        a worker whose siblings may all be waiting for this very session."""
+
+        def run(done: OnDone) -> None:
+            request_id, deadline = self.requests.add("initialize", self._timeouts.handshake_s, done)
+            self._deadlines.watch(self, deadline)
+            self._run(_Request(request_id, "initialize", params, deadline))
+
+        result = wait_for(run)
+        version = result.get("protocolVersion")
+        if not isinstance(version, str) or version not in HANDSHAKE_VERSIONS:
+            raise self._fail(f"answered initialize with unsupported version {version!r}")
+        with self._session:
+            session = self._session_id
+        self._post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+
+    def _exchange(self, job: _Request) -> None:
+        """POST one request and read its answer, sending it again only where it certainly did
+        not run: not fully sent; a 401 (refused before any work); a 404 for an unknown session."""
+        msg: JsonObj = {"jsonrpc": "2.0", "id": job.id, "method": job.method}
+        if job.params is not None:
+            msg["params"] = job.params
+        body = encode(msg)
+        stateless = _stateless_version(job.params)
+        resent = reauthorized = renewed = False
+        while True:
+            session = None
+            if stateless is None and job.method != "initialize":
+                session = self._session_for(job)
+            headers = self._headers(job.method, job.params, stateless, session)
+            token = self._authorize(headers)
+            conn, reused = self._connection()
+            if not self._bind(job, conn):
+                conn.close()
+                raise _Abandoned
+            try:
+                sent = False
+                try:
+                    assert conn.sock is not None
+                    conn.sock.settimeout(max(1.0, job.deadline - time.monotonic()) + 5.0)
+                    conn.request("POST", self._target, body, headers)
+                    sent = True
+                    resp = conn.getresponse()
+                except _NET_ERRORS as exc:
+                    conn.close()
+                    if not self.requests.waiting(job.id):
+                        raise _Abandoned from None
+                    if not resent and (not sent or (reused and job.method in _RESENDABLE)):
+                        resent = True  # it never reached the server whole; or it is harmless
+                        continue
+                    raise self._fail(
+                        f"the connection broke after {job.method} was sent ({_reason(exc)}); "
+                        "not sent again: it may have run"
+                    ) from None
+                if resp.status == 401 and not reauthorized:
+                    self._discard_body(conn, resp)
+                    reauthorized = True
+                    self._reauthorize(token)
+                    continue
+                if resp.status == 404 and session is not None and not renewed:
+                    # 2025-11-25 Session Management 3-4: the server no longer knows the
+                    # session, so it did not process this request: a new session, then again
+                    self._discard_body(conn, resp)
+                    renewed = True
+                    self._renew(session)
+                    continue
+                self._answer(job, conn, resp, stateless)
+                return
+            finally:
+                self._unbind(job)
+
+    def _answer(
+        self,
+        job: _Request,
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        stateless: str | None,
+    ) -> None:
+        status = resp.status
+        kind = _content_type(resp)
+        if job.method == "initialize" and status == 200:
+            session = resp.getheader("Mcp-Session-Id")
+            if session is not None and not _SESSION_ID_RE.fullmatch(session):
+                conn.close()
+                raise self._fail("its Mcp-Session-Id is not visible ASCII")
+            job.session_id = session
+        if status == 200 and kind == "text/event-stream":
+            self._read_stream(job, conn, resp, stateless)
+            return
+        if status == 401:  # a second 401, after a refresh or with a token from `login`
+            self._discard_body(conn, resp)
+            if self._static_auth:
+                raise self._fail("refused the Authorization of its headers: (HTTP 401)")
+            raise NeedsLogin(self.name, "the server refused the token")
+        if 300 <= status < 400:
+            self._discard_body(conn, resp)
+            raise self._fail(
+                f"answered HTTP {status} (a redirect); rea follows none, so that no token goes "
+                "to another address: put the new URL in .rea/registry.yaml"
+            )
+        if status == 403:
+            challenge = parse_www_authenticate(resp.getheader("WWW-Authenticate"))
+            if challenge.get("error") == "insufficient_scope":
+                self._discard_body(conn, resp)
+                scope = challenge.get("scope", "")
+                raise NeedsLogin(self.name, f"the server asks for scope {scope!r}")
+        try:
+            data = resp.read(MAX_LINE + 1)
+        except _NET_ERRORS as exc:
+            conn.close()
+            if not self.requests.waiting(job.id):
+                raise _Abandoned from None
+            raise self._fail(
+                f"the connection broke while reading the answer to {job.method} ({_reason(exc)})"
+            ) from None
+        if len(data) > MAX_LINE:
+            conn.close()
+            raise self._fail(f"the answer to {job.method} is larger than the limit")
+        self._release(conn, resp)
+        try:
+            msg: object = json.loads(data) if data.strip() else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            msg = None
+        if status == 200:
+            if isinstance(msg, dict | list) and self._deliver(msg, job):
+                return
+            raise self._refused(job.method, status, "without a JSON-RPC response")
+        # An error status whose body is a JSON-RPC error is that error (2026-07-28: 400 for
+        # UnsupportedProtocolVersion and HeaderMismatch, 404 for an unknown method).
+        error = as_obj(msg)
+        if (
+            error is not None
+            and isinstance(error.get("error"), dict)
+            and error.get("id") in (job.id, None)
+        ):
+            self._deliver(error, job)
+            return
+        raise self._refused(job.method, status, resp.reason)
+
+    def _deliver(self, msg: object, job: _Request | None) -> bool:
+        """Route what the server sent; True when it is the response to `job`."""
+        if isinstance(msg, list):  # a 2025-03-26 batch
+            answered = False
+            for item in msg:
+                answered = self._deliver(item, job) or answered
+            return answered
+        obj = as_obj(msg)
+        if obj is None:
+            log("warn", "remote_sent_non_object", server=self.name)
+            return False
+        if "method" not in obj and ("result" in obj or "error" in obj):
+            request_id = obj.get("id")
+            if request_id is None and "error" in obj and job is not None:
+                obj = {**obj, "id": job.id}  # an error with no id answers the POST it came on
+                request_id = job.id
+            if not isinstance(request_id, int) or isinstance(request_id, bool):
+                return False
+            mine = job is not None and request_id == job.id
+            if mine and job is not None:
+                obj = self._seen_answer(job, obj)
+            self.requests.deliver(obj)
+            return mine
+        try:  # a server notification, or a server request on a handshake-era stream
+            self._on_message(self, obj)
+        except Exception as exc:
+            log(
+                "error",
+                "internal_error",
+                where="remote_message",
+                server=self.name,
+                error=self._scrub(repr(exc)),
+            )
+        return False
+
+    def _seen_answer(self, job: _Request, msg: JsonObj) -> JsonObj:
+        """What this transport learns from an answer before its waiter gets it: the session of
+        an initialize; the header mirrors of a stateless tools/list."""
+        result = as_obj(msg.get("result"))
+        if result is None or not self.requests.waiting(job.id):
+            return msg
+        if job.method == "initialize":
+            self._adopt(job, result)
+        elif job.method == "tools/list" and _stateless_version(job.params) is not None:
+            return {**msg, "result": self._screen_tools(result)}
+        return msg
+
+    def _screen_tools(self, result: JsonObj) -> JsonObj:
+        """Drop tools whose x-mcp-header is invalid and learn the mirrors of the others
+        (2026-07-28 server/tools: such a tool MUST be left out of tools/list)."""
+        tools = result.get("tools")
+        if not isinstance(tools, list):
+            return result
+        mirrors = dict(self._param_headers)
+        kept: list[object] = []
+        for item in tools:
+            tool = as_obj(item)
+            name = tool.get("name") if tool is not None else None
+            found = param_header_map(tool) if tool is not None else ()
+            if isinstance(found, str):
+                log("warn", "tool_rejected", server=self.name, tool=str(name), reason=found)
+                continue
+            if isinstance(name, str):
+                if found:
+                    mirrors[name] = found
+                else:
+                    mirrors.pop(name, None)
+            kept.append(item)
+        self._param_headers = mirrors
+        return {**result, "tools": kept}
+
+    # -- internals: event streams --
+
+    def _consume(self, resp: http.client.HTTPResponse, job: _Request | None) -> _StreamEnd:
+        """Read events until the answer to `job` or the end of the stream."""
+        last_id: str | None = None
+        retry: int | None = None
+        messages = 0
+        try:
+            for event in sse_events(resp):
+                last_id = event.id if event.id is not None else last_id
+                retry = event.retry_ms if event.retry_ms is not None else retry
+                if event.event != "message" or not event.data.strip():
+                    continue  # a priming event, or one that is not JSON-RPC
+                try:
+                    msg = json.loads(event.data)
+                except (ValueError, RecursionError):
+                    log("warn", "remote_sent_non_json", server=self.name, bytes=len(event.data))
+                    continue
+                messages += 1
+                if self._deliver(msg, job):
+                    return _StreamEnd(True, last_id, retry, messages)
+        except (*_NET_ERRORS, TransportFailed):
+            pass
+        return _StreamEnd(False, last_id, retry, messages)
+
+    def _read_stream(
+        self,
+        job: _Request,
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        stateless: str | None,
+    ) -> None:
+        end = self._consume(resp, job)
+        if end.answered:
+            self._drain(conn, resp)
+            return
+        conn.close()
+        if not self.requests.waiting(job.id):
+            raise _Abandoned
+        if stateless is not None or end.last_id is None:  # 2026-07-28: streams do not resume
+            raise self._fail(
+                f"the event stream of {job.method} ended before its answer; "
+                "not sent again: it may have run"
+            )
+        self._resume(job, end.last_id, end.retry_ms)
+
+    def _drain(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """After the answer the stream SHOULD end; read what is left, briefly, to keep the
+        connection, and pass on anything the server still says."""
+        try:
+            if conn.sock is not None:
+                conn.sock.settimeout(DRAIN_TIMEOUT_S)
+            self._consume(resp, None)
+        except _NET_ERRORS:
+            conn.close()
+            return
+        self._release(conn, resp)
+
+    def _get_headers(self, session: str | None, last_id: str | None) -> dict[str, str]:
+        headers = {
+            "Accept": "text/event-stream",
+            "User-Agent": f"rea/{VERSION}",
+            **self._user_headers,
+            "MCP-Protocol-Version": self.version,
+        }
+        if session is not None:
+            headers["Mcp-Session-Id"] = session
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
+        return headers
+
+    def _resume(self, job: _Request, last_id: str, retry_ms: int | None) -> None:
+        """Resume a broken stream with GET and Last-Event-ID (2025-11-25 Resumability and
+        Redelivery); the request itself is never sent again."""
+        for _ in range(MAX_RESUMES):
+            delay = min((retry_ms or 0) / 1000.0, max(0.0, job.deadline - time.monotonic()))
+            if self._stopped.wait(delay) or not self.requests.waiting(job.id):
+                raise _Abandoned
+            with self._session:
+                session = self._session_id
+            headers = self._get_headers(session, last_id)
+            self._authorize(headers)
+            conn, _ = self._connection()
+            if not self._bind(job, conn):
+                conn.close()
+                raise _Abandoned
+            try:
+                try:
+                    assert conn.sock is not None
+                    conn.sock.settimeout(max(1.0, job.deadline - time.monotonic()) + 5.0)
+                    conn.request("GET", self._target, headers=headers)
+                    resp = conn.getresponse()
+                except _NET_ERRORS:
+                    conn.close()
+                    continue
+                if resp.status != 200 or _content_type(resp) != "text/event-stream":
+                    self._discard_body(conn, resp)
+                    raise self._fail(
+                        f"the event stream of {job.method} broke and could not be resumed "
+                        f"(HTTP {resp.status}); not sent again: it may have run"
+                    )
+                end = self._consume(resp, job)
+                if end.answered:
+                    self._drain(conn, resp)
+                    return
+                conn.close()
+                last_id = end.last_id or last_id
+                retry_ms = end.retry_ms if end.retry_ms is not None else retry_ms
+            finally:
+                self._unbind(job)
+        if not self.requests.waiting(job.id):
+            raise _Abandoned
+        raise self._fail(
+            f"the event stream of {job.method} broke {MAX_RESUMES} times; not sent again: "
+            "it may have run"
+        )
+
+    def _listen_once_initialized(self) -> None:
+        """Open the GET stream for the server's own messages (2025-11-25 Streamable HTTP,
+        Listening for Messages from the Server) once, on a thread of its own."""
+        with self._session:
+            if self._listening is not None or self._stopped.is_set():
+                return
+            self._listening = threading.Thread(
+                target=self._listen, name=self._thread_name(), daemon=True
+            )
+            self._listening.start()
+
+    def _listen(self) -> None:
+        """The GET stream: server notifications and requests outside any request's stream.
+        Reconnects with backoff; a 405 (or any refusal) means the server offers none."""
+        delay = 1.0
+        last_id: str | None = None
+        listened_session: str | None = None
+        reauthorized = False
+        while not self._stopped.is_set():
+            with self._session:
+                session = self._session_id
+            if session != listened_session:
+                last_id, listened_session = None, session  # event ids belong to one session
+            try:
+                conn = self._connect()
+            except ServerUnreachable:
+                self._stopped.wait(delay)
+                delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
+                continue
+            with self._session:
+                self._listen_conn = conn
+            if self._stopped.is_set():
+                conn.close()
+                return
+            try:
+                headers = self._get_headers(session, last_id)
+                token = self._authorize(headers)
+                assert conn.sock is not None
+                conn.sock.settimeout(None)  # a quiet stream is not a dead one
+                conn.request("GET", self._target, headers=headers)
+                resp = conn.getresponse()
+                if resp.status == 401 and not reauthorized:
+                    reauthorized = True
+                    self._reauthorize(token)
+                    continue
+                if resp.status == 404 and session is not None:
+                    self._renew(session)
+                    continue
+                if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                    # 405: the server offers no GET stream (2025-11-25 Listening 3); other
+                    # refusals mean the same in practice
+                    log("debug", "remote_no_get_stream", server=self.name, status=resp.status)
+                    return
+                if resp.status != 200 or _content_type(resp) != "text/event-stream":
+                    self._note(f"server {self.name}: its GET stream answered HTTP {resp.status}")
+                else:
+                    reauthorized = False
+                    end = self._consume(resp, None)
+                    last_id = end.last_id or last_id
+                    if end.messages:
+                        delay = 1.0
+                    if end.retry_ms is not None:
+                        delay = end.retry_ms / 1000.0
+            except NeedsLogin as exc:
+                self._login_needed(exc)
+                return
+            except TransportFailed:  # a session that could not be renewed: the transport died
+                return
+            except _NET_ERRORS:
+                pass
+            finally:
+                conn.close()
+                with self._session:
+                    self._listen_conn = None
+            self._stopped.wait(delay)
+            delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
+
+    # -- internals: messages without an answer --
+
+    def _post(self, msg: JsonObj, session: str | None) -> None:
+        """POST a notification or a response and check the 202, in this thread."""
+        body = encode(msg)
+        method = msg.get("method")
+        params = as_obj(msg.get("params"))
+        stateless = _stateless_version(params)
+        name = method if isinstance(method, str) else None
+        what = name or "a response"
+        resent = reauthorized = False
+        while True:
+            headers = self._headers(name, params, stateless, None if stateless else session)
+            token = self._authorize(headers)
+            conn, reused = self._connection()
+            sent = False
+            try:
+                assert conn.sock is not None
+                conn.sock.settimeout(SEND_TIMEOUT_S)
+                conn.request("POST", self._target, body, headers)
+                sent = True
+                resp = conn.getresponse()
+            except _NET_ERRORS as exc:
+                conn.close()
+                if not resent and (not sent or reused):
+                    resent = True  # a repeated notification or response is harmless
+                    continue
+                raise self._fail(f"could not send {what} ({_reason(exc)})") from None
+            self._discard_body(conn, resp)
+            if resp.status == 401 and not reauthorized:
+                reauthorized = True
+                self._reauthorize(token)
+                continue
+            if resp.status in (200, 202, 204):
+                return
+            raise self._fail(f"answered {what} with HTTP {resp.status} {resp.reason}".rstrip())
+
+    def _post_quietly(self, msg: JsonObj) -> None:
+        if self._stopped.is_set():
+            return
+        with self._session:
+            session = self._session_id
+        try:
+            self._post(msg, session)
+        except NeedsLogin as exc:
+            self._login_needed(exc)
+        except ServerUnreachable as exc:
+            self._die(str(exc))
+        except TransportFailed as exc:
+            log("warn", "remote_send_failed", server=self.name, error=str(exc))
+        else:
+            if msg.get("method") == "notifications/initialized":
+                self._listen_once_initialized()
+
+    def _end_session(self, session: str) -> None:
+        """DELETE the session (2025-11-25 Session Management 5); a 405 or silence is fine."""
+        headers = self._get_headers(session, None)
+        headers.pop("Accept")
+        try:
+            self._authorize(headers, refresh=False)  # stop never waits on an authorization server
+        except TransportFailed:
+            return
+        conn = self._new_connection(DELETE_TIMEOUT_S)
+        try:
+            conn.request("DELETE", self._target, headers=headers)
+            conn.getresponse().read(MAX_ERROR_BODY)
+        except _NET_ERRORS:
+            pass
+        finally:
+            conn.close()
+
+
+# OAuth #######################################################################
+#
+# MCP authorization (2026-07-28 basic/authorization): protected resource metadata (RFC 9728)
+# names the authorization server; its metadata (RFC 8414, or OpenID discovery) names the
+# endpoints; the flow is authorization code with PKCE S256 (RFC 7636), the resource parameter
+# (RFC 8707) on both requests, state and iss (RFC 9207) checked on the redirect. The client is
+# the configured client_id, else a Client ID Metadata Document, else dynamic registration
+# (RFC 7591). `serve` never opens a browser: without a usable token a server needs a login.
+# Credentials live in .rea/credentials/SERVER.json (mode 0600, folder 0700), and their
+# secrets never reach a log line, an error's text, the live state, the audit log or a child.
+
+OAUTH_TIMEOUT_S = 10.0  # one request to an authorization server or for metadata
+LOGIN_TIMEOUT_S = 300.0  # how long `login` waits for the browser
+REFRESH_MARGIN_S = 60.0  # refresh this long before expiry (less for short-lived tokens)
+MAX_DOCUMENT = 1024 * 1024
+CLIENT_NAME = "rea (MCP governance gateway)"
+CREDENTIALS_DIR = "credentials"  # under .rea/
+_BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")  # RFC 6750 §2.1 b64token: header-safe
+_ERROR_CODE = re.compile(r"^[\x20-\x21\x23-\x5b\x5d-\x7e]{1,64}$")  # RFC 6749 §5.2 error
+
+
+class OAuthError(ReaError):
+    """A login, logout or discovery step failed: one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class ResourceMetadata:
+    """Protected resource metadata (RFC 9728 §2), the fields rea uses."""
+
+    resource: str
+    authorization_servers: tuple[str, ...]
+    scopes_supported: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AuthServerMetadata:
+    """Authorization server metadata (RFC 8414 §2, OpenID discovery), the fields rea uses."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    registration_endpoint: str | None
+    revocation_endpoint: str | None
+    scopes_supported: tuple[str, ...]
+    iss_parameter_supported: bool
+    client_id_metadata_document_supported: bool
+
+
+@dataclass(frozen=True)
+class OAuthClient:
+    """Who rea is at one authorization server."""
+
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+    auth_method: str = (
+        "none"  # token_endpoint_auth_method: none | client_secret_basic | client_secret_post
+    )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """`.rea/credentials/SERVER.json`: tokens of one remote server and what refreshes them.
+
+    The secrets are left out of repr(), so that no log line or error can carry one.
+    """
+
+    server: str
+    resource: str  # what the tokens were issued for (RFC 8707): they go nowhere else
+    issuer: str
+    token_endpoint: str
+    revocation_endpoint: str | None
+    client_id: str
+    client_secret: str | None = field(repr=False)
+    auth_method: str
+    redirect_uri: str
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    expires_at: float | None  # epoch seconds
+    obtained_at: float
+    scope: str | None
+
+    def client(self) -> OAuthClient:
+        return OAuthClient(self.client_id, self.client_secret, self.auth_method)
+
+    def to_json(self) -> JsonObj:
+        return {"version": 1, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @staticmethod
+    def from_json(obj: object) -> Credentials:
+        """Parse a credentials file; ValueError says what is wrong."""
+        doc = as_obj(obj)
+        if doc is None or doc.get("version") != 1:
+            raise ValueError("not a version 1 credentials object")
+
+        def text(key: str, optional: bool = False) -> str | None:
+            value = doc.get(key)
+            if value is None and optional:
+                return None
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{key} is missing or not a string")
+            return value
+
+        def number(key: str) -> float | None:
+            value = doc.get(key)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key} is not a number")
+            return float(value)
+
+        obtained = number("obtained_at")
+        return Credentials(
+            server=text("server") or "",
+            resource=text("resource") or "",
+            issuer=text("issuer") or "",
+            token_endpoint=text("token_endpoint") or "",
+            revocation_endpoint=text("revocation_endpoint", True),
+            client_id=text("client_id") or "",
+            client_secret=text("client_secret", True),
+            auth_method=text("auth_method") or "",
+            redirect_uri=text("redirect_uri") or "",
+            access_token=text("access_token") or "",
+            refresh_token=text("refresh_token", True),
+            expires_at=number("expires_at"),
+            obtained_at=obtained if obtained is not None else 0.0,
+            scope=text("scope", True),
+        )
+
+
+class TokenStore:
+    """`.rea/credentials/SERVER.json`: one server's credentials, mode 0600 in a 0700 folder,
+    written atomically (a reader sees the old file or the new, never a part)."""
+
+    def __init__(self, folder: Path, server: str) -> None:
+        if not SERVER_NAME_RE.fullmatch(server):
+            raise ValueError(f"{server!r} is not a server name")
+        self.server = server
+        self.folder = folder
+        self.path = folder / f"{server}.json"
+
+    def load(self) -> Credentials | None:
+        """The saved credentials, None without a file; OAuthError for a file rea cannot use."""
+        try:
+            info = os.stat(self.path)
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise OAuthError(
+                f"{self.path}: cannot read it ({exc.strerror}); check its permissions"
+            ) from None
+        if stat.S_IMODE(info.st_mode) & 0o077:  # someone widened it: tokens are the user's alone
+            try:
+                os.chmod(self.path, 0o600)
+                log("warn", "credentials_mode_fixed", file=str(self.path))
+            except OSError:
+                pass
+        try:
+            creds = Credentials.from_json(json.loads(data))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise OAuthError(
+                f"{self.path}: not a credentials file rea can use ({exc}); "
+                f"delete it and run python rea.py login {self.server}"
+            ) from None
+        return creds
+
+    def save(self, creds: Credentials) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)  # mkdir's mode passes through the umask; this does not
+        data = json.dumps(creds.to_json(), indent=2).encode() + b"\n"
+        atomic_write(self.path, data, 0o600)
+        os.chmod(self.path, 0o600)
+
+    def delete(self) -> bool:
+        try:
+            self.path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        """Changes whenever the file is replaced: (mtime, size, inode), None without a file."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+def _http(
+    method: str,
+    url: str,
+    what: str,
+    timeout_s: float,
+    *,
+    form: Mapping[str, str] | None = None,
+    body_json: JsonObj | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> _Reply:
+    """One exchange with an authorization server or a metadata URL, on a fresh connection.
+
+    No redirect is followed: a redirect would carry a code, a secret or a token elsewhere.
+    """
+    problem = check_remote_url(url)
+    if problem is not None:
+        raise OAuthError(f"{what}: {problem}")
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port
+    conn: http.client.HTTPConnection
+    if parts.scheme.lower() == "https":
+        context = ssl.create_default_context()
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout_s, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    sent = {"Accept": "application/json", "User-Agent": f"rea/{VERSION}", **(headers or {})}
+    payload: bytes | None = None
+    if form is not None:
+        payload = urllib.parse.urlencode(form).encode()
+        sent["Content-Type"] = "application/x-www-form-urlencoded"
+    elif body_json is not None:
+        payload = json.dumps(body_json).encode()
+        sent["Content-Type"] = "application/json"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request(method, target, payload, sent)
+        resp = conn.getresponse()
+        body = resp.read(MAX_DOCUMENT + 1)
+    except _NET_ERRORS as exc:
+        raise OAuthError(
+            f"{what}: cannot reach {_origin(url)} ({_reason(exc)}); check the network and the URL"
+        ) from None
+    finally:
+        conn.close()
+    if len(body) > MAX_DOCUMENT:
+        raise OAuthError(
+            f"{what}: the answer from {_origin(url)} is larger than {MAX_DOCUMENT} bytes"
+        )
+    return _Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+
+
+def _json_object(reply: _Reply, what: str) -> JsonObj:
+    try:
+        doc = as_obj(json.loads(reply.body))
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if doc is None:
+        raise OAuthError(f"{what}: the answer is not a JSON object")
+    return doc
+
+
+def _error_code(reply: _Reply) -> str:
+    """The `error` of an OAuth error answer (RFC 6749 §5.2), or the HTTP status. The
+    description is not shown: it is the server's free text."""
+    try:
+        doc = as_obj(json.loads(reply.body))
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    code = doc.get("error") if doc is not None else None
+    if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
+        return f"HTTP {reply.status}: {code}"
+    return f"HTTP {reply.status}"
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+def resource_metadata_urls(server_url: str) -> list[str]:
+    """Where protected resource metadata may be (RFC 9728 §3.1): the path-suffixed well-known
+    URI first, then the root one (MCP authorization server discovery order)."""
+    parts = urllib.parse.urlsplit(server_url)
+    origin = _origin(server_url)
+    path = parts.path.rstrip("/")
+    urls = [f"{origin}/.well-known/oauth-protected-resource{path}"] if path else []
+    urls.append(f"{origin}/.well-known/oauth-protected-resource")
+    return urls
+
+
+def fetch_resource_metadata(
+    server_url: str, challenge: Mapping[str, str], timeout_s: float
+) -> ResourceMetadata:
+    """The server's protected resource metadata: from the 401's resource_metadata, else from
+    the well-known URIs (MCP authorization, Protected Resource Metadata Discovery)."""
+    hinted = challenge.get("resource_metadata")
+    candidates = [hinted] if hinted else resource_metadata_urls(server_url)
+    doc: JsonObj | None = None
+    for url in candidates:
+        reply = _http("GET", url, "protected resource metadata", timeout_s)
+        if reply.status == 200:
+            doc = _json_object(reply, f"protected resource metadata at {public_url(url)}")
+            break
+    if doc is None:
+        tried = ", ".join(public_url(url) for url in candidates)
+        raise OAuthError(
+            f"{public_url(server_url)} publishes no protected resource metadata (RFC 9728; tried "
+            f"{tried}): it does not support MCP authorization; give it a key under headers: instead"
+        )
+    resource = doc.get("resource")
+    # RFC 9728 §3.3 and §7.3: metadata about another resource must not be used, or a token
+    # would be minted for one server and sent to another. rea accepts the server's own URL or
+    # a path above it on the same origin.
+    if not isinstance(resource, str) or not resource_covers(resource, server_url):
+        raise OAuthError(
+            f"the protected resource metadata of {public_url(server_url)} is about "
+            f"{resource!r}, not this server; refusing it (RFC 9728 §3.3)"
+        )
+    servers = _strings(doc.get("authorization_servers"))
+    if not servers:
+        raise OAuthError(
+            f"the protected resource metadata of {public_url(server_url)} names no authorization server"
+        )
+    return ResourceMetadata(resource, servers, _strings(doc.get("scopes_supported")))
+
+
+def authorization_server_metadata_urls(issuer: str) -> list[str]:
+    """Where an issuer's metadata may be, in the MCP order (RFC 8414 §3.1 path insertion,
+    then OpenID discovery with path insertion, then OpenID path appending)."""
+    path = urllib.parse.urlsplit(issuer).path.rstrip("/")
+    origin = _origin(issuer)
+    if path:
+        return [
+            f"{origin}/.well-known/oauth-authorization-server{path}",
+            f"{origin}/.well-known/openid-configuration{path}",
+            f"{origin}{path}/.well-known/openid-configuration",
+        ]
+    return [
+        f"{origin}/.well-known/oauth-authorization-server",
+        f"{origin}/.well-known/openid-configuration",
+    ]
+
+
+def fetch_authorization_server(issuer: str, timeout_s: float) -> AuthServerMetadata:
+    """The issuer's metadata, checked: same issuer, PKCE S256, endpoints https or loopback."""
+    problem = check_remote_url(issuer)
+    if problem is None and urllib.parse.urlsplit(issuer).query:  # RFC 8414 §2: no query
+        problem = f"{public_url(issuer)}: an issuer has no query component"
+    if problem is not None:
+        raise OAuthError(f"authorization server: {problem}")
+    urls = authorization_server_metadata_urls(issuer)
+    for url in urls:
+        reply = _http("GET", url, "authorization server metadata", timeout_s)
+        if reply.status != 200:
+            continue
+        doc = _json_object(reply, f"authorization server metadata at {public_url(url)}")
+        # RFC 8414 §3.3, OpenID discovery §4.3: the document must be about the issuer we asked
+        # for, or a hostile server could pose as an honest one (mix-up).
+        if doc.get("issuer") != issuer:
+            raise OAuthError(
+                f"the metadata at {public_url(url)} names issuer {str(doc.get('issuer'))[:100]!r}, "
+                f"not {issuer}; refusing it (RFC 8414 §3.3)"
+            )
+        return _parse_server_metadata(issuer, doc)
+    raise OAuthError(
+        f"no authorization server metadata for {issuer} (tried {', '.join(urls)}); "
+        "check that the server's authorization server is up"
+    )
+
+
+def _parse_server_metadata(issuer: str, doc: JsonObj) -> AuthServerMetadata:
+    def endpoint(key: str, required: bool) -> str | None:
+        value = doc.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            raise OAuthError(f"the authorization server {issuer} has no {key}")
+        problem = check_remote_url(value)
+        if problem is not None:
+            raise OAuthError(f"the authorization server's {key}: {problem}")
+        return value
+
+    # MCP authorization, Security Considerations: no code_challenge_methods_supported, or no
+    # S256 in it, means no PKCE: refuse to proceed.
+    if "S256" not in _strings(doc.get("code_challenge_methods_supported")):
+        raise OAuthError(
+            f"the authorization server {issuer} does not offer PKCE with S256; rea will not log "
+            "in without it (ask the server's operator)"
+        )
+    response_types = doc.get("response_types_supported")
+    if response_types is not None and "code" not in _strings(response_types):
+        raise OAuthError(f"the authorization server {issuer} does not offer the code flow")
+    return AuthServerMetadata(
+        issuer=issuer,
+        authorization_endpoint=endpoint("authorization_endpoint", True) or "",
+        token_endpoint=endpoint("token_endpoint", True) or "",
+        registration_endpoint=endpoint("registration_endpoint", False),
+        revocation_endpoint=endpoint("revocation_endpoint", False),
+        scopes_supported=_strings(doc.get("scopes_supported")),
+        iss_parameter_supported=doc.get("authorization_response_iss_parameter_supported") is True,
+        client_id_metadata_document_supported=doc.get("client_id_metadata_document_supported")
+        is True,
+    )
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A code verifier (RFC 7636 §4.1: 43-128 unreserved characters) and its S256 challenge."""
+    verifier = secrets.token_urlsafe(48)  # 64 characters of [A-Za-z0-9_-]
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _client_auth(client: OAuthClient, form: dict[str, str], headers: dict[str, str]) -> None:
+    """Authenticate a token, revocation or refresh request as the client registered to."""
+    if client.client_secret and client.auth_method == "client_secret_basic":
+        # RFC 6749 §2.3.1: each part form-urlencoded before the Base64
+        pair = f"{urllib.parse.quote_plus(client.client_id)}:{urllib.parse.quote_plus(client.client_secret)}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        return
+    form["client_id"] = client.client_id
+    if client.client_secret and client.auth_method == "client_secret_post":
+        form["client_secret"] = client.client_secret
+
+
+def register_client(
+    server: str, asm: AuthServerMetadata, redirect_uri: str, scope: str | None, timeout_s: float
+) -> OAuthClient:
+    """Dynamic client registration (RFC 7591 §3.1) as a native public client."""
+    assert asm.registration_endpoint is not None
+    body: JsonObj = {
+        "client_name": CLIENT_NAME,
+        "redirect_uris": [redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+        "application_type": "native",  # MCP client registration: a CLI on localhost is native
+    }
+    if scope:
+        body["scope"] = scope
+    reply = _http(
+        "POST", asm.registration_endpoint, "client registration", timeout_s, body_json=body
+    )
+    if reply.status not in (200, 201):
+        raise OAuthError(
+            f"the authorization server {asm.issuer} refused to register rea as a client "
+            f"({_error_code(reply)}); register a client there with redirect URI "
+            f"http://127.0.0.1/callback (any port) and set oauth.client_id for server {server} "
+            "in .rea/registry.yaml"
+        )
+    doc = _json_object(reply, "client registration")
+    client_id = doc.get("client_id")
+    if not isinstance(client_id, str) or not client_id:
+        raise OAuthError(
+            f"the authorization server {asm.issuer} registered rea without a client_id"
+        )
+    secret = doc.get("client_secret")
+    method = doc.get("token_endpoint_auth_method")
+    if not isinstance(method, str):  # RFC 7591 §2: the default is client_secret_basic
+        method = "client_secret_basic" if isinstance(secret, str) else "none"
+    return OAuthClient(client_id, secret if isinstance(secret, str) else None, method)
+
+
+def choose_client(
+    server: str,
+    asm: AuthServerMetadata,
+    config: OAuthSettings,
+    redirect_uri: str,
+    scope: str | None,
+    previous: Credentials | None,
+    timeout_s: float,
+) -> OAuthClient:
+    """Who rea is at this authorization server, in the MCP priority order: pre-registered,
+    Client ID Metadata Document, then dynamic registration (MCP client registration)."""
+    if config.client_id:
+        return OAuthClient(config.client_id)
+    if config.client_metadata_url and asm.client_id_metadata_document_supported:
+        return OAuthClient(config.client_metadata_url)  # the AS fetches the document itself
+    # Without an https document of its own, rea skips the Client ID Metadata Document option
+    # (see OAuthSettings) and registers. A client registered earlier with this issuer and this
+    # redirect URI is used again (MCP "Authorization Server Binding": never another issuer's).
+    if (
+        previous is not None
+        and previous.issuer == asm.issuer
+        and previous.redirect_uri == redirect_uri
+    ):
+        return previous.client()
+    if asm.registration_endpoint is not None:
+        return register_client(server, asm, redirect_uri, scope, timeout_s)
+    raise OAuthError(
+        f"the authorization server {asm.issuer} offers no client registration (RFC 7591); "
+        "register a client there with redirect URI http://127.0.0.1/callback (any port) and set "
+        f"oauth.client_id for server {server} in .rea/registry.yaml"
+    )
+
+
+def choose_scope(
+    config: OAuthSettings,
+    challenge: Mapping[str, str],
+    prm: ResourceMetadata,
+    asm: AuthServerMetadata,
+) -> str | None:
+    """The registry's scopes, else the 401's scope, else the PRM's scopes_supported (MCP
+    authorization, Scope Selection Strategy); offline_access added when the server lists it,
+    so that a refresh token is issued (MCP authorization, Refresh Tokens)."""
+    if config.scopes:
+        scopes = list(config.scopes)
+    elif challenge.get("scope"):
+        scopes = challenge["scope"].split()
+    else:
+        scopes = list(prm.scopes_supported)
+    if scopes and "offline_access" in asm.scopes_supported and "offline_access" not in scopes:
+        scopes.append("offline_access")
+    return " ".join(scopes) or None
+
+
+def authorization_url(
+    asm: AuthServerMetadata,
+    client: OAuthClient,
+    redirect_uri: str,
+    challenge: str,
+    state: str,
+    resource: str,
+    scope: str | None,
+) -> str:
+    query = {
+        "response_type": "code",
+        "client_id": client.client_id,
+        "redirect_uri": redirect_uri,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "state": state,
+        "resource": resource,  # RFC 8707: the token is for this server and no other
+    }
+    if scope:
+        query["scope"] = scope
+    endpoint = asm.authorization_endpoint
+    joiner = "&" if urllib.parse.urlsplit(endpoint).query else "?"
+    return endpoint + joiner + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+
+
+def _token_fields(reply: _Reply, what: str) -> tuple[str, str | None, float | None, str | None]:
+    """access_token, refresh_token, expires_in, scope of a token answer (RFC 6749 §5.1)."""
+    doc = _json_object(reply, what)
+    access = doc.get("access_token")
+    kind = doc.get("token_type")
+    if not isinstance(access, str) or not _BEARER_TOKEN.fullmatch(access):
+        raise OAuthError(f"{what}: the answer has no usable access_token")
+    if not isinstance(kind, str) or kind.lower() != "bearer":
+        raise OAuthError(f"{what}: token type {str(kind)[:20]!r} is not Bearer; rea cannot use it")
+    refresh = doc.get("refresh_token")
+    expires = doc.get("expires_in")
+    scope = doc.get("scope")
+    return (
+        access,
+        refresh if isinstance(refresh, str) and refresh else None,
+        float(expires)
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool)
+        else None,
+        scope if isinstance(scope, str) else None,
+    )
+
+
+def refresh_credentials(creds: Credentials, timeout_s: float, now: float) -> Credentials:
+    """A refresh_token grant (RFC 6749 §6, with RFC 8707 resource). A refusal is NeedsLogin;
+    an unreachable or failing server is TransportFailed (the refresh is tried again later)."""
+    if not creds.refresh_token:
+        raise NeedsLogin(creds.server, "no refresh token")
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": creds.refresh_token,
+        "resource": creds.resource,
+    }
+    headers: dict[str, str] = {}
+    _client_auth(creds.client(), form, headers)
+    try:
+        reply = _http(
+            "POST", creds.token_endpoint, "token refresh", timeout_s, form=form, headers=headers
+        )
+    except OAuthError as exc:
+        raise TransportFailed(f"server {creds.server}: {exc}") from None
+    if 400 <= reply.status < 500:
+        raise NeedsLogin(
+            creds.server, f"the authorization server refused the refresh ({_error_code(reply)})"
+        )
+    if reply.status != 200:
+        raise TransportFailed(
+            f"server {creds.server}: the authorization server answered a token refresh with "
+            f"HTTP {reply.status}; it is tried again on the next call"
+        )
+    try:
+        access, refresh, expires_in, scope = _token_fields(reply, "token refresh")
+    except OAuthError as exc:
+        raise TransportFailed(f"server {creds.server}: {exc}") from None
+    return replace(
+        creds,
+        access_token=access,
+        refresh_token=refresh or creds.refresh_token,  # rotated when the server sends a new one
+        expires_at=now + expires_in if expires_in is not None else None,
+        obtained_at=now,
+        scope=scope or creds.scope,
+    )
+
+
+def _refresh_margin(creds: Credentials) -> float:
+    if creds.expires_at is None:
+        return 0.0
+    lifetime = max(0.0, creds.expires_at - creds.obtained_at)
+    return min(REFRESH_MARGIN_S, lifetime / 10)
+
+
+class TokenSource:
+    """The access token of one remote server, as its transport needs it (SPEC §13).
+
+    Loaded from the TokenStore and read again whenever the file changes (a `login` in another
+    terminal heals a running `serve`); refreshed shortly before expiry and once after a 401; a
+    refused refresh is NeedsLogin until the next login. Only the URL whose resource the token
+    was issued for ever gets it (RFC 8707; no token passthrough).
+    """
+
+    def __init__(
+        self,
+        server: str,
+        url: str,
+        store: TokenStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        timeout_s: float = OAUTH_TIMEOUT_S,
+    ) -> None:
+        self.server = server
+        self.url = url
+        self._store = store
+        self._clock = clock
+        self._timeout_s = timeout_s
+        # guards: _creds, _stamp, _loaded, _refreshing, _refused, _secrets
+        self._cond = threading.Condition()
+        self._creds: Credentials | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._loaded = False
+        self._refreshing = False
+        self._refused = False
+        self._secrets: list[str] = []  # every secret this source has held, to scrub from text
+
+    def serves(self, url: str) -> bool:
+        return canonical_resource(url) == canonical_resource(self.url)
+
+    def access_token(self, *, refresh: bool = True) -> str | None:
+        """The token to send now, refreshed first when it is about to expire (unless told
+        not to); None without credentials (the request goes without; a 401 then means
+        NeedsLogin)."""
+        creds = self._current()
+        if creds is None:
+            return None
+        if not refresh or creds.expires_at is None:
+            return creds.access_token
+        if creds.expires_at - self._clock() > _refresh_margin(creds):
+            return creds.access_token
+        if creds.refresh_token is None:
+            if creds.expires_at <= self._clock():
+                raise NeedsLogin(
+                    self.server, "the access token expired and there is no refresh token"
+                )
+            return creds.access_token
+        try:
+            return self._refresh(creds.access_token)
+        except NeedsLogin:
+            raise
+        except TransportFailed:
+            if creds.expires_at > self._clock():
+                return creds.access_token  # not expired yet: the refresh is tried again next time
+            raise
+
+    def after_unauthorized(self, used: str | None) -> None:
+        """A 401 came back for `used`: make a better token available, or raise NeedsLogin."""
+        creds = self._current()
+        if creds is None:
+            raise NeedsLogin(self.server, "the server answered 401 and there are no credentials")
+        if used is None or creds.access_token != used:
+            return  # a newer token (refresh or login) exists already: the retry sends it
+        self._refresh(used)
+
+    def scrub(self, text: str) -> str:
+        with self._cond:
+            values = list(self._secrets)
+        for value in values:
+            text = text.replace(value, "[REDACTED:token]")
+        return text
+
+    def _remember(self, creds: Credentials | None) -> None:
+        """Call with _cond held."""
+        if creds is None:
+            return
+        for value in (creds.access_token, creds.refresh_token, creds.client_secret):
+            if value and value not in self._secrets:
+                self._secrets.append(value)
+        del self._secrets[:-32]
+
+    def _current(self) -> Credentials | None:
+        stamp = self._store.stamp()
+        with self._cond:
+            if self._loaded and stamp == self._stamp:
+                return self._creds
+        try:
+            creds = self._store.load()
+        except OAuthError as exc:
+            log("warn", "oauth_credentials_unusable", server=self.server, error=str(exc))
+            creds = None
+        if creds is not None and not resource_covers(creds.resource, self.url):
+            log(
+                "warn",
+                "oauth_credentials_for_other_server",
+                server=self.server,
+                resource=public_url(creds.resource),
+            )
+            creds = None
+        with self._cond:
+            self._creds, self._stamp, self._loaded, self._refused = creds, stamp, True, False
+            self._remember(creds)
+        return creds
+
+    def _refresh(self, stale: str) -> str:
+        """Refresh once for everyone holding `stale`; callers that arrive meanwhile wait."""
+        with self._cond:
+            while self._refreshing:
+                self._cond.wait(self._timeout_s)
+            creds = self._creds
+            if creds is None:
+                raise NeedsLogin(self.server, "no credentials")
+            if creds.access_token != stale:
+                return creds.access_token  # refreshed while we waited
+            if self._refused or creds.refresh_token is None:
+                raise NeedsLogin(self.server, "the refresh was refused or is impossible")
+            self._refreshing = True
+        fresh: Credentials | None = None
+        try:
+            fresh = refresh_credentials(creds, self._timeout_s, self._clock())
+        except NeedsLogin as exc:
+            with self._cond:
+                self._refused = True
+            log("warn", "oauth_refresh_refused", server=self.server, why=exc.why)
+            raise
+        finally:
+            with self._cond:
+                self._refreshing = False
+                if fresh is not None:
+                    self._creds = fresh
+                    self._remember(fresh)
+                self._cond.notify_all()
+        assert fresh is not None
+        try:
+            self._store.save(fresh)
+        except OSError as exc:  # the new tokens stay in memory; the next login writes again
+            log(
+                "error",
+                "credentials_write_failed",
+                server=self.server,
+                error=exc.strerror or str(exc),
+            )
+        stamp = self._store.stamp()
+        with self._cond:
+            if self._creds is fresh:
+                self._stamp = stamp
+        log("info", "oauth_token_refreshed", server=self.server)
+        return fresh.access_token
+
+
+class _CallbackServer(http.server.ThreadingHTTPServer):
+    """The redirect listener's server: one named daemon thread per browser connection."""
+
+    daemon_threads = True
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="rea-login-request",
+            daemon=True,
+        ).start()
+
+
+class _CallbackListener:
+    """The loopback redirect target of `login` (RFC 8252 §7.3): waits for one GET /callback."""
+
+    def __init__(self, port: int) -> None:
+        got = threading.Event()
+        box: list[dict[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10  # a browser's idle pre-connection must not hold a thread forever
+
+            def do_GET(self) -> None:
+                parts = urllib.parse.urlsplit(self.path)
+                if parts.path != "/callback":
+                    self.send_error(404)
+                    return
+                params: dict[str, str] = {}
+                for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+                    params.setdefault(key, value)  # RFC 6749 §3.1: no parameter twice
+                if not got.is_set():
+                    box.append(params)
+                    got.set()
+                page = b"<!doctype html><title>rea</title><p>rea: done. You can close this tab and go back to the terminal.</p>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # the request line carries the authorization code: never logged
+
+        try:
+            self._server = _CallbackServer(("127.0.0.1", port), Handler)
+        except OSError:
+            if port == 0:
+                raise
+            self._server = _CallbackServer(("127.0.0.1", 0), Handler)
+        self.port: int = self._server.server_address[1]
+        self._got = got
+        self._box = box
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.1,), name="rea-login-callback", daemon=True
+        )
+        self._thread.start()
+
+    def wait(self, timeout_s: float) -> dict[str, str] | None:
+        return self._box[0] if self._got.wait(timeout_s) else None
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _port_of(url: str | None) -> int:
+    try:
+        return (urllib.parse.urlsplit(url).port or 0) if url else 0
+    except ValueError:
+        return 0
+
+
+def check_authorization_response(
+    params: Mapping[str, str], asm: AuthServerMetadata, state: str, server: str
+) -> str:
+    """The code of a redirect, after the checks; OAuthError otherwise.
+
+    iss first (RFC 9207 §2.4, as the MCP table applies it: compared whenever present, required
+    when advertised); on a mismatch nothing else in the answer is acted on or shown. Then state
+    (a forged or stale redirect), then error, then code.
+    """
+    again = f"nothing was saved; run python rea.py login {server} again"
+    iss = params.get("iss")
+    if iss is not None and iss != asm.issuer:
+        raise OAuthError(
+            f"the login answer names issuer {iss[:100]!r}, not {asm.issuer} (a mix-up attack?); {again}"
+        )
+    if iss is None and asm.iss_parameter_supported:
+        raise OAuthError(
+            f"the login answer lacks the iss its authorization server promises (RFC 9207); {again}"
+        )
+    if not secrets.compare_digest(params.get("state", "").encode(), state.encode()):
+        raise OAuthError(
+            f"the login answer's state does not match this login (a stale or forged browser tab?); {again}"
+        )
+    error = params.get("error")
+    if error is not None:
+        shown = error if _ERROR_CODE.fullmatch(error) else "an error"
+        raise OAuthError(f"the authorization server refused the login ({shown}); {again}")
+    code = params.get("code")
+    if not code:
+        raise OAuthError(f"the login answer has no code; {again}")
+    return code
+
+
+def login(
+    server_name: str,
+    url: str,
+    oauth_config: OAuthSettings,
+    store: TokenStore,
+    open_browser: bool,
+    out: TextIO,
+    *,
+    err: TextIO | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = LOGIN_TIMEOUT_S,
+    http_timeout_s: float = OAUTH_TIMEOUT_S,
+    clock: Callable[[], float] = time.time,
+) -> Credentials:
+    """`python rea.py login SERVER [--no-browser]`: the authorization code flow with PKCE.
+
+    With open_browser False the authorization URL is printed alone on one line of `out` and
+    the redirect is awaited; other words go to `err`. `headers` are the server's own
+    (`headers:`), sent with the first request. Returns the credentials saved; raises
+    OAuthError (one line) on failure.
+    """
+    err = err if err is not None else sys.stderr
+    problem = check_remote_url(url)
+    if problem is not None:
+        raise OAuthError(f"server {server_name}: {problem}")
+    status, challenge = _challenge(server_name, url, headers or {}, http_timeout_s)
+    try:
+        prm = fetch_resource_metadata(url, challenge, http_timeout_s)
+    except OAuthError:
+        if status == 401:
+            raise
+        raise OAuthError(
+            f"server {server_name} did not ask for authorization (HTTP {status} without a token) "
+            "and publishes no protected resource metadata: it needs no login (or takes a key "
+            "under headers:)"
+        ) from None
+    asm = fetch_authorization_server(
+        prm.authorization_servers[0], http_timeout_s
+    )  # RFC 9728 §7.6: rea's choice
+    scope = choose_scope(oauth_config, challenge, prm, asm)
+    try:
+        previous = store.load()
+    except OAuthError:
+        previous = None
+    same_issuer = previous is not None and previous.issuer == asm.issuer
+    listener = _CallbackListener(_port_of(previous.redirect_uri) if same_issuer and previous else 0)
+    try:
+        redirect_uri = f"http://127.0.0.1:{listener.port}/callback"
+        client = choose_client(
+            server_name, asm, oauth_config, redirect_uri, scope, previous, http_timeout_s
+        )
+        verifier, code_challenge = pkce_pair()
+        state = secrets.token_urlsafe(32)
+        # The resource the server's metadata declares (checked to cover its URL): the token's
+        # audience is what the server validates (RFC 8707 §2, RFC 9728 §2).
+        address = authorization_url(
+            asm, client, redirect_uri, code_challenge, state, prm.resource, scope
+        )
+        if open_browser:
+            print(
+                f"rea: opening a browser to log in to {server_name}; if none opens, visit:",
+                file=err,
+            )
+            print(address, file=err, flush=True)
+            webbrowser.open(address)
+        else:
+            print(address, file=out, flush=True)
+        print(
+            f"rea: waiting up to {timeout_s:.0f} s for the login to finish ...",
+            file=err,
+            flush=True,
+        )
+        params = listener.wait(timeout_s)
+    finally:
+        listener.close()
+    if params is None:
+        raise OAuthError(
+            f"no login answer came back within {timeout_s:.0f} s; run python rea.py login {server_name} again"
+        )
+    code = check_authorization_response(params, asm, state, server_name)
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier,
+        "resource": prm.resource,
+    }
+    auth: dict[str, str] = {}
+    _client_auth(client, form, auth)
+    reply = _http(
+        "POST", asm.token_endpoint, "token request", http_timeout_s, form=form, headers=auth
+    )
+    if reply.status != 200:
+        raise OAuthError(
+            f"the authorization server refused the token request ({_error_code(reply)}); "
+            f"run python rea.py login {server_name} again"
+        )
+    access, refresh, expires_in, granted = _token_fields(reply, "token request")
+    now = clock()
+    creds = Credentials(
+        server=server_name,
+        resource=prm.resource,
+        issuer=asm.issuer,
+        token_endpoint=asm.token_endpoint,
+        revocation_endpoint=asm.revocation_endpoint,
+        client_id=client.client_id,
+        client_secret=client.client_secret,
+        auth_method=client.auth_method,
+        redirect_uri=redirect_uri,
+        access_token=access,
+        refresh_token=refresh,
+        expires_at=now + expires_in if expires_in is not None else None,
+        obtained_at=now,
+        scope=granted or scope,
+    )
+    store.save(creds)
+    print(
+        f"rea: logged in to {server_name}; credentials saved in {store.path}", file=out, flush=True
+    )
+    return creds
+
+
+def _challenge(
+    server: str, url: str, own: Mapping[str, str], timeout_s: float
+) -> tuple[int, dict[str, str]]:
+    """The status of the server's answer to a request without a token, and the Bearer
+    challenge of its 401 ({} without one).
+
+    The request is server/discover with the 2026-07-28 headers: it opens no session anywhere.
+    """
+    body: JsonObj = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "server/discover",
+        "params": {"_meta": child_meta(STATELESS_VERSIONS[0])},
+    }
+    headers = {
+        **own,
+        "Accept": ACCEPT,
+        "MCP-Protocol-Version": STATELESS_VERSIONS[0],
+        "Mcp-Method": "server/discover",
+    }
+    reply = _http("POST", url, f"server {server}", timeout_s, body_json=body, headers=headers)
+    if reply.status == 401:
+        return 401, parse_www_authenticate(reply.headers.get("www-authenticate"))
+    return reply.status, {}
+
+
+def logout(
+    server_name: str, store: TokenStore, out: TextIO, *, timeout_s: float = OAUTH_TIMEOUT_S
+) -> str | None:
+    """`python rea.py logout SERVER`: revoke at the authorization server when it offers
+    revocation (RFC 7009), then delete the credentials file. Returns what was done (for
+    the audit record), None when there was no login to end."""
+    try:
+        creds = store.load()
+    except OAuthError:
+        store.delete()
+        print(f"rea: deleted the unreadable credentials of {server_name} ({store.path})", file=out)
+        return "deleted unreadable credentials"
+    if creds is None:
+        print(f"rea: server {server_name} has no saved login", file=out)
+        return None
+    trouble = ""
+    if creds.revocation_endpoint is None:
+        trouble = "its authorization server offers no revocation, so the tokens stay valid until they expire"
+    else:
+        for token, hint in (
+            (creds.refresh_token, "refresh_token"),
+            (creds.access_token, "access_token"),
+        ):
+            if not token:
+                continue
+            form = {"token": token, "token_type_hint": hint}
+            headers: dict[str, str] = {}
+            _client_auth(creds.client(), form, headers)
+            try:
+                reply = _http(
+                    "POST",
+                    creds.revocation_endpoint,
+                    "revocation",
+                    timeout_s,
+                    form=form,
+                    headers=headers,
+                )
+            except OAuthError as exc:
+                trouble = f"revoking failed ({exc}); the tokens stay valid until they expire"
+                break
+            if reply.status != 200:  # RFC 7009 §2.2: 200 also for a token already invalid
+                trouble = f"revoking failed ({_error_code(reply)}); the tokens stay valid until they expire"
+                break
+    store.delete()
+    print(
+        f"rea: logged out of {server_name}; deleted {store.path}"
+        + (f" ({trouble})" if trouble else ""),
+        file=out,
+    )
+    return trouble or "revoked and deleted"
 
 
 # Downstream and supervisor ###################################################

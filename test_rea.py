@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import ast
 import base64
+import collections
 import dataclasses
 import hashlib
+import http.server
 import io
 import itertools
 import json
 import math
 import os
+import queue
 import random
 import re
+import secrets
+import select
 import shutil
 import signal
 import socket
@@ -23,9 +28,12 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO, cast
 
 import pytest
 
@@ -3779,6 +3787,1008 @@ def file_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("fixture") / "file_mcp_server.py"
     path.write_text(FILE_SERVER)
     return str(path)
+
+
+# Fixture remote MCP servers ##################################################
+# SPEC §13: a Streamable HTTP MCP server and an OAuth 2.1 authorization server, both
+# standard-library `http.server` servers on 127.0.0.1 (port 0), run on threads of the test
+# while `rea.py serve` (a subprocess) speaks to them.
+#
+# `McpHttpServer` serves both eras on one endpoint, decided per request: a request whose
+# `_meta` names a protocol version is served statelessly (2026-07-28, with its
+# MCP-Protocol-Version / Mcp-Method / Mcp-Name / Mcp-Param-* headers checked against the
+# body), `initialize` opens a handshake-era session (Mcp-Session-Id). It answers some calls
+# as JSON and some as SSE (progress first, or a sampling request and a wait for its answer),
+# counts the executions of each tool, can expire every session (the next request gets 404),
+# restart (sessions and connections dropped), close idle keep-alive connections, and be
+# protected by `OAuthServer` tokens (401 with `WWW-Authenticate: Bearer resource_metadata=`;
+# tokens checked for their resource). `OAuthServer` publishes metadata, registers clients
+# (RFC 7591), redirects /authorize at once with code, state and iss, checks PKCE S256 and
+# resource at /token, rotates refresh tokens, revokes (RFC 7009), and can expire every
+# access token.
+
+HTTP_STATELESS = "2026-07-28"
+HTTP_HANDSHAKE = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+HTTP_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+HTTP_META_SERVER = "io.modelcontextprotocol/serverInfo"
+
+
+def _decode_mcp_header(value: str | None) -> str | None:
+    """An Mcp-Name / Mcp-Param-* value with the Base64 sentinel undone."""
+    if value is not None and value.startswith("=?base64?") and value.endswith("?="):
+        return base64.b64decode(value[9:-2]).decode()
+    return value
+
+
+HTTP_TOOLS: list[dict[str, object]] = [
+    {"name": "echo", "description": "Echo text (JSON answer)", "inputSchema": {"type": "object"}},
+    {
+        "name": "count",
+        "description": "Count executions (JSON answer)",
+        "inputSchema": {"type": "object"},
+    },
+    {
+        "name": "stream",
+        "description": "Progress, then a result (SSE)",
+        "inputSchema": {"type": "object"},
+    },
+    {
+        "name": "ask",
+        "description": "Asks the client to sample (SSE)",
+        "inputSchema": {"type": "object"},
+    },
+    {"name": "slow", "description": "Waits until cancelled", "inputSchema": {"type": "object"}},
+    {
+        "name": "drop",
+        "description": "Runs, then drops the connection",
+        "inputSchema": {"type": "object"},
+    },
+    {
+        "name": "resumable",
+        "description": "Breaks its stream once",
+        "inputSchema": {"type": "object"},
+    },
+    {"name": "grüße", "description": "A name that is not ASCII", "inputSchema": {"type": "object"}},
+    {
+        "name": "region",
+        "description": "Mirrors a parameter into Mcp-Param-Region",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "region": {"type": "string", "x-mcp-header": "Region"},
+                "query": {"type": "string"},
+            },
+        },
+    },
+    {
+        "name": "bad_header",
+        "description": "Its x-mcp-header is on a number: a client must drop it",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"amount": {"type": "number", "x-mcp-header": "Amount"}},
+        },
+    },
+]
+
+
+def http_text_result(text: str) -> dict[str, object]:
+    return {"content": [{"type": "text", "text": text}], "isError": False}
+
+
+@dataclass
+class HttpSeen:
+    """One HTTP request the MCP server received."""
+
+    verb: str
+    method: str | None  # the JSON-RPC method, if any
+    headers: dict[str, str]  # names in lower case
+    body: object
+    status: int = 0
+
+
+@dataclass
+class HttpSession:
+    """A handshake-era session."""
+
+    id: str
+    version: str
+    ended: threading.Event = field(default_factory=threading.Event)
+    streams: list[queue.Queue[dict[str, object]]] = field(default_factory=list)
+    resume: dict[str, dict[str, object]] = field(
+        default_factory=dict
+    )  # event id -> message to replay
+
+
+class McpHttpServer:
+    """A Streamable HTTP MCP server on 127.0.0.1 serving both eras (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        eras: Iterable[str] = ("handshake", "stateless"),
+        get_stream: bool = True,
+        sse_all: bool = False,
+        discover: str = "ok",
+        auth: OAuthServer | None = None,
+        prm_in_header: bool = True,
+        prm_resource: str | None = None,
+        port: int = 0,
+    ) -> None:
+        self.eras = set(eras)
+        self.get_stream = get_stream
+        self.sse_all = sse_all
+        self.discover = discover  # ok | hang | unsupported | unsupported-listing-ours | plain-400 | plain-405 | malformed
+        self.auth = auth
+        self.prm_in_header = prm_in_header
+        self.reject_sessions = (
+            ""  # "all": every message with a session id gets 404; "requests": requests only
+        )
+        self.lock = threading.Lock()  # guards: every collection below
+        self.sessions: dict[str, HttpSession] = {}
+        self.executions: collections.Counter[str] = collections.Counter()
+        self.seen: list[HttpSeen] = []
+        self.cancelled: list[tuple[str | None, object, object]] = []  # (session, requestId, reason)
+        self.slow_outcomes: list[str] = []  # cancelled | disconnected | finished
+        self.tokens_seen: list[str] = []
+        self.answers: dict[str, tuple[threading.Event, list[dict[str, object]]]] = {}
+        self.sockets: dict[socket.socket, bool] = {}  # connection -> busy with a request
+        self.closing = threading.Event()
+        server = self
+
+        class Handler(_McpHttpHandler):
+            owner = server
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.port: int = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.prm_url = f"http://127.0.0.1:{self.port}/.well-known/oauth-protected-resource/mcp"
+        self.prm_resource = prm_resource or self.url
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, args=(0.02,), name="fixture-mcp", daemon=True
+        )
+        self._thread.start()
+
+    # -- switches for tests --
+
+    def expire_sessions(self) -> None:
+        """The server forgets every session: the next request with one gets 404."""
+        with self.lock:
+            sessions = list(self.sessions.values())
+            self.sessions.clear()
+        for session in sessions:
+            session.ended.set()
+
+    def restart(self) -> None:
+        """As if the process restarted on the same port: connections and sessions gone."""
+        self._close_sockets(busy_too=True)
+        self.expire_sessions()
+
+    def close_idle_connections(self) -> None:
+        """Close kept-alive connections that wait for their next request."""
+        self._close_sockets(busy_too=False)
+
+    def broadcast(self, msg: dict[str, object]) -> None:
+        """Send a message on every session's GET stream."""
+        with self.lock:
+            streams = [q for s in self.sessions.values() for q in s.streams]
+        for stream in streams:
+            stream.put(msg)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.expire_sessions()
+        self.httpd.shutdown()
+        self._close_sockets(busy_too=True)
+        self.httpd.server_close()
+
+    def seen_methods(self, verb: str = "POST") -> list[str | None]:
+        with self.lock:
+            return [s.method for s in self.seen if s.verb == verb]
+
+    def _close_sockets(self, busy_too: bool) -> None:
+        with self.lock:
+            chosen = [sock for sock, busy in self.sockets.items() if busy_too or not busy]
+        for sock in chosen:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
+    owner: McpHttpServer
+    protocol_version = "HTTP/1.1"  # keep-alive
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # request lines may carry codes; and the tests read stderr
+
+    # -- connection bookkeeping (idle vs busy, for close_idle_connections) --
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner.lock:
+            self.owner.sockets[self.connection] = False
+
+    def finish(self) -> None:
+        with self.owner.lock:
+            self.owner.sockets.pop(self.connection, None)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def parse_request(self) -> bool:
+        with self.owner.lock:
+            self.owner.sockets[self.connection] = True
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, OSError):
+            self.close_connection = True
+        with self.owner.lock:
+            if self.connection in self.owner.sockets:
+                self.owner.sockets[self.connection] = False
+
+    # -- helpers --
+
+    def _headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers.items()}
+
+    def _record(self, verb: str, method: str | None, body: object) -> HttpSeen:
+        seen = HttpSeen(verb, method, self._headers(), body)
+        with self.owner.lock:
+            self.owner.seen.append(seen)
+        return seen
+
+    def _send_json(self, status: int, obj: object, extra: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_empty(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _start_sse(self, extra: dict[str, str] | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _event(self, msg: dict[str, object] | None, event_id: str | None = None) -> None:
+        text = f"id: {event_id}\n" if event_id else ""
+        text += f"data: {json.dumps(msg) if msg is not None else ''}\n\n"
+        self._chunk(text.encode())
+
+    def _end_sse(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _rpc_error(
+        self, status: int, code: int, message: str, rid: object = None, data: object = None
+    ) -> None:
+        error: dict[str, object] = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self._send_json(status, {"jsonrpc": "2.0", "id": rid, "error": error})
+
+    def _authorized(self) -> bool:
+        owner = self.owner
+        if owner.auth is None:
+            return True
+        header = self.headers.get("Authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else None
+        if token:
+            with owner.lock:
+                owner.tokens_seen.append(token)
+            if owner.auth.valid_access(token, owner.prm_resource):
+                return True
+        parts = []
+        if owner.prm_in_header:
+            parts.append(f'resource_metadata="{owner.prm_url}"')
+        parts.append('scope="mcp:tools"')
+        if token:
+            parts.append('error="invalid_token"')
+        data = b'{"error":"unauthorized"}'
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", "Bearer " + ", ".join(parts))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return False
+
+    def _client_gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    # -- verbs --
+
+    def do_GET(self) -> None:
+        owner = self.owner
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/.well-known/oauth-protected-resource"):
+            self._record("GET", None, None)
+            if owner.auth is None or path != "/.well-known/oauth-protected-resource/mcp":
+                self._send_json(404, {"error": "not found"})
+                return
+            self._send_json(
+                200,
+                {
+                    "resource": owner.prm_resource,
+                    "authorization_servers": [owner.auth.issuer],
+                    "scopes_supported": ["mcp:tools"],
+                    "bearer_methods_supported": ["header"],
+                },
+            )
+            return
+        seen = self._record("GET", None, None)
+        if not self._authorized():
+            return
+        if "handshake" not in owner.eras or not owner.get_stream:
+            self._send_empty(405)
+            return
+        sid = self.headers.get("Mcp-Session-Id")
+        with owner.lock:
+            session = owner.sessions.get(sid or "")
+        if session is None:
+            seen.status = 404 if sid else 400
+            self._send_empty(seen.status)
+            return
+        last = self.headers.get("Last-Event-ID")
+        if last is not None:
+            with owner.lock:
+                replay = session.resume.pop(last, None)
+            if replay is None:
+                self._send_empty(404)
+                return
+            self._start_sse()
+            self._event(replay, f"{last}-1")
+            self._end_sse()
+            return
+        stream: queue.Queue[dict[str, object]] = queue.Queue()
+        with owner.lock:
+            session.streams.append(stream)
+        self._start_sse()
+        try:
+            while not session.ended.is_set() and not owner.closing.is_set():
+                try:
+                    msg = stream.get(timeout=0.05)
+                except queue.Empty:
+                    if self._client_gone():
+                        break
+                    continue
+                self._event(msg)
+            else:
+                self._end_sse()
+        except OSError:
+            pass
+        finally:
+            with owner.lock:
+                if stream in session.streams:
+                    session.streams.remove(stream)
+        self.close_connection = True
+
+    def do_DELETE(self) -> None:
+        owner = self.owner
+        self._record("DELETE", None, None)
+        if not self._authorized():
+            return
+        sid = self.headers.get("Mcp-Session-Id", "")
+        with owner.lock:
+            session = owner.sessions.pop(sid, None)
+        if session is not None:
+            session.ended.set()
+        self._send_empty(200 if session is not None else 404)
+
+    def do_POST(self) -> None:
+        owner = self.owner
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            msg = None
+        method = msg.get("method") if isinstance(msg, dict) else None
+        seen = self._record("POST", method if isinstance(method, str) else None, msg)
+        if not self._authorized():
+            seen.status = 401
+            return
+        if not isinstance(msg, dict):
+            seen.status = 400
+            self._rpc_error(400, -32700, "parse error")
+            return
+        if not isinstance(method, str):  # a response to one of our requests (ask)
+            rid = str(msg.get("id"))
+            with owner.lock:
+                waiter = owner.answers.get(rid)
+            if waiter is not None:
+                waiter[1].append(msg)
+                waiter[0].set()
+            seen.status = 202
+            self._send_empty(202)
+            return
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        assert isinstance(params, dict)
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        assert isinstance(meta, dict)
+        version = meta.get(HTTP_META_VERSION)
+        if version is not None and "stateless" in owner.eras:
+            self._stateless(msg, method, params, str(version), seen)
+        elif method == "initialize" and "handshake" in owner.eras:
+            self._initialize(msg, params, seen)
+        else:
+            self._handshake(msg, method, params, seen)
+
+    # -- the stateless era (2026-07-28) --
+
+    def _stateless(
+        self,
+        msg: dict[str, object],
+        method: str,
+        params: dict[str, object],
+        version: str,
+        seen: HttpSeen,
+    ) -> None:
+        owner = self.owner
+        rid = msg.get("id")
+        h = seen.headers
+        problems = []
+        if h.get("mcp-protocol-version") != version:
+            problems.append("MCP-Protocol-Version does not match _meta")
+        if h.get("mcp-method") != method:
+            problems.append("Mcp-Method does not match method")
+        key = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
+        if key is not None and _decode_mcp_header(h.get("mcp-name")) != params.get(key):
+            problems.append("Mcp-Name does not match the body")
+        if method == "tools/call" and params.get("name") == "region":
+            arguments = params.get("arguments") if isinstance(params.get("arguments"), dict) else {}
+            assert isinstance(arguments, dict)
+            if _decode_mcp_header(h.get("mcp-param-region")) != arguments.get("region"):
+                problems.append("Mcp-Param-Region does not match the body")
+        if problems:
+            seen.status = 400
+            self._rpc_error(400, -32020, "; ".join(problems), rid)
+            return
+        if method == "server/discover":
+            mode = owner.discover
+            if mode == "hang":
+                while not self._client_gone() and not owner.closing.wait(0.02):
+                    pass
+                self._hang_up()
+                return
+            if mode in ("plain-400", "plain-405"):
+                seen.status = int(mode[-3:])
+                self._send_empty(seen.status)
+                return
+            if mode == "malformed":
+                self._send_json(200, {"jsonrpc": "2.0", "id": rid, "result": {"hello": "world"}})
+                return
+            if mode.startswith("unsupported"):
+                offered = [HTTP_STATELESS] if mode == "unsupported-listing-ours" else ["2099-01-01"]
+                seen.status = 400
+                self._rpc_error(
+                    400,
+                    -32022,
+                    "unsupported version",
+                    rid,
+                    {"supported": offered, "requested": version},
+                )
+                return
+        if version != HTTP_STATELESS:
+            seen.status = 400
+            self._rpc_error(
+                400,
+                -32022,
+                "unsupported version",
+                rid,
+                {"supported": [HTTP_STATELESS], "requested": version},
+            )
+            return
+        if "id" not in msg:
+            seen.status = 202
+            self._send_empty(202)
+            return
+        self._dispatch(msg, method, params, "stateless", None, seen)
+
+    # -- the handshake era --
+
+    def _initialize(
+        self, msg: dict[str, object], params: dict[str, object], seen: HttpSeen
+    ) -> None:
+        owner = self.owner
+        asked = params.get("protocolVersion")
+        version = asked if isinstance(asked, str) and asked in HTTP_HANDSHAKE else HTTP_HANDSHAKE[0]
+        session = HttpSession(secrets.token_hex(16), version)
+        with owner.lock:
+            owner.sessions[session.id] = session
+        result = {
+            "protocolVersion": version,
+            "capabilities": {"tools": {"listChanged": True}},
+            "serverInfo": {"name": "fixture", "version": "1"},
+        }
+        seen.status = 200
+        self._send_json(
+            200,
+            {"jsonrpc": "2.0", "id": msg.get("id"), "result": result},
+            {"Mcp-Session-Id": session.id},
+        )
+
+    def _handshake(
+        self, msg: dict[str, object], method: str, params: dict[str, object], seen: HttpSeen
+    ) -> None:
+        owner = self.owner
+        rid = msg.get("id")
+        sid = self.headers.get("Mcp-Session-Id")
+        if not sid:  # what a handshake-only server says to a request without a session
+            seen.status = 400
+            self._rpc_error(400, -32000, "Bad Request: No valid session ID provided")
+            return
+        with owner.lock:
+            rejected = owner.reject_sessions == "all" or (
+                owner.reject_sessions == "requests" and "id" in msg
+            )
+            session = None if rejected else owner.sessions.get(sid)
+        if session is None:
+            seen.status = 404
+            self._rpc_error(404, -32001, "Session not found")
+            return
+        if self.headers.get("MCP-Protocol-Version") not in (None, session.version):
+            seen.status = 400
+            self._rpc_error(400, -32600, "Bad MCP-Protocol-Version", rid)
+            return
+        if "id" not in msg:
+            if method == "notifications/cancelled":
+                with owner.lock:
+                    owner.cancelled.append((sid, params.get("requestId"), params.get("reason")))
+            seen.status = 202
+            self._send_empty(202)
+            return
+        if method == "ping":
+            self._send_json(200, {"jsonrpc": "2.0", "id": rid, "result": {}})
+            return
+        self._dispatch(msg, method, params, "handshake", session, seen)
+
+    # -- requests of both eras --
+
+    def _dispatch(
+        self,
+        msg: dict[str, object],
+        method: str,
+        params: dict[str, object],
+        era: str,
+        session: HttpSession | None,
+        seen: HttpSeen,
+    ) -> None:
+        owner = self.owner
+        rid = msg.get("id")
+        extra = {"resultType": "complete"} if era == "stateless" else {}
+        if method == "server/discover":
+            result: dict[str, object] = {
+                "supportedVersions": [HTTP_STATELESS],
+                "capabilities": {"tools": {"listChanged": True}},
+                "resultType": "complete",
+                "_meta": {HTTP_META_SERVER: {"name": "fixture", "version": "1"}},
+            }
+            self._answer(rid, result)
+            return
+        if method == "tools/list":
+            self._answer(rid, {"tools": HTTP_TOOLS, **extra})
+            return
+        if method != "tools/call":
+            seen.status = 404 if era == "stateless" else 200
+            self._rpc_error(seen.status, -32601, f"unknown method {method}", rid)
+            return
+        name = params.get("name")
+        arguments = params.get("arguments") if isinstance(params.get("arguments"), dict) else {}
+        assert isinstance(arguments, dict)
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        assert isinstance(meta, dict)
+        with owner.lock:
+            owner.executions[str(name)] += 1
+            runs = owner.executions[str(name)]
+        if name in ("echo", "grüße", "region"):
+            self._answer(
+                rid,
+                {
+                    **http_text_result(str(arguments.get("text", arguments.get("region", "")))),
+                    **extra,
+                },
+            )
+        elif name == "count":
+            self._answer(rid, {**http_text_result(str(runs)), **extra})
+        elif name == "stream":
+            self._start_sse()
+            token = meta.get("progressToken")
+            for step in (1, 2):
+                if token is not None:
+                    note = {"progressToken": token, "progress": step, "total": 2}
+                    self._event(
+                        {"jsonrpc": "2.0", "method": "notifications/progress", "params": note}
+                    )
+            self._event(
+                {"jsonrpc": "2.0", "id": rid, "result": {**http_text_result("streamed"), **extra}}
+            )
+            self._end_sse()
+        elif name == "ask":
+            self._ask(rid)
+        elif name == "slow":
+            self._slow(rid, float(arguments.get("seconds", 10)), session)
+        elif name == "drop":
+            self._hang_up()  # it ran; the answer never comes
+        elif name == "resumable" and session is not None:
+            event_id = f"{session.id}-r{runs}"
+            with owner.lock:
+                session.resume[event_id] = {
+                    "jsonrpc": "2.0",
+                    "id": rid,
+                    "result": http_text_result("resumed"),
+                }
+            self._start_sse()
+            self._event(None, event_id)  # priming event: an id and empty data
+            self.wfile.flush()
+            self._hang_up()
+        else:
+            self._answer(
+                rid, {**http_text_result(f"unknown tool {name}"), "isError": True, **extra}
+            )
+
+    def _answer(self, rid: object, result: dict[str, object]) -> None:
+        msg = {"jsonrpc": "2.0", "id": rid, "result": result}
+        if self.owner.sse_all:
+            self._start_sse()
+            self._event(msg)
+            self._end_sse()
+        else:
+            self._send_json(200, msg)
+
+    def _ask(self, rid: object) -> None:
+        owner = self.owner
+        ask_id = f"ask-{secrets.token_hex(4)}"
+        waiter: tuple[threading.Event, list[dict[str, object]]] = (threading.Event(), [])
+        with owner.lock:
+            owner.answers[ask_id] = waiter
+        self._start_sse()
+        request: dict[str, object] = {
+            "jsonrpc": "2.0",
+            "id": ask_id,
+            "method": "sampling/createMessage",
+            "params": {
+                "messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}],
+                "maxTokens": 5,
+            },
+        }
+        self._event(request)
+        got = waiter[0].wait(5.0)
+        answer = waiter[1][0] if got else {}
+        result = answer.get("result") if isinstance(answer.get("result"), dict) else {}
+        assert isinstance(result, dict)
+        content = result.get("content") if isinstance(result.get("content"), dict) else {}
+        assert isinstance(content, dict)
+        self._event(
+            {
+                "jsonrpc": "2.0",
+                "id": rid,
+                "result": http_text_result(f"sampled: {content.get('text')}"),
+            }
+        )
+        self._end_sse()
+
+    def _slow(self, rid: object, seconds: float, session: HttpSession | None) -> None:
+        owner = self.owner
+        deadline = time.monotonic() + seconds
+        outcome = "finished"
+        while time.monotonic() < deadline:
+            with owner.lock:
+                cancelled = any(
+                    c[1] == rid and c[0] == (session.id if session else None)
+                    for c in owner.cancelled
+                )
+            if cancelled:
+                outcome = "cancelled"
+                break
+            if self._client_gone():
+                outcome = "disconnected"
+                break
+            time.sleep(0.01)
+        with owner.lock:
+            owner.slow_outcomes.append(outcome)
+        if outcome == "finished":
+            self._answer(rid, http_text_result("slow done"))
+        else:
+            self._hang_up()
+
+
+class OAuthServer:
+    """An OAuth 2.1 authorization server for MCP tests (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        issuer_path: str = "",
+        s256: bool = True,
+        advertise_iss: bool = True,
+        send_iss: bool = True,
+        wrong_iss: bool = False,
+        wrong_state: bool = False,
+        registration: bool = True,
+        refuse_registration: bool = False,
+        cimd: bool = False,
+        revocation: bool = True,
+        openid_only: bool = False,
+        metadata_issuer: str | None = None,
+        preregistered: Iterable[str] = (),
+        access_ttl: int = 3600,
+        port: int = 0,
+    ) -> None:
+        self.s256 = s256
+        self.advertise_iss = advertise_iss
+        self.send_iss = send_iss
+        self.wrong_iss = wrong_iss
+        self.wrong_state = wrong_state
+        self.registration = registration
+        self.refuse_registration = refuse_registration
+        self.cimd = cimd
+        self.revocation = revocation
+        self.openid_only = openid_only
+        self.access_ttl = access_ttl
+        self.lock = threading.Lock()  # guards: every collection and counter below
+        self.clients: dict[str, list[str]] = {}  # client id -> redirect URIs
+        self.preregistered = set(preregistered)
+        self.codes: dict[
+            str, tuple[str, str, str, str, str | None]
+        ] = {}  # client, redirect, challenge, resource, scope
+        self.access: dict[str, tuple[str, float]] = {}  # token -> resource, expires (epoch)
+        self.refresh: dict[str, tuple[str, str]] = {}  # token -> client, resource
+        self.issued: list[str] = []  # every secret handed out, for the no-leak tests
+        self.authorize_queries: list[dict[str, str]] = []
+        self.token_forms: list[dict[str, str]] = []
+        self.registrations = 0
+        self.refreshes = 0
+        self.revocations = 0
+        server = self
+
+        class Handler(_OAuthHandler):
+            owner = server
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.port: int = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.issuer = self.base + issuer_path
+        self.issuer_path = issuer_path
+        self.metadata_issuer = metadata_issuer or self.issuer
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, args=(0.02,), name="fixture-as", daemon=True
+        )
+        self._thread.start()
+
+    def expire_access_tokens(self) -> None:
+        with self.lock:
+            self.access = {token: (resource, 0.0) for token, (resource, _) in self.access.items()}
+
+    def revoke_refresh_tokens(self) -> None:
+        with self.lock:
+            self.refresh.clear()
+
+    def valid_access(self, token: str, resource: str) -> bool:
+        with self.lock:
+            entry = self.access.get(token)
+        return entry is not None and entry[0] == resource and entry[1] > time.time()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def metadata(self) -> dict[str, object]:
+        doc: dict[str, object] = {
+            "issuer": self.metadata_issuer,
+            "authorization_endpoint": f"{self.base}/authorize",
+            "token_endpoint": f"{self.base}/token",
+            "response_types_supported": ["code"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "scopes_supported": ["mcp:tools", "offline_access"],
+            "token_endpoint_auth_methods_supported": ["none"],
+        }
+        if self.s256:
+            doc["code_challenge_methods_supported"] = ["S256"]
+        if self.registration:
+            doc["registration_endpoint"] = f"{self.base}/register"
+        if self.revocation:
+            doc["revocation_endpoint"] = f"{self.base}/revoke"
+        if self.advertise_iss:
+            doc["authorization_response_iss_parameter_supported"] = True
+        if self.cimd:
+            doc["client_id_metadata_document_supported"] = True
+        return doc
+
+    def _issue(self, client: str, resource: str) -> dict[str, object]:
+        access = "at-" + secrets.token_hex(16)
+        refresh = "rt-" + secrets.token_hex(16)
+        with self.lock:
+            self.access[access] = (resource, time.time() + self.access_ttl)
+            self.refresh[refresh] = (client, resource)
+            self.issued += [access, refresh]
+        return {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": self.access_ttl,
+            "refresh_token": refresh,
+            "scope": "mcp:tools",
+        }
+
+
+class _OAuthHandler(http.server.BaseHTTPRequestHandler):
+    owner: OAuthServer
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send_json(self, status: int, obj: object) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _form(self) -> dict[str, str]:
+        length = int(self.headers.get("Content-Length") or 0)
+        return dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+
+    def do_GET(self) -> None:
+        owner = self.owner
+        parts = urllib.parse.urlsplit(self.path)
+        oauth_path = "/.well-known/oauth-authorization-server" + owner.issuer_path
+        openid_path = "/.well-known/openid-configuration" + owner.issuer_path
+        if (parts.path == oauth_path and not owner.openid_only) or (
+            parts.path == openid_path and owner.openid_only
+        ):
+            self._send_json(200, owner.metadata())
+        elif parts.path == "/authorize":
+            self._authorize(dict(urllib.parse.parse_qsl(parts.query)))
+        else:
+            self._send_json(404, {"error": "not_found"})
+
+    def _authorize(self, query: dict[str, str]) -> None:
+        owner = self.owner
+        with owner.lock:
+            owner.authorize_queries.append(query)
+            registered = owner.clients.get(query.get("client_id", ""))
+        client = query.get("client_id", "")
+        redirect = query.get("redirect_uri", "")
+        loopback = redirect.startswith("http://127.0.0.1:") and redirect.endswith("/callback")
+        if registered is not None:
+            client_ok = redirect in registered
+        elif client in owner.preregistered or (owner.cimd and client.startswith("https://")):
+            client_ok = loopback  # RFC 8252 §7.3: any port on the loopback
+        else:
+            client_ok = False
+        if (
+            not client_ok
+            or query.get("response_type") != "code"
+            or query.get("code_challenge_method") != "S256"
+            or not query.get("code_challenge")
+            or not query.get("resource")
+        ):
+            self._send_json(400, {"error": "invalid_request"})
+            return
+        code = "code-" + secrets.token_hex(8)
+        with owner.lock:
+            owner.codes[code] = (
+                client,
+                redirect,
+                query["code_challenge"],
+                query["resource"],
+                query.get("scope"),
+            )
+        answer = {"code": code, "state": "forged" if owner.wrong_state else query.get("state", "")}
+        if owner.send_iss:
+            answer["iss"] = "http://127.0.0.1:1/evil" if owner.wrong_iss else owner.issuer
+        self.send_response(302)
+        self.send_header("Location", redirect + "?" + urllib.parse.urlencode(answer))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        owner = self.owner
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/register":
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if owner.refuse_registration:
+                self._send_json(400, {"error": "invalid_redirect_uri", "error_description": "no"})
+                return
+            client = "dyn-" + secrets.token_hex(6)
+            uris = [u for u in body.get("redirect_uris", []) if isinstance(u, str)]
+            with owner.lock:
+                owner.clients[client] = uris
+                owner.registrations += 1
+            self._send_json(
+                201,
+                {"client_id": client, "redirect_uris": uris, "token_endpoint_auth_method": "none"},
+            )
+        elif path == "/token":
+            self._token(self._form())
+        elif path == "/revoke":
+            token = self._form().get("token", "")
+            with owner.lock:
+                owner.access.pop(token, None)
+                owner.refresh.pop(token, None)
+                owner.revocations += 1
+            self._send_json(200, {})
+        else:
+            self._send_json(404, {"error": "not_found"})
+
+    def _token(self, form: dict[str, str]) -> None:
+        owner = self.owner
+        with owner.lock:
+            owner.token_forms.append(form)
+        grant = form.get("grant_type")
+        if grant == "authorization_code":
+            with owner.lock:
+                entry = owner.codes.pop(form.get("code", ""), None)  # a code works once
+            if entry is None:
+                self._send_json(400, {"error": "invalid_grant"})
+                return
+            client, redirect, challenge, resource, _ = entry
+            verifier = form.get("code_verifier", "")
+            computed = (
+                base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+                .rstrip(b"=")
+                .decode()
+            )
+            if (
+                form.get("client_id") != client
+                or form.get("redirect_uri") != redirect
+                or computed != challenge
+                or form.get("resource") != resource
+            ):
+                self._send_json(400, {"error": "invalid_grant"})
+                return
+            self._send_json(200, owner._issue(client, resource))
+        elif grant == "refresh_token":
+            with owner.lock:
+                entry2 = owner.refresh.pop(form.get("refresh_token", ""), None)  # rotation
+                owner.refreshes += 1
+            if (
+                entry2 is None
+                or entry2[0] != form.get("client_id")
+                or form.get("resource") not in (None, entry2[1])
+            ):
+                self._send_json(400, {"error": "invalid_grant"})
+                return
+            self._send_json(200, owner._issue(entry2[0], entry2[1]))
+        else:
+            self._send_json(400, {"error": "unsupported_grant_type"})
 
 
 def server(fake: str, name: str, *flags: str, **extra: object) -> dict[str, object]:
@@ -10192,3 +11202,1091 @@ class TestSoak:
             f"seed {seed} (REA_SOAK_SEED={seed} replays it); {len(soak.calls)} calls, "
             f"{len(soak.cancelled)} cancelled; broken invariants:\n" + "\n".join(soak.violations)
         )
+
+
+# §13 Remote servers ###########################################################
+
+
+class TestSection13RemoteUrl:
+    """SPEC §13: only https://, or http:// to a loopback address, is accepted."""
+
+    @pytest.mark.parametrize(
+        ("url", "problem"),
+        [
+            ("https://mcp.example.com/mcp", None),
+            ("https://MCP.example.com:8443/mcp?team=1", None),
+            ("http://127.0.0.1:8080/mcp", None),
+            ("http://127.45.6.7/mcp", None),
+            ("http://[::1]:9000/mcp", None),
+            ("http://localhost:3000", None),
+            ("http://[::ffff:127.0.0.1]/mcp", None),
+            ("http://example.com/mcp", "http:// is accepted only to this machine"),
+            ("http://10.0.0.5/mcp", "http:// is accepted only to this machine"),
+            ("http://0.0.0.0/mcp", "http:// is accepted only to this machine"),
+            ("http://127.0.0.1.evil.example/mcp", "http:// is accepted only to this machine"),
+            ("ftp://example.com/mcp", "only https:// is accepted"),
+            ("mcp.example.com/mcp", "only https:// is accepted"),
+            ("https:///mcp", "has no host"),
+            ("https://user:hunter22@example.com/mcp", "user or password"),
+            ("https://example.com/mcp#part", "#fragment"),
+            ("https://example.com:99999/mcp", "not a valid URL"),
+            ("https://example.com/m cp", "spaces or control characters"),
+            ("", "empty"),
+        ],
+    )
+    def test_url_table(self, url: str, problem: str | None) -> None:
+        found = rea.check_remote_url(url)
+        if problem is None:
+            assert found is None
+        else:
+            assert found is not None and problem in found
+            assert "hunter22" not in found and "\n" not in found
+
+    @pytest.mark.parametrize(
+        ("value", "sent"),
+        [
+            ("us-west1", "us-west1"),
+            ("Hello, 世界", "=?base64?SGVsbG8sIOS4lueVjA==?="),
+            (" padded ", "=?base64?IHBhZGRlZCA=?="),
+            ("line1\nline2", "=?base64?bGluZTEKbGluZTI=?="),
+            ("=?base64?literal?=", "=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?="),
+        ],
+    )
+    def test_mirrored_header_values_follow_the_value_encoding_table(
+        self, value: str, sent: str
+    ) -> None:
+        assert rea.header_value(value) == sent  # the 2026-07-28 specification's own examples
+
+    @pytest.mark.parametrize(
+        ("resource", "url", "covers"),
+        [
+            ("https://mcp.example.com/mcp", "https://MCP.example.com:443/mcp/", True),
+            ("https://mcp.example.com", "https://mcp.example.com/mcp", True),
+            ("https://mcp.example.com/mcp", "https://mcp.example.com/mcpx", False),
+            ("https://mcp.example.com/mcp", "https://mcp.example.com/other", False),
+            ("https://mcp.example.com/mcp", "https://evil.example.com/mcp", False),
+            ("https://mcp.example.com/mcp", "http://mcp.example.com/mcp", False),
+            ("https://mcp.example.com:8443/mcp", "https://mcp.example.com/mcp", False),
+        ],
+    )
+    def test_a_token_goes_only_where_its_resource_covers(
+        self, resource: str, url: str, covers: bool
+    ) -> None:
+        assert rea.resource_covers(resource, url) is covers
+
+    def test_a_trailing_newline_never_slips_through_a_check(self, tmp_path: Path) -> None:
+        assert rea.header_name_problem("X-A\n") is not None
+        schema = {"type": "object", "properties": {"r": {"type": "string", "x-mcp-header": "R\n"}}}
+        assert "not a header name" in str(rea.param_header_map({"inputSchema": schema}))
+        with pytest.raises(ValueError):
+            rea.TokenStore(tmp_path, "remote\n")
+
+
+class TestSection13EventStream:
+    """SPEC §13: `text/event-stream` answers, read as the WHATWG parser does."""
+
+    def events(self, text: str) -> list[tuple[str, str, str | None, int | None]]:
+        body = io.BytesIO(text.encode())
+        return [(e.event, e.data, e.id, e.retry_ms) for e in rea.sse_events(body)]
+
+    def test_events_fields_comments_and_a_last_event_without_its_blank_line(self) -> None:
+        text = (
+            ": keep-alive\n"
+            "id: 1\nretry: 500\ndata:\n\n"  # a priming event: an id, empty data
+            'data: {"a":\ndata: 1}\n\n'
+            "event: other\r\ndata: x\r\n\r\n"
+            "data: cut off"
+        )
+        assert self.events(text) == [
+            ("message", "", "1", 500),
+            ("message", '{"a":\n1}', "1", 500),
+            ("other", "x", "1", 500),
+            ("message", "cut off", "1", 500),
+        ]
+
+
+class TestSection13Authorization:
+    """SPEC §13: the pure parts of MCP authorization discovery."""
+
+    def test_www_authenticate_parsing_and_the_well_known_order(self) -> None:
+        header = 'Basic realm="x", Bearer resource_metadata="https://a.example/.well-known/oauth-protected-resource", scope="a b", error=invalid_token'
+        assert rea.parse_www_authenticate(header) == {
+            "resource_metadata": "https://a.example/.well-known/oauth-protected-resource",
+            "scope": "a b",
+            "error": "invalid_token",
+        }
+        assert rea.parse_www_authenticate('Bearer realm="a\\"b", Basic x=y') == {"realm": 'a"b'}
+        assert rea.parse_www_authenticate("Basic realm=x") == {}
+        assert rea.resource_metadata_urls("https://h.example/public/mcp/") == [
+            "https://h.example/.well-known/oauth-protected-resource/public/mcp",
+            "https://h.example/.well-known/oauth-protected-resource",
+        ]
+        assert rea.authorization_server_metadata_urls("https://auth.example/tenant1") == [
+            "https://auth.example/.well-known/oauth-authorization-server/tenant1",
+            "https://auth.example/.well-known/openid-configuration/tenant1",
+            "https://auth.example/tenant1/.well-known/openid-configuration",
+        ]
+
+    def test_pkce_pairs_are_s256_of_a_long_verifier(self) -> None:
+        verifier, challenge = rea.pkce_pair()
+        assert 43 <= len(verifier) <= 128
+        digest = hashlib.sha256(verifier.encode()).digest()
+        assert challenge == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class HttpRecorder:
+    """on_message / on_exit of a transport, kept for assertions."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, object]] = []
+        self.exits: list[int | None] = []
+        self.reply: Callable[[rea.StreamableHttpTransport, dict[str, object]], None] | None = None
+
+    def on_message(self, transport: rea.StreamableHttpTransport, msg: dict[str, object]) -> None:
+        self.messages.append(msg)
+        if self.reply is not None:
+            self.reply(transport, msg)
+
+    def on_exit(self, transport: rea.StreamableHttpTransport, code: int | None) -> None:
+        self.exits.append(code)
+
+
+HTTP_TIMEOUTS = rea.Timeouts(discover_s=0.3, handshake_s=5.0, kill_after_s=1.0)
+
+
+@pytest.fixture
+def timers() -> Iterator[rea.Deadlines]:
+    timer = rea.Deadlines()  # the gateway's own deadline thread drives the transport
+    yield timer
+    timer.close()
+
+
+@pytest.fixture
+def http_dual() -> Iterator[McpHttpServer]:
+    server = McpHttpServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def http_handshake() -> Iterator[McpHttpServer]:
+    server = McpHttpServer(eras=("handshake",))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def http_recorder() -> HttpRecorder:
+    return HttpRecorder()
+
+
+@pytest.fixture
+def http_connect(
+    timers: rea.Deadlines, http_recorder: HttpRecorder
+) -> Iterator[Callable[..., rea.StreamableHttpTransport]]:
+    made: list[rea.StreamableHttpTransport] = []
+
+    def make(
+        server: McpHttpServer, auth: rea.TokenSource | None = None, open: bool = True
+    ) -> rea.StreamableHttpTransport:
+        transport = rea.StreamableHttpTransport(
+            "remote",
+            server.url,
+            {},
+            http_recorder.on_message,
+            http_recorder.on_exit,
+            timers,
+            HTTP_TIMEOUTS,
+            auth,
+        )
+        made.append(transport)
+        if open:
+            rea.open_transport(transport, HTTP_TIMEOUTS, {"sampling": {}})
+        return transport
+
+    yield make
+    for transport in made:
+        transport.stop()
+
+
+def http_params(
+    transport: rea.StreamableHttpTransport, params: dict[str, object]
+) -> dict[str, object]:
+    """The params the gateway would send (the stateless era's _meta added)."""
+    return rea.transport_params(transport, params)
+
+
+def http_call(
+    transport: rea.StreamableHttpTransport, tool: str, timeout: float = 5.0, **arguments: object
+) -> dict[str, object]:
+    return transport.request(
+        "tools/call", http_params(transport, {"name": tool, "arguments": arguments}), timeout
+    )
+
+
+def http_text(result: dict[str, object]) -> str:
+    content = cast(list[dict[str, object]], result["content"])
+    return str(content[0]["text"])
+
+
+def http_listening(server: McpHttpServer) -> None:
+    """Wait until the gateway's GET stream is open on the server's session: a session
+    expired before then would be renewed by that GET, not by the request a test sends."""
+    wait_until(lambda: any(s.streams for s in list(server.sessions.values())))
+
+
+def http_last_post(server: McpHttpServer, method: str) -> HttpSeen:
+    with server.lock:
+        return [s for s in server.seen if s.verb == "POST" and s.method == method][-1]
+
+
+# SPEC §5 / §13: the handshake era over Streamable HTTP ########################
+
+
+class TestSection13HandshakeEra:
+    def test_the_session_id_and_version_go_on_every_request_after_initialize(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        assert (transport.era, transport.version) == ("handshake", "2025-11-25")
+        tools = transport.request("tools/list", {}, 5)
+        assert "echo" in [t["name"] for t in cast(list[dict[str, object]], tools["tools"])]
+        init = http_last_post(http_handshake, "initialize")
+        assert "mcp-session-id" not in init.headers and "mcp-protocol-version" not in init.headers
+        session = next(iter(http_handshake.sessions))
+        for method in ("notifications/initialized", "tools/list"):
+            seen = http_last_post(http_handshake, method)
+            assert seen.headers["mcp-session-id"] == session
+            assert seen.headers["mcp-protocol-version"] == "2025-11-25"
+            assert seen.headers["accept"] == "application/json, text/event-stream"
+        assert http_handshake.seen_methods()[:3] == [
+            "server/discover",
+            "initialize",
+            "notifications/initialized",
+        ]
+
+    def test_json_and_sse_answers_with_progress_before_the_result(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+        http_recorder: HttpRecorder,
+    ) -> None:
+        transport = http_connect(http_handshake)
+        assert http_text(http_call(transport, "echo", text="hi")) == "hi"
+        result = transport.request(
+            "tools/call", {"name": "stream", "arguments": {}, "_meta": {"progressToken": "p1"}}, 5
+        )
+        assert http_text(result) == "streamed"
+        progress = [
+            m for m in http_recorder.messages if m.get("method") == "notifications/progress"
+        ]
+        assert [cast(dict[str, object], m["params"])["progress"] for m in progress] == [1, 2]
+
+    def test_a_server_request_on_the_stream_is_answered_through_send(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+        http_recorder: HttpRecorder,
+    ) -> None:
+        def answer(transport: rea.StreamableHttpTransport, msg: dict[str, object]) -> None:
+            if msg.get("method") == "sampling/createMessage":
+                content = {"type": "text", "text": "forty-two"}
+                transport.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": msg["id"],
+                        "result": {"role": "assistant", "content": content},
+                    }
+                )
+
+        http_recorder.reply = answer
+        transport = http_connect(http_handshake)
+        assert http_text(http_call(transport, "ask")) == "sampled: forty-two"
+
+    def test_the_get_stream_carries_the_servers_own_notifications(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+        http_recorder: HttpRecorder,
+    ) -> None:
+        http_connect(http_handshake)
+        wait_until(lambda: any(s.streams for s in http_handshake.sessions.values()))
+        http_handshake.broadcast({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        wait_until(
+            lambda: any(
+                m.get("method") == "notifications/tools/list_changed"
+                for m in http_recorder.messages
+            )
+        )
+
+    def test_a_broken_stream_is_resumed_with_last_event_id_and_never_resent(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        assert http_text(http_call(transport, "resumable")) == "resumed"
+        assert http_handshake.executions["resumable"] == 1
+        with http_handshake.lock:
+            resumes = [
+                s for s in http_handshake.seen if s.verb == "GET" and "last-event-id" in s.headers
+            ]
+        assert len(resumes) == 1
+
+    def test_stop_deletes_the_session_and_fails_what_is_in_flight(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+        http_recorder: HttpRecorder,
+    ) -> None:
+        transport = http_connect(http_handshake)
+        session = next(iter(http_handshake.sessions))
+        outcome: list[Exception | None] = []
+        transport.request_async(
+            "tools/call",
+            {"name": "slow", "arguments": {"seconds": 5}},
+            10,
+            lambda r, e: outcome.append(e),
+        )
+        wait_until(lambda: http_handshake.executions["slow"] == 1)
+        transport.stop()
+        assert isinstance(outcome[0], rea.TransportFailed)
+        assert http_recorder.exits == [0] and not transport.alive
+        wait_until(lambda: any(s.verb == "DELETE" for s in http_handshake.seen))
+        delete = next(s for s in http_handshake.seen if s.verb == "DELETE")
+        assert (
+            delete.headers["mcp-session-id"] == session and session not in http_handshake.sessions
+        )
+        with pytest.raises(rea.ChildDied, match="not running"):
+            transport.request("tools/list", {}, 1)
+
+
+# SPEC §5 / §13: the stateless era (2026-07-28) ###############################
+
+
+class TestSection13StatelessEra:
+    def test_a_dual_server_is_spoken_to_statelessly_with_the_mirrored_headers(
+        self, http_dual: McpHttpServer, http_connect: Callable[..., rea.StreamableHttpTransport]
+    ) -> None:
+        transport = http_connect(http_dual)
+        assert (transport.era, transport.version) == ("stateless", "2026-07-28")
+        assert (
+            http_text(http_call(transport, "echo", text="hi")) == "hi"
+        )  # the server checks the headers
+        seen = http_last_post(http_dual, "tools/call")
+        assert seen.headers["mcp-protocol-version"] == "2026-07-28"
+        assert seen.headers["mcp-method"] == "tools/call"
+        assert seen.headers["mcp-name"] == "echo"
+        assert "mcp-session-id" not in seen.headers
+        assert "initialize" not in http_dual.seen_methods() and not http_dual.sessions
+
+    def test_a_name_that_is_not_ascii_goes_base64(
+        self, http_dual: McpHttpServer, http_connect: Callable[..., rea.StreamableHttpTransport]
+    ) -> None:
+        transport = http_connect(http_dual)
+        assert http_text(http_call(transport, "grüße", text="ok")) == "ok"
+        assert (
+            http_last_post(http_dual, "tools/call").headers["mcp-name"] == "=?base64?Z3LDvMOfZQ==?="
+        )
+
+    def test_x_mcp_header_is_mirrored_and_an_invalid_one_hides_its_tool(
+        self, http_dual: McpHttpServer, http_connect: Callable[..., rea.StreamableHttpTransport]
+    ) -> None:
+        transport = http_connect(http_dual)
+        tools = transport.request("tools/list", http_params(transport, {}), 5)
+        names = [t["name"] for t in cast(list[dict[str, object]], tools["tools"])]
+        assert "region" in names and "bad_header" not in names
+        assert http_text(http_call(transport, "region", region="us-west1", query="q")) == "us-west1"
+        assert http_last_post(http_dual, "tools/call").headers["mcp-param-region"] == "us-west1"
+
+    def test_sse_answers_in_the_stateless_era(
+        self, http_connect: Callable[..., rea.StreamableHttpTransport]
+    ) -> None:
+        server = McpHttpServer(sse_all=True)
+        transport = http_connect(server)
+        try:
+            assert transport.era == "stateless"
+            assert http_text(http_call(transport, "count")) == "1"
+            assert http_text(http_call(transport, "stream")) == "streamed"
+        finally:
+            transport.stop()  # before its server goes, or it would see the server go
+            server.close()
+
+    @pytest.mark.parametrize(
+        ("mode", "era"),
+        [
+            ("unsupported-listing-ours", "stateless"),  # -32022 is the one "stay stateless" answer
+            ("unsupported", "handshake"),  # -32022, but no version rea speaks
+            ("plain-400", "handshake"),
+            ("plain-405", "handshake"),
+            ("malformed", "handshake"),
+            ("hang", "handshake"),  # silence for Timeouts.discover_s
+        ],
+    )
+    def test_the_era_probe_falls_back_on_anything_but_32022(
+        self,
+        mode: str,
+        era: str,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        server = McpHttpServer(discover=mode)
+        transport = http_connect(server)
+        try:
+            assert transport.era == era
+            assert http_text(http_call(transport, "echo", text="x")) == "x"
+        finally:
+            transport.stop()
+            server.close()
+
+    def test_a_handshake_only_server_answers_discover_with_400_and_gets_initialize(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        assert transport.era == "handshake"
+        assert http_last_post(http_handshake, "server/discover").status == 400
+
+
+# SPEC §9 / §13: session expiry and at most once ##############################
+
+
+class TestSection13SessionExpiry:
+    def test_an_expired_session_is_renewed_and_the_call_runs_once(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        assert http_text(http_call(transport, "count")) == "1"
+        old = next(iter(http_handshake.sessions))
+        http_listening(http_handshake)
+        http_handshake.expire_sessions()
+        assert http_text(http_call(transport, "count")) == "2"  # the caller saw nothing
+        assert http_handshake.executions["count"] == 2
+        with http_handshake.lock:
+            calls = [s for s in http_handshake.seen if s.method == "tools/call"]
+            inits = [s for s in http_handshake.seen if s.method == "initialize"]
+        assert [c.status for c in calls] == [0, 404, 0]  # the 404 was never executed
+        assert len(inits) == 2
+        assert calls[2].headers["mcp-session-id"] != old
+
+    def test_concurrent_calls_share_one_renewal(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        http_listening(http_handshake)
+        http_handshake.expire_sessions()
+        results: queue.Queue[Exception | None] = queue.Queue()
+        for _ in range(6):
+            transport.request_async(
+                "tools/call", {"name": "count", "arguments": {}}, 5, lambda r, e: results.put(e)
+            )
+        assert [results.get(timeout=5) for _ in range(6)] == [None] * 6
+        assert http_handshake.executions["count"] == 6
+        assert http_handshake.seen_methods().count("initialize") == 2
+
+    def test_a_restart_drops_connections_and_sessions_and_calls_still_run_once(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        assert http_text(http_call(transport, "count")) == "1"
+        http_listening(http_handshake)
+        http_handshake.restart()
+        assert http_text(http_call(transport, "count")) == "2"
+        assert http_handshake.executions["count"] == 2
+
+    def test_a_second_404_after_renewal_fails_instead_of_looping(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        http_listening(http_handshake)
+        http_handshake.reject_sessions = "requests"
+        with pytest.raises(rea.RpcError, match="Session not found"):
+            http_call(transport, "count")
+        assert http_handshake.executions["count"] == 0
+        assert http_handshake.seen_methods().count("initialize") == 2
+        assert transport.alive
+
+    def test_a_session_that_cannot_be_renewed_fails_and_reports_an_exit(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+        http_recorder: HttpRecorder,
+    ) -> None:
+        transport = http_connect(http_handshake)
+        http_listening(http_handshake)
+        http_handshake.reject_sessions = "all"  # even the new session's initialized gets 404
+        with pytest.raises(rea.TransportFailed, match="its session expired and a new one failed"):
+            http_call(transport, "count")
+        assert http_handshake.executions["count"] == 0
+        assert not transport.alive
+        wait_until(lambda: http_recorder.exits == [None])
+
+
+class TestSection9AtMostOnce:
+    def test_a_call_whose_connection_broke_after_sending_is_not_sent_again(
+        self, http_dual: McpHttpServer, http_connect: Callable[..., rea.StreamableHttpTransport]
+    ) -> None:
+        transport = http_connect(http_dual)
+        with pytest.raises(rea.TransportFailed, match="not sent again: it may have run"):
+            http_call(transport, "drop")
+        assert http_dual.executions["drop"] == 1
+        assert http_dual.seen_methods().count("tools/call") == 1
+        assert "may have run" in transport.last_stderr()
+        assert transport.alive  # one broken exchange is not a dead server
+
+    def test_a_kept_alive_connection_the_server_closed_is_never_sent_on(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        assert http_text(http_call(transport, "count")) == "1"
+        idle = list(transport._idle)
+        assert idle
+
+        def all_closed() -> bool:  # the server marks a connection idle a moment after answering
+            http_handshake.close_idle_connections()
+            socks = [c.sock for c in idle if c.sock is not None]
+            return all(select.select([s], [], [], 0)[0] for s in socks)
+
+        wait_until(all_closed)
+        assert http_text(http_call(transport, "count")) == "2"
+        assert http_handshake.executions["count"] == 2
+
+    def test_every_thread_has_a_name(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        http_call(transport, "echo", text="x")
+        transport.notify("notifications/roots/list_changed")
+        wait_until(lambda: "notifications/roots/list_changed" in http_handshake.seen_methods())
+        names = [t.name for t in threading.enumerate() if t.name.startswith("rea-http-remote-")]
+        assert len(names) >= 3  # a request worker, the sender, the GET listener
+        assert all(name.split("-")[-1].isdigit() for name in names)
+
+    def test_an_unreachable_server_fails_the_call_and_reports_an_exit(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+        http_recorder: HttpRecorder,
+    ) -> None:
+        transport = http_connect(http_handshake)
+        http_handshake.close()
+        for conn in transport._idle:
+            conn.close()
+        # the call, or the GET listener renewing its session, finds the server gone first
+        with pytest.raises(rea.TransportFailed, match=r"cannot connect|not connected"):
+            http_call(transport, "count")
+        wait_until(lambda: http_recorder.exits == [None])
+        assert not transport.alive and "cannot connect" in transport.last_stderr()
+
+
+class TestSection13Timeouts:
+    def test_a_timeout_posts_notifications_cancelled_in_the_handshake_era(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        box: queue.Queue[tuple[int, Exception | None]] = queue.Queue()
+        rid = transport.request_async(
+            "tools/call",
+            {"name": "slow", "arguments": {"seconds": 5}},
+            0.3,
+            lambda r, e: box.put((0, e)),
+        )
+        _, error = box.get(timeout=5)
+        assert isinstance(error, TimeoutError)
+        wait_until(lambda: any(c[1] == rid and c[2] == "timeout" for c in http_handshake.cancelled))
+        wait_until(lambda: http_handshake.slow_outcomes != [])
+        assert http_text(http_call(transport, "echo", text="still fine")) == "still fine"
+
+    def test_a_timeout_closes_the_stream_in_the_stateless_era(
+        self, http_dual: McpHttpServer, http_connect: Callable[..., rea.StreamableHttpTransport]
+    ) -> None:
+        transport = http_connect(http_dual)
+        with pytest.raises(TimeoutError):
+            http_call(transport, "slow", timeout=0.3, seconds=5)
+        wait_until(lambda: http_dual.slow_outcomes == ["disconnected"])  # 2026-07-28 Cancellation
+        assert "notifications/cancelled" not in http_dual.seen_methods()
+
+    def test_cancel_tells_the_server_and_answers_the_waiter(
+        self,
+        http_handshake: McpHttpServer,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(http_handshake)
+        box: queue.Queue[Exception | None] = queue.Queue()
+        rid = transport.request_async(
+            "tools/call", {"name": "slow", "arguments": {"seconds": 5}}, 10, lambda r, e: box.put(e)
+        )
+        wait_until(lambda: http_handshake.executions["slow"] == 1)
+        assert transport.cancel(rid, "user cancelled")
+        assert isinstance(box.get(timeout=5), rea.RpcError)
+        assert not transport.cancel(rid, "again")
+        wait_until(
+            lambda: any(c[1] == rid and c[2] == "user cancelled" for c in http_handshake.cancelled)
+        )
+
+
+# SPEC §13: OAuth ###############################################################
+
+
+class _LineSink(io.TextIOBase):
+    """A text stream the test reads line by line while `login` writes to it."""
+
+    def __init__(self) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        while "\n" in self.text:
+            line, self.text = self.text.split("\n", 1)
+            self.lines.put(line)
+        return len(s)
+
+
+def run_http_login(
+    server: McpHttpServer,
+    token_store: rea.TokenStore,
+    config: rea.OAuthSettings | None = None,
+    follow: bool = True,
+    timeout_s: float = 10.0,
+) -> tuple[Exception | None, list[str]]:
+    """`login remote --no-browser`, with the test as the browser: it reads the printed URL
+    and follows it, so the authorization server's redirect reaches rea's listener."""
+    out = _LineSink()
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            rea.login(
+                "remote",
+                server.url,
+                config or rea.OAuthSettings(),
+                token_store,
+                False,
+                cast(TextIO, out),
+                err=io.StringIO(),
+                timeout_s=timeout_s,
+            )
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    lines: list[str] = []
+    wait_until(lambda: not out.lines.empty() or not thread.is_alive(), timeout=10)
+    if not out.lines.empty():
+        first = out.lines.get()
+        lines.append(first)
+        if follow:
+            with NO_PROXY.open(first, timeout=10) as answer:
+                answer.read()
+    thread.join(timeout=15)
+    while not out.lines.empty():
+        lines.append(out.lines.get())
+    return (errors[0] if errors else None), lines
+
+
+@pytest.fixture
+def authority() -> Iterator[OAuthServer]:
+    server = OAuthServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def protected_server(authority: OAuthServer) -> Iterator[McpHttpServer]:
+    server = McpHttpServer(auth=authority)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def token_store(tmp_path: Path) -> rea.TokenStore:
+    return rea.TokenStore(tmp_path / ".rea" / "credentials", "remote")
+
+
+class _WallClock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class TestSection13Login:
+    def test_login_no_browser_prints_the_url_alone_and_saves_private_tokens(
+        self, protected_server: McpHttpServer, authority: OAuthServer, token_store: rea.TokenStore
+    ) -> None:
+        error, lines = run_http_login(protected_server, token_store)
+        assert error is None
+        url = lines[0]
+        assert url.startswith(f"{authority.base}/authorize?") and " " not in url
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        assert query["code_challenge_method"] == "S256" and len(query["code_challenge"]) == 43
+        assert query["resource"] == protected_server.url and query["redirect_uri"].startswith(
+            "http://127.0.0.1:"
+        )
+        assert query["scope"] == "mcp:tools offline_access"  # from the 401, plus offline_access
+        assert authority.registrations == 1  # no client_id configured: RFC 7591
+        form = authority.token_forms[-1]
+        assert form["resource"] == protected_server.url and len(form["code_verifier"]) >= 43
+        assert lines[1].startswith("rea: logged in to remote")
+        assert stat.S_IMODE(os.stat(token_store.path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(token_store.folder).st_mode) == 0o700
+        creds = token_store.load()
+        assert (
+            creds is not None
+            and creds.resource == protected_server.url
+            and creds.issuer == authority.issuer
+        )
+        assert creds.access_token not in repr(creds)
+
+    def test_the_transport_refreshes_before_expiry_and_after_a_401_unseen(
+        self,
+        protected_server: McpHttpServer,
+        authority: OAuthServer,
+        token_store: rea.TokenStore,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        assert run_http_login(protected_server, token_store)[0] is None
+        refused_before = sum(
+            1 for s in protected_server.seen if s.status == 401
+        )  # login's own probe
+        clock = _WallClock()
+        transport = http_connect(
+            protected_server,
+            rea.TokenSource("remote", protected_server.url, token_store, clock=clock),
+        )
+        assert http_text(http_call(transport, "count")) == "1"
+        first = protected_server.tokens_seen[-1]
+        clock.offset = 3600 - 30  # inside the refresh margin: refreshed before it is sent
+        assert http_text(http_call(transport, "count")) == "2"
+        assert authority.refreshes == 1 and protected_server.tokens_seen[-1] != first
+        with protected_server.lock:
+            assert sum(1 for s in protected_server.seen if s.status == 401) == refused_before
+        clock.offset = 0
+        authority.expire_access_tokens()  # the server now refuses it: 401, refresh, again
+        assert http_text(http_call(transport, "count")) == "3"
+        assert authority.refreshes == 2 and protected_server.executions["count"] == 3
+        saved = token_store.load()
+        assert saved is not None and saved.access_token == protected_server.tokens_seen[-1]
+
+    def test_a_refused_refresh_means_needs_login_until_the_next_login(
+        self,
+        protected_server: McpHttpServer,
+        authority: OAuthServer,
+        token_store: rea.TokenStore,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        assert run_http_login(protected_server, token_store)[0] is None
+        transport = http_connect(
+            protected_server, rea.TokenSource("remote", protected_server.url, token_store)
+        )
+        authority.expire_access_tokens()
+        authority.revoke_refresh_tokens()
+        with pytest.raises(rea.NeedsLogin) as caught:
+            http_call(transport, "count")
+        assert str(caught.value) == "server remote needs a login: python rea.py login remote"
+        with pytest.raises(rea.NeedsLogin):
+            http_call(transport, "count")
+        assert authority.refreshes == 1  # a refused refresh is not tried again and again
+        assert protected_server.executions["count"] == 0
+        assert (
+            run_http_login(protected_server, token_store)[0] is None
+        )  # the file changes: serve heals
+        assert http_text(http_call(transport, "count")) == "1"
+
+    def test_without_credentials_a_401_is_needs_login(
+        self,
+        protected_server: McpHttpServer,
+        token_store: rea.TokenStore,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        transport = http_connect(
+            protected_server,
+            rea.TokenSource("remote", protected_server.url, token_store),
+            open=False,
+        )
+        with pytest.raises(rea.NeedsLogin) as caught:
+            rea.open_transport(
+                transport, HTTP_TIMEOUTS
+            )  # the era probe does not fall back on a 401
+        assert str(caught.value) == "server remote needs a login: python rea.py login remote"
+        assert protected_server.seen_methods() == ["server/discover"]
+
+    def test_tokens_never_reach_a_log_line_an_error_or_last_stderr(
+        self,
+        protected_server: McpHttpServer,
+        authority: OAuthServer,
+        token_store: rea.TokenStore,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        error, lines = run_http_login(protected_server, token_store)
+        assert error is None
+        transport = http_connect(
+            protected_server, rea.TokenSource("remote", protected_server.url, token_store)
+        )
+        http_call(transport, "count")
+        authority.expire_access_tokens()
+        http_call(transport, "count")  # refreshed after a 401, logged
+        authority.expire_access_tokens()
+        authority.revoke_refresh_tokens()
+        texts = list(lines)
+        with pytest.raises(rea.NeedsLogin) as caught:
+            http_call(transport, "count")
+        texts += [
+            str(caught.value),
+            repr(caught.value),
+            transport.last_stderr(),
+            repr(token_store.load()),
+        ]
+        captured = capsys.readouterr()
+        texts += [captured.out, captured.err]
+        assert "oauth_token_refreshed" in captured.err  # the log was there to be searched
+        secrets_ = [*authority.issued, *authority.clients]
+        assert len(authority.issued) >= 4
+        for text in texts:
+            for secret in authority.issued:
+                assert secret not in text
+        assert secrets_
+
+    @pytest.mark.parametrize(
+        ("switch", "message"),
+        [
+            ({"wrong_state": True}, "state does not match this login"),
+            ({"wrong_iss": True}, "a mix-up attack?"),
+            ({"send_iss": False}, "lacks the iss"),
+        ],
+    )
+    def test_a_redirect_that_fails_its_checks_saves_nothing(
+        self, switch: dict[str, Any], message: str, token_store: rea.TokenStore
+    ) -> None:
+        authority = OAuthServer(**switch)
+        server = McpHttpServer(auth=authority)
+        try:
+            error, _ = run_http_login(server, token_store)
+            assert isinstance(error, rea.OAuthError) and message in str(error)
+            assert "python rea.py login remote again" in str(error) and "\n" not in str(error)
+            assert not token_store.path.exists() and authority.token_forms == []
+        finally:
+            server.close()
+            authority.close()
+
+    @pytest.mark.parametrize(
+        ("switch", "message"),
+        [
+            ({"s256": False}, "does not offer PKCE with S256"),
+            (
+                {"refuse_registration": True},
+                "refused to register rea as a client (HTTP 400: invalid_redirect_uri); register a client there",
+            ),
+            (
+                {"registration": False},
+                "set oauth.client_id for server remote in .rea/registry.yaml",
+            ),
+            ({"metadata_issuer": "http://127.0.0.1:1/other"}, "refusing it (RFC 8414 §3.3)"),
+        ],
+    )
+    def test_an_authorization_server_rea_cannot_use_is_one_clear_line(
+        self, switch: dict[str, Any], message: str, token_store: rea.TokenStore
+    ) -> None:
+        authority = OAuthServer(**switch)
+        server = McpHttpServer(auth=authority)
+        try:
+            error, lines = run_http_login(server, token_store, follow=False)
+            assert (
+                isinstance(error, rea.OAuthError)
+                and message in str(error)
+                and "\n" not in str(error)
+            )
+            assert lines == [] and not token_store.path.exists()
+        finally:
+            server.close()
+            authority.close()
+
+    def test_an_unreachable_authorization_server_is_one_clear_line(
+        self, token_store: rea.TokenStore
+    ) -> None:
+        authority = OAuthServer()
+        server = McpHttpServer(auth=authority)
+        authority.close()
+        try:
+            error, _ = run_http_login(server, token_store, follow=False)
+            assert isinstance(error, rea.OAuthError)
+            assert "cannot reach" in str(error) and "check the network" in str(error)
+        finally:
+            server.close()
+
+    def test_metadata_about_another_resource_is_refused(
+        self, authority: OAuthServer, token_store: rea.TokenStore
+    ) -> None:
+        server = McpHttpServer(auth=authority, prm_resource="http://127.0.0.1:1/elsewhere")
+        try:
+            error, _ = run_http_login(server, token_store, follow=False)
+            assert isinstance(error, rea.OAuthError) and "not this server" in str(error)
+        finally:
+            server.close()
+
+    def test_a_preregistered_client_is_used_without_registration(
+        self, token_store: rea.TokenStore
+    ) -> None:
+        authority = OAuthServer(preregistered=["rea-local"])
+        server = McpHttpServer(auth=authority)
+        try:
+            error, _ = run_http_login(
+                server, token_store, rea.OAuthSettings(client_id="rea-local", scopes=("mcp:tools",))
+            )
+            assert error is None and authority.registrations == 0
+            creds = token_store.load()
+            assert creds is not None and creds.client_id == "rea-local"
+        finally:
+            server.close()
+            authority.close()
+
+    def test_a_client_id_metadata_document_is_used_when_offered_and_configured(
+        self, token_store: rea.TokenStore
+    ) -> None:
+        authority = OAuthServer(cimd=True)
+        server = McpHttpServer(auth=authority)
+        try:
+            document = "https://rea.example/oauth/client.json"
+            error, _ = run_http_login(
+                server, token_store, rea.OAuthSettings(client_metadata_url=document)
+            )
+            assert error is None and authority.registrations == 0
+            assert authority.authorize_queries[-1]["client_id"] == document
+        finally:
+            server.close()
+            authority.close()
+
+    @pytest.mark.parametrize("openid_only", [False, True])
+    def test_well_known_discovery_with_an_issuer_path(
+        self, openid_only: bool, token_store: rea.TokenStore
+    ) -> None:
+        authority = OAuthServer(issuer_path="/tenant1", openid_only=openid_only)
+        server = McpHttpServer(auth=authority, prm_in_header=False)  # a bare "Bearer" challenge
+        try:
+            error, _ = run_http_login(server, token_store)
+            assert error is None
+            creds = token_store.load()
+            assert creds is not None and creds.issuer == f"{authority.base}/tenant1"
+        finally:
+            server.close()
+            authority.close()
+
+    def test_a_second_login_reuses_its_registered_client_on_the_same_port(
+        self, protected_server: McpHttpServer, authority: OAuthServer, token_store: rea.TokenStore
+    ) -> None:
+        assert run_http_login(protected_server, token_store)[0] is None
+        first = token_store.load()
+        assert run_http_login(protected_server, token_store)[0] is None
+        second = token_store.load()
+        assert first is not None and second is not None
+        assert second.redirect_uri == first.redirect_uri and second.client_id == first.client_id
+        assert authority.registrations == 1
+
+    def test_a_server_that_asks_for_nothing_needs_no_login(
+        self, http_dual: McpHttpServer, token_store: rea.TokenStore
+    ) -> None:
+        error, lines = run_http_login(http_dual, token_store, follow=False)
+        assert isinstance(error, rea.OAuthError) and "it needs no login" in str(error)
+        assert lines == [] and not token_store.path.exists()
+
+    def test_a_login_nobody_finishes_times_out(
+        self, protected_server: McpHttpServer, token_store: rea.TokenStore
+    ) -> None:
+        error, lines = run_http_login(protected_server, token_store, follow=False, timeout_s=0.3)
+        assert isinstance(error, rea.OAuthError) and "no login answer came back within" in str(
+            error
+        )
+        assert len(lines) == 1 and not token_store.path.exists()
+
+    def test_logout_revokes_and_deletes(
+        self,
+        protected_server: McpHttpServer,
+        authority: OAuthServer,
+        token_store: rea.TokenStore,
+        http_connect: Callable[..., rea.StreamableHttpTransport],
+    ) -> None:
+        assert run_http_login(protected_server, token_store)[0] is None
+        out = io.StringIO()
+        rea.logout("remote", token_store, out)
+        assert authority.revocations == 2 and not token_store.path.exists()
+        assert out.getvalue().startswith("rea: logged out of remote")
+        assert authority.refresh == {} and authority.access == {}
+        rea.logout("remote", token_store, out)
+        assert "has no saved login" in out.getvalue()
+
+    def test_tokens_are_never_sent_to_another_server(
+        self,
+        protected_server: McpHttpServer,
+        authority: OAuthServer,
+        token_store: rea.TokenStore,
+        timers: rea.Deadlines,
+        tmp_path: Path,
+    ) -> None:
+        assert run_http_login(protected_server, token_store)[0] is None
+        other = McpHttpServer()  # same host, another port: another server
+        try:
+            copied = rea.TokenStore(tmp_path / "other", "remote")
+            creds = token_store.load()
+            assert creds is not None
+            copied.save(creds)  # the credentials of `protected_server`, offered for `other`
+            source = rea.TokenSource("remote", other.url, copied)
+            assert source.access_token() is None
+            transport = rea.StreamableHttpTransport(
+                "remote",
+                other.url,
+                {},
+                lambda t, m: None,
+                lambda t, c: None,
+                timers,
+                HTTP_TIMEOUTS,
+                source,
+            )
+            rea.open_transport(transport, HTTP_TIMEOUTS)
+            http_call(transport, "echo", text="x")
+            transport.stop()
+            with other.lock:
+                assert all("authorization" not in s.headers for s in other.seen)
+            with pytest.raises(ValueError, match="another URL"):
+                rea.StreamableHttpTransport(
+                    "remote",
+                    other.url,
+                    {},
+                    lambda t, m: None,
+                    lambda t, c: None,
+                    timers,
+                    HTTP_TIMEOUTS,
+                    rea.TokenSource("remote", protected_server.url, token_store),
+                )
+        finally:
+            other.close()
+
+    def test_a_widened_credentials_file_is_made_private_again(
+        self, protected_server: McpHttpServer, token_store: rea.TokenStore
+    ) -> None:
+        assert run_http_login(protected_server, token_store)[0] is None
+        os.chmod(token_store.path, 0o644)
+        assert token_store.load() is not None
+        assert stat.S_IMODE(os.stat(token_store.path).st_mode) == 0o600
