@@ -54,13 +54,15 @@ one line per banner:
     Calls                   Call, AuditTrail, InputBridge, Calls: the one lifecycle and finish
     Relay                   a server's own notifications and requests to the client
     Gateway                 Downstreams and the Gateway, the composition root
-    Commands                serve, check, freeze, unfreeze, and probing a server for trust
+    Commands                serve, check, freeze, unfreeze, login, logout, probing for trust
     main                    the dispatch of the command line
 
 Threads, each with one job and a name: ``rea-stdin`` reads the client; per child
 ``rea-child-NAME`` reads its stdout, ``rea-write-NAME`` writes its stdin from a queue and
-``rea-stderr-NAME`` drains its stderr; ``rea-worker-N`` run slow requests and durable
-audit writes; ``rea-timeouts`` expires every deadline; ``rea-start-NAME``,
+``rea-stderr-NAME`` drains its stderr; per remote server ``rea-http-NAME-N`` send its
+requests (at most 8 at once), its notifications (one sender) and read its GET stream;
+``rea-worker-N`` run slow requests and durable audit writes; ``rea-timeouts`` expires every
+deadline and looks for a `login` of a server that needs one; ``rea-start-NAME``,
 ``rea-restart-NAME`` and ``rea-stop-NAME`` start and stop servers; ``rea-state-timer``
 writes the live state. Every one is joined or idle at exit. stdout carries only
 JSON-RPC; every log line goes to stderr as JSON.
@@ -337,6 +339,13 @@ def command_line() -> _Parser:
     trust.add_argument("-y", "--yes", action="store_true", help="accepted for scripts")
     trust.add_argument("--dry-run", action="store_true", help="show what changed, pin nothing")
     trust.add_argument("--reason", metavar="TEXT", help="why; kept in the audit record")
+    login = add(sub, "login", "log in to a remote server (OAuth) and save its tokens in .rea/")
+    login.add_argument("server", metavar="SERVER")
+    login.add_argument(
+        "--no-browser", action="store_true", help="print the login URL instead of opening it"
+    )
+    logout = add(sub, "logout", "revoke a remote server's tokens and delete them from .rea/")
+    logout.add_argument("server", metavar="SERVER")
     bench = add(sub, "bench", "measure the gateway's added latency and throughput here")
     bench.add_argument("--calls", type=_count(1), default=2000, metavar="N")
     bench.add_argument("--warmup", type=_count(0), default=200, metavar="N")
@@ -5319,6 +5328,7 @@ class DownstreamStatus:
     errors: int | None
     status: str | None = None
     era: str | None = None
+    url: str | None = None  # a remote server's address (no query: it may hold a secret)
     withheld_tools: Mapping[str, str] = field(default_factory=dict)
     new_tools: tuple[str, ...] = ()
     removed_tools: tuple[str, ...] = ()
@@ -5550,6 +5560,7 @@ def _parse_state(raw: dict[str, object]) -> ServeState:
                 errors=_state_int(item, "errors", where),
                 status=_str(item, "status", where),
                 era=_str(item, "era", where),
+                url=_str(item, "url", where),
             )
         )
     return ServeState(
@@ -5808,6 +5819,8 @@ def _server_lines(downstreams: tuple[DownstreamStatus, ...]) -> list[str]:
         health = "healthy" if ds.healthy else "UNHEALTHY"
         if ds.connected is not None:
             health += ", connected" if ds.connected else ", not connected"
+        if ds.status == "needs-login":
+            health += f", needs a login: python rea.py login {ds.name}"
         circuit = ds.circuit_state or "unknown"
         if ds.retry_at is not None:
             wait = max(0.0, ds.retry_at - time.time())
@@ -5817,7 +5830,9 @@ def _server_lines(downstreams: tuple[DownstreamStatus, ...]) -> list[str]:
             f"  {ds.name}",
             f"    health: {health}",
             f"    circuit: {circuit}",
-            f"    tools: {_n(ds.tools_count)}   pid: {_n(ds.pid)}   restarts: {_n(ds.restarts)}"
+            f"    tools: {_n(ds.tools_count)}   "
+            + (f"url: {ds.url}" if ds.url else f"pid: {_n(ds.pid)}")
+            + f"   restarts: {_n(ds.restarts)}"
             f"   calls: {_n(ds.calls)}   errors: {_n(ds.errors)}",
             f"    open transitions: {_n(ds.open_transitions)}   SESSION_BLOCKER: {blocker}",
             f"    last error: {_one_line(ds.last_error) if ds.last_error else '-'}",
@@ -6172,6 +6187,16 @@ class Fingerprints:
         except ReaError as err:
             fields: dict[str, object] = {"path": str(self.path), "reason": str(err)}
             self._pending_logs.append(("error", "fingerprints_write_failed", fields))
+
+    def pinned_tools(self, server: str) -> list[dict[str, object]]:
+        """The tools of a server as last pinned, absent fields left out: what a remote
+        server that needs a login still shows, so that a call can say so (§13)."""
+        with self._lock:
+            held = self.error is not None or server in self._held
+            pin = None if held else self._servers.get(server)
+        if pin is None:
+            return []
+        return [{k: v for k, v in t.pinned.items() if v is not None} for t in pin.tools.values()]
 
     # For `trust` ------------------------------------------------------------------------
 
@@ -11821,6 +11846,8 @@ def logout(
 
 # Downstream and supervisor ###################################################
 
+LOGIN_POLL_S = 1.0  # how often the credentials of a server that needs a login are looked at
+
 
 class ServerStatus(StrEnum):
     """Where a downstream server is in its life."""
@@ -11829,6 +11856,7 @@ class ServerStatus(StrEnum):
     READY = "ready"
     FAILED = "failed"
     HELD = "held"  # trust on first use refuses to start it (§10)
+    NEEDS_LOGIN = "needs-login"  # a remote server without a usable token (§13)
     DISABLED = "disabled"
     STOPPED = "stopped"
 
@@ -11916,6 +11944,35 @@ class Supervisor:
             timer.cancel()
 
 
+class _LoginWatch:
+    """Looks at a remote server's credentials file, on the gateway's deadline thread, until
+    it changes (a `login` in another terminal), then calls on_change once (§13)."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        stamp: tuple[int, int, int] | None,
+        waiting: Callable[[], bool],
+        on_change: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._stamp = stamp
+        self._waiting = waiting  # False once the server no longer needs a login (or stopped)
+        self._on_change = on_change
+        self._next = time.monotonic() + LOGIN_POLL_S  # only the deadline thread touches it
+
+    def expire(self, now: float) -> float | None:
+        if not self._waiting():
+            return None
+        if now < self._next:
+            return self._next
+        if self._store.stamp() == self._stamp:
+            self._next = now + LOGIN_POLL_S
+            return self._next
+        self._on_change()
+        return None
+
+
 @dataclass(frozen=True)
 class DownstreamHooks:
     """How a Downstream reports to the gateway: a narrow record of callbacks, not the
@@ -12001,6 +12058,8 @@ class Downstream:
         """The live transport a call goes to; ChildDied says why there is none."""
         with self._lock:
             transport, status, why = self._transport, self._status, self._last_error
+        if status is ServerStatus.NEEDS_LOGIN:
+            raise NeedsLogin(self.name)
         if transport is None or not transport.alive or status is not ServerStatus.READY:
             raise ChildDied(f"server {self.name} is not running: {why or status.value}")
         return transport
@@ -12057,6 +12116,7 @@ class Downstream:
                 errors=self._errors,
                 status=self._status.value,
                 era=transport.era.value if transport is not None else None,
+                url=public_url(self.spec.url) if self.spec.remote else None,
                 withheld_tools=dict(self._withheld),
                 new_tools=self._new_tools,
                 removed_tools=self._removed_tools,
@@ -12081,31 +12141,8 @@ class Downstream:
         if held is not None:
             self._hold(held)
             return
-        if self.spec.remote:
-            self._fail("remote servers (url) are not served yet", retry=False)
-            return
-        try:
-            env = child_environment(self.spec, os.environ)
-        except ReaError as exc:  # an unset ${VAR}: this server only, never retried
-            self._fail(str(exc), retry=False)
-            return
-        # env: values are secrets by contract (§3): scrubbed from whatever the child says
-        values = {env[key] for key in self.spec.env if len(env.get(key, "")) >= MIN_SECRET_CHARS}
-        with self._lock:
-            self._secret_values = tuple(sorted(values, key=len, reverse=True))
-        try:
-            transport: Transport = ChildProcess(
-                self.name,
-                [self.spec.command, *self.spec.args],
-                env,
-                self._ctx.root,
-                lambda t, msg: hooks.on_message(self, t, msg),
-                self._on_exit,
-                self._ctx.deadlines,
-                self._ctx.timeouts,
-            )
-        except OSError as exc:
-            self._fail(f"cannot start {self.spec.command!r}: {exc.strerror or exc}", retry=False)
+        transport = self._connect() if self.spec.remote else self._spawn()
+        if transport is None:
             return
         with self._lock:
             stopping = self._stopping
@@ -12117,8 +12154,13 @@ class Downstream:
         try:
             caps = open_transport(transport, self._ctx.timeouts, hooks.client_caps())
             tools = list_tools(transport, self._ctx.timeouts.handshake_s)
+        except NeedsLogin as exc:  # no restart loop: a login, seen on disk, brings it up
+            transport.stopping = True
+            threading.Thread(target=transport.stop, daemon=True).start()
+            self._needs_login(exc)
+            return
         except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
-            tail = transport.last_stderr()
+            tail = "" if self.spec.remote else transport.last_stderr()  # remote: in exc already
             transport.stopping = True
             threading.Thread(target=transport.stop, daemon=True).start()
             self._fail(f"{exc}" + (f" (stderr: {tail})" if tail else ""), retry=True)
@@ -12137,6 +12179,102 @@ class Downstream:
         self.ready.set()
         if not transport.alive:  # died between its last answer and `ready`: its exit was ignored
             self._on_exit(transport, None)
+
+    def _spawn(self) -> Transport | None:
+        """Start the server's process; None (the failure recorded) when it cannot start."""
+        try:
+            env = child_environment(self.spec, os.environ)
+        except ReaError as exc:  # an unset ${VAR}: this server only, never retried
+            self._fail(str(exc), retry=False)
+            return None
+        # env: values are secrets by contract (§3): scrubbed from whatever the child says
+        values = {env[key] for key in self.spec.env if len(env.get(key, "")) >= MIN_SECRET_CHARS}
+        self._keep_secrets(values)
+        hooks = self._ctx.hooks
+        try:
+            return ChildProcess(
+                self.name,
+                [self.spec.command, *self.spec.args],
+                env,
+                self._ctx.root,
+                lambda t, msg: hooks.on_message(self, t, msg),
+                self._on_exit,
+                self._ctx.deadlines,
+                self._ctx.timeouts,
+            )
+        except OSError as exc:
+            self._fail(f"cannot start {self.spec.command!r}: {exc.strerror or exc}", retry=False)
+            return None
+
+    def _connect(self) -> Transport | None:
+        """The transport to a remote server (§13): no process and no child environment; its
+        headers expanded, its token from .rea/credentials/. None when it cannot be made."""
+        try:
+            headers = expanded_headers(self.spec, os.environ)
+        except ReaError as exc:  # an unset ${VAR}: this server only, never retried
+            self._fail(str(exc), retry=False)
+            return None
+        # headers: values are secrets by contract (§3), like env: values
+        self._keep_secrets({v for v in headers.values() if len(v) >= MIN_SECRET_CHARS})
+        hooks = self._ctx.hooks
+        return StreamableHttpTransport(
+            self.name,
+            self.spec.url,
+            headers,
+            lambda t, msg: hooks.on_message(self, t, msg),
+            self._on_exit,
+            self._ctx.deadlines,
+            self._ctx.timeouts,
+            TokenSource(self.name, self.spec.url, self._token_store()),
+            self._on_needs_login,
+        )
+
+    def _token_store(self) -> TokenStore:
+        return TokenStore(self._ctx.root / REA_DIR / CREDENTIALS_DIR, self.name)
+
+    def _keep_secrets(self, values: set[str]) -> None:
+        with self._lock:
+            self._secret_values = tuple(sorted(values, key=len, reverse=True))
+
+    def _on_needs_login(self, transport: Transport, exc: NeedsLogin) -> None:
+        """A running remote server refused its token and no refresh mends it (§13)."""
+        with self._lock:
+            if self._transport is not transport or self._status is not ServerStatus.READY:
+                return  # during start-up _bring_up sees the NeedsLogin itself
+        transport.stopping = True
+        threading.Thread(target=transport.stop, name=f"rea-stop-{self.name}", daemon=True).start()
+        self._needs_login(exc)
+
+    def _needs_login(self, exc: NeedsLogin) -> None:
+        """Show the server as needing a login (status, health, and its calls say so) and
+        bring it up again once the credentials file changes: no restart loop, no browser."""
+        store = self._token_store()
+        stamp = store.stamp()
+        pinned = self._ctx.fingerprints.pinned_tools(self.name)
+        with self._lock:
+            if self._stopping:
+                return
+            self._status = ServerStatus.NEEDS_LOGIN
+            self._last_error = str(exc)
+            if not self._tools:  # its pinned tools answer "needs a login" when called
+                self._tools = tuple(pinned)
+        log("warn", "server_needs_login", server=self.name, why=exc.why)
+        log("warn", "health_changed", server=self.name, healthy=False, reason=str(exc))
+        self._ctx.hooks.on_tools_changed()
+        self.ready.set()
+        watch = _LoginWatch(
+            store, stamp, lambda: self.status is ServerStatus.NEEDS_LOGIN, self._logged_in
+        )
+        self._ctx.deadlines.watch(watch, time.monotonic() + LOGIN_POLL_S)
+
+    def _logged_in(self) -> None:
+        """The credentials changed while the server needed a login: bring it up again."""
+        with self._lock:
+            if self._stopping or self._status is not ServerStatus.NEEDS_LOGIN:
+                return
+            self._status = ServerStatus.STARTING
+        log("info", "credentials_changed", server=self.name)
+        threading.Thread(target=self._bring_up, name=f"rea-start-{self.name}", daemon=True).start()
 
     def _take_tools(self, tools: list[JsonObj], caps: JsonObj | None = None) -> None:
         """Compare the tools with their pins (§10): changed ones are withheld, new ones
@@ -12220,7 +12358,10 @@ class Downstream:
             ):
                 return  # a death during start-up is handled by _bring_up's failure path
             tail = transport.last_stderr()
-            why = f"exited with code {code}" + (f": {tail}" if tail else "")
+            if self.spec.remote:
+                why = tail or "disconnected"
+            else:
+                why = f"exited with code {code}" + (f": {tail}" if tail else "")
             self._status = ServerStatus.FAILED
         why = self.scrub(why)
         with self._lock:
@@ -13874,6 +14015,8 @@ class Calls:
                 f"rea: error: server {ds.name} did not answer {call.target.bare} within "
                 f"{call.rules.policy.call_timeout_s:g} s; the call was cancelled and will not be retried"
             )
+        elif isinstance(error, NeedsLogin):  # refused before it ran (§13)
+            text = f"rea: error: {error}"
         else:
             text = f"rea: error: {error}; the call was not retried (it may or may not have run)"
         return failure_outcome(call.kind, ds.scrub(text))
@@ -15083,24 +15226,41 @@ def cmd_check(root: Path, as_json: bool) -> int:
 
 
 def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
-    """Start a server just long enough to list its tools (for `trust`)."""
+    """Start (or reach) a server just long enough to list its tools (for `trust`)."""
     timers = Deadlines()
     timeouts = Timeouts.from_env(os.environ)
+    child: Transport
     try:
-        child = ChildProcess(
-            spec.name,
-            [spec.command, *spec.args],
-            child_environment(spec, os.environ),
-            root,
-            lambda c, m: None,
-            lambda c, code: None,
-            timers,
-            timeouts,
-        )
+        if spec.remote:
+            child = StreamableHttpTransport(
+                spec.name,
+                spec.url,
+                expanded_headers(spec, os.environ),
+                lambda c, m: None,
+                lambda c, code: None,
+                timers,
+                timeouts,
+                TokenSource(spec.name, spec.url, _token_store(root, spec.name)),
+            )
+        else:
+            child = ChildProcess(
+                spec.name,
+                [spec.command, *spec.args],
+                child_environment(spec, os.environ),
+                root,
+                lambda c, m: None,
+                lambda c, code: None,
+                timers,
+                timeouts,
+            )
     except OSError as exc:
+        timers.close()
         raise ReaError(
             f"server {spec.name}: cannot start {spec.command!r}: {exc.strerror or exc}"
         ) from None
+    except ReaError:
+        timers.close()
+        raise
     try:
         open_transport(child, timeouts)
         return list_tools(child, timeouts.handshake_s)
@@ -15119,6 +15279,74 @@ def _recorded_renames(rea_dir: Path) -> dict[str, str]:
         return {}
     renames = as_obj(state.get("tool_renames")) if state else None
     return {str(k): str(v) for k, v in (renames or {}).items()}
+
+
+def _token_store(root: Path, server: str) -> TokenStore:
+    return TokenStore(root / REA_DIR / CREDENTIALS_DIR, server)
+
+
+def _remote_spec(root: Path, server: str, command: str) -> ServerSpec:
+    """The registry's remote server of that name; ReaError naming the file otherwise."""
+    registry = load_registry(root / REA_DIR)
+    source = registry.source or root / REA_DIR / "registry.yaml"
+    for spec in registry.servers:
+        if spec.name == server:
+            if not spec.remote:
+                raise ReaError(
+                    f"{source}: server {server!r} is a local server (command); {command} is "
+                    "for a remote one (url)"
+                )
+            return spec
+    known = ", ".join(s.name for s in registry.servers if s.remote) or "none"
+    raise ReaError(
+        f"{source}: no remote server named {server!r} (remote servers: {known}); "
+        "add it with a url: first"
+    )
+
+
+def cmd_login(root: Path, server: str, no_browser: bool) -> int:
+    """`login SERVER [--no-browser]` (§13): OAuth for a remote server, a governance act."""
+    spec = _remote_spec(root, server, "login")
+    if any(key.lower() == "authorization" for key in spec.headers):
+        raise ReaError(
+            f"server {server} sends its own Authorization (headers: in .rea/registry.yaml); "
+            "it needs no login: remove that header to log in with OAuth instead"
+        )
+    store = _token_store(root, spec.name)
+    creds = login(
+        spec.name,
+        spec.url,
+        spec.oauth,
+        store,
+        not no_browser,
+        sys.stdout,
+        headers=expanded_headers(spec, os.environ),
+    )
+    record_governance_act(
+        governance_of(root),
+        "login",
+        {
+            "server": spec.name,
+            "url": public_url(spec.url),
+            "issuer": creds.issuer,
+            "client_id": creds.client_id,
+            "scope": creds.scope,
+        },
+    )
+    return 0
+
+
+def cmd_logout(root: Path, server: str) -> int:
+    """`logout SERVER` (§13): revoke and delete its tokens, a governance act."""
+    spec = _remote_spec(root, server, "logout")
+    done = logout(spec.name, _token_store(root, spec.name), sys.stdout)
+    if done is not None:
+        record_governance_act(
+            governance_of(root),
+            "logout",
+            {"server": spec.name, "url": public_url(spec.url), "outcome": done},
+        )
+    return 0
 
 
 def cmd_freeze(root: Path, reason: str | None) -> int:
@@ -15194,6 +15422,10 @@ def _main(argv: list[str]) -> int:
         return cmd_trust(root, words, sys.stdout, lambda spec: probe_tools(spec, root))
     if command == "init":
         return cmd_init(root, words, sys.stdout, Path(__file__).resolve())
+    if command == "login":
+        return cmd_login(root, args.server, args.no_browser)
+    if command == "logout":
+        return cmd_logout(root, args.server)
     return cmd_bench(root, words, sys.stdout, Path(__file__).resolve())
 
 
