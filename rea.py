@@ -8143,12 +8143,16 @@ RELAYED_REQUESTS = {
     "elicitation/create": "elicitation",
     "roots/list": "roots",
 }
+TASKS_CAPABILITY: JsonObj = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
 _ALL_CHILD_CAPS: JsonObj = {
     "resources": {"subscribe": True, "listChanged": True},
     "prompts": {"listChanged": True},
     "completions": {},
     "logging": {},
+    "tasks": TASKS_CAPABILITY,
 }
+TERMINAL_TASK_STATES = frozenset({"completed", "failed", "cancelled"})
+RELATED_TASK = "io.modelcontextprotocol/related-task"
 MAX_INPUT_ROUNDS = 8  # input_required rounds one call may take
 MIN_SECRET_CHARS = 6  # shorter env: values are not scrubbed as text (too many false hits)
 MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
@@ -8224,6 +8228,20 @@ def as_obj(value: object) -> JsonObj | None:
 
 def meta_of(params: JsonObj | None) -> JsonObj | None:
     return as_obj(params.get("_meta")) if params else None
+
+
+def takes_tasks(caps: JsonObj) -> bool:
+    """Whether a peer runs `tools/call` as a task (2025-11-25 `tasks` capability)."""
+    tasks = as_obj(caps.get("tasks")) or {}
+    tools = as_obj((as_obj(tasks.get("requests")) or {}).get("tools")) or {}
+    return "call" in tools
+
+
+def knows_tasks(caps: JsonObj) -> bool:
+    """Whether a client declared tasks: the 2025-11-25 capability or the 2026-07-28
+    extension (SEP-2663)."""
+    extensions = as_obj(caps.get("extensions")) or {}
+    return "tasks" in caps or "io.modelcontextprotocol/tasks" in extensions
 
 
 def is_request_id(value: object) -> bool:
@@ -9447,6 +9465,7 @@ class CallState(StrEnum):
     FORWARDED = "forwarded"  # sent to its server, waiting for the answer
     ANSWERED = "answered"  # the server answered; the result is being checked
     WAITING_INPUT = "waiting for input"  # an input round with the client (SEP-2322)
+    TASK = "running as a task"  # answered with a task handle; its outcome is not final yet
     FINISHED = "finished"
 
 
@@ -10292,6 +10311,10 @@ class Session:
         with self._lock:
             return capability in self._caps
 
+    def knows_tasks(self) -> bool:
+        with self._lock:
+            return knows_tasks(self._caps)
+
     def relayable_caps(self) -> JsonObj:
         """The client capabilities a server may see: those the client declared and the
         gateway relays (sampling, elicitation, roots)."""
@@ -10678,6 +10701,77 @@ class InputBridge:
         return soonest
 
 
+@dataclass
+class TaskEntry:
+    """A call its server runs as a task (2025-11-25 tasks; SEP-2663): the client knows it
+    by an id of ours, so it can never address another server's task; the call's one
+    audit record is written when the task's outcome is final."""
+
+    call: Call
+    transport: Transport
+    server_task_id: str
+    deadline: float  # its ttl: past it, the task has expired
+    completed: bool = False  # the server said so; the record waits for the result
+    finished: bool = False  # its record is written
+
+
+class TaskTable:
+    """The tasks of this session, by the id the client knows (`rea-task-…`)."""
+
+    def __init__(self, deadlines: Deadlines, expired: Callable[[str, TaskEntry], None]) -> None:
+        self._deadlines = deadlines
+        self._expired = expired
+        self._lock = threading.Lock()  # guards: _tasks
+        self._tasks: dict[str, TaskEntry] = {}
+
+    def adopt(self, call: Call, transport: Transport, server_task_id: str, ttl_s: float) -> str:
+        task_id = f"rea-task-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + ttl_s
+        with self._lock:
+            self._tasks[task_id] = TaskEntry(call, transport, server_task_id, deadline)
+        self._deadlines.watch(self, deadline)
+        return task_id
+
+    def get(self, task_id: object) -> TaskEntry | None:
+        with self._lock:
+            return self._tasks.get(task_id) if isinstance(task_id, str) else None
+
+    def of_server(self, transport: Transport, server_task_id: object) -> str | None:
+        with self._lock:
+            for task_id, entry in self._tasks.items():
+                if entry.transport is transport and entry.server_task_id == server_task_id:
+                    return task_id
+        return None
+
+    def finish_once(self, task_id: str) -> TaskEntry | None:
+        """The entry when its record is still to be written (and mark it written)."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is None or entry.finished:
+                return None
+            entry.finished = True
+            return entry
+
+    def mark_completed(self, task_id: str) -> None:
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is not None:
+                entry.completed = True
+
+    def expire(self, now: float) -> float | None:
+        due: list[tuple[str, TaskEntry]] = []
+        soonest: float | None = None
+        with self._lock:
+            for task_id, entry in list(self._tasks.items()):
+                if entry.deadline <= now:
+                    due.append((task_id, self._tasks.pop(task_id)))
+                elif soonest is None or entry.deadline < soonest:
+                    soonest = entry.deadline
+        for task_id, entry in due:
+            self._expired(task_id, entry)
+        return soonest
+
+
 class _Turn:
     """One stretch of work on a call, on one thread (`with calls._turn(call) as turn`).
     It ends by handing the call on (sent to its server, waiting for the client) or with
@@ -10743,6 +10837,7 @@ class Calls:
         self._trail = trail
         self._hooks = hooks
         self.bridge = InputBridge(deadlines, self._retry_overdue)
+        self.tasks = TaskTable(deadlines, self._task_expired)
         # guards: _table, _live, _accepting, _stopping, and every mutable field of a Call
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)  # a call finished (waited on at stop)
@@ -10924,6 +11019,8 @@ class Calls:
             params = {"name": bare, "arguments": call.arguments, **call.extra}
             if "_meta" in call.params:
                 params["_meta"] = call.params["_meta"]
+            if "task" in call.params and takes_tasks(call.target.downstream.capabilities):
+                params["task"] = call.params["task"]
         elif call.kind is CallKind.PROMPT:
             params = {**call.params, "name": bare}
         elif call.kind is CallKind.COMPLETION:
@@ -10978,7 +11075,96 @@ class Calls:
             and call.kind is CallKind.TOOL
         ):
             return self._fulfil(call, result, turn)
+        handle = as_obj(result.get("task"))
+        if (
+            call.kind is CallKind.TOOL
+            and handle is not None
+            and isinstance(handle.get("taskId"), str)
+        ):
+            self._adopt_task(call, result, handle, turn)
+            return None
         return self._checked(call, result)
+
+    # -- tasks (2025-11-25, SEP-2663) --
+
+    def _adopt_task(self, call: Call, result: JsonObj, handle: JsonObj, turn: _Turn) -> None:
+        """The server runs the call as a task: the client gets the task handle under an id
+        of ours; the call stays in flight (its permit held) until the task's outcome is
+        final, and only then is it recorded."""
+        assert call.transport is not None
+        ttl = handle.get("ttl")
+        ttl_s = ttl / 1000 if isinstance(ttl, int | float) and ttl > 0 else 24 * 3600.0
+        task_id = self.tasks.adopt(call, call.transport, str(handle["taskId"]), ttl_s)
+        value, _ = call.rules.redactor.redact_value(without_connection_meta(result))
+        shown = as_obj(value) or {}
+        shown["task"] = {**(as_obj(shown.get("task")) or {}), "taskId": task_id}
+        with self._lock:
+            req_id, call.req_id = call.req_id, None
+            if req_id is not None and self._table.get(id_key(req_id)) is call:
+                del self._table[id_key(req_id)]
+            call.state = CallState.TASK
+            answer = req_id is not None and not call.cancelled
+        turn.handed_on = True
+        if answer:
+            self._wire.reply(req_id, shown)
+
+    def task_status(self, task_id: str, status: str) -> None:
+        """A task's status seen (notification, tasks/get, tasks/cancel): a failed or
+        cancelled task is final at once; a completed one when its result is fetched."""
+        if status == "completed":
+            self.tasks.mark_completed(task_id)
+        elif status in ("failed", "cancelled"):
+            entry = self.tasks.finish_once(task_id)
+            if entry is not None:
+                outcome = Outcome(
+                    AuditStatus.ERROR,
+                    note=f"task {status}",
+                    metadata={"task_id": task_id, "task_status": status},
+                    verdict=BreakerVerdict.UNUSED
+                    if status == "cancelled"
+                    else BreakerVerdict.SUCCESS,
+                )
+                self.finish(entry.call, outcome)
+
+    def task_result(self, task_id: str, result: JsonObj | None, error: Exception | None) -> Outcome:
+        """tasks/result: the task's result, checked like any tool result (§6 step 10); the
+        first one fetched is the call's outcome and writes its one record."""
+        entry = self.tasks.get(task_id)
+        if entry is None:
+            raise RpcError(INVALID_PARAMS, f"unknown task: {task_id}")
+        call = entry.call
+        outcome = (
+            self._failure(call, error)
+            if error is not None or result is None
+            else self._checked(call, result)
+        )
+        if outcome.result is not None:
+            meta = {
+                **(as_obj(outcome.result.get("_meta")) or {}),
+                RELATED_TASK: {"taskId": task_id},
+            }
+            outcome = replace(outcome, result={**outcome.result, "_meta": meta})
+        outcome = replace(
+            outcome, metadata={**outcome.metadata, "task_id": task_id, "task_status": "completed"}
+        )
+        if self.tasks.finish_once(task_id) is not None:
+            self.finish(call, outcome)
+        return outcome
+
+    def _task_expired(self, task_id: str, entry: TaskEntry) -> None:
+        if entry.finished:
+            return
+        note = (
+            "task completed; its result was not fetched before its ttl passed"
+            if entry.completed
+            else "task expired (its ttl passed) before it ended"
+        )
+        status = AuditStatus.ALLOWED if entry.completed else AuditStatus.ERROR
+        metadata: JsonObj = {
+            "task_id": task_id,
+            "task_status": "completed" if entry.completed else "expired",
+        }
+        self.finish(entry.call, Outcome(status, note=note, metadata=metadata))
 
     def _failure(self, call: Call, error: Exception | None) -> Outcome:
         assert call.target is not None
@@ -11341,6 +11527,14 @@ class Relay:
             self.notify(str(method), params)
         elif method == "notifications/tools/list_changed":
             self._submit(ds.refresh_tools)
+        elif method == "notifications/tasks/status" and params is not None:
+            task_id = self._calls.tasks.of_server(transport, params.get("taskId"))
+            if task_id is None:
+                return  # not a task of this session's: never shown to the client
+            self.notify(str(method), {**params, "taskId": task_id})
+            status = params.get("status")
+            if isinstance(status, str):
+                self._calls.task_status(task_id, status)
         elif method == "notifications/message":
             params = params or {}
             logger = f"{ds.name}:{params.get('logger', '')}".rstrip(":")
@@ -11569,6 +11763,11 @@ class Gateway:
             "resources/unsubscribe": self._request_call(CallKind.UNSUBSCRIBE),
             "prompts/get": self._request_call(CallKind.PROMPT),
             "completion/complete": self._request_call(CallKind.COMPLETION),
+            "tasks/get": self._later(self._task_request("tasks/get")),
+            "tasks/cancel": self._later(self._task_request("tasks/cancel")),
+            "tasks/update": self._later(self._task_request("tasks/update")),
+            "tasks/result": self._later(self._task_result),
+            "tasks/list": self._later(self._list_tasks),
         }
 
     # -- running --
@@ -11807,6 +12006,8 @@ class Gateway:
             caps["completions"] = {}
         if any("logging" in c for c in offered):
             caps["logging"] = {}
+        if any(takes_tasks(c) for c in offered):
+            caps["tasks"] = TASKS_CAPABILITY
         return caps
 
     def _initialize(self, req_id: object, p: JsonObj, era: Era) -> None:
@@ -11864,8 +12065,11 @@ class Gateway:
     def _list_tools(self, p: JsonObj, era: Era) -> JsonObj:
         self.wait_for_startup()
         view = self.catalog.listed()
+        tasks = self.session.knows_tasks()
         tools: list[JsonObj] = [
-            {**e.definition, "name": e.exposed} for e in view.tools.values() if e.withheld is None
+            {**e.definition, "name": e.exposed}
+            for e in view.tools.values()
+            if e.withheld is None and (tasks or not requires_task(e.definition))
         ]
         tools.append(health_tool_definition())
         return list_page("tools", tools, p.get("cursor"), era)
@@ -11998,6 +12202,87 @@ class Gateway:
 
         return produce
 
+    # -- tasks (2025-11-25 tasks; the 2026-07-28 extension, SEP-2663) --
+
+    def _task_request(self, method: str) -> Callable[[JsonObj, Era], JsonObj]:
+        """tasks/get, tasks/cancel, tasks/update: to the server that runs the task, under
+        its own id; the answer names ours. A final status settles the call."""
+
+        def produce(p: JsonObj, era: Era) -> JsonObj:
+            task_id = p.get("taskId")
+            entry = self.calls.tasks.get(task_id)
+            if entry is None or not isinstance(task_id, str):
+                raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
+            params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
+            timeout = self.config.rules().policy.call_timeout_s
+            try:
+                result = entry.transport.request(method, params, timeout)
+            except (ChildDied, TimeoutError) as exc:
+                raise RpcError(INTERNAL_ERROR, f"rea: error: {exc}") from None
+            shown = self._task_view(result, task_id)
+            status = shown.get("status")
+            if isinstance(status, str):
+                self.calls.task_status(task_id, status)
+            return shown
+
+        return produce
+
+    def _task_result(self, p: JsonObj, era: Era) -> JsonObj:
+        """tasks/result: waits for the task's end at its server; the result is checked like
+        a tool's (redaction, injection, cap) and is the call's recorded outcome."""
+        task_id = p.get("taskId")
+        entry = self.calls.tasks.get(task_id)
+        if entry is None or not isinstance(task_id, str):
+            raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
+        params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
+        wait_s = max(1.0, entry.deadline - time.monotonic())
+        try:
+            result: JsonObj | None = entry.transport.request("tasks/result", params, wait_s)
+            error: Exception | None = None
+        except (RpcError, ChildDied, TimeoutError) as exc:
+            result, error = None, exc
+        outcome = self.calls.task_result(task_id, result, error)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.result or {}
+
+    def _list_tasks(self, p: JsonObj, era: Era) -> JsonObj:
+        """tasks/list: the tasks of this session, from every server that lists its tasks."""
+        items: list[JsonObj] = []
+        for ds in self.servers.all():
+            transport = ds.live_transport("tasks")
+            if transport is None or "list" not in (as_obj(ds.capabilities.get("tasks")) or {}):
+                continue
+            try:
+                listed = list_all(transport, "tasks/list", "tasks", self.timeouts.handshake_s)
+            except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+                log(
+                    "warn",
+                    "list_failed",
+                    server=ds.name,
+                    method="tasks/list",
+                    error=ds.scrub(str(exc)),
+                )
+                continue
+            for task in listed:
+                ours = self.calls.tasks.of_server(transport, task.get("taskId"))
+                if ours is not None:  # only tasks this session made, under our ids
+                    items.append({**task, "taskId": ours})
+        return list_page("tasks", items, p.get("cursor"), era)
+
+    def _task_view(self, task: JsonObj, task_id: str) -> JsonObj:
+        value, _ = self.config.rules().redactor.redact_value(without_connection_meta(task))
+        shown = as_obj(value) or {}
+        inner = as_obj(shown.get("task"))
+        if inner is not None:  # the 2026-07-28 extension wraps the task
+            shown["task"] = {**inner, "taskId": task_id}
+            status = inner.get("status")
+            if isinstance(status, str):
+                shown.setdefault("status", status)
+        else:
+            shown["taskId"] = task_id
+        return shown
+
     # -- breaker, session blocker, live state, health --
 
     def _on_circuit(self, ds: Downstream, old: CircuitState, new: CircuitState) -> None:
@@ -12086,6 +12371,11 @@ class Gateway:
                 "audit_fail_count": state.audit_fail_count,
             },
         }
+
+
+def requires_task(tool: JsonObj) -> bool:
+    """A tool that runs only as a task: listed only to a client that declared tasks."""
+    return (as_obj(tool.get("execution")) or {}).get("taskSupport") == "required"
 
 
 def list_page(key: str, items: list[JsonObj], cursor: object, era: Era | None) -> JsonObj:

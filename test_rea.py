@@ -3563,6 +3563,126 @@ for line in sys.stdin:
 """
 
 
+# A server that runs tools as tasks (2025-11-25): every instance numbers its tasks t-1,
+# t-2, ... so that two of them clash unless the gateway namespaces their ids.
+TASK_SERVER = r"""
+import json, sys, threading, time
+
+COUNTER = sys.argv[1] if len(sys.argv) > 1 else None
+lock = threading.Lock()
+tasks = {}
+done = threading.Condition(lock)
+seq = [0]
+
+def send(msg):
+    with out:
+        sys.stdout.write(json.dumps(msg) + "\n"); sys.stdout.flush()
+out = threading.Lock()
+
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+def view(t):
+    return {k: t[k] for k in ("taskId", "status", "createdAt", "lastUpdatedAt", "ttl", "pollInterval")}
+
+def finish(tid, status, result=None, error=None):
+    with done:
+        t = tasks[tid]
+        if t["status"] in ("completed", "failed", "cancelled"):
+            return
+        t.update(status=status, lastUpdatedAt=now(), result=result, error=error)
+        done.notify_all()
+    send({"jsonrpc": "2.0", "method": "notifications/tasks/status", "params": view(t)})
+
+def work(tid, a):
+    if a.get("hold"):
+        return  # runs until cancelled
+    time.sleep(float(a.get("seconds", 0.2)))
+    if a.get("fail"):
+        finish(tid, "failed", error={"code": -32000, "message": "the research failed"})
+    else:
+        text = "found: " + str(a.get("topic")) + " " + str(a.get("extra", ""))
+        finish(tid, "completed", {"content": [{"type": "text", "text": text}], "isError": False})
+
+TOOLS = [
+    {"name": "research", "description": "long research", "inputSchema": {"type": "object"},
+     "execution": {"taskSupport": "required"}},
+    {"name": "quick", "description": "at once", "inputSchema": {"type": "object"},
+     "execution": {"taskSupport": "optional"}},
+]
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, rid, p = msg.get("method"), msg.get("id"), msg.get("params") or {}
+    if rid is None:
+        continue
+    def answer(res):
+        send({"jsonrpc": "2.0", "id": rid, "result": res})
+    def fail(code, message):
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}})
+    if method == "server/discover":
+        fail(-32601, "Method not found")
+    elif method == "initialize":
+        answer({"protocolVersion": p.get("protocolVersion"), "serverInfo": {"name": "tasks", "version": "1"},
+                "capabilities": {"tools": {}, "tasks": {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}}})
+    elif method == "tools/list":
+        answer({"tools": TOOLS})
+    elif method == "tools/call":
+        a = p.get("arguments") or {}
+        if COUNTER:
+            with open(COUNTER, "a") as f:
+                f.write(p.get("name") + "\n")
+        if "task" not in p:
+            if p.get("name") == "research":
+                fail(-32601, "research requires task augmentation")
+            else:
+                answer({"content": [{"type": "text", "text": "quick " + json.dumps(a)}]})
+            continue
+        with lock:
+            seq[0] += 1
+            tid = "t-%d" % seq[0]
+            tasks[tid] = {"taskId": tid, "status": "working", "createdAt": now(), "lastUpdatedAt": now(),
+                          "ttl": p["task"].get("ttl", 60000), "pollInterval": 100}
+        answer({"task": view(tasks[tid])})
+        threading.Thread(target=work, args=(tid, a), daemon=True).start()
+    elif method in ("tasks/get", "tasks/result", "tasks/cancel"):
+        tid = p.get("taskId")
+        if tid not in tasks:
+            fail(-32602, "no task " + str(tid)); continue
+        if method == "tasks/cancel":
+            finish(tid, "cancelled")
+            answer(view(tasks[tid]))
+        elif method == "tasks/get":
+            answer(view(tasks[tid]))
+        else:
+            def deliver(tid=tid, answer=answer, fail=fail):
+                with done:
+                    while tasks[tid]["status"] not in ("completed", "failed", "cancelled"):
+                        done.wait()
+                    t = dict(tasks[tid])
+                if t["error"]:
+                    fail(t["error"]["code"], t["error"]["message"])
+                elif t["result"] is None:
+                    fail(-32000, "task " + tid + " was " + t["status"])
+                else:
+                    answer({**t["result"], "_meta": {"io.modelcontextprotocol/related-task": {"taskId": tid}}})
+            threading.Thread(target=deliver, daemon=True).start()
+    elif method == "tasks/list":
+        answer({"tasks": [view(t) for t in tasks.values()]})
+    elif method == "ping":
+        answer({})
+    else:
+        fail(-32601, "Method not found")
+"""
+
+
+@pytest.fixture(scope="session")
+def task_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("fixture") / "task_mcp_server.py"
+    path.write_text(TASK_SERVER)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def fake_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("fixture") / "fake_mcp_server.py"
@@ -4176,6 +4296,121 @@ class TestSection5PeopleAreClientsToo:
             proc.wait(10)
             os.close(controller)
         assert proc.stdout is not None and proc.stdout.read() == b""  # stdout stays the protocol
+
+
+TASKS_CLIENT = {"tasks": {"list": {}, "cancel": {}, "requests": {}}}
+
+
+def task_servers(task_server: str, counter: Path) -> list[dict[str, object]]:
+    return [
+        {"name": name, "command": sys.executable, "args": [task_server, str(counter)]}
+        for name in ("a", "b")
+    ]
+
+
+class TestSection5Tasks:
+    """2025-11-25 tasks through the gateway: ids namespaced, routed, relayed; one audit
+    record per call at its final outcome; HALT and policy at its start."""
+
+    def _client(self, gateway, root: Path, tasks: bool = True) -> Client:
+        c = gateway(root)
+        c.caps = c.initialize(capabilities=TASKS_CLIENT if tasks else {})["result"]["capabilities"]  # type: ignore[attr-defined]
+        return c
+
+    def test_required_task_tools_are_listed_only_to_a_task_capable_client(
+        self, task_server, rea_project, gateway, tmp_path
+    ):
+        root = rea_project(task_servers(task_server, tmp_path / "n"))
+        c = self._client(gateway, root)
+        assert {"a__research", "a__quick"} <= set(c.tools())
+        assert (
+            "tasks"
+            in c.initialize.__self__.request(
+                "initialize", {"protocolVersion": "2025-11-25", "capabilities": TASKS_CLIENT}
+            )["result"]["capabilities"]
+        )  # type: ignore[attr-defined]
+        plain = self._client(gateway, root, tasks=False)
+        listed = plain.tools()
+        assert "a__quick" in listed and "a__research" not in listed
+
+    def test_a_task_is_routed_under_an_id_of_ours_and_recorded_once_at_its_end(
+        self, task_server, rea_project, gateway, tmp_path
+    ):
+        root = rea_project(task_servers(task_server, tmp_path / "n"))
+        c = self._client(gateway, root)
+        c.tools()
+        made = {}
+        for name in ("a", "b"):
+            res = c.request(
+                "tools/call",
+                {
+                    "name": f"{name}__research",
+                    "arguments": {"topic": name, "extra": _GOVERN_GH_TOKEN},
+                    "task": {"ttl": 30000},
+                },
+            )["result"]
+            made[name] = res["task"]["taskId"]
+            assert made[name].startswith("rea-task-") and res["task"]["status"] == "working"
+        assert made["a"] != made["b"]  # both servers said t-1
+        for task_id in made.values():
+            note = poll(
+                lambda task_id=task_id: next(
+                    (
+                        n
+                        for n in c.notifications
+                        if n.get("method") == "notifications/tasks/status"
+                        and n["params"]["taskId"] == task_id
+                    ),
+                    None,
+                ),
+                what="the task's status notification",
+            )
+            assert note["params"]["status"] == "completed"  # type: ignore[index]
+            got = c.request("tasks/get", {"taskId": task_id})["result"]
+            assert got["taskId"] == task_id and got["status"] == "completed"
+        assert not [r for r in _govern_tool_records(root) if r["tool_name"] == "research"]
+        for name, task_id in made.items():
+            res = c.request("tasks/result", {"taskId": task_id})["result"]
+            text = res["content"][0]["text"]
+            assert text.startswith(f"found: {name}") and _GOVERN_GH_TOKEN not in text
+            assert res["_meta"]["io.modelcontextprotocol/related-task"]["taskId"] == task_id
+        records = [r for r in _govern_tool_records(root) if r["tool_name"] == "research"]
+        assert sorted(r["metadata"]["task_id"] for r in records) == sorted(made.values())
+        assert all(r["status"] == "allowed" and r["redacted_fields"] == ["result"] for r in records)
+        listed = c.request("tasks/list")["result"]["tasks"]
+        assert {t["taskId"] for t in listed} == set(made.values())
+
+    def test_a_cancelled_task_is_recorded_once_and_a_raw_id_reaches_nothing(
+        self, task_server, rea_project, gateway, tmp_path
+    ):
+        root = rea_project(task_servers(task_server, tmp_path / "n"))
+        c = self._client(gateway, root)
+        c.tools()
+        task_id = c.request(
+            "tools/call",
+            {"name": "a__research", "arguments": {"hold": True}, "task": {}},
+        )["result"]["task"]["taskId"]
+        assert c.request("tasks/get", {"taskId": "t-1"})["error"]["code"] == -32602
+        cancelled = c.request("tasks/cancel", {"taskId": task_id})["result"]
+        assert cancelled["taskId"] == task_id and cancelled["status"] == "cancelled"
+        records = poll(
+            lambda: [r for r in _govern_tool_records(root) if r["tool_name"] == "research"],
+            what="the cancelled task's record",
+        )
+        assert len(records) == 1 and records[0]["status"] == "error"  # type: ignore[arg-type, index]
+        assert records[0]["metadata"]["task_status"] == "cancelled"  # type: ignore[index]
+
+    def test_halt_refuses_a_task_at_its_start(self, task_server, rea_project, gateway, tmp_path):
+        counter = tmp_path / "n"
+        root = rea_project(task_servers(task_server, counter))
+        c = self._client(gateway, root)
+        c.tools()
+        (root / ".rea" / "HALT").write_text("incident\n")
+        res = c.request("tools/call", {"name": "a__research", "arguments": {}, "task": {}})[
+            "result"
+        ]
+        assert res["isError"] is True and res["content"][0]["text"].startswith("rea: denied:")
+        assert not counter.exists()  # never reached the server
 
 
 class TestSection5EraFallback:
