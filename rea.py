@@ -881,6 +881,7 @@ class ServerSpec:
     tier_overrides: Mapping[str, str] = field(default_factory=dict)  # tool -> tier
     enabled: bool = True
     trust_annotations: bool = False
+    tools: tuple[str, ...] | None = None  # allow globs: only these tools are offered (§3)
 
 
 @dataclass(frozen=True)
@@ -2309,6 +2310,7 @@ _SERVER_KEYS = (
     "tier_overrides",
     "enabled",
     "trust_annotations",
+    "tools",
 )
 
 
@@ -2380,6 +2382,7 @@ def _server_from_value(value: object, filename: str, place: str) -> ServerSpec:
         tier_overrides=overrides,
         enabled=s.boolean("enabled", True),
         trust_annotations=s.boolean("trust_annotations", False),
+        tools=s.string_list("tools", "tool-name globs") if s.get("tools") is not None else None,
     )
 
 
@@ -2576,6 +2579,7 @@ def registry_to_json(registry: Registry) -> dict[str, object]:
                 "tier_overrides": dict(spec.tier_overrides),
                 "enabled": spec.enabled,
                 "trust_annotations": spec.trust_annotations,
+                "tools": list(spec.tools) if spec.tools is not None else None,
             }
             for spec in registry.servers
         ],
@@ -5139,6 +5143,7 @@ class ServeState:
     downstreams: tuple[DownstreamStatus, ...]
     tool_renames: Mapping[str, str] = field(default_factory=dict)
     audit_fail_count: int = 0
+    tools_offered: int | None = None  # how many tools the client is offered (health included)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -5152,6 +5157,7 @@ class ServeState:
             "downstreams": [d.to_json() for d in self.downstreams],
             "tool_renames": dict(self.tool_renames),
             "audit_fail_count": self.audit_fail_count,
+            "tools_offered": self.tools_offered,
         }
 
 
@@ -5354,6 +5360,7 @@ def _parse_state(raw: dict[str, object]) -> ServeState:
         halt_reason=_str(halt, "reason", "halt"),
         downstreams=tuple(downstreams),
         audit_fail_count=_state_int(raw, "audit_fail_count", "top level") or 0,
+        tools_offered=_state_int(raw, "tools_offered", "top level"),
     )
 
 
@@ -5486,7 +5493,7 @@ def _as_json(report: StatusReport) -> dict[str, object]:
     scripts written for it keep working (§8); rea.py's own fields beside them."""
     state = report.state
     audit = report.audit
-    downstreams = (as_obj(report.raw_state or {}) or {}).get("downstreams")
+    downstreams = (report.raw_state or {}).get("downstreams")
     uptime = _uptime_s(state) if report.running and state is not None else None
     return {
         "base_dir": str(report.rea_dir.parent),
@@ -5566,6 +5573,7 @@ def _human_lines(report: StatusReport) -> list[str]:
     if state is not None:
         lines.append(f"servers ({len(state.downstreams)}):")
         lines.extend(_server_lines(state.downstreams))
+        lines.extend(tools_offered_lines(state.tools_offered))
     audit = report.audit
     if audit.exists:
         last = audit.last_timestamp or "unknown"
@@ -5577,6 +5585,24 @@ def _human_lines(report: StatusReport) -> list[str]:
         )
     else:
         lines.append(f"audit log: {audit.path} — none yet")
+    return lines
+
+
+TOOLS_WARN_ABOVE = 100  # VS Code and Copilot cap at 128 tools, Cursor around 40-100
+
+
+def tools_offered_lines(count: int | None, when: str = "") -> list[str]:
+    """How many tools the client is offered, and a warning above what clients take: every
+    listed tool costs context on every turn (§3)."""
+    if count is None:
+        return []
+    lines = [f"tools offered to the client{when}: {count}"]
+    if count > TOOLS_WARN_ABOVE:
+        lines.append(
+            f"  warning: more than {TOOLS_WARN_ABOVE} tools: clients cap their lists (VS Code "
+            "and Copilot at 128, Cursor around 40-100); offer fewer with a server's tools: "
+            "in .rea/registry.yaml or gateway.blocked_tools in .rea/policy.yaml"
+        )
     return lines
 
 
@@ -8257,6 +8283,15 @@ def encode(msg: JsonObj) -> bytes:
         return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
+def encode_batch(msgs: list[JsonObj]) -> bytes:
+    """The answers to one batch, as one JSON array on one line."""
+    text = json.dumps(msgs, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(msgs, separators=(",", ":")).encode() + b"\n"
+
+
 def decode(line: bytes) -> object:
     """One JSON-RPC line parsed; ValueError for anything that is not JSON, including
     nesting too deep for the parser (a RecursionError is not a ValueError)."""
@@ -8982,6 +9017,13 @@ class ToolEntry:
     bare: str
     definition: JsonObj
     withheld: str | None = None  # why trust on first use refuses it (§10), else None
+    allowed: bool = True  # in its server's `tools:` allow globs (§3), or no globs
+    blocked: bool = False  # in gateway.blocked_tools when the catalog was built
+
+    @property
+    def offered(self) -> bool:
+        """Listed to the client: what an agent's context carries is only what it may use."""
+        return self.withheld is None and self.allowed and not self.blocked
 
 
 @dataclass(frozen=True)
@@ -8993,6 +9035,7 @@ class ServerTools:
     tools: tuple[JsonObj, ...]
     withheld: Mapping[str, str]
     capabilities: JsonObj
+    allow: tuple[str, ...] | None = None  # the registry's `tools:` globs
 
 
 class Supervisor:
@@ -9135,6 +9178,7 @@ class Downstream:
                 self._tools,
                 dict(self._withheld),
                 self._capabilities,
+                self.spec.tools,
             )
 
     def transport_for_call(self) -> Transport:
@@ -9534,6 +9578,16 @@ def step_trust(view: CallView) -> Decision | None:
     )
 
 
+def step_allowed_tools(view: CallView) -> Decision | None:
+    entry = view.target.entry if view.target is not None else None
+    if entry is None or entry.allowed:
+        return None
+    return denied(
+        f"tool {entry.server}__{entry.bare} is not in the tools: list of server {entry.server}",
+        "Add it to that server's tools: in .rea/registry.yaml to offer it",
+    )
+
+
 def step_blocked_tools(view: CallView) -> Decision | None:
     entry = view.target.entry if view.target is not None else None
     patterns = view.rules.policy.blocked_tools
@@ -9597,6 +9651,7 @@ TOOL_STEPS: tuple[Step, ...] = (
     step_halt,
     step_route,
     step_trust,
+    step_allowed_tools,
     step_blocked_tools,
     step_autonomy,
     step_injection_lock,
@@ -9955,6 +10010,18 @@ def compile_rules(root: Path, policy: Policy) -> Rules:
 # Client wire #################################################################
 
 
+class _Batch:
+    """The answers to one JSON-RPC batch (2025-03-26), written as one array when the last
+    of its requests is answered. Guarded by the ClientWire's lock."""
+
+    __slots__ = ("answers", "pending", "sealed")
+
+    def __init__(self) -> None:
+        self.answers: list[JsonObj] = []
+        self.pending = 0  # its requests not answered yet
+        self.sealed = False  # every element was read: no request will join
+
+
 @dataclass
 class _Ask:
     """A request of the gateway's own to the client, waiting for its answer."""
@@ -9986,7 +10053,8 @@ class ClientWire:
         self._lock = threading.Lock()  # guards: _open, _asks, _seq, _closed, _draining
         self._answered = threading.Condition(self._lock)  # an open request was answered
         self._draining = False  # someone waits for every answer: notify them
-        self._open: dict[tuple[str, object], Era] = {}
+        self._open: dict[tuple[str, object], tuple[Era, _Batch | None]] = {}
+        self._batch: _Batch | None = None  # the batch the reader is dispatching, if any
         self._asks: dict[str, _Ask] = {}
         self._seq = 0
         self._closed = False
@@ -10080,41 +10148,87 @@ class ClientWire:
         with self._lock:
             if key in self._open:
                 return False
-            self._open[key] = era
+            batch = self._batch
+            if batch is not None:
+                batch.pending += 1
+            self._open[key] = (era, batch)
             return True
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Dispatch one JSON-RPC batch (reader thread): the answers to its requests, and
+        the errors for its bad elements, come back as one array (§5)."""
+        batch = _Batch()
+        with self._lock:
+            self._batch = batch
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._batch = None
+                batch.sealed = True
+                done = batch.pending == 0
+            if done and batch.answers:
+                self._write_all(batch.answers)
+
+    def _answer(self, req_id: object, msg: JsonObj) -> bool:
+        """Write the answer of an open request (into its batch when it has one)."""
+        with self._lock:
+            entry = self._open.pop(id_key(req_id), None)
+            if self._draining:
+                self._answered.notify_all()
+            if entry is None:
+                return False
+            batch = entry[1]
+            flush: list[JsonObj] | None = None
+            if batch is not None:
+                batch.answers.append(msg)
+                batch.pending -= 1
+                if batch.sealed and batch.pending == 0:
+                    flush = batch.answers
+        if batch is None:
+            self.write(msg)
+        elif flush is not None:
+            self._write_all(flush)
+        return True
+
+    def _write_all(self, msgs: list[JsonObj]) -> None:
+        data = encode_batch(msgs)
+        with self._out_lock:
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except (OSError, ValueError):
+                self.gone.set()
 
     def reply(self, req_id: object, result: JsonObj) -> bool:
         """Answer an open request with a result shaped for its era; False (and nothing
         written) when it is not open: answered before, or never taken."""
         with self._lock:
-            era = self._open.pop(id_key(req_id), None)
-            if self._draining:
-                self._answered.notify_all()
-        if era is None:
+            entry = self._open.get(id_key(req_id))
+        if entry is None:
             return False
-        self.write({"jsonrpc": "2.0", "id": req_id, "result": shaped_result(result, era)})
-        return True
+        msg: JsonObj = {"jsonrpc": "2.0", "id": req_id, "result": shaped_result(result, entry[0])}
+        return self._answer(req_id, msg)
 
     def reply_error(self, req_id: object, err: RpcError) -> bool:
-        with self._lock:
-            era = self._open.pop(id_key(req_id), None)
-            if self._draining:
-                self._answered.notify_all()
-        if era is None:
-            return False
-        self.write({"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
-        return True
+        return self._answer(req_id, {"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
 
     def send_error(self, req_id: object, err: RpcError) -> None:
         """An error for a message that never became an open request (unparsable, no valid
-        id, a duplicate id): it is answered here, once, as it is read."""
-        self.write(
-            {
-                "jsonrpc": "2.0",
-                "id": req_id if is_request_id(req_id) else None,
-                "error": err.to_json(),
-            }
-        )
+        id, a duplicate id): it is answered here, once, as it is read (in its batch's
+        array when it came in one)."""
+        msg: JsonObj = {
+            "jsonrpc": "2.0",
+            "id": req_id if is_request_id(req_id) else None,
+            "error": err.to_json(),
+        }
+        with self._lock:
+            batch = self._batch
+            if batch is not None:
+                batch.answers.append(msg)
+        if batch is None:
+            self.write(msg)
 
     def open_count(self) -> int:
         with self._lock:
@@ -10249,6 +10363,7 @@ class Session:
         self._stateless = False  # the client sent a stateless-era request
         self._initialized = False  # notifications/initialized arrived
         self._suspicious: str | None = None
+        self._version: str | None = None  # the handshake revision answered to initialize
 
     def era_of(self, method: str, params: JsonObj | None) -> Era:
         """The era of this one request. A request whose `_meta` names a protocol version
@@ -10282,6 +10397,16 @@ class Session:
                 METHOD_NOT_FOUND, f"method not found in protocol {STATELESS_VERSIONS[0]}: {method}"
             )
         return Era.STATELESS
+
+    def negotiated(self, version: str) -> None:
+        with self._lock:
+            self._version = version
+
+    @property
+    def batches(self) -> bool:
+        """JSON-RPC batches: only for a client that negotiated 2025-03-26 (§5)."""
+        with self._lock:
+            return self._version == "2025-03-26"
 
     def mark_initialized(self) -> None:
         with self._lock:
@@ -10343,7 +10468,7 @@ class CatalogView:
     )  # exposed -> (server, bare)
 
     def visible_tools(self) -> frozenset[str]:
-        return frozenset(name for name, e in self.tools.items() if e.withheld is None)
+        return frozenset(name for name, e in self.tools.items() if e.offered)
 
 
 class Catalog:
@@ -10362,7 +10487,9 @@ class Catalog:
     def view(self) -> CatalogView:
         return self._view  # one reference, swapped whole under the lock: read as it is
 
-    def rebuild_tools(self, servers: Iterable[ServerTools], max_len: int) -> bool:
+    def rebuild_tools(
+        self, servers: Iterable[ServerTools], max_len: int, blocked: Sequence[str] = ()
+    ) -> bool:
         """Index every server's tools afresh; True when the client's tool list changed."""
         with self._lock:
             self._started += 1
@@ -10397,8 +10524,13 @@ class Catalog:
                             },
                         )
                     )
+                allowed = server.allow is None or glob_match_tool(server.allow, bare)
+                hidden = bool(blocked) and (
+                    glob_match_tool(blocked, f"{server.name}__{bare}")
+                    or glob_match_tool(blocked, exposed)
+                )
                 index[exposed] = ToolEntry(
-                    exposed, server.name, bare, tool, server.withheld.get(bare)
+                    exposed, server.name, bare, tool, server.withheld.get(bare), allowed, hidden
                 )
         with self._lock:
             if generation < self._landed:
@@ -11893,6 +12025,24 @@ class Gateway:
         except ValueError:
             self.wire.send_error(None, RpcError(PARSE_ERROR, "parse error: not valid JSON"))
             return
+        if not isinstance(parsed, list):
+            self._on_message(parsed)
+        elif not self.session.batches:
+            self.wire.send_error(
+                None,
+                RpcError(
+                    INVALID_REQUEST,
+                    "invalid request: JSON-RPC batches are only for protocol 2025-03-26",
+                ),
+            )
+        elif not parsed:
+            self.wire.send_error(None, RpcError(INVALID_REQUEST, "invalid request: empty batch"))
+        else:
+            with self.wire.batch():
+                for element in parsed:
+                    self._on_message(element)
+
+    def _on_message(self, parsed: object) -> None:
         msg = as_obj(parsed)
         if msg is None or msg.get("jsonrpc") != "2.0":
             self.wire.send_error(
@@ -12013,6 +12163,7 @@ class Gateway:
     def _initialize(self, req_id: object, p: JsonObj, era: Era) -> None:
         requested = p.get("protocolVersion")
         version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[0]
+        self.session.negotiated(str(version))
         self._reply(
             req_id,
             {
@@ -12049,7 +12200,8 @@ class Gateway:
     def _tools_changed(self) -> None:
         """Index every server's tools afresh; tell the client if its list changed."""
         servers = [ds.tools_now() for ds in self.servers.all()]
-        if self.catalog.rebuild_tools(servers, self.config.rules().policy.max_tool_name):
+        policy = self.config.rules().policy
+        if self.catalog.rebuild_tools(servers, policy.max_tool_name, policy.blocked_tools):
             self.relay.notify("notifications/tools/list_changed")
         self._state_changed()
 
@@ -12069,7 +12221,7 @@ class Gateway:
         tools: list[JsonObj] = [
             {**e.definition, "name": e.exposed}
             for e in view.tools.values()
-            if e.withheld is None and (tasks or not requires_task(e.definition))
+            if e.offered and (tasks or not requires_task(e.definition))
         ]
         tools.append(health_tool_definition())
         return list_page("tools", tools, p.get("cursor"), era)
@@ -12338,6 +12490,7 @@ class Gateway:
             ),
             tool_renames=dict(self.catalog.view.renames),
             audit_fail_count=self.trail.failures,
+            tools_offered=len(self.catalog.view.visible_tools()) + 1,  # and the health tool
         )
 
     def _health(self, policy: Policy) -> JsonObj:
@@ -12471,10 +12624,14 @@ def cmd_check(root: Path, as_json: bool) -> int:
             print(f"    env_passthrough: {', '.join(spec.env_passthrough)}")
         for tool, tier in spec.tier_overrides.items():
             print(f"    tier override: {tool} -> {tier}")
+        if spec.tools is not None:
+            print(f"    tools offered: only {', '.join(spec.tools) or '(none)'}")
     print(f"policy: {policy.source or '(none: defaults)'}")
     print(f"  autonomy_level: {policy.autonomy_level} (max {policy.max_autonomy_level})")
     print(f"  blocked_paths: {', '.join(policy.blocked_paths) or '(none)'} (+ .rea/ always)")
     print(f"  audit.fsync: {policy.audit_fsync}; injection_detection: {policy.injection_detection}")
+    for line in tools_offered_lines(_recorded_tools_offered(rea_dir), " (at the last serve)"):
+        print(line)
     if renames:
         print("tool names shortened for clients (from the last serve):")
         for exposed, full in sorted(renames.items()):
@@ -12511,6 +12668,15 @@ def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
         child.stopping = True
         child.stop()
         timers.close()
+
+
+def _recorded_tools_offered(rea_dir: Path) -> int | None:
+    try:
+        state = as_obj(json.loads((rea_dir / STATE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+    count = state.get("tools_offered") if state else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _recorded_renames(rea_dir: Path) -> dict[str, str]:

@@ -511,6 +511,7 @@ class TestSection3Registry:
             "tier_overrides": {"create_issue": "write"},
             "enabled": True,
             "trust_annotations": False,
+            "tools": None,
         }
         assert out["version"] == "1"
 
@@ -3790,6 +3791,7 @@ class Client:
         )
         self.responses: dict[object, dict[str, object]] = {}
         self.notifications: list[dict[str, object]] = []
+        self.batches: list[list[dict[str, object]]] = []  # answers to JSON-RPC batches
         self.raw_lines: list[bytes] = []
         self.cond = threading.Condition()
         self.stderr_lines: list[str] = []
@@ -3803,7 +3805,9 @@ class Client:
             self.raw_lines.append(line)
             msg = json.loads(line)
             with self.cond:
-                if "id" in msg and "method" not in msg:
+                if isinstance(msg, list):
+                    self.batches.append(msg)
+                elif "id" in msg and "method" not in msg:
                     self.responses[msg["id"]] = msg
                 else:
                     self.notifications.append(msg)
@@ -4411,6 +4415,105 @@ class TestSection5Tasks:
         ]
         assert res["isError"] is True and res["content"][0]["text"].startswith("rea: denied:")
         assert not counter.exists()  # never reached the server
+
+
+class TestSection3ToolFiltering:
+    """`tools:` allow globs and gateway.blocked_tools hide what they exclude from every
+    list and refuse it when called; check and status say how many tools are offered."""
+
+    def test_allow_globs_and_blocked_tools_hide_tools_and_refuse_them(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(fake_server, "a", tools=["echo", "s*"]), server(fake_server, "b")],
+            "gateway:\n  blocked_tools: [b__crash, 'b__*_file']\n",
+        )
+        c = running(gateway, root)
+        names = set(c.tools())
+        a_tools = {n for n in names if n.startswith("a__")}
+        assert a_tools == {"a__echo", "a__slow", "a__secret", "a__stall", "a__structured"}
+        assert "b__echo" in names and "b__crash" not in names and "b__read_file" not in names
+        text = _govern_assert_denied(c.call("a__crash"), "tools: list of server a", "registry")
+        assert "Add it to that server's tools:" in text
+        _govern_assert_denied(c.call("b__crash"), "gateway.blocked_tools")
+        assert c.call("a__echo", {"x": 1})["result"]["structuredContent"] == {"x": 1}
+        poll(
+            lambda: (_audit_status_state(root) or {}).get("tools_offered") == len(names),
+            what="the count in the live state",
+        )
+        human = _audit_status_cli(root, "status").stdout
+        assert f"tools offered to the client: {len(names)}" in human and "warning" not in human
+
+    def test_more_than_100_tools_offered_is_a_warning_in_status_and_check(
+        self, fake_server, rea_project, gateway
+    ):
+        many = [{"name": f"t{i}", "inputSchema": {"type": "object"}} for i in range(120)]
+        root = rea_project([server(fake_server, "big", "--tools-json", json.dumps(many))])
+        c = running(gateway, root)
+        offered = c.health()["summary"]["total_tools"] + 1  # type: ignore[index, operator]
+        assert offered > 120
+        poll(
+            lambda: (_audit_status_state(root) or {}).get("tools_offered") == offered,
+            what="the count in the live state",
+        )
+        human = _audit_status_cli(root, "status").stdout
+        assert "warning: more than 100 tools" in human
+        c.close()
+        checked = run_rea("check", "--root", str(root)).stdout
+        assert "tools offered to the client (at the last serve):" in checked
+        assert "warning: more than 100 tools" in checked
+
+    def test_a_tools_list_that_is_not_a_list_of_globs_is_one_line(self, tmp_path):
+        rea_dir = tmp_path / ".rea"
+        rea_dir.mkdir()
+        (rea_dir / "registry.yaml").write_text(
+            'version: "1"\nservers:\n  - name: a\n    command: x\n    tools: echo\n'
+        )
+        done = run_rea("check", "--root", str(tmp_path))
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "registry.yaml:5:" in done.stderr and "servers[0].tools" in done.stderr
+
+
+class TestSection5Batches:
+    """JSON-RPC batches for a client that negotiated 2025-03-26; -32600 for others."""
+
+    def test_a_batch_is_answered_with_one_array(self, fake_server, rea_project, gateway):
+        c = gateway(rea_project([server(fake_server, "a")]))
+        assert c.initialize("2025-03-26")["result"]["protocolVersion"] == "2025-03-26"
+        c.tools()
+        batch = [
+            {"jsonrpc": "2.0", "id": "p", "method": "ping"},
+            {
+                "jsonrpc": "2.0",
+                "id": "c",
+                "method": "tools/call",
+                "params": {"name": "a__echo", "arguments": {"x": 1}},
+            },
+            {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"},
+            5,
+            {"jsonrpc": "2.0", "id": "u", "method": "no/such"},
+        ]
+        c.send_raw(json.dumps(batch).encode() + b"\n")
+        got = poll(lambda: c.batches and c.batches[0], what="the batch's array")
+        by_id = {m["id"]: m for m in got}  # type: ignore[union-attr]
+        assert set(by_id) == {"p", "c", None, "u"}
+        assert by_id["p"]["result"] == {}
+        assert by_id["c"]["result"]["structuredContent"] == {"x": 1}
+        assert by_id[None]["error"]["code"] == -32600
+        assert by_id["u"]["error"]["code"] == -32601
+        assert c.request("ping")["result"] == {}  # single messages go on as before
+        notes_only = [{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}]
+        c.send_raw(json.dumps(notes_only).encode() + b"\n")
+        assert c.request("ping")["result"] == {}
+        assert len(c.batches) == 1  # a batch of notifications gets no answer at all
+
+    def test_other_revisions_get_one_invalid_request_error(self, fake_server, rea_project, gateway):
+        c = gateway(rea_project([server(fake_server, "a")]))
+        c.initialize("2025-11-25")
+        c.send_raw(b'[{"jsonrpc": "2.0", "id": 9, "method": "ping"}]\n')
+        err = c.wait(None)
+        assert err["error"]["code"] == -32600 and 9 not in c.responses  # type: ignore[index]
+        assert c.request("ping")["result"] == {}
 
 
 class TestSection5EraFallback:
