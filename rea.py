@@ -188,6 +188,17 @@ def log(level: str, event: str, **fields: object) -> None:
             pass  # a closed stderr must never break the gateway
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_lone_surrogates(json_text: str) -> str:
+    """JSON text with each lone surrogate (a JS string cut mid-emoji: it can only sit in
+    a string) written as its \\uXXXX escape, so that the text is valid UTF-8."""
+    if _LONE_SURROGATE.search(json_text) is None:
+        return json_text
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json_text)
+
+
 def utc_now_iso() -> str:
     """ISO-8601 UTC with milliseconds and a Z, as the audit log's `timestamp`."""
     now = time.time()  # gmtime and %-formatting: a third of datetime.strftime's cost
@@ -3724,19 +3735,30 @@ def _sha256_hex(data: bytes) -> str:
 
 
 def _canonical_json(record: Mapping[str, object]) -> str:
-    # The reference tool's canonical form: JSON.stringify with no spaces, raw UTF-8.
-    return json.dumps(dict(record), separators=(",", ":"), ensure_ascii=False, default=str)
+    # The reference tool's canonical form: JSON.stringify with no spaces, raw UTF-8, and
+    # a lone surrogate (a JS string cut mid-emoji) as its \uXXXX escape, as
+    # JSON.stringify writes one: the line stays valid UTF-8 for every reader.
+    text = json.dumps(dict(record), separators=(",", ":"), ensure_ascii=False, default=str)
+    return escape_lone_surrogates(text)
 
 
 def _utf8(text: str) -> bytes:
-    # surrogatepass: a lone surrogate that arrived in a JSON-RPC string must not make
-    # the record unwritable (the gateway never crashes on an audit write it can do).
+    # surrogatepass: nothing the gateway was sent may make a record unwritable
     return text.encode("utf-8", "surrogatepass")
 
 
 def record_hash(record_without_hash: Mapping[str, object]) -> str:
     """The chain hash of one record: sha256 hex of its canonical JSON, as the reference tool."""
     return _sha256_hex(_utf8(_canonical_json(record_without_hash)))
+
+
+def _raw_record_hash(record_without_hash: Mapping[str, object]) -> str:
+    """The hash as rea.py wrote it before surrogates were escaped (raw surrogate bytes):
+    older logs keep verifying."""
+    text = json.dumps(
+        dict(record_without_hash), separators=(",", ":"), ensure_ascii=False, default=str
+    )
+    return _sha256_hex(_utf8(text))
 
 
 @dataclass(frozen=True)
@@ -4564,7 +4586,7 @@ def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -
         rec: dict[str, object] = dict(value)
         found_hash = str(rec.pop("hash"))
         computed = record_hash(rec)
-        if computed != found_hash:
+        if computed != found_hash and _raw_record_hash(rec) != found_hash:
             return broken(ln, "edited: the content does not match its hash", computed, found_hash)
         prev = rec.get("prev_hash")
         prev_s = prev if isinstance(prev, str) else repr(prev)
@@ -5738,7 +5760,7 @@ def tool_hash(tool: Mapping[str, object]) -> str:
 def _trust_sha256(value: object) -> str:
     """Hash of a JSON value written one way only: sorted keys, no spaces, UTF-8."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _pretty(value: object) -> str:
@@ -5963,7 +5985,8 @@ class Fingerprints:
             "servers": {name: _server_pin_json(pin) for name, pin in self._servers.items()},
             "held": dict(self._held),
         }
-        data = (json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+        text = json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False)
+        data = (escape_lone_surrogates(text) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, data, 0o600)
@@ -8292,11 +8315,23 @@ def encode_batch(msgs: list[JsonObj]) -> bytes:
         return json.dumps(msgs, separators=(",", ":")).encode() + b"\n"
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: no double holds it, and Infinity is not JSON
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode(line: bytes) -> object:
-    """One JSON-RPC line parsed; ValueError for anything that is not JSON, including
-    nesting too deep for the parser (a RecursionError is not a ValueError)."""
+    """One JSON-RPC line parsed; ValueError for anything that is not JSON: nesting too
+    deep for the parser (a RecursionError is not a ValueError), NaN and Infinity, and a
+    number no double holds (it would leave as Infinity, which no JSON parser reads)."""
     try:
-        return json.loads(line)
+        return json.loads(line, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:
@@ -8557,6 +8592,7 @@ class ChildProcess:
             threading.Thread(target=self._read_stdout, name=f"rea-child-{name}", daemon=True),
             threading.Thread(target=self._read_stderr, name=f"rea-stderr-{name}", daemon=True),
             threading.Thread(target=self._write_stdin, name=f"rea-write-{name}", daemon=True),
+            threading.Thread(target=self._watch_exit, name=f"rea-exit-{name}", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -8690,6 +8726,18 @@ class ChildProcess:
             with contextlib.suppress(OSError):
                 stdin.close()
 
+    def _watch_exit(self) -> None:
+        """The child's own exit, seen even when a helper it started still holds its
+        stdout open (then the reader would never see the end): the helpers of a dead
+        server are killed, its pipes close, and its death is handled as any other."""
+        self.proc.wait()
+        if self.stopping:
+            return
+        self._threads[0].join(timeout=1.0)
+        if self._threads[0].is_alive() and not self.stopping:
+            log("warn", "child_helpers_killed", server=self.name, pid=self.proc.pid)
+            self.signal(signal.SIGKILL)
+
     def _read_stdout(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
@@ -8786,13 +8834,19 @@ class ChildProcess:
             self._closing = True
             self._outbox.clear()
             self._out_ready.notify()
-        if _wait(self.proc, 0.5):
-            self.signal(signal.SIGTERM)  # helpers it left in its process group, if any
-        else:
+        if not _wait(self.proc, 0.5):
             self.signal(signal.SIGTERM)
             if not _wait(self.proc, self._timeouts.kill_after_s):
                 self.signal(signal.SIGKILL)
                 _wait(self.proc, 5)
+        # helpers it left in its process group: SIGTERM, then SIGKILL (no orphan, §5)
+        if _group_members(self.proc.pid):
+            self.signal(signal.SIGTERM)
+            deadline = time.monotonic() + self._timeouts.kill_after_s
+            while _group_members(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _group_members(self.proc.pid):
+                self.signal(signal.SIGKILL)
         me = threading.current_thread()
         for thread in self._threads:
             if thread is not me:
@@ -8806,6 +8860,30 @@ class ChildProcess:
                 self.proc.send_signal(sig)
             except ProcessLookupError:
                 pass
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc (Linux); elsewhere
+    whether kill(0) reaches any."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return []
+        return [pgid]
+    members: list[int] = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -8831,13 +8909,14 @@ class Expiring(Protocol):
 
 class Deadlines:
     """One thread, `rea-timeouts`, that expires whatever has a deadline: requests to
-    servers, calls waiting for a client's retry, the gateway's requests to the client.
-    Cheaper than a Timer per call, and joined at stop."""
+    servers, calls waiting for a client's retry, the gateway's requests to the client,
+    tasks. Cheaper than a Timer per call, and joined at stop."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards: _sources, _wake_at, _closed
         self._wake = threading.Condition(self._lock)  # a sooner deadline, or the close
-        self._sources: set[Expiring] = set()
+        # source -> how often it was watched: a watch during its expire() keeps it
+        self._sources: dict[Expiring, int] = {}
         self._wake_at = float("inf")  # when the thread will next look
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="rea-timeouts", daemon=True)
@@ -8845,7 +8924,7 @@ class Deadlines:
 
     def watch(self, source: Expiring, deadline: float) -> None:
         with self._lock:
-            self._sources.add(source)
+            self._sources[source] = self._sources.get(source, 0) + 1
             if deadline < self._wake_at:
                 self._wake_at = deadline
                 self._wake.notify()
@@ -8862,24 +8941,28 @@ class Deadlines:
             with self._lock:
                 if self._closed:
                     return
-                sources = list(self._sources)
+                self._wake_at = float("inf")  # not waiting: a watch meanwhile lowers it
+                sources = list(self._sources.items())
             now = time.monotonic()
             soonest: float | None = None
-            for source in sources:
+            for source, watched in sources:
                 try:
                     nxt = source.expire(now)
                 except Exception as exc:  # one broken source must not stop every deadline
-                    log("error", "internal_error", where="deadlines", error=repr(exc))
+                    log("error", "internal_error", where="deadlines", error=type(exc).__name__)
                     nxt = None
                 if nxt is None:
                     with self._lock:
-                        self._sources.discard(source)
+                        if self._sources.get(source) == watched:  # nothing new meanwhile
+                            del self._sources[source]
                 elif soonest is None or nxt < soonest:
                     soonest = nxt
             with self._lock:
                 if self._closed:
                     return
-                wait = 1.0 if soonest is None else min(1.0, max(0.005, soonest - time.monotonic()))
+                # the soonest of what we saw and of what was watched while we looked
+                due = min(soonest if soonest is not None else float("inf"), self._wake_at)
+                wait = min(1.0, max(0.005, due - time.monotonic()))
                 self._wake_at = time.monotonic() + wait
                 self._wake.wait(wait)
 
@@ -9157,6 +9240,8 @@ class Downstream:
         self._secret_values: tuple[str, ...] = ()  # resolved env: values, longest first
         self._stopping = False
         self._starter: threading.Thread | None = None  # the first start, joined at stop
+        self._refreshing = False  # a tools refresh runs
+        self._refresh_again = False  # the list changed again while it ran
 
     # -- what others read --
 
@@ -9260,6 +9345,21 @@ class Downstream:
         self._starter.start()
 
     def _bring_up(self) -> None:
+        """Start the server (its own thread): a bug on the way fails this server with a
+        log line, never the thread silently (§9)."""
+        try:
+            self._start_server()
+        except Exception as exc:
+            log(
+                "error",
+                "internal_error",
+                where="server_start",
+                server=self.name,
+                error=type(exc).__name__,
+            )
+            self._fail(f"rea could not start it ({type(exc).__name__})", retry=True)
+
+    def _start_server(self) -> None:
         hooks = self._ctx.hooks
         held = self._ctx.fingerprints.check_server(self.spec)
         if held is not None:
@@ -9350,8 +9450,32 @@ class Downstream:
         if caps is not None and was is not ServerStatus.READY:
             log("info", "health_changed", server=self.name, healthy=True)
 
+    def wants_refresh(self) -> bool:
+        """Note a tools/list_changed; True when a refresh must be started (none runs)."""
+        with self._lock:
+            if self._refreshing:
+                self._refresh_again = True
+                return False
+            self._refreshing = True
+            return True
+
     def refresh_tools(self) -> None:
-        """Re-read the server's tools (after notifications/tools/list_changed)."""
+        """Re-read the server's tools (after notifications/tools/list_changed), again
+        while more changes arrived meanwhile."""
+        try:
+            while True:
+                self._refresh_once()
+                with self._lock:
+                    if not self._refresh_again:
+                        self._refreshing = False
+                        return
+                    self._refresh_again = False
+        except BaseException:
+            with self._lock:
+                self._refreshing = False
+            raise
+
+    def _refresh_once(self) -> None:
         transport = self.live_transport()
         if transport is None:
             return
@@ -9877,7 +10001,10 @@ def check_request_result(rules: Rules, result: JsonObj) -> Outcome:
 
 
 def args_digest(arguments: JsonObj) -> str:
-    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (RecursionError, ValueError, TypeError):
+        return "unhashable: nested too deeply"  # still recorded: the call gets its record
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -10046,10 +10173,13 @@ class ClientWire:
         deadlines: Deadlines,
     ) -> None:
         self._in_fd = in_fd
-        self._out = out
+        self._out = out  # kept open: its fd is written directly, without a buffer
+        self._out_fd = out.fileno()
+        os.set_blocking(self._out_fd, False)  # a write waits at most _patience, see below
+        self._patience = 30.0  # seconds a client may take none of our output
         self._on_line = on_line
         self._deadlines = deadlines
-        self._out_lock = threading.Lock()  # guards: whole messages on stdout
+        self._out_lock = threading.Lock()  # guards: whole messages on stdout, _patience
         self._lock = threading.Lock()  # guards: _open, _asks, _seq, _closed, _draining
         self._answered = threading.Condition(self._lock)  # an open request was answered
         self._draining = False  # someone waits for every answer: notify them
@@ -10069,7 +10199,9 @@ class ClientWire:
         self._reader.start()
 
     def stop_reading(self) -> None:
-        """Stop taking messages (§5: at stop); the reader thread ends and is joined."""
+        """Stop taking messages (§5: at stop); the reader thread ends and is joined. From
+        now on a client that reads nothing holds a write for a second at most."""
+        self._patience = 1.0
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         if self._reader.is_alive() and self._reader is not threading.current_thread():
@@ -10126,13 +10258,32 @@ class ClientWire:
     # -- writing --
 
     def write(self, msg: JsonObj) -> None:
-        data = encode(msg)
+        self._write_bytes(encode(msg))
+
+    def _write_bytes(self, data: bytes) -> None:
+        """Whole messages on stdout, never a wait without end: a client that takes none of
+        our output for `_patience` seconds (30; 1 once stopping) is gone, and a stop takes
+        seconds whatever it does."""
         with self._out_lock:
-            try:
-                self._out.write(data)
-                self._out.flush()
-            except (OSError, ValueError):
-                self.gone.set()  # the client is gone
+            if self.gone.is_set():
+                return
+            view = memoryview(data)
+            waited_from: float | None = None
+            while view:
+                try:
+                    view = view[os.write(self._out_fd, view) :]
+                    waited_from = None
+                except BlockingIOError:
+                    now = time.monotonic()
+                    waited_from = waited_from or now
+                    if now - waited_from >= self._patience:
+                        log("error", "client_not_reading", waited_s=round(now - waited_from, 1))
+                        self.gone.set()
+                        return
+                    select.select([], [self._out_fd], [], 0.2)
+                except OSError:
+                    self.gone.set()  # the client is gone
+                    return
 
     def notify(self, method: str, params: JsonObj | None = None) -> None:
         msg: JsonObj = {"jsonrpc": "2.0", "method": method}
@@ -10171,8 +10322,9 @@ class ClientWire:
             if done and batch.answers:
                 self._write_all(batch.answers)
 
-    def _answer(self, req_id: object, msg: JsonObj) -> bool:
-        """Write the answer of an open request (into its batch when it has one)."""
+    def _answer(self, req_id: object, msg: JsonObj | None) -> bool:
+        """Write the answer of an open request (into its batch when it has one); None
+        closes it unanswered (a cancelled request gets nothing, MCP)."""
         with self._lock:
             entry = self._open.pop(id_key(req_id), None)
             if self._draining:
@@ -10182,24 +10334,23 @@ class ClientWire:
             batch = entry[1]
             flush: list[JsonObj] | None = None
             if batch is not None:
-                batch.answers.append(msg)
+                if msg is not None:
+                    batch.answers.append(msg)
                 batch.pending -= 1
-                if batch.sealed and batch.pending == 0:
+                if batch.sealed and batch.pending == 0 and batch.answers:
                     flush = batch.answers
-        if batch is None:
+        if batch is None and msg is not None:
             self.write(msg)
         elif flush is not None:
             self._write_all(flush)
         return True
 
+    def forget(self, req_id: object) -> bool:
+        """Close an open request without an answer: the client cancelled it."""
+        return self._answer(req_id, None)
+
     def _write_all(self, msgs: list[JsonObj]) -> None:
-        data = encode_batch(msgs)
-        with self._out_lock:
-            try:
-                self._out.write(data)
-                self._out.flush()
-            except (OSError, ValueError):
-                self.gone.set()
+        self._write_bytes(encode_batch(msgs))
 
     def reply(self, req_id: object, result: JsonObj) -> bool:
         """Answer an open request with a result shaped for its era; False (and nothing
@@ -10661,7 +10812,26 @@ class AuditTrail:
 
     def call(self, call: Call, outcome: Outcome) -> None:
         """The one record of a call's outcome. Names come from its target, never from the
-        client alone: an unknown tool's name is redacted like any text."""
+        client alone: an unknown tool's name is redacted like any text. Whatever breaks
+        while the record is made, a record is still written (§6: every path)."""
+        try:
+            self._call(call, outcome)
+        except Exception as exc:
+            log("error", "internal_error", where="audit_record", error=type(exc).__name__)
+            target = call.target
+            self._append(
+                session_id=self._session.id,
+                tool_name=target.bare if target is not None else call.kind.value,
+                server_name=target.downstream.name if target is not None else "",
+                tier=call.tier,
+                status=outcome.status,
+                autonomy_level=call.rules.policy.autonomy_level,
+                duration_ms=int((time.monotonic() - call.started) * 1000),
+                error=f"the record of this call could not be made whole ({type(exc).__name__})",
+                metadata={"era": call.era.value},
+            )
+
+    def _call(self, call: Call, outcome: Outcome) -> None:
         rules = call.rules
         redact = rules.redactor.redact
         target = call.target
@@ -10776,8 +10946,11 @@ class InputBridge:
     def __init__(self, deadlines: Deadlines, overdue: Callable[[Suspension], None]) -> None:
         self._deadlines = deadlines
         self._overdue = overdue
-        self._lock = threading.Lock()  # guards: _suspended
+        self._lock = threading.Lock()  # guards: _suspended, _ended
         self._suspended: dict[str, Suspension] = {}
+        # tokens whose round is over (bounded): a retry naming one is refused, never
+        # taken as a new call that would run the tool a second time
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def suspend(
         self,
@@ -10805,18 +10978,27 @@ class InputBridge:
         return ""
 
     def holds(self, token: str) -> bool:
+        """A token of ours: held now, or of a round that is over."""
         with self._lock:
-            return token in self._suspended
+            return token in self._suspended or token in self._ended
 
     def take(self, token: str) -> Suspension | None:
         with self._lock:
-            return self._suspended.pop(token, None)
+            return self._end(token)
+
+    def _end(self, token: str) -> Suspension | None:
+        """(Lock held.) The round of this token is over: its suspension, if still held."""
+        suspension = self._suspended.pop(token, None)
+        self._ended[token] = None
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
+        return suspension
 
     def drop(self, call: Call) -> Suspension | None:
         with self._lock:
             for token, s in list(self._suspended.items()):
                 if s.call is call:
-                    return self._suspended.pop(token)
+                    return self._end(token)
         return None
 
     def expire(self, now: float) -> float | None:
@@ -10825,7 +11007,9 @@ class InputBridge:
         with self._lock:
             for token, s in list(self._suspended.items()):
                 if s.deadline <= now:
-                    due.append(self._suspended.pop(token))
+                    ended = self._end(token)
+                    if ended is not None:
+                        due.append(ended)
                 elif soonest is None or s.deadline < soonest:
                     soonest = s.deadline
         for s in due:
@@ -11506,16 +11690,14 @@ class Calls:
 
     # -- the end --
 
-    def cancel(self, req_id: object, reason: str) -> None:
+    def cancel(self, req_id: object, reason: str) -> bool:
         """notifications/cancelled: the call is not sent (again), its server is told, and
-        the client gets no answer (MCP); `finish` still writes its record."""
-        if not is_request_id(req_id):
-            log("warn", "cancel_ignored", reason="requestId is not a string or integer")
-            return
+        the client gets no answer (MCP); `finish` still writes its record. False when the
+        id is no call of ours."""
         with self._lock:
             call = self._table.get(id_key(req_id))
             if call is None or call.state is CallState.FINISHED:
-                return
+                return False
             call.cancelled = True
             state, transport, request_id, ask_id = (
                 call.state,
@@ -11527,6 +11709,7 @@ class Calls:
             transport.cancel(request_id, reason)
         elif ask_id is not None:
             self._wire.cancel_ask(ask_id, reason)
+        return True
 
     def finish(self, call: Call, outcome: Outcome) -> None:
         """The one end of every call: its permit goes back once, its one audit record is
@@ -11570,6 +11753,8 @@ class Calls:
                 self._wire.reply(req_id, outcome.result)
             elif answer and outcome.error is not None:
                 self._wire.reply_error(req_id, outcome.error)
+            elif req_id is not None:
+                self._wire.forget(req_id)  # cancelled: closed, never answered
             self._hooks.changed()
 
     def wait_settled(self, deadline: float) -> bool:
@@ -11658,7 +11843,8 @@ class Relay:
         ):
             self.notify(str(method), params)
         elif method == "notifications/tools/list_changed":
-            self._submit(ds.refresh_tools)
+            if ds.wants_refresh():  # one refresh per server at a time: a flood is one
+                self._submit(ds.refresh_tools)
         elif method == "notifications/tasks/status" and params is not None:
             task_id = self._calls.tasks.of_server(transport, params.get("taskId"))
             if task_id is None:
@@ -11737,9 +11923,10 @@ class Downstreams:
 
     def __init__(self, ctx: DownstreamContext, registry: Registry) -> None:
         self._ctx = ctx
-        self._lock = threading.Lock()  # guards: _by_name, _started
+        self._lock = threading.Lock()  # guards: _by_name, _started, _retiring
         self._by_name = {spec.name: Downstream(spec, ctx) for spec in registry.servers}
         self._started = False
+        self._retiring: list[threading.Thread] = []  # stops of removed servers, joined at stop
 
     def all(self) -> list[Downstream]:
         with self._lock:
@@ -11780,7 +11967,10 @@ class Downstreams:
             self._by_name = new  # one assignment: readers see the old or the new set
             started = self._started
         for ds in gone:
-            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True).start()
+            stopper = threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True)
+            stopper.start()
+            with self._lock:
+                self._retiring.append(stopper)
         for ds in new.values():
             if ds in fresh and started:
                 ds.start()
@@ -11795,7 +11985,9 @@ class Downstreams:
         ]
         for t in stoppers:
             t.start()
-        for t in stoppers:
+        with self._lock:
+            retiring, self._retiring = self._retiring, []
+        for t in [*stoppers, *retiring]:
             t.join()
 
 
@@ -11815,6 +12007,7 @@ class Gateway:
         in_fd: int,
         out: BinaryIO,
         timeouts: Timeouts | None = None,
+        signals: list[int] | None = None,
     ) -> None:
         self.root = root
         self.rea_dir = root / REA_DIR
@@ -11877,7 +12070,7 @@ class Gateway:
         )
         self.live = LiveState(self.rea_dir, self.session.id, lambda: self.state().to_json())
         self._startup_done = threading.Event()  # the first list has waited for the servers
-        self._signal: int | None = None
+        self._signals = signals if signals is not None else []  # received, in order
         self._methods: dict[str, Handler] = {
             "initialize": self._initialize,
             "server/discover": self._discover,
@@ -11927,7 +12120,7 @@ class Gateway:
         self.live.flush()
         ticks = 0
         while not self.wire.ended.wait(0.2):
-            if self._signal is not None or self.wire.gone.is_set():
+            if self._signals or self.wire.gone.is_set():
                 break
             ticks += 1
             if ticks % 5 == 0:  # once a second: pick up policy and registry edits while idle
@@ -11935,13 +12128,13 @@ class Gateway:
         log(
             "info",
             "gateway_stopping",
-            reason="signal" if self._signal is not None else "stdin closed",
+            reason="signal" if self._signals else "stdin closed",
         )
         self.stop()
         return 0
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._signal = signum  # only a flag: the main loop does the work, outside any lock
+        self._signals.append(signum)  # only a note: the main loop does the work, unlocked
 
     def stop(self) -> None:
         """§5: stop taking calls, let those in flight finish (stop_grace_s), fail the rest
@@ -12080,8 +12273,9 @@ class Gateway:
             self.wire.send_error(req_id, err)
             return
         if not self.wire.open(req_id, era):
+            # answered under id null: the request in flight with this id keeps its own answer
             self.wire.send_error(
-                req_id, RpcError(INVALID_REQUEST, f"request id {req_id!r} is already in flight")
+                None, RpcError(INVALID_REQUEST, f"request id {req_id!r} is already in flight")
             )
             return
         try:
@@ -12107,11 +12301,14 @@ class Gateway:
                     with contextlib.suppress(ChildDied):
                         transport.notify(method, params)
         elif method == "notifications/cancelled":
+            req_id = (params or {}).get("requestId")
             reason = (params or {}).get("reason")
-            self.calls.cancel(
-                (params or {}).get("requestId"),
-                reason if isinstance(reason, str) else "cancelled by the client",
-            )
+            if not is_request_id(req_id):
+                log("warn", "cancel_ignored", reason="requestId is not a string or integer")
+            elif not self.calls.cancel(
+                req_id, reason if isinstance(reason, str) else "cancelled by the client"
+            ):
+                self.wire.forget(req_id)  # a list or another request: its answer is dropped
 
     def _reply(self, req_id: object, result: JsonObj) -> None:
         self.wire.reply(req_id, result)
@@ -12572,6 +12769,10 @@ Waiting for a client on stdin; Ctrl-D or Ctrl-C stops."""
 
 
 def cmd_serve(root: Path, argv: list[str]) -> int:
+    # from the first moment: a signal during start-up is a stop like any other (exit 0)
+    signals: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: signals.append(signum))
     rea_dir = root / ".rea"
     registry = load_registry(rea_dir)
     policy = load_policy(rea_dir)
@@ -12591,7 +12792,7 @@ def cmd_serve(root: Path, argv: list[str]) -> int:
         daemon=True,
     )
     warmer.start()
-    gateway = Gateway(root, registry, policy, sys.stdin.fileno(), out, timeouts)
+    gateway = Gateway(root, registry, policy, sys.stdin.fileno(), out, timeouts, signals)
     code = gateway.serve()
     warmer.join(timeout=5)
     return code

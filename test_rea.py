@@ -3684,6 +3684,66 @@ def task_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+# A server that misbehaves the ways a real one does (red-team findings of issue 12):
+#   --stubborn         ignores SIGTERM and lingers after its stdin closes
+#   --helper           starts a helper in its process group that ignores SIGTERM and
+#                      holds its stdout (tool `crash` then exits, the helper lives on)
+#   --surrogate-tool   one tool's description holds a lone surrogate
+#   --flood            tool `flood` sends 200 tools/list_changed, then never lists again
+ODD_SERVER = r"""
+import json, os, signal, subprocess, sys, time
+args = sys.argv[1:]
+if "--stubborn" in args:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+helper = None
+if "--helper" in args:
+    helper = subprocess.Popen([sys.executable, "-c",
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)"])
+tools = [{"name": "hi", "inputSchema": {"type": "object"}},
+         {"name": "crash", "inputSchema": {"type": "object"}},
+         {"name": "flood", "inputSchema": {"type": "object"}}]
+if "--surrogate-tool" in args:
+    tools.append({"name": "odd", "description": "cut \ud83d here", "inputSchema": {"type": "object"}})
+flooded = False
+def send(m):
+    sys.stdout.write(json.dumps(m) + "\n"); sys.stdout.flush()
+for line in sys.stdin:
+    m = json.loads(line)
+    rid, method, p = m.get("id"), m.get("method"), m.get("params") or {}
+    if rid is None:
+        continue
+    if method == "server/discover":
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "nope"}})
+    elif method == "initialize":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"protocolVersion": p["protocolVersion"],
+              "capabilities": {"tools": {"listChanged": True}}, "serverInfo": {"name": "odd", "version": "1"}}})
+    elif method == "tools/list":
+        if not flooded:
+            send({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+    elif method == "tools/call" and p.get("name") == "crash":
+        os._exit(7)
+    elif method == "tools/call" and p.get("name") == "flood":
+        flooded = True
+        sys.stdout.write('{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n' * 200)
+        send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "flooded"}]}})
+    elif method == "tools/call":
+        text = str(helper.pid if helper else os.getpid())
+        send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
+    else:
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "nope"}})
+while "--stubborn" in args:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture(scope="session")
+def odd_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("fixture") / "odd_mcp_server.py"
+    path.write_text(ODD_SERVER)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def fake_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("fixture") / "fake_mcp_server.py"
@@ -10313,3 +10373,271 @@ class TestSoak:
             f"seed {seed} (REA_SOAK_SEED={seed} replays it); {len(soak.calls)} calls, "
             f"{len(soak.cancelled)} cancelled; broken invariants:\n" + "\n".join(soak.violations)
         )
+
+
+# Red-team findings on the restructured core (issue 12) #########################
+
+
+class TestSection5RedTeamFindings:
+    def test_a_deadline_watched_while_its_source_expires_is_not_lost(self):
+        deadlines = rea.Deadlines()
+        read_end, write_end = os.pipe()
+        out_read, out_write = os.pipe()
+        out = os.fdopen(out_write, "wb")
+        wire = rea.ClientWire(read_end, out, lambda line: None, deadlines)
+        expired: dict[str, float] = {}
+        started = threading.Event()
+
+        def slow(msg: dict[str, object]) -> None:  # an fsync'd audit record, say
+            expired["a"] = time.monotonic()
+            started.set()
+            time.sleep(0.3)
+
+        try:
+            wire.ask("sampling/createMessage", {}, 0.1, slow)
+            assert started.wait(5)
+            asked = time.monotonic()
+            wire.ask("roots/list", {}, 0.1, lambda m: expired.setdefault("b", time.monotonic()))
+            poll(lambda: "b" in expired, timeout=3, what="the second deadline")
+            assert expired["b"] - asked < 1.0
+        finally:
+            deadlines.close()
+            os.close(write_end)
+            out.close()
+            os.close(out_read)
+
+    def test_deeply_nested_arguments_are_answered_and_audited_once(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        deep = "[" * 980 + '"x"' + "]" * 980  # as deep as the parser takes
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":"d","method":"tools/call","params":{"name":"a__echo",'
+            b'"arguments":{"deep":' + deep.encode() + b"}}}\n"
+        )
+        res = c.wait("d")
+        assert "result" in res or "error" in res
+        records = [r for r in audit_records(root) if r["tool_name"] == "echo"]
+        assert len(records) == 1
+
+    def test_a_cancelled_request_is_closed_unanswered_and_its_id_free_again(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "x",
+                "method": "tools/call",
+                "params": {"name": "a__slow", "arguments": {"seconds": 1}},
+            }
+        )
+        c.send(
+            {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "x"}}
+        )
+        poll(
+            lambda: [r for r in audit_records(root) if r["tool_name"] == "slow"],
+            what="the cancelled call's record",
+        )
+        c.send({"jsonrpc": "2.0", "id": "x", "method": "ping"})
+        assert c.wait("x")["result"] == {}  # the id is free: only the ping is answered
+        started = time.monotonic()
+        assert c.close() == 0
+        assert time.monotonic() - started < 3  # nothing left open to wait for
+        assert "x" not in c.responses
+
+    def test_a_cancelled_list_gets_no_answer(self, fake_server, rea_project, gateway):
+        root = rea_project(
+            [server(fake_server, "slow", "--silent-discover")], "gateway:\n  startup_wait_s: 3\n"
+        )
+        c = gateway(root)
+        c.initialize()
+        c.send({"jsonrpc": "2.0", "id": "l", "method": "tools/list"})
+        c.send(
+            {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "l"}}
+        )
+        assert c.request("ping")["result"] == {}
+        poll(lambda: c.downstream("slow")["connected"], timeout=15, what="the server")
+        assert c.request("ping")["result"] == {}
+        assert "l" not in c.responses
+
+    def test_a_duplicate_id_is_refused_under_id_null(self, fake_server, rea_project, gateway):
+        c = running(gateway, rea_project([server(fake_server, "a")]))
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "tools/call",
+                "params": {"name": "a__slow", "arguments": {"seconds": 0.5}},
+            }
+        )
+        c.send({"jsonrpc": "2.0", "id": 7, "method": "ping"})
+        err = c.wait(None)
+        assert err["error"]["code"] == -32600 and "in flight" in err["error"]["message"]
+        assert c.wait(7)["result"]["content"][0]["text"].startswith("slept")
+
+    def test_a_number_no_double_holds_is_refused_not_sent_on_as_infinity(
+        self, fake_server, rea_project, gateway
+    ):
+        c = running(gateway, rea_project([server(fake_server, "a")]))
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"a__echo","arguments":{"big":1e400}}}\n'
+        )
+        assert c.wait(None)["error"]["code"] == -32700
+        assert all(b"Infinity" not in line for line in c.raw_lines)
+        assert c.request("ping")["result"] == {}
+
+    def test_a_client_that_stops_reading_cannot_keep_the_gateway_from_stopping(
+        self, fake_server, rea_project
+    ):
+        root = rea_project([server(fake_server, "a")])
+        proc = subprocess.Popen(  # its stdout is never read: the pipe fills and stays full
+            [sys.executable, str(REA_PY), "serve", "--root", str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t"}}
+        lines = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}]
+        lines += [
+            {
+                "jsonrpc": "2.0",
+                "id": i,
+                "method": "tools/call",
+                "params": {"name": "a__huge", "arguments": {"kb": 64}},
+            }
+            for i in range(1, 60)
+        ]
+        proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in lines))
+        proc.stdin.flush()
+        poll(lambda: len(audit_records(root)) >= 5, what="calls answered into the full pipe")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(15) == 0
+        finally:
+            proc.kill()
+            proc.stdin.close()
+            proc.stdout.close()
+        assert time.monotonic() - started < 10
+
+    def test_a_signal_during_start_up_is_a_clean_stop(self, fake_server, rea_project):
+        root = rea_project([server(fake_server, "a")])
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            proc = subprocess.Popen(
+                [sys.executable, str(REA_PY), "serve", "--root", str(root)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert proc.stderr is not None
+            proc.stderr.readline()  # the first log line: serve has begun
+            proc.send_signal(sig)
+            assert proc.wait(15) == 0
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.stdout.close()  # type: ignore[union-attr]
+            proc.stderr.close()
+
+
+class TestSection9RedTeamFindings:
+    def test_a_server_removed_from_the_registry_leaves_no_process(
+        self, odd_server, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(odd_server, "stub", "--stubborn"), server(fake_server, "a")],
+            "gateway:\n  restart_backoff_s: 0.05\n",
+        )
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        pid = c.downstream("stub")["pid"]
+        registry = {"version": "1", "servers": [server(fake_server, "a")]}
+        (root / ".rea" / "registry.json").write_text(json.dumps(registry))
+        poll(
+            lambda: not any(d["name"] == "stub" for d in c.health()["downstreams"]),
+            what="the reload",
+        )
+        assert c.close() == 0
+        poll(lambda: not pid_alive(pid), what="the removed server gone")
+
+    def test_a_helper_in_the_servers_group_is_stopped_and_its_death_seen(
+        self, odd_server, rea_project, gateway
+    ):
+        root = rea_project([server(odd_server, "h", "--helper")], FAST)
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        helper = int(c.text("h__hi"))
+        first = c.downstream("h")["pid"]
+        assert c.call("h__crash")["result"]["isError"] is True  # its death is seen at once
+        poll(
+            lambda: c.downstream("h")["healthy"] and c.downstream("h")["pid"] != first,
+            what="the restart",
+        )
+        assert not pid_alive(helper)
+        helper = int(c.text("h__hi"))
+        started = time.monotonic()
+        assert c.close() == 0
+        assert time.monotonic() - started < 5
+        assert not pid_alive(helper)
+
+    def test_a_lone_surrogate_in_a_tool_description_breaks_nothing(
+        self, odd_server, rea_project, gateway
+    ):
+        c = running(gateway, rea_project([server(odd_server, "u", "--surrogate-tool")]))
+        assert "u__hi" in c.tools()
+        assert c.text("u__hi").isdigit()
+        assert not [line for line in c.stderr_lines if "Traceback" in line]
+
+    def test_a_flood_of_list_changed_starves_no_other_server(
+        self, odd_server, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(odd_server, "f"), server(fake_server, "s")],
+            "audit:\n  fsync: always\n",
+        )
+        c = running(gateway, root)
+        assert c.text("f__flood") == "flooded"
+        for _ in range(3):
+            assert c.call("s__echo", {"x": 1}, timeout=5)["result"]["structuredContent"] == {"x": 1}
+
+
+class TestSection6RedTeamFindings:
+    def test_a_second_retry_of_a_finished_input_round_does_not_run_the_tool_again(
+        self, fake_server, rea_project, gateway, tmp_path
+    ):
+        meta = {**META_2026, "io.modelcontextprotocol/clientCapabilities": {"sampling": {}}}
+        root = rea_project([server(fake_server, "r", "--features")])
+        c = gateway(root)
+        c.request("tools/list", {"_meta": meta})
+        first = c.request("tools/call", {"name": "r__sample", "arguments": {}, "_meta": meta})[
+            "result"
+        ]
+        key = next(iter(first["inputRequests"]))
+        retry = {
+            "name": "r__sample",
+            "arguments": {},
+            "_meta": meta,
+            "requestState": first["requestState"],
+            "inputResponses": {
+                key: {"role": "assistant", "content": {"type": "text", "text": "Bob"}, "model": "m"}
+            },
+        }
+        assert "Bob" in c.request("tools/call", retry)["result"]["content"][0]["text"]
+        again = c.request("tools/call", retry)
+        assert again["error"]["code"] == -32602 and "ended" in again["error"]["message"]
+        asked = [r for r in audit_records(root) if r["tool_name"] == "sampling/createMessage"]
+        assert len(asked) == 1  # the tool ran (and asked) once
+
+    def test_a_lone_surrogate_is_recorded_as_its_escape_in_valid_utf8(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"a__echo","arguments":{"k\\ud800":1}}}\n'
+        )
+        c.wait(3)
+        data = (root / ".rea" / "audit.jsonl").read_bytes()
+        data.decode("utf-8")  # strict: every line is valid UTF-8
+        assert b"\\ud800" in data
+        assert rea.verify_audit(root / ".rea").ok
