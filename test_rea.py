@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -4043,10 +4044,41 @@ def gateway() -> Iterator[Callable[..., Client]]:
         return c
 
     yield start
+    left: list[int] = []
     for c in clients:
+        below = descendants(c.proc.pid) if c.proc.poll() is None else []
         c.close()
         if c.proc.returncode is None:
             c.proc.kill()
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p) for p in below) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left += [p for p in below if pid_alive(p)]
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes outlived their gateway: {left}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children, grandchildren, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def audit_records(root: Path) -> list[dict[str, object]]:
@@ -8025,7 +8057,7 @@ class TestSection10TrustOnFirstUseEndToEnd:
 _GOVERN_REA = Path(__file__).resolve().parent / "rea.py"
 _GOVERN_GH_TOKEN = "ghp_" + "Zq8W" * 9  # 36 characters after the prefix
 _GOVERN_AWS_KEY = "AKIAABCDEFGHIJKLMNOP"
-_GOVERN_PROFILE = Path("/work/shared/vectors/upstream-yaml/profile-bst-internal.yaml")
+_GOVERN_PROFILE = VECTORS / "profile-bst-internal.yaml"  # beside the checkout, not a fixed path
 # Tools with annotations for the tier tests (unknown names echo their arguments).
 _GOVERN_ANNOTATED = [
     {
@@ -8939,8 +8971,11 @@ def govern_profile(
         _govern_stop(c)
 
 
-def _govern_profile_globs() -> list[str]:
-    """The profile's blocked_paths as rea itself reads them."""
+def _govern_profile_globs() -> list[object]:
+    """The profile's blocked_paths as rea itself reads them (one skipped case when the
+    shared vectors are not beside this checkout: collection never breaks)."""
+    if not _GOVERN_PROFILE.exists():
+        return [pytest.param("", marks=pytest.mark.skip(reason=f"{_GOVERN_PROFILE} not found"))]
     value = rea.parse_yaml(_GOVERN_PROFILE.read_text(), _GOVERN_PROFILE.name)
     return list(rea.policy_from_value(value, _GOVERN_PROFILE.name).blocked_paths)
 
