@@ -203,6 +203,17 @@ def log(level: str, event: str, **fields: object) -> None:
             pass  # a closed stderr must never break the gateway
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_lone_surrogates(json_text: str) -> str:
+    """JSON text with each lone surrogate (a JS string cut mid-emoji: it can only sit in
+    a string) written as its \\uXXXX escape, so that the text is valid UTF-8."""
+    if _LONE_SURROGATE.search(json_text) is None:
+        return json_text
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json_text)
+
+
 def utc_now_iso() -> str:
     """ISO-8601 UTC with milliseconds and a Z, as the audit log's `timestamp`."""
     now = time.time()  # gmtime and %-formatting: a third of datetime.strftime's cost
@@ -915,6 +926,7 @@ class ServerSpec:
     tier_overrides: Mapping[str, str] = field(default_factory=dict)  # tool -> tier
     enabled: bool = True
     trust_annotations: bool = False
+    tools: tuple[str, ...] | None = None  # allow globs: only these tools are offered (§3)
     url: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)  # raw templates, like env:
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
@@ -2353,6 +2365,7 @@ _SERVER_KEYS = (
     "tier_overrides",
     "enabled",
     "trust_annotations",
+    "tools",
     "url",
     "headers",
     "oauth",
@@ -2512,6 +2525,7 @@ def _server_from_value(value: object, filename: str, place: str) -> ServerSpec:
         tier_overrides=overrides,
         enabled=s.boolean("enabled", True),
         trust_annotations=s.boolean("trust_annotations", False),
+        tools=s.string_list("tools", "tool-name globs") if s.get("tools") is not None else None,
     )
 
 
@@ -2797,6 +2811,7 @@ def _server_to_json(spec: ServerSpec) -> dict[str, object]:
         "tier_overrides": dict(spec.tier_overrides),
         "enabled": spec.enabled,
         "trust_annotations": spec.trust_annotations,
+        "tools": list(spec.tools) if spec.tools is not None else None,
     }
 
 
@@ -3938,19 +3953,30 @@ def _sha256_hex(data: bytes) -> str:
 
 
 def _canonical_json(record: Mapping[str, object]) -> str:
-    # The reference tool's canonical form: JSON.stringify with no spaces, raw UTF-8.
-    return json.dumps(dict(record), separators=(",", ":"), ensure_ascii=False, default=str)
+    # The reference tool's canonical form: JSON.stringify with no spaces, raw UTF-8, and
+    # a lone surrogate (a JS string cut mid-emoji) as its \uXXXX escape, as
+    # JSON.stringify writes one: the line stays valid UTF-8 for every reader.
+    text = json.dumps(dict(record), separators=(",", ":"), ensure_ascii=False, default=str)
+    return escape_lone_surrogates(text)
 
 
 def _utf8(text: str) -> bytes:
-    # surrogatepass: a lone surrogate that arrived in a JSON-RPC string must not make
-    # the record unwritable (the gateway never crashes on an audit write it can do).
+    # surrogatepass: nothing the gateway was sent may make a record unwritable
     return text.encode("utf-8", "surrogatepass")
 
 
 def record_hash(record_without_hash: Mapping[str, object]) -> str:
     """The chain hash of one record: sha256 hex of its canonical JSON, as the reference tool."""
     return _sha256_hex(_utf8(_canonical_json(record_without_hash)))
+
+
+def _raw_record_hash(record_without_hash: Mapping[str, object]) -> str:
+    """The hash as rea.py wrote it before surrogates were escaped (raw surrogate bytes):
+    older logs keep verifying."""
+    text = json.dumps(
+        dict(record_without_hash), separators=(",", ":"), ensure_ascii=False, default=str
+    )
+    return _sha256_hex(_utf8(text))
 
 
 @dataclass(frozen=True)
@@ -4778,7 +4804,7 @@ def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -
         rec: dict[str, object] = dict(value)
         found_hash = str(rec.pop("hash"))
         computed = record_hash(rec)
-        if computed != found_hash:
+        if computed != found_hash and _raw_record_hash(rec) != found_hash:
             return broken(ln, "edited: the content does not match its hash", computed, found_hash)
         prev = rec.get("prev_hash")
         prev_s = prev if isinstance(prev, str) else repr(prev)
@@ -5358,6 +5384,7 @@ class ServeState:
     downstreams: tuple[DownstreamStatus, ...]
     tool_renames: Mapping[str, str] = field(default_factory=dict)
     audit_fail_count: int = 0
+    tools_offered: int | None = None  # how many tools the client is offered (health included)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -5371,6 +5398,7 @@ class ServeState:
             "downstreams": [d.to_json() for d in self.downstreams],
             "tool_renames": dict(self.tool_renames),
             "audit_fail_count": self.audit_fail_count,
+            "tools_offered": self.tools_offered,
         }
 
 
@@ -5574,6 +5602,7 @@ def _parse_state(raw: dict[str, object]) -> ServeState:
         halt_reason=_str(halt, "reason", "halt"),
         downstreams=tuple(downstreams),
         audit_fail_count=_state_int(raw, "audit_fail_count", "top level") or 0,
+        tools_offered=_state_int(raw, "tools_offered", "top level"),
     )
 
 
@@ -5706,7 +5735,7 @@ def _as_json(report: StatusReport) -> dict[str, object]:
     scripts written for it keep working (§8); rea.py's own fields beside them."""
     state = report.state
     audit = report.audit
-    downstreams = (as_obj(report.raw_state or {}) or {}).get("downstreams")
+    downstreams = (report.raw_state or {}).get("downstreams")
     uptime = _uptime_s(state) if report.running and state is not None else None
     return {
         "base_dir": str(report.rea_dir.parent),
@@ -5786,6 +5815,7 @@ def _human_lines(report: StatusReport) -> list[str]:
     if state is not None:
         lines.append(f"servers ({len(state.downstreams)}):")
         lines.extend(_server_lines(state.downstreams))
+        lines.extend(tools_offered_lines(state.tools_offered))
     audit = report.audit
     if audit.exists:
         last = audit.last_timestamp or "unknown"
@@ -5797,6 +5827,24 @@ def _human_lines(report: StatusReport) -> list[str]:
         )
     else:
         lines.append(f"audit log: {audit.path} — none yet")
+    return lines
+
+
+TOOLS_WARN_ABOVE = 100  # VS Code and Copilot cap at 128 tools, Cursor around 40-100
+
+
+def tools_offered_lines(count: int | None, when: str = "") -> list[str]:
+    """How many tools the client is offered, and a warning above what clients take: every
+    listed tool costs context on every turn (§3)."""
+    if count is None:
+        return []
+    lines = [f"tools offered to the client{when}: {count}"]
+    if count > TOOLS_WARN_ABOVE:
+        lines.append(
+            f"  warning: more than {TOOLS_WARN_ABOVE} tools: clients cap their lists (VS Code "
+            "and Copilot at 128, Cursor around 40-100); offer fewer with a server's tools: "
+            "in .rea/registry.yaml or gateway.blocked_tools in .rea/policy.yaml"
+        )
     return lines
 
 
@@ -5943,7 +5991,7 @@ def tool_hash(tool: Mapping[str, object]) -> str:
 def _trust_sha256(value: object) -> str:
     """Hash of a JSON value written one way only: sorted keys, no spaces, UTF-8."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _pretty(value: object) -> str:
@@ -6170,7 +6218,8 @@ class Fingerprints:
             "servers": {name: _server_pin_json(pin) for name, pin in self._servers.items()},
             "held": dict(self._held),
         }
-        data = (json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+        text = json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False)
+        data = (escape_lone_surrogates(text) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, data, 0o600)
@@ -8543,12 +8592,16 @@ RELAYED_REQUESTS = {
     "elicitation/create": "elicitation",
     "roots/list": "roots",
 }
+TASKS_CAPABILITY: JsonObj = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}
 _ALL_CHILD_CAPS: JsonObj = {
     "resources": {"subscribe": True, "listChanged": True},
     "prompts": {"listChanged": True},
     "completions": {},
     "logging": {},
+    "tasks": TASKS_CAPABILITY,
 }
+TERMINAL_TASK_STATES = frozenset({"completed", "failed", "cancelled"})
+RELATED_TASK = "io.modelcontextprotocol/related-task"
 MAX_INPUT_ROUNDS = 8  # input_required rounds one call may take
 MIN_SECRET_CHARS = 6  # shorter env: values are not scrubbed as text (too many false hits)
 MAX_LINE = 64 * 1024 * 1024  # one JSON-RPC message; a longer line is refused, not buffered forever
@@ -8626,6 +8679,20 @@ def meta_of(params: JsonObj | None) -> JsonObj | None:
     return as_obj(params.get("_meta")) if params else None
 
 
+def takes_tasks(caps: JsonObj) -> bool:
+    """Whether a peer runs `tools/call` as a task (2025-11-25 `tasks` capability)."""
+    tasks = as_obj(caps.get("tasks")) or {}
+    tools = as_obj((as_obj(tasks.get("requests")) or {}).get("tools")) or {}
+    return "call" in tools
+
+
+def knows_tasks(caps: JsonObj) -> bool:
+    """Whether a client declared tasks: the 2025-11-25 capability or the 2026-07-28
+    extension (SEP-2663)."""
+    extensions = as_obj(caps.get("extensions")) or {}
+    return "tasks" in caps or "io.modelcontextprotocol/tasks" in extensions
+
+
 def is_request_id(value: object) -> bool:
     """A JSON-RPC id we accept: a string or an integer (never a bool, float or object)."""
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
@@ -8639,11 +8706,32 @@ def encode(msg: JsonObj) -> bytes:
         return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
-def decode(line: bytes) -> object:
-    """One JSON-RPC line parsed; ValueError for anything that is not JSON, including
-    nesting too deep for the parser (a RecursionError is not a ValueError)."""
+def encode_batch(msgs: list[JsonObj]) -> bytes:
+    """The answers to one batch, as one JSON array on one line."""
+    text = json.dumps(msgs, ensure_ascii=False, separators=(",", ":"))
     try:
-        return json.loads(line)
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(msgs, separators=(",", ":")).encode() + b"\n"
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: no double holds it, and Infinity is not JSON
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode(line: bytes) -> object:
+    """One JSON-RPC line parsed; ValueError for anything that is not JSON: nesting too
+    deep for the parser (a RecursionError is not a ValueError), NaN and Infinity, and a
+    number no double holds (it would leave as Infinity, which no JSON parser reads)."""
+    try:
+        return json.loads(line, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:
@@ -8909,6 +8997,7 @@ class ChildProcess:
             threading.Thread(target=self._read_stdout, name=f"rea-child-{name}", daemon=True),
             threading.Thread(target=self._read_stderr, name=f"rea-stderr-{name}", daemon=True),
             threading.Thread(target=self._write_stdin, name=f"rea-write-{name}", daemon=True),
+            threading.Thread(target=self._watch_exit, name=f"rea-exit-{name}", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -9042,6 +9131,18 @@ class ChildProcess:
             with contextlib.suppress(OSError):
                 stdin.close()
 
+    def _watch_exit(self) -> None:
+        """The child's own exit, seen even when a helper it started still holds its
+        stdout open (then the reader would never see the end): the helpers of a dead
+        server are killed, its pipes close, and its death is handled as any other."""
+        self.proc.wait()
+        if self.stopping:
+            return
+        self._threads[0].join(timeout=1.0)
+        if self._threads[0].is_alive() and not self.stopping:
+            log("warn", "child_helpers_killed", server=self.name, pid=self.proc.pid)
+            self.signal(signal.SIGKILL)
+
     def _read_stdout(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
@@ -9138,13 +9239,19 @@ class ChildProcess:
             self._closing = True
             self._outbox.clear()
             self._out_ready.notify()
-        if _wait(self.proc, 0.5):
-            self.signal(signal.SIGTERM)  # helpers it left in its process group, if any
-        else:
+        if not _wait(self.proc, 0.5):
             self.signal(signal.SIGTERM)
             if not _wait(self.proc, self._timeouts.kill_after_s):
                 self.signal(signal.SIGKILL)
                 _wait(self.proc, 5)
+        # helpers it left in its process group: SIGTERM, then SIGKILL (no orphan, §5)
+        if _group_members(self.proc.pid):
+            self.signal(signal.SIGTERM)
+            deadline = time.monotonic() + self._timeouts.kill_after_s
+            while _group_members(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _group_members(self.proc.pid):
+                self.signal(signal.SIGKILL)
         me = threading.current_thread()
         for thread in self._threads:
             if thread is not me:
@@ -9158,6 +9265,30 @@ class ChildProcess:
                 self.proc.send_signal(sig)
             except ProcessLookupError:
                 pass
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc (Linux); elsewhere
+    whether kill(0) reaches any."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return []
+        return [pgid]
+    members: list[int] = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -9183,13 +9314,14 @@ class Expiring(Protocol):
 
 class Deadlines:
     """One thread, `rea-timeouts`, that expires whatever has a deadline: requests to
-    servers, calls waiting for a client's retry, the gateway's requests to the client.
-    Cheaper than a Timer per call, and joined at stop."""
+    servers, calls waiting for a client's retry, the gateway's requests to the client,
+    tasks. Cheaper than a Timer per call, and joined at stop."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards: _sources, _wake_at, _closed
         self._wake = threading.Condition(self._lock)  # a sooner deadline, or the close
-        self._sources: set[Expiring] = set()
+        # source -> how often it was watched: a watch during its expire() keeps it
+        self._sources: dict[Expiring, int] = {}
         self._wake_at = float("inf")  # when the thread will next look
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="rea-timeouts", daemon=True)
@@ -9197,7 +9329,7 @@ class Deadlines:
 
     def watch(self, source: Expiring, deadline: float) -> None:
         with self._lock:
-            self._sources.add(source)
+            self._sources[source] = self._sources.get(source, 0) + 1
             if deadline < self._wake_at:
                 self._wake_at = deadline
                 self._wake.notify()
@@ -9214,24 +9346,28 @@ class Deadlines:
             with self._lock:
                 if self._closed:
                     return
-                sources = list(self._sources)
+                self._wake_at = float("inf")  # not waiting: a watch meanwhile lowers it
+                sources = list(self._sources.items())
             now = time.monotonic()
             soonest: float | None = None
-            for source in sources:
+            for source, watched in sources:
                 try:
                     nxt = source.expire(now)
                 except Exception as exc:  # one broken source must not stop every deadline
-                    log("error", "internal_error", where="deadlines", error=repr(exc))
+                    log("error", "internal_error", where="deadlines", error=type(exc).__name__)
                     nxt = None
                 if nxt is None:
                     with self._lock:
-                        self._sources.discard(source)
+                        if self._sources.get(source) == watched:  # nothing new meanwhile
+                            del self._sources[source]
                 elif soonest is None or nxt < soonest:
                     soonest = nxt
             with self._lock:
                 if self._closed:
                     return
-                wait = 1.0 if soonest is None else min(1.0, max(0.005, soonest - time.monotonic()))
+                # the soonest of what we saw and of what was watched while we looked
+                due = min(soonest if soonest is not None else float("inf"), self._wake_at)
+                wait = min(1.0, max(0.005, due - time.monotonic()))
                 self._wake_at = time.monotonic() + wait
                 self._wake.wait(wait)
 
@@ -11870,6 +12006,13 @@ class ToolEntry:
     bare: str
     definition: JsonObj
     withheld: str | None = None  # why trust on first use refuses it (§10), else None
+    allowed: bool = True  # in its server's `tools:` allow globs (§3), or no globs
+    blocked: bool = False  # in gateway.blocked_tools when the catalog was built
+
+    @property
+    def offered(self) -> bool:
+        """Listed to the client: what an agent's context carries is only what it may use."""
+        return self.withheld is None and self.allowed and not self.blocked
 
 
 @dataclass(frozen=True)
@@ -11881,6 +12024,7 @@ class ServerTools:
     tools: tuple[JsonObj, ...]
     withheld: Mapping[str, str]
     capabilities: JsonObj
+    allow: tuple[str, ...] | None = None  # the registry's `tools:` globs
 
 
 class Supervisor:
@@ -12031,6 +12175,8 @@ class Downstream:
         self._secret_values: tuple[str, ...] = ()  # resolved env: values, longest first
         self._stopping = False
         self._starter: threading.Thread | None = None  # the first start, joined at stop
+        self._refreshing = False  # a tools refresh runs
+        self._refresh_again = False  # the list changed again while it ran
 
     # -- what others read --
 
@@ -12052,6 +12198,7 @@ class Downstream:
                 self._tools,
                 dict(self._withheld),
                 self._capabilities,
+                self.spec.tools,
             )
 
     def transport_for_call(self) -> Transport:
@@ -12136,6 +12283,21 @@ class Downstream:
         self._starter.start()
 
     def _bring_up(self) -> None:
+        """Start the server (its own thread): a bug on the way fails this server with a
+        log line, never the thread silently (§9)."""
+        try:
+            self._start_server()
+        except Exception as exc:
+            log(
+                "error",
+                "internal_error",
+                where="server_start",
+                server=self.name,
+                error=type(exc).__name__,
+            )
+            self._fail(f"rea could not start it ({type(exc).__name__})", retry=True)
+
+    def _start_server(self) -> None:
         hooks = self._ctx.hooks
         held = self._ctx.fingerprints.check_server(self.spec)
         if held is not None:
@@ -12307,8 +12469,32 @@ class Downstream:
         if caps is not None and was is not ServerStatus.READY:
             log("info", "health_changed", server=self.name, healthy=True)
 
+    def wants_refresh(self) -> bool:
+        """Note a tools/list_changed; True when a refresh must be started (none runs)."""
+        with self._lock:
+            if self._refreshing:
+                self._refresh_again = True
+                return False
+            self._refreshing = True
+            return True
+
     def refresh_tools(self) -> None:
-        """Re-read the server's tools (after notifications/tools/list_changed)."""
+        """Re-read the server's tools (after notifications/tools/list_changed), again
+        while more changes arrived meanwhile."""
+        try:
+            while True:
+                self._refresh_once()
+                with self._lock:
+                    if not self._refresh_again:
+                        self._refreshing = False
+                        return
+                    self._refresh_again = False
+        except BaseException:
+            with self._lock:
+                self._refreshing = False
+            raise
+
+    def _refresh_once(self) -> None:
         transport = self.live_transport()
         if transport is None:
             return
@@ -12469,6 +12655,7 @@ class CallState(StrEnum):
     FORWARDED = "forwarded"  # sent to its server, waiting for the answer
     ANSWERED = "answered"  # the server answered; the result is being checked
     WAITING_INPUT = "waiting for input"  # an input round with the client (SEP-2322)
+    TASK = "running as a task"  # answered with a task handle; its outcome is not final yet
     FINISHED = "finished"
 
 
@@ -12537,6 +12724,16 @@ def step_trust(view: CallView) -> Decision | None:
     )
 
 
+def step_allowed_tools(view: CallView) -> Decision | None:
+    entry = view.target.entry if view.target is not None else None
+    if entry is None or entry.allowed:
+        return None
+    return denied(
+        f"tool {entry.server}__{entry.bare} is not in the tools: list of server {entry.server}",
+        "Add it to that server's tools: in .rea/registry.yaml to offer it",
+    )
+
+
 def step_blocked_tools(view: CallView) -> Decision | None:
     entry = view.target.entry if view.target is not None else None
     patterns = view.rules.policy.blocked_tools
@@ -12600,6 +12797,7 @@ TOOL_STEPS: tuple[Step, ...] = (
     step_halt,
     step_route,
     step_trust,
+    step_allowed_tools,
     step_blocked_tools,
     step_autonomy,
     step_injection_lock,
@@ -12825,7 +13023,10 @@ def check_request_result(rules: Rules, result: JsonObj) -> Outcome:
 
 
 def args_digest(arguments: JsonObj) -> str:
-    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (RecursionError, ValueError, TypeError):
+        return "unhashable: nested too deeply"  # still recorded: the call gets its record
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -12958,6 +13159,18 @@ def compile_rules(root: Path, policy: Policy) -> Rules:
 # Client wire #################################################################
 
 
+class _Batch:
+    """The answers to one JSON-RPC batch (2025-03-26), written as one array when the last
+    of its requests is answered. Guarded by the ClientWire's lock."""
+
+    __slots__ = ("answers", "pending", "sealed")
+
+    def __init__(self) -> None:
+        self.answers: list[JsonObj] = []
+        self.pending = 0  # its requests not answered yet
+        self.sealed = False  # every element was read: no request will join
+
+
 @dataclass
 class _Ask:
     """A request of the gateway's own to the client, waiting for its answer."""
@@ -12982,14 +13195,18 @@ class ClientWire:
         deadlines: Deadlines,
     ) -> None:
         self._in_fd = in_fd
-        self._out = out
+        self._out = out  # kept open: its fd is written directly, without a buffer
+        self._out_fd = out.fileno()
+        os.set_blocking(self._out_fd, False)  # a write waits at most _patience, see below
+        self._patience = 30.0  # seconds a client may take none of our output
         self._on_line = on_line
         self._deadlines = deadlines
-        self._out_lock = threading.Lock()  # guards: whole messages on stdout
+        self._out_lock = threading.Lock()  # guards: whole messages on stdout, _patience
         self._lock = threading.Lock()  # guards: _open, _asks, _seq, _closed, _draining
         self._answered = threading.Condition(self._lock)  # an open request was answered
         self._draining = False  # someone waits for every answer: notify them
-        self._open: dict[tuple[str, object], Era] = {}
+        self._open: dict[tuple[str, object], tuple[Era, _Batch | None]] = {}
+        self._batch: _Batch | None = None  # the batch the reader is dispatching, if any
         self._asks: dict[str, _Ask] = {}
         self._seq = 0
         self._closed = False
@@ -13004,7 +13221,9 @@ class ClientWire:
         self._reader.start()
 
     def stop_reading(self) -> None:
-        """Stop taking messages (§5: at stop); the reader thread ends and is joined."""
+        """Stop taking messages (§5: at stop); the reader thread ends and is joined. From
+        now on a client that reads nothing holds a write for a second at most."""
+        self._patience = 1.0
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         if self._reader.is_alive() and self._reader is not threading.current_thread():
@@ -13061,13 +13280,32 @@ class ClientWire:
     # -- writing --
 
     def write(self, msg: JsonObj) -> None:
-        data = encode(msg)
+        self._write_bytes(encode(msg))
+
+    def _write_bytes(self, data: bytes) -> None:
+        """Whole messages on stdout, never a wait without end: a client that takes none of
+        our output for `_patience` seconds (30; 1 once stopping) is gone, and a stop takes
+        seconds whatever it does."""
         with self._out_lock:
-            try:
-                self._out.write(data)
-                self._out.flush()
-            except (OSError, ValueError):
-                self.gone.set()  # the client is gone
+            if self.gone.is_set():
+                return
+            view = memoryview(data)
+            waited_from: float | None = None
+            while view:
+                try:
+                    view = view[os.write(self._out_fd, view) :]
+                    waited_from = None
+                except BlockingIOError:
+                    now = time.monotonic()
+                    waited_from = waited_from or now
+                    if now - waited_from >= self._patience:
+                        log("error", "client_not_reading", waited_s=round(now - waited_from, 1))
+                        self.gone.set()
+                        return
+                    select.select([], [self._out_fd], [], 0.2)
+                except OSError:
+                    self.gone.set()  # the client is gone
+                    return
 
     def notify(self, method: str, params: JsonObj | None = None) -> None:
         msg: JsonObj = {"jsonrpc": "2.0", "method": method}
@@ -13083,41 +13321,87 @@ class ClientWire:
         with self._lock:
             if key in self._open:
                 return False
-            self._open[key] = era
+            batch = self._batch
+            if batch is not None:
+                batch.pending += 1
+            self._open[key] = (era, batch)
             return True
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Dispatch one JSON-RPC batch (reader thread): the answers to its requests, and
+        the errors for its bad elements, come back as one array (§5)."""
+        batch = _Batch()
+        with self._lock:
+            self._batch = batch
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._batch = None
+                batch.sealed = True
+                done = batch.pending == 0
+            if done and batch.answers:
+                self._write_all(batch.answers)
+
+    def _answer(self, req_id: object, msg: JsonObj | None) -> bool:
+        """Write the answer of an open request (into its batch when it has one); None
+        closes it unanswered (a cancelled request gets nothing, MCP)."""
+        with self._lock:
+            entry = self._open.pop(id_key(req_id), None)
+            if self._draining:
+                self._answered.notify_all()
+            if entry is None:
+                return False
+            batch = entry[1]
+            flush: list[JsonObj] | None = None
+            if batch is not None:
+                if msg is not None:
+                    batch.answers.append(msg)
+                batch.pending -= 1
+                if batch.sealed and batch.pending == 0 and batch.answers:
+                    flush = batch.answers
+        if batch is None and msg is not None:
+            self.write(msg)
+        elif flush is not None:
+            self._write_all(flush)
+        return True
+
+    def forget(self, req_id: object) -> bool:
+        """Close an open request without an answer: the client cancelled it."""
+        return self._answer(req_id, None)
+
+    def _write_all(self, msgs: list[JsonObj]) -> None:
+        self._write_bytes(encode_batch(msgs))
 
     def reply(self, req_id: object, result: JsonObj) -> bool:
         """Answer an open request with a result shaped for its era; False (and nothing
         written) when it is not open: answered before, or never taken."""
         with self._lock:
-            era = self._open.pop(id_key(req_id), None)
-            if self._draining:
-                self._answered.notify_all()
-        if era is None:
+            entry = self._open.get(id_key(req_id))
+        if entry is None:
             return False
-        self.write({"jsonrpc": "2.0", "id": req_id, "result": shaped_result(result, era)})
-        return True
+        msg: JsonObj = {"jsonrpc": "2.0", "id": req_id, "result": shaped_result(result, entry[0])}
+        return self._answer(req_id, msg)
 
     def reply_error(self, req_id: object, err: RpcError) -> bool:
-        with self._lock:
-            era = self._open.pop(id_key(req_id), None)
-            if self._draining:
-                self._answered.notify_all()
-        if era is None:
-            return False
-        self.write({"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
-        return True
+        return self._answer(req_id, {"jsonrpc": "2.0", "id": req_id, "error": err.to_json()})
 
     def send_error(self, req_id: object, err: RpcError) -> None:
         """An error for a message that never became an open request (unparsable, no valid
-        id, a duplicate id): it is answered here, once, as it is read."""
-        self.write(
-            {
-                "jsonrpc": "2.0",
-                "id": req_id if is_request_id(req_id) else None,
-                "error": err.to_json(),
-            }
-        )
+        id, a duplicate id): it is answered here, once, as it is read (in its batch's
+        array when it came in one)."""
+        msg: JsonObj = {
+            "jsonrpc": "2.0",
+            "id": req_id if is_request_id(req_id) else None,
+            "error": err.to_json(),
+        }
+        with self._lock:
+            batch = self._batch
+            if batch is not None:
+                batch.answers.append(msg)
+        if batch is None:
+            self.write(msg)
 
     def open_count(self) -> int:
         with self._lock:
@@ -13252,6 +13536,7 @@ class Session:
         self._stateless = False  # the client sent a stateless-era request
         self._initialized = False  # notifications/initialized arrived
         self._suspicious: str | None = None
+        self._version: str | None = None  # the handshake revision answered to initialize
 
     def era_of(self, method: str, params: JsonObj | None) -> Era:
         """The era of this one request. A request whose `_meta` names a protocol version
@@ -13286,6 +13571,16 @@ class Session:
             )
         return Era.STATELESS
 
+    def negotiated(self, version: str) -> None:
+        with self._lock:
+            self._version = version
+
+    @property
+    def batches(self) -> bool:
+        """JSON-RPC batches: only for a client that negotiated 2025-03-26 (§5)."""
+        with self._lock:
+            return self._version == "2025-03-26"
+
     def mark_initialized(self) -> None:
         with self._lock:
             self._initialized = True
@@ -13313,6 +13608,10 @@ class Session:
     def can_answer(self, capability: str) -> bool:
         with self._lock:
             return capability in self._caps
+
+    def knows_tasks(self) -> bool:
+        with self._lock:
+            return knows_tasks(self._caps)
 
     def relayable_caps(self) -> JsonObj:
         """The client capabilities a server may see: those the client declared and the
@@ -13342,7 +13641,7 @@ class CatalogView:
     )  # exposed -> (server, bare)
 
     def visible_tools(self) -> frozenset[str]:
-        return frozenset(name for name, e in self.tools.items() if e.withheld is None)
+        return frozenset(name for name, e in self.tools.items() if e.offered)
 
 
 class Catalog:
@@ -13361,7 +13660,9 @@ class Catalog:
     def view(self) -> CatalogView:
         return self._view  # one reference, swapped whole under the lock: read as it is
 
-    def rebuild_tools(self, servers: Iterable[ServerTools], max_len: int) -> bool:
+    def rebuild_tools(
+        self, servers: Iterable[ServerTools], max_len: int, blocked: Sequence[str] = ()
+    ) -> bool:
         """Index every server's tools afresh; True when the client's tool list changed."""
         with self._lock:
             self._started += 1
@@ -13396,8 +13697,13 @@ class Catalog:
                             },
                         )
                     )
+                allowed = server.allow is None or glob_match_tool(server.allow, bare)
+                hidden = bool(blocked) and (
+                    glob_match_tool(blocked, f"{server.name}__{bare}")
+                    or glob_match_tool(blocked, exposed)
+                )
                 index[exposed] = ToolEntry(
-                    exposed, server.name, bare, tool, server.withheld.get(bare)
+                    exposed, server.name, bare, tool, server.withheld.get(bare), allowed, hidden
                 )
         with self._lock:
             if generation < self._landed:
@@ -13528,7 +13834,26 @@ class AuditTrail:
 
     def call(self, call: Call, outcome: Outcome) -> None:
         """The one record of a call's outcome. Names come from its target, never from the
-        client alone: an unknown tool's name is redacted like any text."""
+        client alone: an unknown tool's name is redacted like any text. Whatever breaks
+        while the record is made, a record is still written (§6: every path)."""
+        try:
+            self._call(call, outcome)
+        except Exception as exc:
+            log("error", "internal_error", where="audit_record", error=type(exc).__name__)
+            target = call.target
+            self._append(
+                session_id=self._session.id,
+                tool_name=target.bare if target is not None else call.kind.value,
+                server_name=target.downstream.name if target is not None else "",
+                tier=call.tier,
+                status=outcome.status,
+                autonomy_level=call.rules.policy.autonomy_level,
+                duration_ms=int((time.monotonic() - call.started) * 1000),
+                error=f"the record of this call could not be made whole ({type(exc).__name__})",
+                metadata={"era": call.era.value},
+            )
+
+    def _call(self, call: Call, outcome: Outcome) -> None:
         rules = call.rules
         redact = rules.redactor.redact
         target = call.target
@@ -13643,8 +13968,11 @@ class InputBridge:
     def __init__(self, deadlines: Deadlines, overdue: Callable[[Suspension], None]) -> None:
         self._deadlines = deadlines
         self._overdue = overdue
-        self._lock = threading.Lock()  # guards: _suspended
+        self._lock = threading.Lock()  # guards: _suspended, _ended
         self._suspended: dict[str, Suspension] = {}
+        # tokens whose round is over (bounded): a retry naming one is refused, never
+        # taken as a new call that would run the tool a second time
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def suspend(
         self,
@@ -13672,18 +14000,27 @@ class InputBridge:
         return ""
 
     def holds(self, token: str) -> bool:
+        """A token of ours: held now, or of a round that is over."""
         with self._lock:
-            return token in self._suspended
+            return token in self._suspended or token in self._ended
 
     def take(self, token: str) -> Suspension | None:
         with self._lock:
-            return self._suspended.pop(token, None)
+            return self._end(token)
+
+    def _end(self, token: str) -> Suspension | None:
+        """(Lock held.) The round of this token is over: its suspension, if still held."""
+        suspension = self._suspended.pop(token, None)
+        self._ended[token] = None
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
+        return suspension
 
     def drop(self, call: Call) -> Suspension | None:
         with self._lock:
             for token, s in list(self._suspended.items()):
                 if s.call is call:
-                    return self._suspended.pop(token)
+                    return self._end(token)
         return None
 
     def expire(self, now: float) -> float | None:
@@ -13692,11 +14029,84 @@ class InputBridge:
         with self._lock:
             for token, s in list(self._suspended.items()):
                 if s.deadline <= now:
-                    due.append(self._suspended.pop(token))
+                    ended = self._end(token)
+                    if ended is not None:
+                        due.append(ended)
                 elif soonest is None or s.deadline < soonest:
                     soonest = s.deadline
         for s in due:
             self._overdue(s)
+        return soonest
+
+
+@dataclass
+class TaskEntry:
+    """A call its server runs as a task (2025-11-25 tasks; SEP-2663): the client knows it
+    by an id of ours, so it can never address another server's task; the call's one
+    audit record is written when the task's outcome is final."""
+
+    call: Call
+    transport: Transport
+    server_task_id: str
+    deadline: float  # its ttl: past it, the task has expired
+    completed: bool = False  # the server said so; the record waits for the result
+    finished: bool = False  # its record is written
+
+
+class TaskTable:
+    """The tasks of this session, by the id the client knows (`rea-task-…`)."""
+
+    def __init__(self, deadlines: Deadlines, expired: Callable[[str, TaskEntry], None]) -> None:
+        self._deadlines = deadlines
+        self._expired = expired
+        self._lock = threading.Lock()  # guards: _tasks
+        self._tasks: dict[str, TaskEntry] = {}
+
+    def adopt(self, call: Call, transport: Transport, server_task_id: str, ttl_s: float) -> str:
+        task_id = f"rea-task-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + ttl_s
+        with self._lock:
+            self._tasks[task_id] = TaskEntry(call, transport, server_task_id, deadline)
+        self._deadlines.watch(self, deadline)
+        return task_id
+
+    def get(self, task_id: object) -> TaskEntry | None:
+        with self._lock:
+            return self._tasks.get(task_id) if isinstance(task_id, str) else None
+
+    def of_server(self, transport: Transport, server_task_id: object) -> str | None:
+        with self._lock:
+            for task_id, entry in self._tasks.items():
+                if entry.transport is transport and entry.server_task_id == server_task_id:
+                    return task_id
+        return None
+
+    def finish_once(self, task_id: str) -> TaskEntry | None:
+        """The entry when its record is still to be written (and mark it written)."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is None or entry.finished:
+                return None
+            entry.finished = True
+            return entry
+
+    def mark_completed(self, task_id: str) -> None:
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is not None:
+                entry.completed = True
+
+    def expire(self, now: float) -> float | None:
+        due: list[tuple[str, TaskEntry]] = []
+        soonest: float | None = None
+        with self._lock:
+            for task_id, entry in list(self._tasks.items()):
+                if entry.deadline <= now:
+                    due.append((task_id, self._tasks.pop(task_id)))
+                elif soonest is None or entry.deadline < soonest:
+                    soonest = entry.deadline
+        for task_id, entry in due:
+            self._expired(task_id, entry)
         return soonest
 
 
@@ -13765,6 +14175,7 @@ class Calls:
         self._trail = trail
         self._hooks = hooks
         self.bridge = InputBridge(deadlines, self._retry_overdue)
+        self.tasks = TaskTable(deadlines, self._task_expired)
         # guards: _table, _live, _accepting, _stopping, and every mutable field of a Call
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)  # a call finished (waited on at stop)
@@ -13946,6 +14357,8 @@ class Calls:
             params = {"name": bare, "arguments": call.arguments, **call.extra}
             if "_meta" in call.params:
                 params["_meta"] = call.params["_meta"]
+            if "task" in call.params and takes_tasks(call.target.downstream.capabilities):
+                params["task"] = call.params["task"]
         elif call.kind is CallKind.PROMPT:
             params = {**call.params, "name": bare}
         elif call.kind is CallKind.COMPLETION:
@@ -14000,7 +14413,96 @@ class Calls:
             and call.kind is CallKind.TOOL
         ):
             return self._fulfil(call, result, turn)
+        handle = as_obj(result.get("task"))
+        if (
+            call.kind is CallKind.TOOL
+            and handle is not None
+            and isinstance(handle.get("taskId"), str)
+        ):
+            self._adopt_task(call, result, handle, turn)
+            return None
         return self._checked(call, result)
+
+    # -- tasks (2025-11-25, SEP-2663) --
+
+    def _adopt_task(self, call: Call, result: JsonObj, handle: JsonObj, turn: _Turn) -> None:
+        """The server runs the call as a task: the client gets the task handle under an id
+        of ours; the call stays in flight (its permit held) until the task's outcome is
+        final, and only then is it recorded."""
+        assert call.transport is not None
+        ttl = handle.get("ttl")
+        ttl_s = ttl / 1000 if isinstance(ttl, int | float) and ttl > 0 else 24 * 3600.0
+        task_id = self.tasks.adopt(call, call.transport, str(handle["taskId"]), ttl_s)
+        value, _ = call.rules.redactor.redact_value(without_connection_meta(result))
+        shown = as_obj(value) or {}
+        shown["task"] = {**(as_obj(shown.get("task")) or {}), "taskId": task_id}
+        with self._lock:
+            req_id, call.req_id = call.req_id, None
+            if req_id is not None and self._table.get(id_key(req_id)) is call:
+                del self._table[id_key(req_id)]
+            call.state = CallState.TASK
+            answer = req_id is not None and not call.cancelled
+        turn.handed_on = True
+        if answer:
+            self._wire.reply(req_id, shown)
+
+    def task_status(self, task_id: str, status: str) -> None:
+        """A task's status seen (notification, tasks/get, tasks/cancel): a failed or
+        cancelled task is final at once; a completed one when its result is fetched."""
+        if status == "completed":
+            self.tasks.mark_completed(task_id)
+        elif status in ("failed", "cancelled"):
+            entry = self.tasks.finish_once(task_id)
+            if entry is not None:
+                outcome = Outcome(
+                    AuditStatus.ERROR,
+                    note=f"task {status}",
+                    metadata={"task_id": task_id, "task_status": status},
+                    verdict=BreakerVerdict.UNUSED
+                    if status == "cancelled"
+                    else BreakerVerdict.SUCCESS,
+                )
+                self.finish(entry.call, outcome)
+
+    def task_result(self, task_id: str, result: JsonObj | None, error: Exception | None) -> Outcome:
+        """tasks/result: the task's result, checked like any tool result (§6 step 10); the
+        first one fetched is the call's outcome and writes its one record."""
+        entry = self.tasks.get(task_id)
+        if entry is None:
+            raise RpcError(INVALID_PARAMS, f"unknown task: {task_id}")
+        call = entry.call
+        outcome = (
+            self._failure(call, error)
+            if error is not None or result is None
+            else self._checked(call, result)
+        )
+        if outcome.result is not None:
+            meta = {
+                **(as_obj(outcome.result.get("_meta")) or {}),
+                RELATED_TASK: {"taskId": task_id},
+            }
+            outcome = replace(outcome, result={**outcome.result, "_meta": meta})
+        outcome = replace(
+            outcome, metadata={**outcome.metadata, "task_id": task_id, "task_status": "completed"}
+        )
+        if self.tasks.finish_once(task_id) is not None:
+            self.finish(call, outcome)
+        return outcome
+
+    def _task_expired(self, task_id: str, entry: TaskEntry) -> None:
+        if entry.finished:
+            return
+        note = (
+            "task completed; its result was not fetched before its ttl passed"
+            if entry.completed
+            else "task expired (its ttl passed) before it ended"
+        )
+        status = AuditStatus.ALLOWED if entry.completed else AuditStatus.ERROR
+        metadata: JsonObj = {
+            "task_id": task_id,
+            "task_status": "completed" if entry.completed else "expired",
+        }
+        self.finish(entry.call, Outcome(status, note=note, metadata=metadata))
 
     def _failure(self, call: Call, error: Exception | None) -> Outcome:
         assert call.target is not None
@@ -14212,16 +14714,14 @@ class Calls:
 
     # -- the end --
 
-    def cancel(self, req_id: object, reason: str) -> None:
+    def cancel(self, req_id: object, reason: str) -> bool:
         """notifications/cancelled: the call is not sent (again), its server is told, and
-        the client gets no answer (MCP); `finish` still writes its record."""
-        if not is_request_id(req_id):
-            log("warn", "cancel_ignored", reason="requestId is not a string or integer")
-            return
+        the client gets no answer (MCP); `finish` still writes its record. False when the
+        id is no call of ours."""
         with self._lock:
             call = self._table.get(id_key(req_id))
             if call is None or call.state is CallState.FINISHED:
-                return
+                return False
             call.cancelled = True
             state, transport, request_id, ask_id = (
                 call.state,
@@ -14233,6 +14733,7 @@ class Calls:
             transport.cancel(request_id, reason)
         elif ask_id is not None:
             self._wire.cancel_ask(ask_id, reason)
+        return True
 
     def finish(self, call: Call, outcome: Outcome) -> None:
         """The one end of every call: its permit goes back once, its one audit record is
@@ -14276,6 +14777,8 @@ class Calls:
                 self._wire.reply(req_id, outcome.result)
             elif answer and outcome.error is not None:
                 self._wire.reply_error(req_id, outcome.error)
+            elif req_id is not None:
+                self._wire.forget(req_id)  # cancelled: closed, never answered
             self._hooks.changed()
 
     def wait_settled(self, deadline: float) -> bool:
@@ -14364,7 +14867,16 @@ class Relay:
         ):
             self.notify(str(method), params)
         elif method == "notifications/tools/list_changed":
-            self._submit(ds.refresh_tools)
+            if ds.wants_refresh():  # one refresh per server at a time: a flood is one
+                self._submit(ds.refresh_tools)
+        elif method == "notifications/tasks/status" and params is not None:
+            task_id = self._calls.tasks.of_server(transport, params.get("taskId"))
+            if task_id is None:
+                return  # not a task of this session's: never shown to the client
+            self.notify(str(method), {**params, "taskId": task_id})
+            status = params.get("status")
+            if isinstance(status, str):
+                self._calls.task_status(task_id, status)
         elif method == "notifications/message":
             params = params or {}
             logger = f"{ds.name}:{params.get('logger', '')}".rstrip(":")
@@ -14435,9 +14947,10 @@ class Downstreams:
 
     def __init__(self, ctx: DownstreamContext, registry: Registry) -> None:
         self._ctx = ctx
-        self._lock = threading.Lock()  # guards: _by_name, _started
+        self._lock = threading.Lock()  # guards: _by_name, _started, _retiring
         self._by_name = {spec.name: Downstream(spec, ctx) for spec in registry.servers}
         self._started = False
+        self._retiring: list[threading.Thread] = []  # stops of removed servers, joined at stop
 
     def all(self) -> list[Downstream]:
         with self._lock:
@@ -14478,7 +14991,10 @@ class Downstreams:
             self._by_name = new  # one assignment: readers see the old or the new set
             started = self._started
         for ds in gone:
-            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True).start()
+            stopper = threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True)
+            stopper.start()
+            with self._lock:
+                self._retiring.append(stopper)
         for ds in new.values():
             if ds in fresh and started:
                 ds.start()
@@ -14493,7 +15009,9 @@ class Downstreams:
         ]
         for t in stoppers:
             t.start()
-        for t in stoppers:
+        with self._lock:
+            retiring, self._retiring = self._retiring, []
+        for t in [*stoppers, *retiring]:
             t.join()
 
 
@@ -14513,6 +15031,7 @@ class Gateway:
         in_fd: int,
         out: BinaryIO,
         timeouts: Timeouts | None = None,
+        signals: list[int] | None = None,
     ) -> None:
         self.root = root
         self.rea_dir = root / REA_DIR
@@ -14575,7 +15094,7 @@ class Gateway:
         )
         self.live = LiveState(self.rea_dir, self.session.id, lambda: self.state().to_json())
         self._startup_done = threading.Event()  # the first list has waited for the servers
-        self._signal: int | None = None
+        self._signals = signals if signals is not None else []  # received, in order
         self._methods: dict[str, Handler] = {
             "initialize": self._initialize,
             "server/discover": self._discover,
@@ -14593,6 +15112,11 @@ class Gateway:
             "resources/unsubscribe": self._request_call(CallKind.UNSUBSCRIBE),
             "prompts/get": self._request_call(CallKind.PROMPT),
             "completion/complete": self._request_call(CallKind.COMPLETION),
+            "tasks/get": self._later(self._task_request("tasks/get")),
+            "tasks/cancel": self._later(self._task_request("tasks/cancel")),
+            "tasks/update": self._later(self._task_request("tasks/update")),
+            "tasks/result": self._later(self._task_result),
+            "tasks/list": self._later(self._list_tasks),
         }
 
     # -- running --
@@ -14620,7 +15144,7 @@ class Gateway:
         self.live.flush()
         ticks = 0
         while not self.wire.ended.wait(0.2):
-            if self._signal is not None or self.wire.gone.is_set():
+            if self._signals or self.wire.gone.is_set():
                 break
             ticks += 1
             if ticks % 5 == 0:  # once a second: pick up policy and registry edits while idle
@@ -14628,13 +15152,13 @@ class Gateway:
         log(
             "info",
             "gateway_stopping",
-            reason="signal" if self._signal is not None else "stdin closed",
+            reason="signal" if self._signals else "stdin closed",
         )
         self.stop()
         return 0
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._signal = signum  # only a flag: the main loop does the work, outside any lock
+        self._signals.append(signum)  # only a note: the main loop does the work, unlocked
 
     def stop(self) -> None:
         """§5: stop taking calls, let those in flight finish (stop_grace_s), fail the rest
@@ -14718,6 +15242,24 @@ class Gateway:
         except ValueError:
             self.wire.send_error(None, RpcError(PARSE_ERROR, "parse error: not valid JSON"))
             return
+        if not isinstance(parsed, list):
+            self._on_message(parsed)
+        elif not self.session.batches:
+            self.wire.send_error(
+                None,
+                RpcError(
+                    INVALID_REQUEST,
+                    "invalid request: JSON-RPC batches are only for protocol 2025-03-26",
+                ),
+            )
+        elif not parsed:
+            self.wire.send_error(None, RpcError(INVALID_REQUEST, "invalid request: empty batch"))
+        else:
+            with self.wire.batch():
+                for element in parsed:
+                    self._on_message(element)
+
+    def _on_message(self, parsed: object) -> None:
         msg = as_obj(parsed)
         if msg is None or msg.get("jsonrpc") != "2.0":
             self.wire.send_error(
@@ -14755,8 +15297,9 @@ class Gateway:
             self.wire.send_error(req_id, err)
             return
         if not self.wire.open(req_id, era):
+            # answered under id null: the request in flight with this id keeps its own answer
             self.wire.send_error(
-                req_id, RpcError(INVALID_REQUEST, f"request id {req_id!r} is already in flight")
+                None, RpcError(INVALID_REQUEST, f"request id {req_id!r} is already in flight")
             )
             return
         try:
@@ -14782,11 +15325,14 @@ class Gateway:
                     with contextlib.suppress(ChildDied):
                         transport.notify(method, params)
         elif method == "notifications/cancelled":
+            req_id = (params or {}).get("requestId")
             reason = (params or {}).get("reason")
-            self.calls.cancel(
-                (params or {}).get("requestId"),
-                reason if isinstance(reason, str) else "cancelled by the client",
-            )
+            if not is_request_id(req_id):
+                log("warn", "cancel_ignored", reason="requestId is not a string or integer")
+            elif not self.calls.cancel(
+                req_id, reason if isinstance(reason, str) else "cancelled by the client"
+            ):
+                self.wire.forget(req_id)  # a list or another request: its answer is dropped
 
     def _reply(self, req_id: object, result: JsonObj) -> None:
         self.wire.reply(req_id, result)
@@ -14831,11 +15377,14 @@ class Gateway:
             caps["completions"] = {}
         if any("logging" in c for c in offered):
             caps["logging"] = {}
+        if any(takes_tasks(c) for c in offered):
+            caps["tasks"] = TASKS_CAPABILITY
         return caps
 
     def _initialize(self, req_id: object, p: JsonObj, era: Era) -> None:
         requested = p.get("protocolVersion")
         version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[0]
+        self.session.negotiated(str(version))
         self._reply(
             req_id,
             {
@@ -14872,7 +15421,8 @@ class Gateway:
     def _tools_changed(self) -> None:
         """Index every server's tools afresh; tell the client if its list changed."""
         servers = [ds.tools_now() for ds in self.servers.all()]
-        if self.catalog.rebuild_tools(servers, self.config.rules().policy.max_tool_name):
+        policy = self.config.rules().policy
+        if self.catalog.rebuild_tools(servers, policy.max_tool_name, policy.blocked_tools):
             self.relay.notify("notifications/tools/list_changed")
         self._state_changed()
 
@@ -14888,8 +15438,11 @@ class Gateway:
     def _list_tools(self, p: JsonObj, era: Era) -> JsonObj:
         self.wait_for_startup()
         view = self.catalog.listed()
+        tasks = self.session.knows_tasks()
         tools: list[JsonObj] = [
-            {**e.definition, "name": e.exposed} for e in view.tools.values() if e.withheld is None
+            {**e.definition, "name": e.exposed}
+            for e in view.tools.values()
+            if e.offered and (tasks or not requires_task(e.definition))
         ]
         tools.append(health_tool_definition())
         return list_page("tools", tools, p.get("cursor"), era)
@@ -15022,6 +15575,87 @@ class Gateway:
 
         return produce
 
+    # -- tasks (2025-11-25 tasks; the 2026-07-28 extension, SEP-2663) --
+
+    def _task_request(self, method: str) -> Callable[[JsonObj, Era], JsonObj]:
+        """tasks/get, tasks/cancel, tasks/update: to the server that runs the task, under
+        its own id; the answer names ours. A final status settles the call."""
+
+        def produce(p: JsonObj, era: Era) -> JsonObj:
+            task_id = p.get("taskId")
+            entry = self.calls.tasks.get(task_id)
+            if entry is None or not isinstance(task_id, str):
+                raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
+            params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
+            timeout = self.config.rules().policy.call_timeout_s
+            try:
+                result = entry.transport.request(method, params, timeout)
+            except (ChildDied, TimeoutError) as exc:
+                raise RpcError(INTERNAL_ERROR, f"rea: error: {exc}") from None
+            shown = self._task_view(result, task_id)
+            status = shown.get("status")
+            if isinstance(status, str):
+                self.calls.task_status(task_id, status)
+            return shown
+
+        return produce
+
+    def _task_result(self, p: JsonObj, era: Era) -> JsonObj:
+        """tasks/result: waits for the task's end at its server; the result is checked like
+        a tool's (redaction, injection, cap) and is the call's recorded outcome."""
+        task_id = p.get("taskId")
+        entry = self.calls.tasks.get(task_id)
+        if entry is None or not isinstance(task_id, str):
+            raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
+        params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
+        wait_s = max(1.0, entry.deadline - time.monotonic())
+        try:
+            result: JsonObj | None = entry.transport.request("tasks/result", params, wait_s)
+            error: Exception | None = None
+        except (RpcError, ChildDied, TimeoutError) as exc:
+            result, error = None, exc
+        outcome = self.calls.task_result(task_id, result, error)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.result or {}
+
+    def _list_tasks(self, p: JsonObj, era: Era) -> JsonObj:
+        """tasks/list: the tasks of this session, from every server that lists its tasks."""
+        items: list[JsonObj] = []
+        for ds in self.servers.all():
+            transport = ds.live_transport("tasks")
+            if transport is None or "list" not in (as_obj(ds.capabilities.get("tasks")) or {}):
+                continue
+            try:
+                listed = list_all(transport, "tasks/list", "tasks", self.timeouts.handshake_s)
+            except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+                log(
+                    "warn",
+                    "list_failed",
+                    server=ds.name,
+                    method="tasks/list",
+                    error=ds.scrub(str(exc)),
+                )
+                continue
+            for task in listed:
+                ours = self.calls.tasks.of_server(transport, task.get("taskId"))
+                if ours is not None:  # only tasks this session made, under our ids
+                    items.append({**task, "taskId": ours})
+        return list_page("tasks", items, p.get("cursor"), era)
+
+    def _task_view(self, task: JsonObj, task_id: str) -> JsonObj:
+        value, _ = self.config.rules().redactor.redact_value(without_connection_meta(task))
+        shown = as_obj(value) or {}
+        inner = as_obj(shown.get("task"))
+        if inner is not None:  # the 2026-07-28 extension wraps the task
+            shown["task"] = {**inner, "taskId": task_id}
+            status = inner.get("status")
+            if isinstance(status, str):
+                shown.setdefault("status", status)
+        else:
+            shown["taskId"] = task_id
+        return shown
+
     # -- breaker, session blocker, live state, health --
 
     def _on_circuit(self, ds: Downstream, old: CircuitState, new: CircuitState) -> None:
@@ -15077,6 +15711,7 @@ class Gateway:
             ),
             tool_renames=dict(self.catalog.view.renames),
             audit_fail_count=self.trail.failures,
+            tools_offered=len(self.catalog.view.visible_tools()) + 1,  # and the health tool
         )
 
     def _health(self, policy: Policy) -> JsonObj:
@@ -15110,6 +15745,11 @@ class Gateway:
                 "audit_fail_count": state.audit_fail_count,
             },
         }
+
+
+def requires_task(tool: JsonObj) -> bool:
+    """A tool that runs only as a task: listed only to a client that declared tasks."""
+    return (as_obj(tool.get("execution")) or {}).get("taskSupport") == "required"
 
 
 def list_page(key: str, items: list[JsonObj], cursor: object, era: Era | None) -> JsonObj:
@@ -15153,6 +15793,10 @@ Waiting for a client on stdin; Ctrl-D or Ctrl-C stops."""
 
 
 def cmd_serve(root: Path, argv: list[str]) -> int:
+    # from the first moment: a signal during start-up is a stop like any other (exit 0)
+    signals: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: signals.append(signum))
     rea_dir = root / ".rea"
     registry = load_registry(rea_dir)
     policy = load_policy(rea_dir)
@@ -15172,7 +15816,7 @@ def cmd_serve(root: Path, argv: list[str]) -> int:
         daemon=True,
     )
     warmer.start()
-    gateway = Gateway(root, registry, policy, sys.stdin.fileno(), out, timeouts)
+    gateway = Gateway(root, registry, policy, sys.stdin.fileno(), out, timeouts, signals)
     code = gateway.serve()
     warmer.join(timeout=5)
     return code
@@ -15213,10 +15857,14 @@ def cmd_check(root: Path, as_json: bool) -> int:
             print(f"    env_passthrough: {', '.join(spec.env_passthrough)}")
         for tool, tier in spec.tier_overrides.items():
             print(f"    tier override: {tool} -> {tier}")
+        if spec.tools is not None:
+            print(f"    tools offered: only {', '.join(spec.tools) or '(none)'}")
     print(f"policy: {policy.source or '(none: defaults)'}")
     print(f"  autonomy_level: {policy.autonomy_level} (max {policy.max_autonomy_level})")
     print(f"  blocked_paths: {', '.join(policy.blocked_paths) or '(none)'} (+ .rea/ always)")
     print(f"  audit.fsync: {policy.audit_fsync}; injection_detection: {policy.injection_detection}")
+    for line in tools_offered_lines(_recorded_tools_offered(rea_dir), " (at the last serve)"):
+        print(line)
     if renames:
         print("tool names shortened for clients (from the last serve):")
         for exposed, full in sorted(renames.items()):
@@ -15270,6 +15918,15 @@ def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
         child.stopping = True
         child.stop()
         timers.close()
+
+
+def _recorded_tools_offered(rea_dir: Path) -> int | None:
+    try:
+        state = as_obj(json.loads((rea_dir / STATE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+    count = state.get("tools_offered") if state else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _recorded_renames(rea_dir: Path) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import http.server
@@ -519,6 +520,7 @@ class TestSection3Registry:
             "tier_overrides": {"create_issue": "write"},
             "enabled": True,
             "trust_annotations": False,
+            "tools": None,
         }
         assert out["version"] == "1"
 
@@ -648,6 +650,7 @@ class TestSection3RemoteRegistry:
                 "tier_overrides": {"create_issue": "write"},
                 "enabled": True,
                 "trust_annotations": False,
+                "tools": None,
             }
         ]
         assert "LINEAR_TEAM" not in json.dumps(out)
@@ -3460,6 +3463,13 @@ class TestSection8Status:
 
 
 REA_PY = Path(__file__).resolve().parent / "rea.py"
+# Every launch imports rea, so Python loads its cached bytecode instead of compiling
+# ~13k lines at each start (about half the start-up time), as init's client command does.
+REA_CMD = [
+    sys.executable,
+    "-c",
+    f"import sys; sys.path.insert(0, {str(REA_PY.parent)!r}); import rea; sys.exit(rea.main())",
+]
 
 # Fixture MCP servers #########################################################
 # One small stdlib-only MCP server, run as a real child process; its flags pick the era
@@ -3699,6 +3709,186 @@ for line in sys.stdin:
     if line.strip():
         handle(json.loads(line))
 """
+
+
+# A server that runs tools as tasks (2025-11-25): every instance numbers its tasks t-1,
+# t-2, ... so that two of them clash unless the gateway namespaces their ids.
+TASK_SERVER = r"""
+import json, sys, threading, time
+
+COUNTER = sys.argv[1] if len(sys.argv) > 1 else None
+lock = threading.Lock()
+tasks = {}
+done = threading.Condition(lock)
+seq = [0]
+
+def send(msg):
+    with out:
+        sys.stdout.write(json.dumps(msg) + "\n"); sys.stdout.flush()
+out = threading.Lock()
+
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+def view(t):
+    return {k: t[k] for k in ("taskId", "status", "createdAt", "lastUpdatedAt", "ttl", "pollInterval")}
+
+def finish(tid, status, result=None, error=None):
+    with done:
+        t = tasks[tid]
+        if t["status"] in ("completed", "failed", "cancelled"):
+            return
+        t.update(status=status, lastUpdatedAt=now(), result=result, error=error)
+        done.notify_all()
+    send({"jsonrpc": "2.0", "method": "notifications/tasks/status", "params": view(t)})
+
+def work(tid, a):
+    if a.get("hold"):
+        return  # runs until cancelled
+    time.sleep(float(a.get("seconds", 0.2)))
+    if a.get("fail"):
+        finish(tid, "failed", error={"code": -32000, "message": "the research failed"})
+    else:
+        text = "found: " + str(a.get("topic")) + " " + str(a.get("extra", ""))
+        finish(tid, "completed", {"content": [{"type": "text", "text": text}], "isError": False})
+
+TOOLS = [
+    {"name": "research", "description": "long research", "inputSchema": {"type": "object"},
+     "execution": {"taskSupport": "required"}},
+    {"name": "quick", "description": "at once", "inputSchema": {"type": "object"},
+     "execution": {"taskSupport": "optional"}},
+]
+
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, rid, p = msg.get("method"), msg.get("id"), msg.get("params") or {}
+    if rid is None:
+        continue
+    def answer(res):
+        send({"jsonrpc": "2.0", "id": rid, "result": res})
+    def fail(code, message):
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}})
+    if method == "server/discover":
+        fail(-32601, "Method not found")
+    elif method == "initialize":
+        answer({"protocolVersion": p.get("protocolVersion"), "serverInfo": {"name": "tasks", "version": "1"},
+                "capabilities": {"tools": {}, "tasks": {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}}})
+    elif method == "tools/list":
+        answer({"tools": TOOLS})
+    elif method == "tools/call":
+        a = p.get("arguments") or {}
+        if COUNTER:
+            with open(COUNTER, "a") as f:
+                f.write(p.get("name") + "\n")
+        if "task" not in p:
+            if p.get("name") == "research":
+                fail(-32601, "research requires task augmentation")
+            else:
+                answer({"content": [{"type": "text", "text": "quick " + json.dumps(a)}]})
+            continue
+        with lock:
+            seq[0] += 1
+            tid = "t-%d" % seq[0]
+            tasks[tid] = {"taskId": tid, "status": "working", "createdAt": now(), "lastUpdatedAt": now(),
+                          "ttl": p["task"].get("ttl", 60000), "pollInterval": 100}
+        answer({"task": view(tasks[tid])})
+        threading.Thread(target=work, args=(tid, a), daemon=True).start()
+    elif method in ("tasks/get", "tasks/result", "tasks/cancel"):
+        tid = p.get("taskId")
+        if tid not in tasks:
+            fail(-32602, "no task " + str(tid)); continue
+        if method == "tasks/cancel":
+            finish(tid, "cancelled")
+            answer(view(tasks[tid]))
+        elif method == "tasks/get":
+            answer(view(tasks[tid]))
+        else:
+            def deliver(tid=tid, answer=answer, fail=fail):
+                with done:
+                    while tasks[tid]["status"] not in ("completed", "failed", "cancelled"):
+                        done.wait()
+                    t = dict(tasks[tid])
+                if t["error"]:
+                    fail(t["error"]["code"], t["error"]["message"])
+                elif t["result"] is None:
+                    fail(-32000, "task " + tid + " was " + t["status"])
+                else:
+                    answer({**t["result"], "_meta": {"io.modelcontextprotocol/related-task": {"taskId": tid}}})
+            threading.Thread(target=deliver, daemon=True).start()
+    elif method == "tasks/list":
+        answer({"tasks": [view(t) for t in tasks.values()]})
+    elif method == "ping":
+        answer({})
+    else:
+        fail(-32601, "Method not found")
+"""
+
+
+@pytest.fixture(scope="session")
+def task_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("fixture") / "task_mcp_server.py"
+    path.write_text(TASK_SERVER)
+    return str(path)
+
+
+# A server that misbehaves the ways a real one does (red-team findings of issue 12):
+#   --stubborn         ignores SIGTERM and lingers after its stdin closes
+#   --helper           starts a helper in its process group that ignores SIGTERM and
+#                      holds its stdout (tool `crash` then exits, the helper lives on)
+#   --surrogate-tool   one tool's description holds a lone surrogate
+#   --flood            tool `flood` sends 200 tools/list_changed, then never lists again
+ODD_SERVER = r"""
+import json, os, signal, subprocess, sys, time
+args = sys.argv[1:]
+if "--stubborn" in args:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+helper = None
+if "--helper" in args:
+    helper = subprocess.Popen([sys.executable, "-c",
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)"])
+tools = [{"name": "hi", "inputSchema": {"type": "object"}},
+         {"name": "crash", "inputSchema": {"type": "object"}},
+         {"name": "flood", "inputSchema": {"type": "object"}}]
+if "--surrogate-tool" in args:
+    tools.append({"name": "odd", "description": "cut \ud83d here", "inputSchema": {"type": "object"}})
+flooded = False
+def send(m):
+    sys.stdout.write(json.dumps(m) + "\n"); sys.stdout.flush()
+for line in sys.stdin:
+    m = json.loads(line)
+    rid, method, p = m.get("id"), m.get("method"), m.get("params") or {}
+    if rid is None:
+        continue
+    if method == "server/discover":
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "nope"}})
+    elif method == "initialize":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"protocolVersion": p["protocolVersion"],
+              "capabilities": {"tools": {"listChanged": True}}, "serverInfo": {"name": "odd", "version": "1"}}})
+    elif method == "tools/list":
+        if not flooded:
+            send({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+    elif method == "tools/call" and p.get("name") == "crash":
+        os._exit(7)
+    elif method == "tools/call" and p.get("name") == "flood":
+        flooded = True
+        sys.stdout.write('{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n' * 200)
+        send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "flooded"}]}})
+    elif method == "tools/call":
+        text = str(helper.pid if helper else os.getpid())
+        send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}]}})
+    else:
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "nope"}})
+while "--stubborn" in args:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture(scope="session")
+def odd_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("fixture") / "odd_mcp_server.py"
+    path.write_text(ODD_SERVER)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -4802,7 +4992,7 @@ class Client:
     def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.proc = subprocess.Popen(
-            [sys.executable, str(REA_PY), "serve", "--root", str(root)],
+            [*REA_CMD, "serve", "--root", str(root)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -4810,6 +5000,7 @@ class Client:
         )
         self.responses: dict[object, dict[str, object]] = {}
         self.notifications: list[dict[str, object]] = []
+        self.batches: list[list[dict[str, object]]] = []  # answers to JSON-RPC batches
         self.raw_lines: list[bytes] = []
         self.cond = threading.Condition()
         self.stderr_lines: list[str] = []
@@ -4823,7 +5014,9 @@ class Client:
             self.raw_lines.append(line)
             msg = json.loads(line)
             with self.cond:
-                if "id" in msg and "method" not in msg:
+                if isinstance(msg, list):
+                    self.batches.append(msg)
+                elif "id" in msg and "method" not in msg:
                     self.responses[msg["id"]] = msg
                 else:
                     self.notifications.append(msg)
@@ -4992,10 +5185,41 @@ def gateway() -> Iterator[Callable[..., Client]]:
         return c
 
     yield start
+    left: list[int] = []
     for c in clients:
+        below = descendants(c.proc.pid) if c.proc.poll() is None else []
         c.close()
         if c.proc.returncode is None:
             c.proc.kill()
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p) for p in below) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left += [p for p in below if pid_alive(p)]
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes outlived their gateway: {left}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children, grandchildren, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def audit_records(root: Path) -> list[dict[str, object]]:
@@ -5162,7 +5386,7 @@ class TestSection5ToolNames:
         assert c.text(odd_name).startswith("has space/slash ok")
         c.close()
         out = subprocess.run(
-            [sys.executable, str(REA_PY), "check", "--root", str(tmp_path)],
+            [*REA_CMD, "check", "--root", str(tmp_path)],
             capture_output=True,
             text=True,
         )
@@ -5187,10 +5411,11 @@ class TestSection5Eras:
             rea_project(
                 [server(fake_server, "old", "--silent-discover")],
                 "gateway:\n  startup_wait_s: 15\n",
-            )
+            ),
+            env={"REA_TIMEOUTS": "discover_s=0.5"},  # the spec's 5 s, shortened for the test
         )
         c.initialize()
-        assert "old__echo" in c.tools()  # after the 5 s probe deadline: the first list waits for it
+        assert "old__echo" in c.tools()  # after the probe deadline: the first list waits for it
         assert c.downstream("old")["era"] == "handshake"
 
     def test_stateless_client_discovers_and_calls(self, fake_server, rea_project, gateway):
@@ -5294,7 +5519,7 @@ class TestSection5PeopleAreClientsToo:
         (tmp_path / ".rea").mkdir()
         controller, terminal = pty.openpty()
         proc = subprocess.Popen(
-            [sys.executable, str(REA_PY), "serve", "--root", str(tmp_path)],
+            [*REA_CMD, "serve", "--root", str(tmp_path)],
             stdin=terminal,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -5316,6 +5541,220 @@ class TestSection5PeopleAreClientsToo:
             proc.wait(10)
             os.close(controller)
         assert proc.stdout is not None and proc.stdout.read() == b""  # stdout stays the protocol
+
+
+TASKS_CLIENT = {"tasks": {"list": {}, "cancel": {}, "requests": {}}}
+
+
+def task_servers(task_server: str, counter: Path) -> list[dict[str, object]]:
+    return [
+        {"name": name, "command": sys.executable, "args": [task_server, str(counter)]}
+        for name in ("a", "b")
+    ]
+
+
+class TestSection5Tasks:
+    """2025-11-25 tasks through the gateway: ids namespaced, routed, relayed; one audit
+    record per call at its final outcome; HALT and policy at its start."""
+
+    def _client(self, gateway, root: Path, tasks: bool = True) -> Client:
+        c = gateway(root)
+        c.caps = c.initialize(capabilities=TASKS_CLIENT if tasks else {})["result"]["capabilities"]  # type: ignore[attr-defined]
+        return c
+
+    def test_required_task_tools_are_listed_only_to_a_task_capable_client(
+        self, task_server, rea_project, gateway, tmp_path
+    ):
+        root = rea_project(task_servers(task_server, tmp_path / "n"))
+        c = self._client(gateway, root)
+        assert {"a__research", "a__quick"} <= set(c.tools())
+        assert (
+            "tasks"
+            in c.initialize.__self__.request(
+                "initialize", {"protocolVersion": "2025-11-25", "capabilities": TASKS_CLIENT}
+            )["result"]["capabilities"]
+        )  # type: ignore[attr-defined]
+        plain = self._client(gateway, root, tasks=False)
+        listed = plain.tools()
+        assert "a__quick" in listed and "a__research" not in listed
+
+    def test_a_task_is_routed_under_an_id_of_ours_and_recorded_once_at_its_end(
+        self, task_server, rea_project, gateway, tmp_path
+    ):
+        root = rea_project(task_servers(task_server, tmp_path / "n"))
+        c = self._client(gateway, root)
+        c.tools()
+        made = {}
+        for name in ("a", "b"):
+            res = c.request(
+                "tools/call",
+                {
+                    "name": f"{name}__research",
+                    "arguments": {"topic": name, "extra": _GOVERN_GH_TOKEN},
+                    "task": {"ttl": 30000},
+                },
+            )["result"]
+            made[name] = res["task"]["taskId"]
+            assert made[name].startswith("rea-task-") and res["task"]["status"] == "working"
+        assert made["a"] != made["b"]  # both servers said t-1
+        for task_id in made.values():
+            note = poll(
+                lambda task_id=task_id: next(
+                    (
+                        n
+                        for n in c.notifications
+                        if n.get("method") == "notifications/tasks/status"
+                        and n["params"]["taskId"] == task_id
+                    ),
+                    None,
+                ),
+                what="the task's status notification",
+            )
+            assert note["params"]["status"] == "completed"  # type: ignore[index]
+            got = c.request("tasks/get", {"taskId": task_id})["result"]
+            assert got["taskId"] == task_id and got["status"] == "completed"
+        assert not [r for r in _govern_tool_records(root) if r["tool_name"] == "research"]
+        for name, task_id in made.items():
+            res = c.request("tasks/result", {"taskId": task_id})["result"]
+            text = res["content"][0]["text"]
+            assert text.startswith(f"found: {name}") and _GOVERN_GH_TOKEN not in text
+            assert res["_meta"]["io.modelcontextprotocol/related-task"]["taskId"] == task_id
+        records = [r for r in _govern_tool_records(root) if r["tool_name"] == "research"]
+        assert sorted(r["metadata"]["task_id"] for r in records) == sorted(made.values())
+        assert all(r["status"] == "allowed" and r["redacted_fields"] == ["result"] for r in records)
+        listed = c.request("tasks/list")["result"]["tasks"]
+        assert {t["taskId"] for t in listed} == set(made.values())
+
+    def test_a_cancelled_task_is_recorded_once_and_a_raw_id_reaches_nothing(
+        self, task_server, rea_project, gateway, tmp_path
+    ):
+        root = rea_project(task_servers(task_server, tmp_path / "n"))
+        c = self._client(gateway, root)
+        c.tools()
+        task_id = c.request(
+            "tools/call",
+            {"name": "a__research", "arguments": {"hold": True}, "task": {}},
+        )["result"]["task"]["taskId"]
+        assert c.request("tasks/get", {"taskId": "t-1"})["error"]["code"] == -32602
+        cancelled = c.request("tasks/cancel", {"taskId": task_id})["result"]
+        assert cancelled["taskId"] == task_id and cancelled["status"] == "cancelled"
+        records = poll(
+            lambda: [r for r in _govern_tool_records(root) if r["tool_name"] == "research"],
+            what="the cancelled task's record",
+        )
+        assert len(records) == 1 and records[0]["status"] == "error"  # type: ignore[arg-type, index]
+        assert records[0]["metadata"]["task_status"] == "cancelled"  # type: ignore[index]
+
+    def test_halt_refuses_a_task_at_its_start(self, task_server, rea_project, gateway, tmp_path):
+        counter = tmp_path / "n"
+        root = rea_project(task_servers(task_server, counter))
+        c = self._client(gateway, root)
+        c.tools()
+        (root / ".rea" / "HALT").write_text("incident\n")
+        res = c.request("tools/call", {"name": "a__research", "arguments": {}, "task": {}})[
+            "result"
+        ]
+        assert res["isError"] is True and res["content"][0]["text"].startswith("rea: denied:")
+        assert not counter.exists()  # never reached the server
+
+
+class TestSection3ToolFiltering:
+    """`tools:` allow globs and gateway.blocked_tools hide what they exclude from every
+    list and refuse it when called; check and status say how many tools are offered."""
+
+    def test_allow_globs_and_blocked_tools_hide_tools_and_refuse_them(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(fake_server, "a", tools=["echo", "s*"]), server(fake_server, "b")],
+            "gateway:\n  blocked_tools: [b__crash, 'b__*_file']\n",
+        )
+        c = running(gateway, root)
+        names = set(c.tools())
+        a_tools = {n for n in names if n.startswith("a__")}
+        assert a_tools == {"a__echo", "a__slow", "a__secret", "a__stall", "a__structured"}
+        assert "b__echo" in names and "b__crash" not in names and "b__read_file" not in names
+        text = _govern_assert_denied(c.call("a__crash"), "tools: list of server a", "registry")
+        assert "Add it to that server's tools:" in text
+        _govern_assert_denied(c.call("b__crash"), "gateway.blocked_tools")
+        assert c.call("a__echo", {"x": 1})["result"]["structuredContent"] == {"x": 1}
+        poll(
+            lambda: (_audit_status_state(root) or {}).get("tools_offered") == len(names),
+            what="the count in the live state",
+        )
+        human = _audit_status_cli(root, "status").stdout
+        assert f"tools offered to the client: {len(names)}" in human and "warning" not in human
+
+    def test_more_than_100_tools_offered_is_a_warning_in_status_and_check(
+        self, fake_server, rea_project, gateway
+    ):
+        many = [{"name": f"t{i}", "inputSchema": {"type": "object"}} for i in range(120)]
+        root = rea_project([server(fake_server, "big", "--tools-json", json.dumps(many))])
+        c = running(gateway, root)
+        offered = c.health()["summary"]["total_tools"] + 1  # type: ignore[index, operator]
+        assert offered > 120
+        poll(
+            lambda: (_audit_status_state(root) or {}).get("tools_offered") == offered,
+            what="the count in the live state",
+        )
+        human = _audit_status_cli(root, "status").stdout
+        assert "warning: more than 100 tools" in human
+        c.close()
+        checked = run_rea("check", "--root", str(root)).stdout
+        assert "tools offered to the client (at the last serve):" in checked
+        assert "warning: more than 100 tools" in checked
+
+    def test_a_tools_list_that_is_not_a_list_of_globs_is_one_line(self, tmp_path):
+        rea_dir = tmp_path / ".rea"
+        rea_dir.mkdir()
+        (rea_dir / "registry.yaml").write_text(
+            'version: "1"\nservers:\n  - name: a\n    command: x\n    tools: echo\n'
+        )
+        done = run_rea("check", "--root", str(tmp_path))
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "registry.yaml:5:" in done.stderr and "servers[0].tools" in done.stderr
+
+
+class TestSection5Batches:
+    """JSON-RPC batches for a client that negotiated 2025-03-26; -32600 for others."""
+
+    def test_a_batch_is_answered_with_one_array(self, fake_server, rea_project, gateway):
+        c = gateway(rea_project([server(fake_server, "a")]))
+        assert c.initialize("2025-03-26")["result"]["protocolVersion"] == "2025-03-26"
+        c.tools()
+        batch = [
+            {"jsonrpc": "2.0", "id": "p", "method": "ping"},
+            {
+                "jsonrpc": "2.0",
+                "id": "c",
+                "method": "tools/call",
+                "params": {"name": "a__echo", "arguments": {"x": 1}},
+            },
+            {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"},
+            5,
+            {"jsonrpc": "2.0", "id": "u", "method": "no/such"},
+        ]
+        c.send_raw(json.dumps(batch).encode() + b"\n")
+        got = poll(lambda: c.batches and c.batches[0], what="the batch's array")
+        by_id = {m["id"]: m for m in got}  # type: ignore[union-attr]
+        assert set(by_id) == {"p", "c", None, "u"}
+        assert by_id["p"]["result"] == {}
+        assert by_id["c"]["result"]["structuredContent"] == {"x": 1}
+        assert by_id[None]["error"]["code"] == -32600
+        assert by_id["u"]["error"]["code"] == -32601
+        assert c.request("ping")["result"] == {}  # single messages go on as before
+        notes_only = [{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}]
+        c.send_raw(json.dumps(notes_only).encode() + b"\n")
+        assert c.request("ping")["result"] == {}
+        assert len(c.batches) == 1  # a batch of notifications gets no answer at all
+
+    def test_other_revisions_get_one_invalid_request_error(self, fake_server, rea_project, gateway):
+        c = gateway(rea_project([server(fake_server, "a")]))
+        c.initialize("2025-11-25")
+        c.send_raw(b'[{"jsonrpc": "2.0", "id": 9, "method": "ping"}]\n')
+        err = c.wait(None)
+        assert err["error"]["code"] == -32600 and 9 not in c.responses  # type: ignore[index]
+        assert c.request("ping")["result"] == {}
 
 
 class TestSection5EraFallback:
@@ -5631,9 +6070,7 @@ class TestSection9SessionBlockerEndToEnd:
 
 
 def run_rea(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(REA_PY), *args], capture_output=True, text=True, cwd=cwd, timeout=60
-    )
+    return subprocess.run([*REA_CMD, *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
 class TestSection11InitEndToEnd:
@@ -6710,7 +7147,7 @@ class TestSection10TrustCommand:
 
 
 REA_PATH = Path(rea.__file__).resolve()
-ECHO_CMD = [sys.executable, str(REA_PATH), "_echo-server"]
+ECHO_CMD = [*REA_CMD, "_echo-server"]
 TINY = ["--calls", "40", "--warmup", "5"]
 
 
@@ -7753,7 +8190,7 @@ _AUDIT_STATUS_GH_TOKEN = "ghp_" + "Q7xZ" * 9  # 36 characters after the prefix
 def _audit_status_cli(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     """Run `python rea.py ARGV --root ROOT` as a separate process."""
     return subprocess.run(
-        [sys.executable, str(_AUDIT_STATUS_REA), *argv, "--root", str(root)],
+        [*REA_CMD, *argv, "--root", str(root)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -8424,7 +8861,7 @@ def _trust_edit(defs: Path, tool: str, **fields: object) -> None:
 
 def _trust_cli(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(_TRUST_REA), *argv, "--root", str(root)],
+        [*REA_CMD, *argv, "--root", str(root)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -8848,7 +9285,7 @@ class TestSection10TrustOnFirstUseEndToEnd:
 _GOVERN_REA = Path(__file__).resolve().parent / "rea.py"
 _GOVERN_GH_TOKEN = "ghp_" + "Zq8W" * 9  # 36 characters after the prefix
 _GOVERN_AWS_KEY = "AKIAABCDEFGHIJKLMNOP"
-_GOVERN_PROFILE = Path("/work/shared/vectors/upstream-yaml/profile-bst-internal.yaml")
+_GOVERN_PROFILE = VECTORS / "profile-bst-internal.yaml"  # beside the checkout, not a fixed path
 # Tools with annotations for the tier tests (unknown names echo their arguments).
 _GOVERN_ANNOTATED = [
     {
@@ -8874,7 +9311,7 @@ _GOVERN_ANNOTATED = [
 def _govern_cli(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     """Run `python rea.py ARGV --root ROOT` as a separate process."""
     return subprocess.run(
-        [sys.executable, str(_GOVERN_REA), *argv, "--root", str(root)],
+        [*REA_CMD, *argv, "--root", str(root)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -9762,8 +10199,11 @@ def govern_profile(
         _govern_stop(c)
 
 
-def _govern_profile_globs() -> list[str]:
-    """The profile's blocked_paths as rea itself reads them."""
+def _govern_profile_globs() -> list[object]:
+    """The profile's blocked_paths as rea itself reads them (one skipped case when the
+    shared vectors are not beside this checkout: collection never breaks)."""
+    if not _GOVERN_PROFILE.exists():
+        return [pytest.param("", marks=pytest.mark.skip(reason=f"{_GOVERN_PROFILE} not found"))]
     value = rea.parse_yaml(_GOVERN_PROFILE.read_text(), _GOVERN_PROFILE.name)
     return list(rea.policy_from_value(value, _GOVERN_PROFILE.name).blocked_paths)
 
@@ -9917,7 +10357,7 @@ class TestSection6RedactionEndToEnd:
         assert len(lines) == 1 and "Traceback" not in checked.stderr
         assert "policy.yaml" in lines[0] and "redact.patterns" in lines[0]
         served = subprocess.run(
-            [sys.executable, str(_GOVERN_REA), "serve", "--root", str(tmp_path)],
+            [*REA_CMD, "serve", "--root", str(tmp_path)],
             input=b"",
             capture_output=True,
             timeout=30,
@@ -10564,7 +11004,7 @@ class TestSection5ShutdownWithCallsInFlight:
         """A sampling request the client never answers (relayed from a handshake child, or
         the gateway's own for a stateless child's input_required) does not hold the stop up."""
         root = rea_project([server(fake_server, "a", *flags)])
-        c = gateway(root)
+        c = gateway(root, env={"REA_TIMEOUTS": "stop_grace_s=1"})  # the call waits 60 s else
         c.initialize(capabilities={"sampling": {}})
         c.tools()
         rid = c.start("tools/call", {"name": f"a__{tool}", "arguments": {}})
@@ -11186,7 +11626,7 @@ class TestSoak:
         soak.check_audit(root)
         soak.check_executions()
         verify = subprocess.run(
-            [sys.executable, str(REA_PY), "audit", "verify", "--root", str(root)],
+            [*REA_CMD, "audit", "verify", "--root", str(root)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -11202,6 +11642,274 @@ class TestSoak:
             f"seed {seed} (REA_SOAK_SEED={seed} replays it); {len(soak.calls)} calls, "
             f"{len(soak.cancelled)} cancelled; broken invariants:\n" + "\n".join(soak.violations)
         )
+
+
+# Red-team findings on the restructured core (issue 12) #########################
+
+
+class TestSection5RedTeamFindings:
+    def test_a_deadline_watched_while_its_source_expires_is_not_lost(self):
+        deadlines = rea.Deadlines()
+        read_end, write_end = os.pipe()
+        out_read, out_write = os.pipe()
+        out = os.fdopen(out_write, "wb")
+        wire = rea.ClientWire(read_end, out, lambda line: None, deadlines)
+        expired: dict[str, float] = {}
+        started = threading.Event()
+
+        def slow(msg: dict[str, object]) -> None:  # an fsync'd audit record, say
+            expired["a"] = time.monotonic()
+            started.set()
+            time.sleep(0.3)
+
+        try:
+            wire.ask("sampling/createMessage", {}, 0.1, slow)
+            assert started.wait(5)
+            asked = time.monotonic()
+            wire.ask("roots/list", {}, 0.1, lambda m: expired.setdefault("b", time.monotonic()))
+            poll(lambda: "b" in expired, timeout=3, what="the second deadline")
+            assert expired["b"] - asked < 1.0
+        finally:
+            deadlines.close()
+            os.close(write_end)
+            out.close()
+            os.close(out_read)
+
+    def test_deeply_nested_arguments_are_answered_and_audited_once(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        deep = "[" * 980 + '"x"' + "]" * 980  # as deep as the parser takes
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":"d","method":"tools/call","params":{"name":"a__echo",'
+            b'"arguments":{"deep":' + deep.encode() + b"}}}\n"
+        )
+        res = c.wait("d")
+        assert "result" in res or "error" in res
+        records = [r for r in audit_records(root) if r["tool_name"] == "echo"]
+        assert len(records) == 1
+
+    def test_a_cancelled_request_is_closed_unanswered_and_its_id_free_again(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "x",
+                "method": "tools/call",
+                "params": {"name": "a__slow", "arguments": {"seconds": 1}},
+            }
+        )
+        c.send(
+            {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "x"}}
+        )
+        poll(
+            lambda: [r for r in audit_records(root) if r["tool_name"] == "slow"],
+            what="the cancelled call's record",
+        )
+        c.send({"jsonrpc": "2.0", "id": "x", "method": "ping"})
+        assert c.wait("x")["result"] == {}  # the id is free: only the ping is answered
+        started = time.monotonic()
+        assert c.close() == 0
+        assert time.monotonic() - started < 3  # nothing left open to wait for
+        assert "x" not in c.responses
+
+    def test_a_cancelled_list_gets_no_answer(self, fake_server, rea_project, gateway):
+        root = rea_project(
+            [server(fake_server, "slow", "--silent-discover")], "gateway:\n  startup_wait_s: 3\n"
+        )
+        c = gateway(root, env={"REA_TIMEOUTS": "discover_s=1"})
+        c.initialize()
+        c.send({"jsonrpc": "2.0", "id": "l", "method": "tools/list"})
+        c.send(
+            {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "l"}}
+        )
+        assert c.request("ping")["result"] == {}
+        poll(lambda: c.downstream("slow")["connected"], timeout=15, what="the server")
+        assert c.request("ping")["result"] == {}
+        assert "l" not in c.responses
+
+    def test_a_duplicate_id_is_refused_under_id_null(self, fake_server, rea_project, gateway):
+        c = running(gateway, rea_project([server(fake_server, "a")]))
+        c.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "tools/call",
+                "params": {"name": "a__slow", "arguments": {"seconds": 0.5}},
+            }
+        )
+        c.send({"jsonrpc": "2.0", "id": 7, "method": "ping"})
+        err = c.wait(None)
+        assert err["error"]["code"] == -32600 and "in flight" in err["error"]["message"]
+        assert c.wait(7)["result"]["content"][0]["text"].startswith("slept")
+
+    def test_a_number_no_double_holds_is_refused_not_sent_on_as_infinity(
+        self, fake_server, rea_project, gateway
+    ):
+        c = running(gateway, rea_project([server(fake_server, "a")]))
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"a__echo","arguments":{"big":1e400}}}\n'
+        )
+        assert c.wait(None)["error"]["code"] == -32700
+        assert all(b"Infinity" not in line for line in c.raw_lines)
+        assert c.request("ping")["result"] == {}
+
+    def test_a_client_that_stops_reading_cannot_keep_the_gateway_from_stopping(
+        self, fake_server, rea_project
+    ):
+        root = rea_project([server(fake_server, "a")])
+        proc = subprocess.Popen(  # its stdout is never read: the pipe fills and stays full
+            [*REA_CMD, "serve", "--root", str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t"}}
+        lines = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}]
+        lines += [
+            {
+                "jsonrpc": "2.0",
+                "id": i,
+                "method": "tools/call",
+                "params": {"name": "a__huge", "arguments": {"kb": 64}},
+            }
+            for i in range(1, 60)
+        ]
+        proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in lines))
+        proc.stdin.flush()
+        poll(lambda: len(audit_records(root)) >= 5, what="calls answered into the full pipe")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(15) == 0
+        finally:
+            proc.kill()
+            proc.stdin.close()
+            proc.stdout.close()
+        assert time.monotonic() - started < 10
+
+    def test_a_signal_during_start_up_is_a_clean_stop(self, fake_server, rea_project):
+        root = rea_project([server(fake_server, "a")])
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            proc = subprocess.Popen(
+                [*REA_CMD, "serve", "--root", str(root)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert proc.stderr is not None
+            proc.stderr.readline()  # the first log line: serve has begun
+            proc.send_signal(sig)
+            assert proc.wait(15) == 0
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.stdout.close()  # type: ignore[union-attr]
+            proc.stderr.close()
+
+
+class TestSection9RedTeamFindings:
+    def test_a_server_removed_from_the_registry_leaves_no_process(
+        self, odd_server, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(odd_server, "stub", "--stubborn"), server(fake_server, "a")],
+            "gateway:\n  restart_backoff_s: 0.05\n",
+        )
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        pid = c.downstream("stub")["pid"]
+        registry = {"version": "1", "servers": [server(fake_server, "a")]}
+        (root / ".rea" / "registry.json").write_text(json.dumps(registry))
+        poll(
+            lambda: not any(d["name"] == "stub" for d in c.health()["downstreams"]),
+            what="the reload",
+        )
+        assert c.close() == 0
+        poll(lambda: not pid_alive(pid), what="the removed server gone")
+
+    def test_a_helper_in_the_servers_group_is_stopped_and_its_death_seen(
+        self, odd_server, rea_project, gateway
+    ):
+        root = rea_project([server(odd_server, "h", "--helper")], FAST)
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        helper = int(c.text("h__hi"))
+        first = c.downstream("h")["pid"]
+        assert c.call("h__crash")["result"]["isError"] is True  # its death is seen at once
+        poll(
+            lambda: c.downstream("h")["healthy"] and c.downstream("h")["pid"] != first,
+            what="the restart",
+        )
+        assert not pid_alive(helper)
+        helper = int(c.text("h__hi"))
+        started = time.monotonic()
+        assert c.close() == 0
+        assert time.monotonic() - started < 5
+        assert not pid_alive(helper)
+
+    def test_a_lone_surrogate_in_a_tool_description_breaks_nothing(
+        self, odd_server, rea_project, gateway
+    ):
+        c = running(gateway, rea_project([server(odd_server, "u", "--surrogate-tool")]))
+        assert "u__hi" in c.tools()
+        assert c.text("u__hi").isdigit()
+        assert not [line for line in c.stderr_lines if "Traceback" in line]
+
+    def test_a_flood_of_list_changed_starves_no_other_server(
+        self, odd_server, fake_server, rea_project, gateway
+    ):
+        root = rea_project(
+            [server(odd_server, "f"), server(fake_server, "s")],
+            "audit:\n  fsync: always\n",
+        )
+        c = running(gateway, root)
+        assert c.text("f__flood") == "flooded"
+        for _ in range(3):
+            assert c.call("s__echo", {"x": 1}, timeout=5)["result"]["structuredContent"] == {"x": 1}
+
+
+class TestSection6RedTeamFindings:
+    def test_a_second_retry_of_a_finished_input_round_does_not_run_the_tool_again(
+        self, fake_server, rea_project, gateway, tmp_path
+    ):
+        meta = {**META_2026, "io.modelcontextprotocol/clientCapabilities": {"sampling": {}}}
+        root = rea_project([server(fake_server, "r", "--features")])
+        c = gateway(root)
+        c.request("tools/list", {"_meta": meta})
+        first = c.request("tools/call", {"name": "r__sample", "arguments": {}, "_meta": meta})[
+            "result"
+        ]
+        key = next(iter(first["inputRequests"]))
+        retry = {
+            "name": "r__sample",
+            "arguments": {},
+            "_meta": meta,
+            "requestState": first["requestState"],
+            "inputResponses": {
+                key: {"role": "assistant", "content": {"type": "text", "text": "Bob"}, "model": "m"}
+            },
+        }
+        assert "Bob" in c.request("tools/call", retry)["result"]["content"][0]["text"]
+        again = c.request("tools/call", retry)
+        assert again["error"]["code"] == -32602 and "ended" in again["error"]["message"]
+        asked = [r for r in audit_records(root) if r["tool_name"] == "sampling/createMessage"]
+        assert len(asked) == 1  # the tool ran (and asked) once
+
+    def test_a_lone_surrogate_is_recorded_as_its_escape_in_valid_utf8(
+        self, fake_server, rea_project, gateway
+    ):
+        root = rea_project([server(fake_server, "a")])
+        c = running(gateway, root)
+        c.send_raw(
+            b'{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"a__echo","arguments":{"k\\ud800":1}}}\n'
+        )
+        c.wait(3)
+        data = (root / ".rea" / "audit.jsonl").read_bytes()
+        data.decode("utf-8")  # strict: every line is valid UTF-8
+        assert b"\\ud800" in data
+        assert rea.verify_audit(root / ".rea").ok
 
 
 # §13 Remote servers ###########################################################
