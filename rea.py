@@ -9897,15 +9897,14 @@ class _Lane:
                 else:
                     self._idle += 1
 
-    def close(self, join_s: float) -> None:
+    def close(self, deadline: float) -> None:
         """Let the workers end once the queue is empty (queued work still runs and finds its
-        request gone), and join them for up to join_s."""
+        request gone), and join them until the deadline (monotonic)."""
         with self._lock:
             self._closed = True
             threads = list(self._threads)
         for _ in threads:
             self._queue.put(None)
-        deadline = time.monotonic() + join_s
         for thread in threads:
             if thread is not threading.current_thread() and thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
@@ -10077,7 +10076,8 @@ class StreamableHttpTransport:
 
     def stop(self) -> None:
         """Fail what is in flight, end the session (DELETE, best effort), close every
-        connection and join this server's threads."""
+        connection and join this server's threads: all within Timeouts.kill_after_s and
+        the DELETE's own DELETE_TIMEOUT_S, whatever the server does (§5: a bounded stop)."""
         self.stopping = True
         with self._lock:
             if self._ended:
@@ -10096,9 +10096,10 @@ class StreamableHttpTransport:
             self._call(pending.on_done, None, TransportFailed(f"server {self.name}: disconnected"))
         if session is not None:
             self._end_session(session)
-        self._close(join_s=self._timeouts.kill_after_s)
+        deadline = time.monotonic() + self._timeouts.kill_after_s
+        self._close(deadline)
         if listener is not None and listener is not threading.current_thread():
-            listener.join(self._timeouts.kill_after_s)
+            listener.join(max(0.0, deadline - time.monotonic()))
         self._exit(0)
 
     def last_stderr(self) -> str:
@@ -10231,12 +10232,12 @@ class StreamableHttpTransport:
         _abort(listening)
         for pending in jobs:
             self._call(pending.on_done, None, TransportFailed(text))
-        self._close(join_s=0.0)
+        self._close(deadline=0.0)
         self._exit(None)
 
-    def _close(self, join_s: float) -> None:
-        self._requests.close(join_s)
-        self._sender.close(join_s)
+    def _close(self, deadline: float) -> None:
+        self._requests.close(deadline)
+        self._sender.close(deadline)
         with self._pool_lock:
             idle, self._idle = self._idle, []
         for conn in idle:
@@ -12173,6 +12174,7 @@ class Downstream:
         self._new_tools: tuple[str, ...] = ()
         self._removed_tools: tuple[str, ...] = ()
         self._secret_values: tuple[str, ...] = ()  # resolved env: values, longest first
+        self._tokens: TokenSource | None = None  # a remote server's: scrubbed like env values
         self._stopping = False
         self._starter: threading.Thread | None = None  # the first start, joined at stop
         self._refreshing = False  # a tools refresh runs
@@ -12227,13 +12229,14 @@ class Downstream:
                 self._errors += 1
 
     def scrub(self, text: str) -> str:
-        """Text from or about this server, with secret patterns and its env: values removed."""
+        """Text from or about this server, with secret patterns, its env: and headers:
+        values and its OAuth tokens removed (a server may echo its token in an error)."""
         text = self._ctx.hooks.redact(text)
         with self._lock:
-            values = self._secret_values
+            values, tokens = self._secret_values, self._tokens
         for value in values:
             text = text.replace(value, "[REDACTED:env]")
-        return text
+        return tokens.scrub(text) if tokens is not None else text
 
     @property
     def healthy(self) -> bool:
@@ -12378,6 +12381,9 @@ class Downstream:
             return None
         # headers: values are secrets by contract (§3), like env: values
         self._keep_secrets({v for v in headers.values() if len(v) >= MIN_SECRET_CHARS})
+        tokens = TokenSource(self.name, self.spec.url, self._token_store())
+        with self._lock:
+            self._tokens = tokens
         hooks = self._ctx.hooks
         return StreamableHttpTransport(
             self.name,
@@ -12387,7 +12393,7 @@ class Downstream:
             self._on_exit,
             self._ctx.deadlines,
             self._ctx.timeouts,
-            TokenSource(self.name, self.spec.url, self._token_store()),
+            tokens,
             self._on_needs_login,
         )
 

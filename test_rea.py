@@ -6819,6 +6819,13 @@ class TestSection10RemoteServers:
         revalued = self.spec(headers={"X-Team": "${OTHER}", "X-Key": "another-value"})
         assert pins.check_server(revalued) is None
 
+    def test_trust_lists_a_remote_servers_tools_over_http(
+        self, tmp_path: Path, http_dual: McpHttpServer
+    ) -> None:
+        tools = rea.probe_tools(self.spec(url=http_dual.url, headers={}), tmp_path)
+        names = {str(t["name"]) for t in tools}
+        assert {"echo", "count", "region"} <= names and "bad_header" not in names
+
     def test_a_server_turned_from_local_to_remote_is_held(self, tmp_path: Path) -> None:
         rea.Fingerprints(_trust_rea_dir(tmp_path)).check_server(_trust_spec("linear"))
         held = rea.Fingerprints(tmp_path / ".rea").check_server(self.spec())
@@ -13191,9 +13198,11 @@ class TestSection13RemoteEndToEnd:
         self, rea_project, gateway, http_servers
     ):
         remote = http_servers(eras=("handshake",))
-        root = remote_project(rea_project, remote.url)
+        root = remote_project(rea_project, remote.url, tools=["count", "dr*"])
         c = running(gateway, root)
         assert c.downstream("remote")["era"] == "handshake"
+        offered = {name for name in c.tools() if name.startswith("remote__")}
+        assert offered == {"remote__count", "remote__drop"}  # tools: filters a remote server too
         assert remote_text(c.call("remote__count")) == "1"
         old = next(iter(remote.sessions))
         poll(lambda: any(s.streams for s in list(remote.sessions.values())), what="GET stream")
