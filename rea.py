@@ -64,7 +64,7 @@ requests (at most 8 at once), its notifications (one sender) and read its GET st
 ``rea-worker-N`` run slow requests and durable audit writes; ``rea-timeouts`` expires every
 deadline and looks for a `login` of a server that needs one; ``rea-start-NAME``,
 ``rea-restart-NAME`` and ``rea-stop-NAME`` start and stop servers; ``rea-state-timer``
-writes the live state. Every one is joined or idle at exit. stdout carries only
+writes the live state; ``login`` waits for the browser's redirect on ``rea-login-callback``. Every one is joined or idle at exit. stdout carries only
 JSON-RPC; every log line goes to stderr as JSON.
 """
 
