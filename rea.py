@@ -7765,9 +7765,11 @@ def _init_classify(servers: _JsonPairs, filename: str) -> list[ClientEntry]:
                 notes.append(f"renamed: {base!r} was already taken in this file")
             else:
                 notes.append("name normalised to the registry's rules")
-        env, secrets = _init_env(entry.server.env, name, key, filename, secret_values, notes)
-        headers, header_secrets = _init_headers(
-            entry.server.headers, name, key, filename, secret_values, notes
+        env, secrets = _init_values(
+            "env", entry.server.env, name, key, filename, secret_values, notes
+        )
+        headers, header_secrets = _init_values(
+            "headers", entry.server.headers, name, key, filename, secret_values, notes
         )
         server = replace(entry.server, name=name, env=env, headers=headers)
         secrets += header_secrets
@@ -7933,7 +7935,8 @@ def _init_server_name(raw: str) -> str:
     return name if SERVER_NAME_RE.match(name) else "server"
 
 
-def _init_env(
+def _init_values(
+    kind: str,
     raw: tuple[tuple[str, str], ...],
     server: str,
     key: str,
@@ -7941,73 +7944,44 @@ def _init_env(
     secret_values: dict[str, str],
     notes: list[str],
 ) -> tuple[tuple[tuple[str, str], ...], tuple[SecretReference, ...]]:
-    """The env as the registry gets it: references kept, secret literals made references."""
-    env: list[tuple[str, str]] = []
+    """`env` or `headers` (kind) as the registry gets them: ${VAR} references kept, secret
+    literals (and values ${VAR} cannot hold) made references to a variable the user exports.
+    An env value is read from the variable of its own name when that is free (else
+    SERVER_NAME); a header from SERVER_HEADER, its `Bearer `/`Basic `/`token ` kept in front."""
+    out: list[tuple[str, str]] = []
     secrets: list[SecretReference] = []
+    label = "env" if kind == "env" else "header"
     for name, value in raw:
         defaulted = _INIT_DEFAULTED_RE.match(value)
         if defaulted:
-            env.append((name, f"${{{defaulted.group(1)}}}"))
-            notes.append(f"env {name}: the default in {value!r} dropped (rea has only ${{VAR}})")
-            continue
-        templated = bool(_INIT_TEMPLATE_RE.search(value))
-        if templated and _init_template_ok(value):
-            env.append((name, value))
-            continue
-        if not templated and "${" not in value and not _init_looks_secret(name, value):
-            env.append((name, value))
-            continue
-        # A secret, or a value the registry's ${VAR} syntax cannot hold: read it from the
-        # gateway's environment instead, under the variable's own name when that is free.
-        variable = name
-        if secret_values.get(variable, value) != value:
-            variable = f"{server.upper().replace('-', '_')}_{name}"
-        secret_values.setdefault(variable, value)
-        env.append((name, f"${{{variable}}}"))
-        origin = f"mcpServers[{json.dumps(key, ensure_ascii=False)}].env.{name} in {filename}"
-        secrets.append(SecretReference(name=variable, origin=origin))
-    return tuple(env), tuple(secrets)
-
-
-def _init_headers(
-    raw: tuple[tuple[str, str], ...],
-    server: str,
-    key: str,
-    filename: str,
-    secret_values: dict[str, str],
-    notes: list[str],
-) -> tuple[tuple[tuple[str, str], ...], tuple[SecretReference, ...]]:
-    """The headers as the registry gets them: references kept, secret literals made
-    references; `Bearer TOKEN` becomes `Bearer ${SERVER_HEADER}`."""
-    headers: list[tuple[str, str]] = []
-    secrets: list[SecretReference] = []
-    for name, value in raw:
-        defaulted = _INIT_DEFAULTED_RE.match(value)
-        if defaulted:
-            headers.append((name, f"${{{defaulted.group(1)}}}"))
-            notes.append(f"header {name}: the default in {value!r} dropped (rea has only ${{VAR}})")
+            out.append((name, f"${{{defaulted.group(1)}}}"))
+            notes.append(
+                f"{label} {name}: the default in {value!r} dropped (rea has only ${{VAR}})"
+            )
             continue
         templated = bool(_INIT_TEMPLATE_RE.search(value))
         if (templated and _init_template_ok(value)) or (
             not templated and "${" not in value and not _init_looks_secret(name, value)
         ):
-            headers.append((name, value))
+            out.append((name, value))
             continue
-        scheme = _INIT_AUTH_SCHEME_RE.match(value)
+        # A secret, or a value the registry's ${VAR} syntax cannot hold: read it from the
+        # gateway's environment instead, under a variable no other value has taken.
+        scheme = _INIT_AUTH_SCHEME_RE.match(value) if kind == "headers" else None
         prefix, secret = (scheme.group(1) + " ", scheme.group(3)) if scheme else ("", value)
-        base = re.sub(r"[^A-Z0-9]+", "_", f"{server}_{name}".upper()).strip("_")
-        variable, n = base, 1
-        while secret_values.get(variable, secret) != secret:
-            n += 1
-            variable = f"{base}_{n}"
-        secret_values.setdefault(variable, secret)
-        headers.append((name, f"{prefix}${{{variable}}}"))
-        what = f"the token after {prefix.strip()} in " if prefix else ""
-        origin = (
-            f"{what}mcpServers[{json.dumps(key, ensure_ascii=False)}].headers.{name} in {filename}"
+        qualified = re.sub(r"[^A-Z0-9]+", "_", f"{server}_{name}".upper()).strip("_")
+        candidates = itertools.chain(
+            [name] if kind == "env" else [],
+            [qualified],
+            (f"{qualified}_{n}" for n in itertools.count(2)),
         )
-        secrets.append(SecretReference(name=variable, origin=origin))
-    return tuple(headers), tuple(secrets)
+        variable = next(v for v in candidates if secret_values.get(v, secret) == secret)
+        secret_values.setdefault(variable, secret)
+        out.append((name, f"{prefix}${{{variable}}}"))
+        what = f"the token after {prefix.strip()} in " if prefix else ""
+        where = f"mcpServers[{json.dumps(key, ensure_ascii=False)}].{kind}.{name}"
+        secrets.append(SecretReference(name=variable, origin=f"{what}{where} in {filename}"))
+    return tuple(out), tuple(secrets)
 
 
 def _init_template_ok(value: str) -> bool:
