@@ -12884,20 +12884,27 @@ def refusal_outcome(kind: CallKind, decision: Decision) -> Outcome:
     return Outcome(decision.status, error=err, note=decision.message)
 
 
-def failure_outcome(kind: CallKind, text: str, error: RpcError | None = None) -> Outcome:
-    """A call that failed at or on the way to its server (timeout, death, its error)."""
+def failure_outcome(
+    kind: CallKind,
+    text: str,
+    error: RpcError | None = None,
+    verdict: BreakerVerdict = BreakerVerdict.FAILURE,
+) -> Outcome:
+    """A call that failed at or on the way to its server (timeout, death, its error); one
+    the server never got to judge (a login it needs) leaves its circuit alone."""
     if error is not None:
-        return Outcome(AuditStatus.ERROR, error=error, note=text, verdict=BreakerVerdict.FAILURE)
+        return Outcome(AuditStatus.ERROR, error=error, note=text, verdict=verdict)
     if kind in (CallKind.TOOL, CallKind.HEALTH):
-        return Outcome(
-            AuditStatus.ERROR, tool_error_result(text), note=text, verdict=BreakerVerdict.FAILURE
-        )
+        return Outcome(AuditStatus.ERROR, tool_error_result(text), note=text, verdict=verdict)
     return Outcome(
-        AuditStatus.ERROR,
-        error=RpcError(INTERNAL_ERROR, text),
-        note=text,
-        verdict=BreakerVerdict.FAILURE,
+        AuditStatus.ERROR, error=RpcError(INTERNAL_ERROR, text), note=text, verdict=verdict
     )
+
+
+def _verdict_of(error: Exception | None) -> BreakerVerdict:
+    """A server that needs a login is not failing: its circuit must not open while the user
+    has yet to log in, or the first calls after the login would be refused (§9, §13)."""
+    return BreakerVerdict.UNUSED if isinstance(error, NeedsLogin) else BreakerVerdict.FAILURE
 
 
 def internal_outcome(kind: CallKind, text: str) -> Outcome:
@@ -14298,7 +14305,9 @@ class Calls:
         try:
             transport = ds.transport_for_call()
         except ChildDied as exc:
-            turn.outcome = failure_outcome(call.kind, ds.scrub(f"rea: error: {exc}"))
+            turn.outcome = failure_outcome(
+                call.kind, ds.scrub(f"rea: error: {exc}"), verdict=_verdict_of(exc)
+            )
             return
         method, params = self._request_for(call, transport)
         with self._lock:
@@ -14501,7 +14510,7 @@ class Calls:
             text = f"rea: error: {error}"
         else:
             text = f"rea: error: {error}; the call was not retried (it may or may not have run)"
-        return failure_outcome(call.kind, ds.scrub(text))
+        return failure_outcome(call.kind, ds.scrub(text), verdict=_verdict_of(error))
 
     def _checked(self, call: Call, result: JsonObj) -> Outcome:
         """§6 step 10: the result as the client may see it."""

@@ -13080,7 +13080,9 @@ class TestSection13RemoteEndToEnd:
         self, rea_project, gateway, http_servers, oauth_server
     ):
         remote = http_servers(auth=oauth_server)
-        root = remote_project(rea_project, remote.url)
+        root = remote_project(
+            rea_project, remote.url, "gateway:\n  breaker: {failure_threshold: 2}\n"
+        )
         c = running(gateway, root)
         assert not [t for t in c.tools() if t.startswith("remote__")]  # never seen: nothing
         assert c.downstream("remote")["status"] == "needs-login"
@@ -13121,6 +13123,9 @@ class TestSection13RemoteEndToEnd:
         record = audit_records(root)[-1]
         assert (record["tool_name"], record["status"]) == ("count", "error")  # audited too
         assert c.downstream("remote")["status"] == "needs-login"
+        for _ in range(3):  # a login it needs is no failure: its circuit stays closed
+            assert remote_text(c.call("remote__count")) == NEEDS_LOGIN
+        assert c.downstream("remote")["circuit_state"] == "closed"
         assert remote.executions["count"] == 1
         c.close()
         # A new serve still lists the pinned tools, and a call says what to do.
