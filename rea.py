@@ -1081,7 +1081,10 @@ class _RegexShape:
                 low, high, body = _int(parts[0]), _int(parts[1]), _items(parts[2])
                 if low != high and repeated is not None:
                     return "has a nested quantifier (like (a+)+), which can backtrack exponentially"
-                reason = self.scan(body, body if low != high and high > 1 else repeated)
+                # a variable repeat, or a fixed one of more than 4 rounds ({20}: 2**20 ways
+                # through overlapping alternatives), multiplies what backtracks inside it
+                multiplies = (low != high and high > 1) or high > 4
+                reason = self.scan(body, body if multiplies else repeated)
             elif op in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):
                 # No backtracking into these, so nothing inside them multiplies.
                 reason = self.scan(_items(parts[-1] if parts else arg), None)
@@ -2928,6 +2931,8 @@ _MAX_LINKS = 40
 _MEMO_MAX_CHARS = 1024
 _MEMO_MAX_ENTRIES = 4096
 _URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):")
+_URL_IGNORED = re.compile(r"[\t\n\r]")
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
 _FILE_URI = re.compile(r"file:", re.IGNORECASE)
 _LEADING_SLASHES = re.compile(r"^/+")
 # Links the kernel resolves per process: the gateway would see its own cwd, root or
@@ -2936,6 +2941,9 @@ _LEADING_SLASHES = re.compile(r"^/+")
 # secrets (its env: values) whatever the policy says
 _PROC_LINK = re.compile(r"/proc/[^/]+/(?:task/[^/]+/)?(cwd|root|fd|environ|mem)(?:/|\Z)", re.DOTALL)
 _ANCESTOR_OF_REA = "a folder holding .rea/, in a write"
+# In a linked worktree .git is the file that says where governance lives (§2), and in
+# any checkout its hooks run code: never written through a tool.
+_GIT_IN_A_WRITE = "the repository's .git, in a write"
 
 
 @dataclass(frozen=True)
@@ -3061,6 +3069,59 @@ def _home_dir_of(user: str) -> str | None:
         return None
 
 
+# Argument names that say "a path" (by their words: `source`, `repo_path`, `destDir`): an
+# empty or blank string under one names the root
+# for a server that resolves it (Node's path.resolve("") is the working directory). Under
+# any other name (`content`, `old_text`) an empty string is text, and writes of it pass.
+_PATH_WORDS = frozenset(
+    [
+        "path",
+        "paths",
+        "file",
+        "files",
+        "filename",
+        "filepath",
+        "dir",
+        "directory",
+        "folder",
+        "root",
+        "source",
+        "src",
+        "dest",
+        "destination",
+        "dst",
+        "target",
+        "from",
+        "to",
+        "location",
+        "uri",
+        "url",
+        "cwd",
+        "repo",
+    ]
+)
+
+
+def _names_a_path(key: str) -> bool:
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+", key)  # snake, camel, UPPER
+    return any(word.lower() in _PATH_WORDS for word in words)
+
+
+def _empty_path_argument(value: object, key: str = "") -> str | None:
+    """The argument name of an empty or blank string that names a path, if any."""
+    stack: list[tuple[str, object]] = [(key, value)]
+    while stack:
+        name, item = stack.pop()
+        if isinstance(item, str):
+            if name and _names_a_path(name) and not unquote(item).strip(_C0_AND_SPACE):
+                return f"{name}={item!r}"
+        elif isinstance(item, Mapping):
+            stack.extend((str(k), v) for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((name, v) for v in item)
+    return None
+
+
 def _iter_strings(value: object) -> list[str]:
     """Every string in a JSON value: dict keys and values, list items, at any depth."""
     found: list[str] = []
@@ -3095,6 +3156,12 @@ def _readings(text: str) -> list[str]:
         form = queue.popleft()
         done = rounds[form]
         nexts = [(form.strip(), done)]
+        if "\t" in form or "\n" in form or "\r" in form:
+            # a URL parser (Python's urlsplit, Node's URL) drops tab and newline anywhere:
+            # `file:.e\tnv` opens .env
+            url = _URL_IGNORED.sub("", form).strip(_C0_AND_SPACE)
+            if _URI_SCHEME.match(url):
+                nexts.append((url, done))
         if "%" in form and done < _MAX_DECODE_ROUNDS:
             nexts.append((unquote(form), done + 1))
         if "\\" in form:
@@ -3218,6 +3285,10 @@ class PathGuard:
         since links can change between calls.
         """
         write = tier != "read"
+        if write:
+            empty = _empty_path_argument(arguments)
+            if empty is not None:  # path.resolve("") is the working directory: the root
+                return empty, _ANCESTOR_OF_REA
         for text in _iter_strings(arguments):
             plan = self._plans.get(text)
             if plan is None:
@@ -3295,7 +3366,8 @@ class PathGuard:
                 rest = rest[slash:] if slash >= 0 else "/"
             bare = re.split(r"[?#]", rest, maxsplit=1)[0]
             paths = dict.fromkeys((rest, bare, unquote(rest), unquote(bare)))
-            return [(path, False) for path in paths if path]
+            # `file:` with nothing after it is the working directory: the root
+            return [(path or ".", False) for path in paths]
         scheme = _URI_SCHEME.match(form)
         if scheme is not None:
             # A remote URL is not a local path, unless `..` climbs out of `scheme:`; while
@@ -3386,6 +3458,8 @@ class PathGuard:
             if probe in ("/", base) or base.startswith(probe + "/"):
                 return _ANCESTOR_OF_REA
         rels = self._relative_to_root(absolute)
+        if any(rel == ".git" or rel.startswith(".git/") for rel in rels):
+            return _GIT_IN_A_WRITE
         for glob in self._globs:
             if glob.ancestor is None:
                 continue
@@ -3695,13 +3769,19 @@ _INJECTION_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(word for _, words, _ in _INJECTION_CHECKS for word in words)
 )
 # Zero-width and invisible characters used to split a phrase so it slips past a matcher.
-_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u180e\u200b-\u200f\u2060-\u2064\u2066-\u2069\ufeff]")
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e007f\U000e0100-\U000e01ef]"
+)
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_\-]{16,}={0,2}")
 _MIN_PRINTABLE_RATIO = 0.9
 
 
 def _fold(text: str) -> str:
-    """NFKC-fold and drop invisible characters; ASCII text is already folded."""
+    """NFKC-fold and drop invisible characters (zero-width, bidi controls, variation
+    selectors, tags, fillers: anything that splits a phrase without showing); ASCII text
+    is already folded."""
     if text.isascii():
         return text
     return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
@@ -3899,6 +3979,39 @@ def cap_content(content: list[object], max_bytes: int) -> tuple[list[object], bo
     return out, True
 
 
+def cap_value(value: object, max_bytes: int) -> tuple[object, bool]:
+    """Any JSON value within max_bytes: its longest strings cut (at one common length,
+    each with the notice), and when that is not enough its lists shortened from the end.
+    For results without a content list (resources, prompts, completion) and for what a
+    tool result carries beside its content."""
+    if _json_size(value) <= max_bytes:
+        return value, False
+
+    def cut(item: object, limit: int, keep: int | None) -> object:
+        if isinstance(item, str):
+            return cap_text(item, limit)[0] if _utf8_len(item) > limit else item
+        if isinstance(item, Mapping):
+            return {k: cut(v, limit, keep) for k, v in item.items()}
+        if isinstance(item, list | tuple):
+            items = list(item) if keep is None else list(item)[:keep]
+            return [cut(v, limit, keep) for v in items]
+        return item
+
+    low, high = 64, max_bytes
+    while low < high:  # the longest string length that still fits
+        mid = (low + high + 1) // 2
+        if _json_size(cut(value, mid, None)) <= max_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    capped = cut(value, low, None)
+    keep = 1 << 20
+    while _json_size(capped) > max_bytes and keep > 0:
+        keep //= 2
+        capped = cut(value, low, keep)
+    return capped, True
+
+
 def cap_result(result: dict[str, object], max_bytes: int) -> tuple[dict[str, object], bool]:
     """A tool result within the cap (§6 step 10): its content cut as `cap_content` does,
     and a `structuredContent` over the cap dropped with a notice in the content, since a
@@ -3921,6 +4034,16 @@ def cap_result(result: dict[str, object], max_bytes: int) -> tuple[dict[str, obj
             result = {k: v for k, v in result.items() if k != "structuredContent"}
             result["content"] = [*(kept if isinstance(kept, list) else []), notice]
             truncated = True
+    if _json_size(result) > max_bytes + 1024:  # more beside the content list: cut that too
+        extras = {
+            k: v
+            for k, v in result.items()
+            if k != "isError" and not (k == "content" and isinstance(v, list))
+        }
+        rest = {k: v for k, v in result.items() if k not in extras}
+        trimmed, _ = cap_value(extras, max(1024, max_bytes - _json_size(rest)))
+        result = {**result, **(trimmed if isinstance(trimmed, dict) else {})}
+        truncated = True
     return result, truncated
 
 
@@ -4786,6 +4909,7 @@ def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -
     last_hash = ZERO_HASH
     last_file, last_number = AUDIT_FILE, 0
     lines = _lines(snapshot)
+    cut_seen: tuple[_Line, dict[str, object]] | None = None  # the chain's own evidence
 
     def broken(
         ln: _Line, reason: str, expected: str | None = None, found: str | None = None
@@ -4824,6 +4948,8 @@ def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -
         records += 1
         expected_prev = last_hash = found_hash
         last_file, last_number = ln.file, ln.number
+        if cut_seen is None and rec.get("tool_name") == "audit.truncation_detected":
+            cut_seen = (ln, rec)
         if head is not None and found_hash == head.last_hash:
             head_seen = True
     if not head_seen and head is not None:
@@ -4836,6 +4962,22 @@ def _verify_snapshot(snapshot: list[tuple[str, int, int]], head: _Head | None) -
             head.last_hash,
             last_hash,
             f"truncated: the log ends before its head ({head.records} records in {head.file})",
+        )
+    if cut_seen is not None:  # the writer found a cut and chained it in: it stays reported
+        ln, rec = cut_seen
+        meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+        assert isinstance(meta, dict)
+        return VerifyResult(
+            False,
+            records,
+            files,
+            ln.file,
+            ln.number,
+            str(meta.get("expected_last_hash")),
+            str(meta.get("found_last_hash")),
+            f"truncated: records were cut from the end of the log before "
+            f"{meta.get('detected_at')} ({meta.get('expected_records')} records expected, "
+            f"{meta.get('found_records')} found; recorded at this line)",
         )
     return VerifyResult(True, records, files)
 
@@ -5947,6 +6089,11 @@ FINGERPRINTS_FILE = "fingerprints.json"
 FINGERPRINTS_LOCK = "fingerprints.lock"  # trust and serve read-modify-write under it (§10)
 FINGERPRINTS_FORMAT = 1
 TOOL_PINNED_FIELDS = ("name", "description", "inputSchema", "outputSchema", "annotations")
+# Pinned too since this release: they reach the model or change how a tool runs. A pin
+# written before holds only the fields above and is compared on those alone, then
+# completed (a file from an older rea.py keeps working, never held for it).
+TOOL_PINNED_LATER = ("title", "icons", "execution")
+_TOOL_PINS = (*TOOL_PINNED_FIELDS, *TOOL_PINNED_LATER)
 _DEFINITION_FIELDS = ("command", "args", "env_keys", "env_passthrough")
 _REMOTE_DEFINITION_FIELDS = ("url", "header_keys")
 _DEFINITION_LABELS = {  # field -> how a reason names it
@@ -5980,7 +6127,7 @@ def definition_hash(defn: Mapping[str, object]) -> str:
 
 def tool_fingerprint(tool: Mapping[str, object]) -> dict[str, object]:
     """The pinned fields of a tool as `tools/list` gives it; an absent field is null."""
-    return {name: tool.get(name) for name in TOOL_PINNED_FIELDS}
+    return {name: tool.get(name) for name in _TOOL_PINS}
 
 
 def tool_hash(tool: Mapping[str, object]) -> str:
@@ -6187,18 +6334,22 @@ class Fingerprints:
         new: dict[str, _ToolPin] = {}
         changed: dict[str, str] = {}
         now = utc_now_iso()
+        completed: dict[str, _ToolPin] = {}  # older pins, now with every pinned field
         for name, tool in current.items():
             old = pin.tools.get(name)
             fingerprint = tool_fingerprint(tool)
             if old is None:
                 new[name] = _ToolPin(fingerprint, _trust_sha256(fingerprint), now)
-            elif old.hash == _trust_sha256(fingerprint):
-                trusted.append(name)
-            else:
+                continue
+            if not _pin_matches(old, fingerprint):
                 changed[name] = _tool_change_reason(old.pinned, fingerprint)
+                continue
+            trusted.append(name)
+            if set(old.pinned) != set(fingerprint):
+                completed[name] = _ToolPin(fingerprint, _trust_sha256(fingerprint), old.pinned_at)
         removed = tuple(sorted(set(pin.tools) - set(current)))
-        if new:
-            self._servers[server] = replace(pin, tools={**pin.tools, **new})
+        if new or completed:
+            self._servers[server] = replace(pin, tools={**pin.tools, **new, **completed})
             self._save_logged()
         return ToolVerdict(tuple(trusted), tuple(new), changed, removed)
 
@@ -6316,9 +6467,14 @@ class Fingerprints:
             return sorted({*self._servers, *self._held, *self._lost})
 
 
+def _pin_matches(pin: _ToolPin, fingerprint: Mapping[str, object]) -> bool:
+    """Whether a tool still matches its pin, on the fields the pin holds."""
+    return pin.hash == _trust_sha256({field: fingerprint.get(field) for field in pin.pinned})
+
+
 def _tool_change_reason(old: Mapping[str, object], new: Mapping[str, object]) -> str:
     """ "description changed", "inputSchema, annotations changed", …"""
-    fields = [f for f in TOOL_PINNED_FIELDS if old.get(f) != new.get(f)]
+    fields = [f for f in _TOOL_PINS if f in old and old.get(f) != new.get(f)]
     return f"{', '.join(fields) or 'pinned fields'} changed"
 
 
@@ -6400,7 +6556,9 @@ def _parse_server_pin(name: str, entry: object) -> _ServerPin:
         where = f"servers.{name}.tools.{tool_name}"
         tool_keys = {"hash", "pinned", "pinned_at"}
         tool_obj = _pins_object(tool_entry, where, tool_keys, tool_keys)
-        pinned = _pins_object(tool_obj["pinned"], f"{where}.pinned", set(TOOL_PINNED_FIELDS), None)
+        pinned = _pins_object(
+            tool_obj["pinned"], f"{where}.pinned", set(_TOOL_PINS), set(TOOL_PINNED_FIELDS)
+        )
         if pinned["name"] != tool_name:
             raise _PinsUnusable(f"{where}.pinned.name is not {tool_name!r}")
         if _pins_hash(tool_obj["hash"], f"{where}.hash") != _trust_sha256(pinned):
@@ -6568,8 +6726,8 @@ def _write_tools_diff(
         if key not in pinned:
             out.write(f"{server}: new tool {key}: {_pretty(fingerprint.get('description'))}\n")
             count += 1
-        elif pinned[key].hash != _trust_sha256(fingerprint):
-            for fname in TOOL_PINNED_FIELDS:
+        elif not _pin_matches(pinned[key], fingerprint):
+            for fname in _TOOL_PINS:
                 before, after = pinned[key].pinned.get(fname), fingerprint.get(fname)
                 if before != after:
                     out.write(_field_diff(f"{server} tool {key} {fname}", before, after))
@@ -6599,11 +6757,11 @@ def _trust_one_tool(
         out.write(f"{server}: tool {tool_name} was removed; its pin is dropped\n")
     elif pinned is None:
         out.write(f"{server}: new tool {tool_name}:\n{_pretty(tool_fingerprint(tool))}\n")
-    elif pinned.hash == tool_hash(tool):
+    elif _pin_matches(pinned, tool_fingerprint(tool)):
         out.write(f"{server}: tool {tool_name} matches its pin\n")
     else:
         fingerprint = tool_fingerprint(tool)
-        for field in TOOL_PINNED_FIELDS:
+        for field in _TOOL_PINS:
             if pinned.pinned.get(field) != fingerprint.get(field):
                 label = f"{server} tool {tool_name} {field}"
                 out.write(_field_diff(label, pinned.pinned.get(field), fingerprint.get(field)))
@@ -8757,7 +8915,7 @@ def exposed_tool_name(server: str, tool: str, max_len: int) -> str:
     `mcp__<gateway>__`, so one long name would otherwise break the client's whole list.
     """
     full = f"{server}__{tool}"
-    if len(full) <= max_len and _NAME_OK.match(full):
+    if len(full) <= max_len and _NAME_OK.fullmatch(full):  # fullmatch: `$` lets "x\n" by
         return full
     digest = hashlib.sha256(full.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     prefix = _NAME_BAD_CHARS.sub("_", full)[: max(1, max_len - 9)]
@@ -11960,6 +12118,12 @@ def logout(
 LOGIN_POLL_S = 1.0  # how often the credentials of a server that needs a login are looked at
 
 
+# A tool name with these would be shown as another name, or break a client's list.
+_UNSAFE_NAME = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]"
+)
+
+
 class ServerStatus(StrEnum):
     """Where a downstream server is in its life."""
 
@@ -12434,10 +12598,11 @@ class Downstream:
             )
         else:
             verdict = self._ctx.fingerprints.check_tools(self.name, tools)
+        withheld = {**self._suspect_tools(tools), **verdict.changed}
         with self._lock:
             was = self._status
             self._tools = tuple(tools)
-            self._withheld = dict(verdict.changed)
+            self._withheld = withheld
             self._new_tools = verdict.new
             self._removed_tools = verdict.removed
             if caps is not None:
@@ -12457,6 +12622,36 @@ class Downstream:
                 return False
             self._refreshing = True
             return True
+
+    def _suspect_tools(self, tools: list[JsonObj]) -> dict[str, str]:
+        """Tools withheld for what they are, whatever their pins: a name holding control
+        or invisible characters (it would be shown as another), and, under
+        `injection_detection: block`, a definition that reads like a prompt injection
+        (descriptions and schemas reach the model on every turn)."""
+        block = self._ctx.hooks.policy().injection_detection == "block"
+        suspect: dict[str, str] = {}
+        for tool in tools:
+            name = str(tool["name"])
+            if _UNSAFE_NAME.search(name):
+                suspect[name] = "its name holds control or invisible characters"
+                continue
+            shown = {
+                k: tool.get(k)
+                for k in ("title", "description", "inputSchema", "outputSchema", "annotations")
+            }
+            verdict = scan_injection(content_text(shown), Tier.READ)
+            if verdict.verdict == "likely_injection":
+                phrases = ", ".join(verdict.phrases)
+                log(
+                    "warn",
+                    "tool_definition_injection",
+                    server=self.name,
+                    tool=name,
+                    phrases=phrases,
+                )
+                if block:
+                    suspect[name] = f"its definition looks like a prompt injection ({phrases})"
+        return suspect
 
     def refresh_tools(self) -> None:
         """Re-read the server's tools (after notifications/tools/list_changed), again
@@ -12698,9 +12893,15 @@ def step_trust(view: CallView) -> Decision | None:
     entry = view.target.entry if view.target is not None else None
     if entry is None or entry.withheld is None:
         return None
+    if entry.withheld.endswith("changed"):  # a pin's comparison: a possible rug pull
+        return denied(
+            f"tool {entry.server}__{entry.bare} changed since it was pinned ({entry.withheld})",
+            f"Review it with `python rea.py trust {entry.server} --tool {entry.bare}`, which re-pins it",
+        )
     return denied(
-        f"tool {entry.server}__{entry.bare} changed since it was pinned ({entry.withheld})",
-        f"Review it with `python rea.py trust {entry.server} --tool {entry.bare}`, which re-pins it",
+        f"tool {entry.server}__{entry.bare} is withheld: {entry.withheld}",
+        f"It is not offered until server {entry.server} lists it cleanly; "
+        "`python rea.py status` shows what is withheld",
     )
 
 
@@ -12996,10 +13197,38 @@ def check_error(rules: Rules, tier: Tier, tool: str, error: RpcError) -> Outcome
     )
 
 
-def check_request_result(rules: Rules, result: JsonObj) -> Outcome:
-    """§6 step 10 for a resource, prompt or completion result: secrets redacted."""
-    value, names = rules.redactor.redact_value(result)
-    metadata: JsonObj = {"redacted": list(names)} if names else {}
+def check_request_result(rules: Rules, what: str, result: JsonObj) -> Outcome:
+    """§6 step 10 for a resource, prompt or completion result, as for a tool's: capped,
+    redacted, and scanned (at read tier: one phrase is a likely injection); withheld
+    under `injection_detection: block`."""
+    metadata: JsonObj = {}
+    capped, truncated = cap_value(result, rules.policy.max_result_kb * 1024)
+    if truncated:
+        metadata["truncated"] = True
+    value, names = rules.redactor.redact_value(capped)
+    if names:
+        metadata["redacted"] = list(names)
+    verdict = scan_injection(content_text(value), Tier.READ)
+    if verdict.verdict != "clean":
+        metadata["injection"] = {
+            "verdict": verdict.verdict,
+            "phrases": list(verdict.phrases),
+            "base64": verdict.via_base64,
+        }
+        if verdict.verdict == "likely_injection" and rules.policy.injection_detection == "block":
+            message = (
+                f"rea: denied: the result of {what} was withheld: it looks like a prompt "
+                f"injection ({', '.join(verdict.phrases)}). Set injection_detection: warn in "
+                ".rea/policy.yaml to let such results through with a warning"
+            )
+            return Outcome(
+                AuditStatus.DENIED,
+                error=RpcError(POLICY_DENIED, message),
+                note=message,
+                metadata=metadata,
+                redacted=bool(names),
+                verdict=BreakerVerdict.SUCCESS,
+            )
     return Outcome(
         AuditStatus.ALLOWED,
         as_obj(value) or {},
@@ -13017,24 +13246,33 @@ def args_digest(arguments: JsonObj) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def content_text(result: JsonObj) -> str:
-    """The text a model will read from a tool result, for the injection scan."""
+def content_text(result: object) -> str:
+    """Every string a model may read in a result, for the injection scan: text items and
+    every other field alike (a resource_link's name, a description, extra keys, `_meta`),
+    keys included, and a text-typed `blob` decoded."""
     parts: list[str] = []
-    content = result.get("content")
-    if isinstance(content, list):
-        for item in content:
-            obj = as_obj(item)
-            if obj is None:
-                continue
-            text = obj.get("text")
-            if isinstance(text, str):
-                parts.append(text)
-            resource = as_obj(obj.get("resource"))
-            if resource is not None and isinstance(resource.get("text"), str):
-                parts.append(str(resource["text"]))
-    structured = result.get("structuredContent")
-    if structured is not None:
-        parts.append(json.dumps(structured, ensure_ascii=False))
+    stack: list[object] = [result]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+        elif isinstance(item, Mapping):
+            mime = item.get("mimeType")
+            textual = not isinstance(mime, str) or mime.startswith("text/")
+            binary = item.get("type") in ("image", "audio") or not textual
+            blob = item.get("blob")
+            if isinstance(blob, str) and textual:
+                try:
+                    parts.append(base64.b64decode(blob[: 4 << 20]).decode("utf-8", "replace"))
+                except (binascii.Error, ValueError):
+                    pass
+            for key, sub in item.items():
+                if key == "blob" or (key == "data" and binary):  # base64 payloads
+                    continue
+                stack.append(sub)
+                stack.append(str(key))
+        elif isinstance(item, list | tuple):
+            stack.extend(reversed(item))
     return "\n".join(parts)
 
 
@@ -13661,9 +13899,14 @@ class Catalog:
             for tool in server.tools:
                 bare = str(tool["name"])
                 exposed = exposed_tool_name(server.name, bare, max_len)
-                if exposed == HEALTH_TOOL or (
-                    exposed in index and index[exposed].server != server.name
-                ):
+                if exposed == HEALTH_TOOL or exposed in index:
+                    # Two tools shown under one name (a shortened name and a tool named
+                    # like it): neither is offered, or the name could change hands
+                    # under a pin. The first keeps the name, withheld.
+                    first = index.get(exposed)
+                    if first is not None and first.bare != bare:
+                        why = f"its name as shown clashes with tool {bare!r}"
+                        index[exposed] = replace(first, withheld=why)
                     warnings.append(
                         (
                             "tool_name_clash",
@@ -13849,8 +14092,8 @@ class AuditTrail:
         elif target is not None:
             server = target.downstream.name
             tool = target.bare if call.kind is CallKind.TOOL else call.kind.value
-        elif call.kind is CallKind.TOOL:  # the client's name alone: each part redacted
-            tool = "__".join(redact(part).text for part in call.name.split("__"))
+        elif call.kind is CallKind.TOOL:  # the client's name alone: redacted whole and by parts
+            tool = "__".join(redact(part).text for part in redact(call.name).text.split("__"))
             server = tool.split("__", 1)[0] if "__" in tool else ""
         else:
             server, tool = "", call.kind.value
@@ -14407,6 +14650,9 @@ class Calls:
             call.kind is CallKind.TOOL
             and handle is not None
             and isinstance(handle.get("taskId"), str)
+            and "task" in call.params  # a handle nobody asked for is just a result
+            and call.target is not None
+            and takes_tasks(call.target.downstream.capabilities)
         ):
             self._adopt_task(call, result, handle, turn)
             return None
@@ -14422,7 +14668,10 @@ class Calls:
         ttl = handle.get("ttl")
         ttl_s = ttl / 1000 if isinstance(ttl, int | float) and ttl > 0 else 24 * 3600.0
         task_id = self.tasks.adopt(call, call.transport, str(handle["taskId"]), ttl_s)
-        value, _ = call.rules.redactor.redact_value(without_connection_meta(result))
+        # only the handle (and its _meta) reaches the client: the result comes later,
+        # through tasks/result and its checks
+        kept = {k: v for k, v in without_connection_meta(result).items() if k in ("task", "_meta")}
+        value, _ = call.rules.redactor.redact_value(kept)
         shown = as_obj(value) or {}
         shown["task"] = {**(as_obj(shown.get("task")) or {}), "taskId": task_id}
         with self._lock:
@@ -14517,7 +14766,7 @@ class Calls:
         assert call.target is not None
         result = without_connection_meta(result)
         if call.kind is not CallKind.TOOL:
-            return check_request_result(call.rules, result)
+            return check_request_result(call.rules, call.kind.value, result)
         outcome, verdict = check_tool_result(call.rules, call.tier, call.target.bare, result)
         if verdict.verdict == "suspicious" and call.rules.policy.suspicious_blocks_writes:
             self._session.mark_suspicious(f"{call.target.downstream.name}__{call.target.bare}")
@@ -14819,7 +15068,10 @@ class Relay:
     """A server's own messages (§5). Its notifications go to a handshake client that said
     `initialized`; its requests (sampling, elicitation, roots) go to the client under ids
     of ours, or become an input round of a stateless client's call; anything else is
-    answered at once with a clear error. A server is never left hanging."""
+    answered at once with a clear error. A server is never left hanging. What it says
+    reaches the model as surely as a result: redacted, and under
+    `injection_detection: block` a likely injection goes no further; HALT stops its
+    requests too."""
 
     def __init__(
         self,
@@ -14828,14 +15080,38 @@ class Relay:
         calls: Calls,
         trail: AuditTrail,
         submit: Callable[..., None],
-        call_timeout_s: Callable[[], float],
+        rules: Callable[[], Rules],
+        halt: Callable[[], str | None],
     ) -> None:
         self._wire = wire
         self._session = session
         self._calls = calls
         self._trail = trail
         self._submit = submit
-        self._call_timeout_s = call_timeout_s
+        self._rules = rules
+        self._halt = halt
+
+    def _checked(self, ds: Downstream, what: str, params: JsonObj | None) -> JsonObj | str | None:
+        """A server's params as the client may see them: redacted (its env: values too);
+        a str (why) when a likely injection is withheld under `injection_detection: block`."""
+        if params is None:
+            return None
+        rules = self._rules()
+        value, _ = rules.redactor.redact_value(params)
+        text = content_text(value)
+        if ds.scrub(text) != text:  # one of its env: values: scrub every string
+            try:
+                value = json.loads(ds.scrub(json.dumps(value, ensure_ascii=False)))
+            except ValueError:
+                return f"rea: denied: {what} from server {ds.name} holds one of its secrets"
+        verdict = scan_injection(content_text(value), Tier.READ)
+        if verdict.verdict == "likely_injection" and rules.policy.injection_detection == "block":
+            why = f"{what} from server {ds.name} looks like a prompt injection"
+            log(
+                "warn", "relay_withheld", server=ds.name, method=what, phrases=list(verdict.phrases)
+            )
+            return f"rea: denied: {why} ({', '.join(verdict.phrases)})"
+        return as_obj(value)
 
     def notify(self, method: str, params: JsonObj | None = None) -> None:
         """A message of the gateway's own to the client: a handshake client only (a
@@ -14845,10 +15121,14 @@ class Relay:
 
     def on_message(self, ds: Downstream, transport: Transport, msg: JsonObj) -> None:
         method = msg.get("method")
-        params = as_obj(msg.get("params"))
+        checked = self._checked(ds, str(method), as_obj(msg.get("params")))
         if "id" in msg:
-            self._request(ds, transport, str(method), msg.get("id"), params)
-        elif method in (
+            self._request(ds, transport, str(method), msg.get("id"), checked)
+            return
+        if isinstance(checked, str):
+            return  # withheld (logged): a notification has nobody to answer
+        params = checked
+        if method in (
             "notifications/resources/updated",
             "notifications/resources/list_changed",
             "notifications/prompts/list_changed",
@@ -14877,13 +15157,29 @@ class Relay:
         transport: Transport,
         method: str,
         server_id: object,
-        params: JsonObj | None,
+        checked: JsonObj | str | None,
     ) -> None:
         if method == "ping":
             with contextlib.suppress(ChildDied):
                 transport.send({"jsonrpc": "2.0", "id": server_id, "result": {}})
             return
         needed = RELAYED_REQUESTS.get(method)
+        halt = self._halt() if needed is not None else None
+        refusal = checked if isinstance(checked, str) else None
+        if halt is not None:
+            refusal = f"rea: denied: the gateway is frozen (.rea/HALT): {halt}"
+        if refusal is not None:  # a kill switch stops a server's requests too
+            with contextlib.suppress(ChildDied):
+                transport.send(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": server_id,
+                        "error": {"code": POLICY_DENIED, "message": refusal},
+                    }
+                )
+            self._trail.relay(ds.name, method, AuditStatus.DENIED, time.monotonic(), refusal)
+            return
+        params = checked if not isinstance(checked, str) else None
         can = needed is not None and self._session.can_answer(needed)
         if can and self._calls.suspend_for_input(transport, method, server_id, params):
             return
@@ -14925,7 +15221,7 @@ class Relay:
             with contextlib.suppress(ChildDied):
                 transport.send(reply)
 
-        self._wire.ask(method, params, self._call_timeout_s(), answered)
+        self._wire.ask(method, params, self._rules().policy.call_timeout_s, answered)
 
 
 # Gateway #####################################################################
@@ -15079,7 +15375,8 @@ class Gateway:
             self.calls,
             self.trail,
             self._submit,
-            lambda: self.config.rules().policy.call_timeout_s,
+            self.config.rules,
+            self.config.halt_reason,
         )
         self.live = LiveState(self.rea_dir, self.session.id, lambda: self.state().to_json())
         self._startup_done = threading.Event()  # the first list has waited for the servers
@@ -15428,8 +15725,9 @@ class Gateway:
         self.wait_for_startup()
         view = self.catalog.listed()
         tasks = self.session.knows_tasks()
+        redactor = self.config.rules().redactor
         tools: list[JsonObj] = [
-            {**e.definition, "name": e.exposed}
+            {**(as_obj(redactor.redact_value(e.definition)[0]) or {}), "name": e.exposed}
             for e in view.tools.values()
             if e.offered and (tasks or not requires_task(e.definition))
         ]
