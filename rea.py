@@ -10354,8 +10354,7 @@ class StreamableHttpTransport:
             self._ended = True
             active = list(self._active.values())
         jobs = self.requests.close()
-        text = self._note(reason)
-        log("warn", "remote_disconnected", server=self.name, error=text)
+        text = self._note(reason)  # the owner logs it, as it logs a child's exit
         self._stopped.set()
         for conn in active:
             _abort(conn)
@@ -11218,6 +11217,23 @@ class TokenStore:
         except FileNotFoundError:
             return False
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """An flock of SERVER.lock beside the file, around a refresh: refresh tokens rotate,
+        so two gateways refreshing with one token at once would leave one of them logged
+        out. A folder rea cannot write to means no lock (and no saved refresh either)."""
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.folder / f"{self.server}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def stamp(self) -> tuple[int, int, int] | None:
         """Changes whenever the file is replaced: (mtime, size, inode), None without a file."""
         try:
@@ -11771,8 +11787,15 @@ class TokenSource:
                 raise NeedsLogin(self.server, "the refresh was refused or is impossible")
             self._refreshing = True
         fresh: Credentials | None = None
+        stamp: tuple[int, int, int] | None = None
         try:
-            fresh = refresh_credentials(creds, self._timeout_s, self._clock())
+            with self._store.exclusive():
+                fresh = self._refreshed_elsewhere(stale)
+                if fresh is None:
+                    fresh = refresh_credentials(creds, self._timeout_s, self._clock())
+                    self._save(fresh)
+                    log("info", "oauth_token_refreshed", server=self.server)
+                stamp = self._store.stamp()
         except NeedsLogin as exc:
             with self._cond:
                 self._refused = True
@@ -11782,12 +11805,24 @@ class TokenSource:
             with self._cond:
                 self._refreshing = False
                 if fresh is not None:
-                    self._creds = fresh
+                    self._creds, self._stamp = fresh, stamp
                     self._remember(fresh)
                 self._cond.notify_all()
-        assert fresh is not None
+        return fresh.access_token
+
+    def _refreshed_elsewhere(self, stale: str) -> Credentials | None:
+        """Tokens another gateway (or a login) saved since `stale` was read, else None."""
         try:
-            self._store.save(fresh)
+            on_disk = self._store.load()
+        except OAuthError:
+            return None
+        if on_disk is None or on_disk.access_token == stale:
+            return None
+        return on_disk if resource_covers(on_disk.resource, self.url) else None
+
+    def _save(self, creds: Credentials) -> None:
+        try:
+            self._store.save(creds)
         except OSError as exc:  # the new tokens stay in memory; the next login writes again
             log(
                 "error",
@@ -11795,12 +11830,6 @@ class TokenSource:
                 server=self.server,
                 error=exc.strerror or str(exc),
             )
-        stamp = self._store.stamp()
-        with self._cond:
-            if self._creds is fresh:
-                self._stamp = stamp
-        log("info", "oauth_token_refreshed", server=self.server)
-        return fresh.access_token
 
 
 class _CallbackServer(http.server.ThreadingHTTPServer):

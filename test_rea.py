@@ -13045,6 +13045,24 @@ class TestSection13Login:
         saved = token_store.load()
         assert saved is not None and saved.access_token == protected_server.tokens_seen[-1]
 
+    def test_two_gateways_that_race_to_refresh_share_one_rotation(
+        self,
+        protected_server: McpHttpServer,
+        authority: OAuthServer,
+        token_store: rea.TokenStore,
+    ) -> None:
+        assert run_http_login(protected_server, token_store)[0] is None
+        creds = token_store.load()
+        assert creds is not None
+        stale = creds.access_token
+        a, b = (rea.TokenSource("remote", protected_server.url, token_store) for _ in range(2))
+        assert a.access_token(refresh=False) == b.access_token(refresh=False) == stale
+        fresh = a._refresh(stale)  # gateway A refreshes: the refresh token rotates
+        # gateway B held the same tokens and got to its refresh at the same moment: under the
+        # credentials lock it finds A's new tokens instead of spending the rotated one
+        assert b._refresh(stale) == fresh != stale
+        assert authority.refreshes == 1
+
     def test_a_refused_refresh_means_needs_login_until_the_next_login(
         self,
         protected_server: McpHttpServer,
