@@ -3846,6 +3846,36 @@ def scan_injection(text: str, tier: str) -> InjectionVerdict:
     return InjectionVerdict("suspicious", phrases, False)
 
 
+def content_text(result: object) -> str:
+    """Every string a model may read in a result, for the injection scan: text items and
+    every other field alike (a resource_link's name, a description, extra keys, `_meta`),
+    keys included, and a text-typed `blob` decoded."""
+    parts: list[str] = []
+    stack: list[object] = [result]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+        elif isinstance(item, Mapping):
+            mime = item.get("mimeType")
+            textual = not isinstance(mime, str) or mime.startswith("text/")
+            binary = item.get("type") in ("image", "audio") or not textual
+            blob = item.get("blob")
+            if isinstance(blob, str) and textual:
+                try:
+                    parts.append(base64.b64decode(blob[: 4 << 20]).decode("utf-8", "replace"))
+                except (binascii.Error, ValueError):
+                    pass
+            for key, sub in item.items():
+                if key == "blob" or (key == "data" and binary):  # base64 payloads
+                    continue
+                stack.append(sub)
+                stack.append(str(key))
+        elif isinstance(item, list | tuple):
+            stack.extend(reversed(item))
+    return "\n".join(parts)
+
+
 # Result size cap #############################################################
 
 
@@ -11855,7 +11885,7 @@ class _CallbackListener:
         got = threading.Event()
         box: list[dict[str, str]] = []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class RedirectHandler(http.server.BaseHTTPRequestHandler):
             timeout = 10  # a browser's idle pre-connection must not hold a thread forever
 
             def do_GET(self) -> None:
@@ -11881,11 +11911,11 @@ class _CallbackListener:
                 pass  # the request line carries the authorization code: never logged
 
         try:
-            self._server = _CallbackServer(("127.0.0.1", port), Handler)
+            self._server = _CallbackServer(("127.0.0.1", port), RedirectHandler)
         except OSError:
             if port == 0:
                 raise
-            self._server = _CallbackServer(("127.0.0.1", 0), Handler)
+            self._server = _CallbackServer(("127.0.0.1", 0), RedirectHandler)
         self.port: int = self._server.server_address[1]
         self._got = got
         self._box = box
@@ -13273,36 +13303,6 @@ def args_digest(arguments: JsonObj) -> str:
     except (RecursionError, ValueError, TypeError):
         return "unhashable: nested too deeply"  # still recorded: the call gets its record
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def content_text(result: object) -> str:
-    """Every string a model may read in a result, for the injection scan: text items and
-    every other field alike (a resource_link's name, a description, extra keys, `_meta`),
-    keys included, and a text-typed `blob` decoded."""
-    parts: list[str] = []
-    stack: list[object] = [result]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            parts.append(item)
-        elif isinstance(item, Mapping):
-            mime = item.get("mimeType")
-            textual = not isinstance(mime, str) or mime.startswith("text/")
-            binary = item.get("type") in ("image", "audio") or not textual
-            blob = item.get("blob")
-            if isinstance(blob, str) and textual:
-                try:
-                    parts.append(base64.b64decode(blob[: 4 << 20]).decode("utf-8", "replace"))
-                except (binascii.Error, ValueError):
-                    pass
-            for key, sub in item.items():
-                if key == "blob" or (key == "data" and binary):  # base64 payloads
-                    continue
-                stack.append(sub)
-                stack.append(str(key))
-        elif isinstance(item, list | tuple):
-            stack.extend(reversed(item))
-    return "\n".join(parts)
 
 
 # Configuration in force ######################################################
@@ -15329,7 +15329,7 @@ class Downstreams:
             t.join()
 
 
-Handler = Callable[[object, JsonObj, Era], None]
+MethodHandler = Callable[[object, JsonObj, Era], None]
 
 
 class Gateway:
@@ -15410,7 +15410,7 @@ class Gateway:
         self.live = LiveState(self.rea_dir, self.session.id, lambda: self.state().to_json())
         self._startup_done = threading.Event()  # the first list has waited for the servers
         self._signals = signals if signals is not None else []  # received, in order
-        self._methods: dict[str, Handler] = {
+        self._methods: dict[str, MethodHandler] = {
             "initialize": self._initialize,
             "server/discover": self._discover,
             "ping": lambda req_id, p, era: self._reply(req_id, {}),
@@ -15652,7 +15652,7 @@ class Gateway:
     def _reply(self, req_id: object, result: JsonObj) -> None:
         self.wire.reply(req_id, result)
 
-    def _later(self, produce: Callable[[JsonObj, Era], JsonObj]) -> Handler:
+    def _later(self, produce: Callable[[JsonObj, Era], JsonObj]) -> MethodHandler:
         """A handler that answers from a worker (it may wait for servers)."""
 
         def run(req_id: object, p: JsonObj, era: Era) -> None:
@@ -15785,7 +15785,7 @@ class Gateway:
         )
         self.calls.receive(kind, req_id, name, p, arguments, era, defer)
 
-    def _request_call(self, kind: CallKind) -> Handler:
+    def _request_call(self, kind: CallKind) -> MethodHandler:
         """resources/read and subscribe, prompts/get, completion/complete: calls like a
         tool's (§6), routed on a worker (routing may list the servers' resources)."""
 
