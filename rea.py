@@ -7744,6 +7744,7 @@ class RegistryEntry:
     url: str = ""  # a remote server (§13): url, headers and oauth instead of a command
     headers: tuple[tuple[str, str], ...] = ()  # ordered (name, template)
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
+    tools: tuple[str, ...] | None = None  # the allow globs, kept when init rewrites
 
     def definition(self) -> tuple[object, ...]:
         """What an import compares: a re-import is 'the same server' when these match."""
@@ -8203,6 +8204,7 @@ def _init_existing(rea_dir: Path) -> tuple[Path | None, list[RegistryEntry]]:
             url=spec.url,
             headers=tuple(spec.headers.items()),
             oauth=spec.oauth,
+            tools=spec.tools,
         )
         for spec in registry.servers
     ]
@@ -8324,6 +8326,9 @@ def render_registry_yaml(servers: Iterable[RegistryEntry]) -> str:
             lines.append("    enabled: false")
         if server.trust_annotations:
             lines.append("    trust_annotations: true")
+        if server.tools is not None:
+            globs = ", ".join(_init_yaml_str(g) for g in server.tools)
+            lines.append(f"    tools: [{globs}]")
     return "\n".join(lines) + "\n"
 
 
@@ -8351,6 +8356,8 @@ def render_registry_json(servers: Iterable[RegistryEntry]) -> str:
             item["enabled"] = False
         if server.trust_annotations:
             item["trust_annotations"] = True
+        if server.tools is not None:
+            item["tools"] = list(server.tools)
         doc.append(item)
     return json.dumps({"version": "1", "servers": doc}, indent=2, ensure_ascii=False) + "\n"
 

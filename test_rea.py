@@ -7883,6 +7883,16 @@ class TestSection11Init:
         names = [s.name for s in rea.load_registry(tmp_path / ".rea").servers]
         assert names == ["a", "sqlite"]
 
+    def test_an_import_keeps_the_tools_globs_of_an_existing_registry(self, tmp_path: Path) -> None:
+        rea_dir = tmp_path / ".rea"
+        rea_dir.mkdir()
+        (rea_dir / "registry.yaml").write_text(
+            'version: "1"\nservers:\n  - name: kept\n    command: x\n    tools: ["get_*", "list_*"]\n'
+        )
+        run_init(tmp_path, "--from", str(write_json(tmp_path / ".mcp.json", CLAUDE_CODE_MCP)))
+        kept = rea.load_registry(rea_dir).servers[0]
+        assert kept.name == "kept" and kept.tools == ("get_*", "list_*")
+
     def test_an_invalid_existing_registry_stops_init_before_it_writes(self, tmp_path: Path) -> None:
         (tmp_path / ".rea").mkdir()
         (tmp_path / ".rea" / "registry.yaml").write_text("servers:\n  - name: Bad Name\n")
