@@ -40,6 +40,9 @@ import pytest
 
 import rea
 
+# A JSON document as a test reads it: any shape, checked by the assertions themselves.
+JsonDoc = dict[str, Any]
+
 # The reference tool's shipped files: ../shared/ beside the checkout (as CI has it).
 SHARED_VECTORS = Path(__file__).resolve().parent.parent / "shared" / "vectors"
 VECTORS = SHARED_VECTORS / "upstream-yaml"
@@ -1960,7 +1963,7 @@ def jsonl_lines(text: str) -> list[str]:
     return text.split("\n")[:-1]
 
 
-def independent_verify(files: list[Path]) -> list[dict[str, object]]:
+def independent_verify(files: list[Path]) -> list[JsonDoc]:
     """A few-line re-implementation of the reference chain, to check what we write."""
     prev = "0" * 64
     out = []
@@ -1980,8 +1983,8 @@ def chain_files(rea_dir: Path) -> list[Path]:
     return [rea_dir / name for name in rea.verify_audit(rea_dir).files]
 
 
-def add(log: rea.AuditLog, n: int = 1, **extra: object) -> list[dict[str, object]]:
-    fields: dict[str, object] = {
+def add(log: rea.AuditLog, n: int = 1, **extra: object) -> list[JsonDoc]:
+    fields: JsonDoc = {
         "session_id": "s-1",
         "tool_name": "list_issues",
         "server_name": "github",
@@ -1991,7 +1994,7 @@ def add(log: rea.AuditLog, n: int = 1, **extra: object) -> list[dict[str, object
         "duration_ms": 3,
     }
     fields.update(extra)
-    return [log.append(**fields) for _ in range(n)]  # type: ignore[arg-type]
+    return [log.append(**fields) for _ in range(n)]
 
 
 def read_lines(path: Path) -> list[bytes]:
@@ -2305,7 +2308,7 @@ class TestSection7VerifyDuringRotation:
         env = {**os.environ, "PYTHONPATH": str(HERE)}
         writer = subprocess.Popen([sys.executable, "-c", code, str(rea_dir)], env=env)
         try:
-            results = []
+            results: list[rea.VerifyResult] = []
             poll(lambda: (rea_dir / "audit.jsonl").exists(), what="the writer's first record")
             while writer.poll() is None and len(results) < 75:
                 results.append(rea.verify_audit(rea_dir))
@@ -2959,7 +2962,7 @@ class Snapshot:
         self.lock = threading.Lock()
         self.value = 0
 
-    def __call__(self) -> dict[str, object]:
+    def __call__(self) -> JsonDoc:
         with self.lock:
             value = self.value
         return {
@@ -3139,12 +3142,12 @@ POLICY = {
 }
 
 
-def policy_ok() -> dict[str, object]:
+def policy_ok() -> JsonDoc:
     return dict(POLICY)
 
 
-def downstream(name: str = "github", **over: object) -> dict[str, object]:
-    entry: dict[str, object] = {
+def downstream(name: str = "github", **over: object) -> JsonDoc:
+    entry: JsonDoc = {
         "name": name,
         "connected": True,
         "healthy": True,
@@ -3163,7 +3166,7 @@ def downstream(name: str = "github", **over: object) -> dict[str, object]:
     return entry
 
 
-def write_state(root: Path, owner: int, downstreams: list[dict[str, object]] | None = None):
+def write_state(root: Path, owner: int, downstreams: list[JsonDoc] | None = None):
     rea_dir = root / ".rea"
     rea_dir.mkdir(exist_ok=True)
     state = {
@@ -3349,7 +3352,7 @@ class TestSection8Status:
     def test_unreadable_policy_exits_2_with_one_line(self, tmp_path, sleeper, capsys):
         running_gateway(tmp_path, sleeper.pid)
 
-        def broken() -> dict[str, object]:
+        def broken() -> JsonDoc:
             raise rea.ReaError(".rea/policy.yaml:3:1: tab in indentation; use spaces")
 
         code, text = status(tmp_path, policy=broken)
@@ -3417,7 +3420,7 @@ class TestSection8Status:
     def test_status_reads_a_file_written_by_live_state(self, tmp_path):
         rea_dir = tmp_path / ".rea"
 
-        def snapshot() -> dict[str, object]:
+        def snapshot() -> JsonDoc:
             return {
                 "session_id": "s-live",
                 "started_at": rea._utc_iso_ms(),
@@ -3946,7 +3949,7 @@ def scripted_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def scripted(script_server: str, script: Path, doc: dict[str, object], name: str = "s"):
+def scripted(script_server: str, script: Path, doc: JsonDoc, name: str = "s"):
     """A registry entry for the scripted server, its script written first."""
     script.write_text(json.dumps(doc))
     return server(script_server, name, str(script))
@@ -4071,7 +4074,7 @@ def _decode_mcp_header(value: str | None) -> str | None:
     return value
 
 
-HTTP_TOOLS: list[dict[str, object]] = [
+HTTP_TOOLS: list[JsonDoc] = [
     {"name": "echo", "description": "Echo text (JSON answer)", "inputSchema": {"type": "object"}},
     {
         "name": "count",
@@ -4122,7 +4125,7 @@ HTTP_TOOLS: list[dict[str, object]] = [
 ]
 
 
-def http_text_result(text: str) -> dict[str, object]:
+def http_text_result(text: str) -> JsonDoc:
     return {"content": [{"type": "text", "text": text}], "isError": False}
 
 
@@ -4144,9 +4147,9 @@ class HttpSession:
     id: str
     version: str
     ended: threading.Event = dataclasses.field(default_factory=threading.Event)
-    streams: list[queue.Queue[dict[str, object]]] = dataclasses.field(default_factory=list)
+    streams: list[queue.Queue[JsonDoc]] = dataclasses.field(default_factory=list)
     # event id -> message to replay
-    resume: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    resume: dict[str, JsonDoc] = dataclasses.field(default_factory=dict)
 
 
 class McpHttpServer:
@@ -4180,7 +4183,7 @@ class McpHttpServer:
         self.cancelled: list[tuple[str | None, object, object]] = []  # (session, requestId, reason)
         self.slow_outcomes: list[str] = []  # cancelled | disconnected | finished
         self.tokens_seen: list[str] = []
-        self.answers: dict[str, tuple[threading.Event, list[dict[str, object]]]] = {}
+        self.answers: dict[str, tuple[threading.Event, list[JsonDoc]]] = {}
         self.sockets: dict[socket.socket, bool] = {}  # connection -> busy with a request
         self.closing = threading.Event()
         server = self
@@ -4218,7 +4221,7 @@ class McpHttpServer:
         """Close kept-alive connections that wait for their next request."""
         self._close_sockets(busy_too=False)
 
-    def broadcast(self, msg: dict[str, object]) -> None:
+    def broadcast(self, msg: JsonDoc) -> None:
         """Send a message on every session's GET stream."""
         with self.lock:
             streams = [q for s in self.sessions.values() for q in s.streams]
@@ -4321,7 +4324,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-    def _event(self, msg: dict[str, object] | None, event_id: str | None = None) -> None:
+    def _event(self, msg: JsonDoc | None, event_id: str | None = None) -> None:
         text = f"id: {event_id}\n" if event_id else ""
         text += f"data: {json.dumps(msg) if msg is not None else ''}\n\n"
         self._chunk(text.encode())
@@ -4339,7 +4342,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
     def _rpc_error(
         self, status: int, code: int, message: str, rid: object = None, data: object = None
     ) -> None:
-        error: dict[str, object] = {"code": code, "message": message}
+        error: JsonDoc = {"code": code, "message": message}
         if data is not None:
             error["data"] = data
         self._send_json(status, {"jsonrpc": "2.0", "id": rid, "error": error})
@@ -4421,7 +4424,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
             self._event(replay, f"{last}-1")
             self._end_sse()
             return
-        stream: queue.Queue[dict[str, object]] = queue.Queue()
+        stream: queue.Queue[JsonDoc] = queue.Queue()
         with owner.lock:
             session.streams.append(stream)
         self._start_sse()
@@ -4499,9 +4502,9 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
 
     def _stateless(
         self,
-        msg: dict[str, object],
+        msg: JsonDoc,
         method: str,
-        params: dict[str, object],
+        params: JsonDoc,
         version: str,
         seen: HttpSeen,
     ) -> None:
@@ -4568,9 +4571,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
 
     # -- the handshake era --
 
-    def _initialize(
-        self, msg: dict[str, object], params: dict[str, object], seen: HttpSeen
-    ) -> None:
+    def _initialize(self, msg: JsonDoc, params: JsonDoc, seen: HttpSeen) -> None:
         owner = self.owner
         asked = params.get("protocolVersion")
         version = asked if isinstance(asked, str) and asked in HTTP_HANDSHAKE else HTTP_HANDSHAKE[0]
@@ -4589,9 +4590,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
             {"Mcp-Session-Id": session.id},
         )
 
-    def _handshake(
-        self, msg: dict[str, object], method: str, params: dict[str, object], seen: HttpSeen
-    ) -> None:
+    def _handshake(self, msg: JsonDoc, method: str, params: JsonDoc, seen: HttpSeen) -> None:
         owner = self.owner
         rid = msg.get("id")
         sid = self.headers.get("Mcp-Session-Id")
@@ -4628,9 +4627,9 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(
         self,
-        msg: dict[str, object],
+        msg: JsonDoc,
         method: str,
-        params: dict[str, object],
+        params: JsonDoc,
         era: str,
         session: HttpSession | None,
         seen: HttpSeen,
@@ -4639,7 +4638,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         rid = msg.get("id")
         extra = {"resultType": "complete"} if era == "stateless" else {}
         if method == "server/discover":
-            result: dict[str, object] = {
+            result: JsonDoc = {
                 "supportedVersions": [HTTP_STATELESS],
                 "capabilities": {"tools": {"listChanged": True}},
                 "resultType": "complete",
@@ -4708,7 +4707,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
                 rid, {**http_text_result(f"unknown tool {name}"), "isError": True, **extra}
             )
 
-    def _answer(self, rid: object, result: dict[str, object]) -> None:
+    def _answer(self, rid: object, result: JsonDoc) -> None:
         msg = {"jsonrpc": "2.0", "id": rid, "result": result}
         if self.owner.sse_all:
             self._start_sse()
@@ -4720,11 +4719,11 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
     def _ask(self, rid: object) -> None:
         owner = self.owner
         ask_id = f"ask-{secrets.token_hex(4)}"
-        waiter: tuple[threading.Event, list[dict[str, object]]] = (threading.Event(), [])
+        waiter: tuple[threading.Event, list[JsonDoc]] = (threading.Event(), [])
         with owner.lock:
             owner.answers[ask_id] = waiter
         self._start_sse()
-        request: dict[str, object] = {
+        request: JsonDoc = {
             "jsonrpc": "2.0",
             "id": ask_id,
             "method": "sampling/createMessage",
@@ -4855,8 +4854,8 @@ class OAuthServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def metadata(self) -> dict[str, object]:
-        doc: dict[str, object] = {
+    def metadata(self) -> JsonDoc:
+        doc: JsonDoc = {
             "issuer": self.metadata_issuer,
             "authorization_endpoint": f"{self.base}/authorize",
             "token_endpoint": f"{self.base}/token",
@@ -4877,7 +4876,7 @@ class OAuthServer:
             doc["client_id_metadata_document_supported"] = True
         return doc
 
-    def _issue(self, client: str, resource: str) -> dict[str, object]:
+    def _issue(self, client: str, resource: str) -> JsonDoc:
         access = "at-" + secrets.token_hex(16)
         refresh = "rt-" + secrets.token_hex(16)
         with self.lock:
@@ -5041,7 +5040,7 @@ class _OAuthHandler(http.server.BaseHTTPRequestHandler):
             self._send_json(400, {"error": "unsupported_grant_type"})
 
 
-def server(fake: str, name: str, *flags: str, **extra: object) -> dict[str, object]:
+def server(fake: str, name: str, *flags: str, **extra: object) -> JsonDoc:
     """A registry entry for the fixture server."""
     return {"name": name, "command": sys.executable, "args": [fake, *flags], **extra}
 
@@ -5058,9 +5057,10 @@ class Client:
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
         )
-        self.responses: dict[object, dict[str, object]] = {}
-        self.notifications: list[dict[str, object]] = []
-        self.batches: list[list[dict[str, object]]] = []  # answers to JSON-RPC batches
+        self.responses: dict[object, JsonDoc] = {}
+        self.notifications: list[JsonDoc] = []
+        self.batches: list[list[JsonDoc]] = []  # answers to JSON-RPC batches
+        self.offered: JsonDoc = {}  # the capabilities initialize answered, when a test keeps them
         self.raw_lines: list[bytes] = []
         self.cond = threading.Condition()
         self.stderr_lines: list[str] = []
@@ -5092,18 +5092,18 @@ class Client:
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
 
-    def send(self, msg: dict[str, object]) -> None:
+    def send(self, msg: JsonDoc) -> None:
         self.send_raw(json.dumps(msg).encode() + b"\n")
 
-    def start(self, method: str, params: dict[str, object] | None = None) -> int:
+    def start(self, method: str, params: JsonDoc | None = None) -> int:
         self._next += 1
-        msg: dict[str, object] = {"jsonrpc": "2.0", "id": self._next, "method": method}
+        msg: JsonDoc = {"jsonrpc": "2.0", "id": self._next, "method": method}
         if params is not None:
             msg["params"] = params
         self.send(msg)
         return self._next
 
-    def wait(self, rid: object, timeout: float = 15) -> dict[str, object]:
+    def wait(self, rid: object, timeout: float = 15) -> JsonDoc:
         deadline = time.monotonic() + timeout
         with self.cond:
             while rid not in self.responses:
@@ -5115,14 +5115,12 @@ class Client:
                 self.cond.wait(left)
             return self.responses.pop(rid)
 
-    def request(
-        self, method: str, params: dict[str, object] | None = None, timeout: float = 15
-    ) -> dict[str, object]:
+    def request(self, method: str, params: JsonDoc | None = None, timeout: float = 15) -> JsonDoc:
         return self.wait(self.start(method, params), timeout)
 
     def initialize(
-        self, version: str = "2025-11-25", capabilities: dict[str, object] | None = None
-    ) -> dict[str, object]:
+        self, version: str = "2025-11-25", capabilities: JsonDoc | None = None
+    ) -> JsonDoc:
         res = self.request(
             "initialize",
             {
@@ -5134,30 +5132,28 @@ class Client:
         self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         return res
 
-    def tools(self) -> dict[str, dict[str, object]]:
+    def tools(self) -> dict[str, JsonDoc]:
         res = self.request("tools/list")["result"]
         assert isinstance(res, dict)
         return {t["name"]: t for t in res["tools"]}
 
-    def call(
-        self, name: str, arguments: dict[str, object] | None = None, timeout: float = 15
-    ) -> dict[str, object]:
+    def call(self, name: str, arguments: JsonDoc | None = None, timeout: float = 15) -> JsonDoc:
         return self.request("tools/call", {"name": name, "arguments": arguments or {}}, timeout)
 
-    def text(self, name: str, arguments: dict[str, object] | None = None) -> str:
+    def text(self, name: str, arguments: JsonDoc | None = None) -> str:
         res = self.call(name, arguments)["result"]
-        return str(res["content"][0]["text"])  # type: ignore[index]
+        return str(res["content"][0]["text"])
 
-    def health(self) -> dict[str, object]:
+    def health(self) -> JsonDoc:
         return json.loads(self.text(rea.HEALTH_TOOL))  # type: ignore[no-any-return]
 
-    def downstream(self, name: str) -> dict[str, object]:
-        for d in self.health()["downstreams"]:  # type: ignore[attr-defined]
+    def downstream(self, name: str) -> JsonDoc:
+        for d in self.health()["downstreams"]:
             if d["name"] == name:
                 return d  # type: ignore[no-any-return]
         raise AssertionError(name)
 
-    def wait_notification(self, method: str, timeout: float = 10) -> dict[str, object]:
+    def wait_notification(self, method: str, timeout: float = 10) -> JsonDoc:
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -5195,7 +5191,7 @@ def running(
     return c
 
 
-def poll(condition: Callable[[], object], timeout: float = 10, what: str = "condition") -> object:
+def poll(condition: Callable[[], object], timeout: float = 10, what: str = "condition") -> Any:
     """Wait for a condition with a deadline (never a bare sleep as synchronisation)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -5223,7 +5219,7 @@ def pid_alive(pid: int) -> bool:
 def rea_project(tmp_path: Path) -> Callable[..., Path]:
     """Make a rea_project root with .rea/registry.json (and optionally policy.yaml)."""
 
-    def make(servers: list[dict[str, object]], policy: str | None = None) -> Path:
+    def make(servers: list[JsonDoc], policy: str | None = None) -> Path:
         rea_dir = tmp_path / ".rea"
         rea_dir.mkdir(exist_ok=True)
         (rea_dir / "registry.json").write_text(json.dumps({"version": "1", "servers": servers}))
@@ -5282,7 +5278,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def audit_records(root: Path) -> list[dict[str, object]]:
+def audit_records(root: Path) -> list[JsonDoc]:
     path = root / ".rea" / "audit.jsonl"
     if not path.exists():
         return []
@@ -5532,7 +5528,7 @@ class TestSection5Eras:
         )
 
 
-META_2026: dict[str, object] = {
+META_2026: JsonDoc = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
     "io.modelcontextprotocol/clientCapabilities": {},
 }
@@ -5603,10 +5599,10 @@ class TestSection5PeopleAreClientsToo:
         assert proc.stdout is not None and proc.stdout.read() == b""  # stdout stays the protocol
 
 
-TASKS_CLIENT = {"tasks": {"list": {}, "cancel": {}, "requests": {}}}
+TASKS_CLIENT: JsonDoc = {"tasks": {"list": {}, "cancel": {}, "requests": {}}}
 
 
-def task_servers(task_server: str, counter: Path) -> list[dict[str, object]]:
+def task_servers(task_server: str, counter: Path) -> list[JsonDoc]:
     return [
         {"name": name, "command": sys.executable, "args": [task_server, str(counter)]}
         for name in ("a", "b")
@@ -5618,8 +5614,9 @@ class TestSection5Tasks:
     record per call at its final outcome; HALT and policy at its start."""
 
     def _client(self, gateway, root: Path, tasks: bool = True) -> Client:
-        c = gateway(root)
-        c.caps = c.initialize(capabilities=TASKS_CLIENT if tasks else {})["result"]["capabilities"]  # type: ignore[attr-defined]
+        c: Client = gateway(root)
+        init = c.initialize(capabilities=TASKS_CLIENT if tasks else {})
+        c.offered = init["result"]["capabilities"]
         return c
 
     def test_required_task_tools_are_listed_only_to_a_task_capable_client(
@@ -5628,12 +5625,7 @@ class TestSection5Tasks:
         root = rea_project(task_servers(task_server, tmp_path / "n"))
         c = self._client(gateway, root)
         assert {"a__research", "a__quick"} <= set(c.tools())
-        assert (
-            "tasks"
-            in c.initialize.__self__.request(
-                "initialize", {"protocolVersion": "2025-11-25", "capabilities": TASKS_CLIENT}
-            )["result"]["capabilities"]
-        )  # type: ignore[attr-defined]
+        assert c.offered["tasks"]["requests"] == {"tools": {"call": {}}}
         plain = self._client(gateway, root, tasks=False)
         listed = plain.tools()
         assert "a__quick" in listed and "a__research" not in listed
@@ -5657,20 +5649,23 @@ class TestSection5Tasks:
             made[name] = res["task"]["taskId"]
             assert made[name].startswith("rea-task-") and res["task"]["status"] == "working"
         assert made["a"] != made["b"]  # both servers said t-1
+
+        def status_of(task_id: str) -> Callable[[], JsonDoc | None]:
+            def seen() -> JsonDoc | None:
+                for n in c.notifications:
+                    params = n.get("params") or {}
+                    if (
+                        n.get("method") == "notifications/tasks/status"
+                        and params.get("taskId") == task_id
+                    ):
+                        return n
+                return None
+
+            return seen
+
         for task_id in made.values():
-            note = poll(
-                lambda task_id=task_id: next(
-                    (
-                        n
-                        for n in c.notifications
-                        if n.get("method") == "notifications/tasks/status"
-                        and n["params"]["taskId"] == task_id
-                    ),
-                    None,
-                ),
-                what="the task's status notification",
-            )
-            assert note["params"]["status"] == "completed"  # type: ignore[index]
+            note = poll(status_of(task_id), what="the task's status notification")
+            assert note["params"]["status"] == "completed"
             got = c.request("tasks/get", {"taskId": task_id})["result"]
             assert got["taskId"] == task_id and got["status"] == "completed"
         assert not [r for r in _govern_tool_records(root) if r["tool_name"] == "research"]
@@ -5702,8 +5697,8 @@ class TestSection5Tasks:
             lambda: [r for r in _govern_tool_records(root) if r["tool_name"] == "research"],
             what="the cancelled task's record",
         )
-        assert len(records) == 1 and records[0]["status"] == "error"  # type: ignore[arg-type, index]
-        assert records[0]["metadata"]["task_status"] == "cancelled"  # type: ignore[index]
+        assert len(records) == 1 and records[0]["status"] == "error"
+        assert records[0]["metadata"]["task_status"] == "cancelled"
 
     def test_halt_refuses_a_task_at_its_start(self, task_server, rea_project, gateway, tmp_path):
         counter = tmp_path / "n"
@@ -5751,7 +5746,7 @@ class TestSection3ToolFiltering:
         many = [{"name": f"t{i}", "inputSchema": {"type": "object"}} for i in range(120)]
         root = rea_project([server(fake_server, "big", "--tools-json", json.dumps(many))])
         c = running(gateway, root)
-        offered = c.health()["summary"]["total_tools"] + 1  # type: ignore[index, operator]
+        offered = c.health()["summary"]["total_tools"] + 1
         assert offered > 120
         poll(
             lambda: (_audit_status_state(root) or {}).get("tools_offered") == offered,
@@ -5796,7 +5791,7 @@ class TestSection5Batches:
         ]
         c.send_raw(json.dumps(batch).encode() + b"\n")
         got = poll(lambda: c.batches and c.batches[0], what="the batch's array")
-        by_id = {m["id"]: m for m in got}  # type: ignore[union-attr]
+        by_id = {m["id"]: m for m in got}
         assert set(by_id) == {"p", "c", None, "u"}
         assert by_id["p"]["result"] == {}
         assert by_id["c"]["result"]["structuredContent"] == {"x": 1}
@@ -5813,7 +5808,7 @@ class TestSection5Batches:
         c.initialize("2025-11-25")
         c.send_raw(b'[{"jsonrpc": "2.0", "id": 9, "method": "ping"}]\n')
         err = c.wait(None)
-        assert err["error"]["code"] == -32600 and 9 not in c.responses  # type: ignore[index]
+        assert err["error"]["code"] == -32600 and 9 not in c.responses
         assert c.request("ping")["result"] == {}
 
 
@@ -5938,7 +5933,7 @@ class TestSection5Shutdown:
         assert (root / ".rea" / "serve.pid").read_text().strip() == str(c.proc.pid)
         assert c.close() == 0
         for pid in pids:
-            poll(lambda pid=pid: not pid_alive(pid), what=f"child {pid} gone")
+            poll(lambda: not pid_alive(pid), what=f"child {pid} gone")  # noqa: B023
         assert not (root / ".rea" / "serve.pid").exists()
 
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -6392,7 +6387,7 @@ STATELESS_SAMPLING_META = {
 }
 
 
-def sample_until_input_required(c: Client) -> dict[str, object]:
+def sample_until_input_required(c: Client) -> JsonDoc:
     """A stateless client calls old__sample; rea answers input_required for the child."""
     c.request("tools/list", {"_meta": STATELESS_SAMPLING_META})
     params = {"name": "old__sample", "arguments": {}, "_meta": STATELESS_SAMPLING_META}
@@ -6693,7 +6688,7 @@ class TestSection9AuditFailure:
 
 
 def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
-    fields: dict[str, object] = {
+    fields: JsonDoc = {
         "name": name,
         "command": "npx",
         "args": ("-y", "@modelcontextprotocol/server-github"),
@@ -6701,11 +6696,11 @@ def _trust_spec(name: str = "github", **changes: object) -> rea.ServerSpec:
         "env_passthrough": ("LANG",),
     }
     fields.update(changes)
-    return rea.ServerSpec(**fields)  # type: ignore[arg-type]
+    return rea.ServerSpec(**fields)
 
 
-def _trust_tool(name: str = "create_issue", **changes: object) -> dict[str, object]:
-    tool: dict[str, object] = {
+def _trust_tool(name: str = "create_issue", **changes: object) -> JsonDoc:
+    tool: JsonDoc = {
         "name": name,
         "description": f"{name}: does its job",
         "inputSchema": {"type": "object", "properties": {"title": {"type": "string"}}},
@@ -6736,22 +6731,22 @@ def _trust_registry(tmp_path: Path, *specs: rea.ServerSpec) -> None:
     (_trust_rea_dir(tmp_path) / "registry.json").write_text(text)
 
 
-def _trust_file(tmp_path: Path) -> dict[str, object]:
+def _trust_file(tmp_path: Path) -> JsonDoc:
     value = json.loads((tmp_path / ".rea" / "fingerprints.json").read_text())
     assert isinstance(value, dict)
     return value
 
 
 def _trust_lister(
-    tools: list[dict[str, object]],
-) -> Callable[[rea.ServerSpec], list[dict[str, object]]]:
-    def list_tools(spec: rea.ServerSpec) -> list[dict[str, object]]:
+    tools: list[JsonDoc],
+) -> Callable[[rea.ServerSpec], list[JsonDoc]]:
+    def list_tools(spec: rea.ServerSpec) -> list[JsonDoc]:
         return [dict(t) for t in tools]
 
     return list_tools
 
 
-def _trust_pinned(tmp_path: Path, spec: rea.ServerSpec, tools: list[dict[str, object]]) -> None:
+def _trust_pinned(tmp_path: Path, spec: rea.ServerSpec, tools: list[JsonDoc]) -> None:
     pins = rea.Fingerprints(_trust_rea_dir(tmp_path))
     assert pins.check_server(spec) is None
     pins.check_tools(spec.name, tools)
@@ -6762,7 +6757,7 @@ class TestSection10Servers:
         pins = rea.Fingerprints(_trust_rea_dir(tmp_path))
         assert pins.error is None
         assert pins.check_server(_trust_spec()) is None
-        entry = _trust_file(tmp_path)["servers"]["github"]  # type: ignore[index]
+        entry = _trust_file(tmp_path)["servers"]["github"]
         assert entry["definition"] == {
             "command": "npx",
             "args": ["-y", "@modelcontextprotocol/server-github"],
@@ -6822,7 +6817,7 @@ class TestSection10Servers:
         rea.Fingerprints(_trust_rea_dir(tmp_path)).check_server(_trust_spec())
         # a run without github in the registry: other servers pinned, github's pin kept
         rea.Fingerprints(tmp_path / ".rea").check_server(_trust_spec("gitlab", command="glab"))
-        assert "github" in _trust_file(tmp_path)["servers"]  # type: ignore[operator]
+        assert "github" in _trust_file(tmp_path)["servers"]
         back = rea.Fingerprints(tmp_path / ".rea").check_server(_trust_spec(command="evil"))
         assert back is not None and "command changed" in back
 
@@ -6845,18 +6840,18 @@ class TestSection10RemoteServers:
     """§10: a remote server is pinned by its URL and its header names, never their values."""
 
     def spec(self, **changes: object) -> rea.ServerSpec:
-        fields: dict[str, object] = {
+        fields: JsonDoc = {
             "name": "linear",
             "url": "https://mcp.linear.app/mcp",
             "headers": {"X-Team": "${LINEAR_TEAM}", "X-Key": "literal-secret-value"},
         }
         fields.update(changes)
-        return rea.ServerSpec(**fields)  # type: ignore[arg-type]
+        return rea.ServerSpec(**fields)
 
     def test_the_pin_is_the_url_and_the_header_names(self, tmp_path: Path) -> None:
         pins = rea.Fingerprints(_trust_rea_dir(tmp_path))
         assert pins.check_server(self.spec()) is None
-        entry = _trust_file(tmp_path)["servers"]["linear"]  # type: ignore[index]
+        entry = _trust_file(tmp_path)["servers"]["linear"]
         assert entry["definition"] == {
             "url": "https://mcp.linear.app/mcp",
             "header_keys": ["X-Key", "X-Team"],
@@ -6899,7 +6894,7 @@ class TestSection10Tools:
         pins.check_server(_trust_spec())
         verdict = pins.check_tools("github", [_trust_tool(), _trust_tool("list_issues")])
         assert verdict == rea.ToolVerdict((), ("create_issue", "list_issues"), {}, ())
-        tools = _trust_file(tmp_path)["servers"]["github"]["tools"]  # type: ignore[index]
+        tools = _trust_file(tmp_path)["servers"]["github"]["tools"]
         assert tools["create_issue"]["hash"] == rea.tool_hash(_trust_tool())
         assert tools["create_issue"]["pinned"] == rea.tool_fingerprint(_trust_tool())
 
@@ -6923,7 +6918,7 @@ class TestSection10Tools:
         ],
     )
     def test_a_changed_tool_is_withheld_with_what_changed(
-        self, tmp_path: Path, change: dict[str, object], reason: str
+        self, tmp_path: Path, change: JsonDoc, reason: str
     ) -> None:
         _trust_pinned(tmp_path, _trust_spec(), [_trust_tool(), _trust_tool("list_issues")])
         pins = rea.Fingerprints(tmp_path / ".rea")
@@ -6944,7 +6939,7 @@ class TestSection10Tools:
             ("icons", [{"src": "https://x/i.png"}]),
             ("execution", {"taskSupport": "required"}),
         ):
-            verdict = pins.check_tools("github", [_trust_tool(**{field: value})])
+            verdict = pins.check_tools("github", [{**_trust_tool(), field: value}])
             assert verdict.changed == {"create_issue": f"{field} changed"}
 
     def test_a_pin_from_before_titles_were_pinned_still_matches_and_is_completed(
@@ -6977,7 +6972,7 @@ class TestSection10Tools:
         verdict = pins.check_tools("github", [_trust_tool(), _trust_tool("merge_pr")])
         assert verdict.new == ("merge_pr",)
         assert verdict.trusted == ("create_issue",)
-        tools = _trust_file(tmp_path)["servers"]["github"]["tools"]  # type: ignore[index]
+        tools = _trust_file(tmp_path)["servers"]["github"]["tools"]
         assert set(tools) == {"create_issue", "merge_pr"}
 
     def test_removed_tools_are_reported_and_their_pin_kept(self, tmp_path: Path) -> None:
@@ -7130,10 +7125,10 @@ class TestSection7GovernanceActs:
         _govern_write_policy(root, "autonomy_level: L0\n")
         digest = hashlib.sha256((root / ".rea" / "policy.yaml").read_bytes()).hexdigest()
 
-        def reloaded() -> list[dict[str, object]]:
+        def reloaded() -> list[JsonDoc]:
             return [r for r in audit_records(root) if r["tool_name"] == "policy.reload"]
 
-        record = poll(reloaded, what="the reload record")[0]  # type: ignore[index]
+        record = poll(reloaded, what="the reload record")[0]
         assert record["server_name"] == "rea" and record["tier"] == "write"
         assert record["metadata"]["sha256"] == digest
         c.close()
@@ -7426,7 +7421,7 @@ def write_json(path: Path, doc: object) -> Path:
     return path
 
 
-def printed_servers(output: str) -> dict[str, object]:
+def printed_servers(output: str) -> JsonDoc:
     """The mcpServers object init printed for the client (the JSON after its last line)."""
     start = output.index("\n{", output.index("use this as its mcpServers")) + 1
     doc = json.loads(output[start:])
@@ -7442,7 +7437,7 @@ def entry_lines(output: str) -> list[str]:
     return [line for line in report.splitlines() if line.startswith('  "')]
 
 
-def rea_entry(root: Path) -> dict[str, object]:
+def rea_entry(root: Path) -> JsonDoc:
     return rea.gateway_launch(INIT_REA_PY, root)
 
 
@@ -7621,7 +7616,7 @@ class TestSection11Init:
         servers = printed_servers(output)
         assert list(servers) == ["rea", "notion"]
         assert servers["rea"] == rea_entry(tmp_path)
-        assert servers["notion"] == CLAUDE_CODE_MCP["mcpServers"]["notion"]  # type: ignore[index]
+        assert servers["notion"] == CLAUDE_CODE_MCP["mcpServers"]["notion"]
         names = [s.name for s in rea.load_registry(tmp_path / ".rea").servers]
         assert "linear" in names and "notion" not in names
 
@@ -7840,7 +7835,7 @@ class TestSection11Init:
         original = registry.read_bytes()
         doc = {
             "mcpServers": {
-                **CLAUDE_CODE_MCP["mcpServers"],  # type: ignore[dict-item]
+                **CLAUDE_CODE_MCP["mcpServers"],
                 "memory": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-memory"]},
             }
         }
@@ -8301,12 +8296,12 @@ def _audit_status_cli(root: Path, *argv: str) -> subprocess.CompletedProcess[str
     )
 
 
-def _audit_status_json(root: Path) -> tuple[int, dict[str, object]]:
+def _audit_status_json(root: Path) -> tuple[int, JsonDoc]:
     out = _audit_status_cli(root, "status", "--json")
     return out.returncode, json.loads(out.stdout)
 
 
-def _audit_status_hash(record: dict[str, object]) -> str:
+def _audit_status_hash(record: JsonDoc) -> str:
     """An independent re-implementation of the §7 record hash."""
     body = {k: v for k, v in record.items() if k != "hash"}
     return hashlib.sha256(
@@ -8314,7 +8309,7 @@ def _audit_status_hash(record: dict[str, object]) -> str:
     ).hexdigest()
 
 
-def _audit_status_check_chain(records: list[dict[str, object]]) -> None:
+def _audit_status_check_chain(records: list[JsonDoc]) -> None:
     """Every record's hash recomputes, keys are in §7 order, prev_hash links from 64 zeros."""
     prev = _AUDIT_STATUS_ZERO
     for i, rec in enumerate(records):
@@ -8333,7 +8328,7 @@ def _audit_status_check_chain(records: list[dict[str, object]]) -> None:
         prev = str(rec["hash"])
 
 
-def _audit_status_args_digest(args: dict[str, object]) -> str:
+def _audit_status_args_digest(args: JsonDoc) -> str:
     canonical = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -8347,7 +8342,7 @@ class TestSection7AuditEndToEnd:
     ):
         root = rea_project([server(fake_server, "alpha"), server(fake_server, "beta")])
         c = running(gateway, root)
-        session = c.health()["gateway"]["session_id"]  # type: ignore[index]
+        session = c.health()["gateway"]["session_id"]
         halt = root / ".rea" / "HALT"
 
         def one(action):  # the action's record, checking it was the only one appended
@@ -8595,9 +8590,10 @@ class TestSection7AuditEndToEnd:
 # §8 Live state and status ##########################################################
 
 
-def _audit_status_state(root: Path) -> dict[str, object] | None:
+def _audit_status_state(root: Path) -> JsonDoc | None:
     try:
-        return json.loads((root / ".rea" / "serve.state.json").read_bytes())
+        state: JsonDoc = json.loads((root / ".rea" / "serve.state.json").read_bytes())
+        return state
     except (OSError, ValueError):
         return None
 
@@ -8610,7 +8606,7 @@ class TestSection8StatusEndToEnd:
         c = running(gateway, root)
         c.call("alpha__echo", {"x": 1})
 
-        def shaped() -> dict[str, object] | None:
+        def shaped() -> JsonDoc | None:
             _, rep = _audit_status_json(root)
             serve = rep.get("serve") or {}
             return rep if serve.get("downstreams") else None
@@ -8802,17 +8798,17 @@ class TestSection8StatusEndToEnd:
         path = root / ".rea" / "serve.state.json"
         poll(path.exists, what="state file")
         stop = threading.Event()
-        seen: dict[str, object] = {"reads": 0, "bad": [], "updated": set()}
+        seen: JsonDoc = {"reads": 0, "bad": [], "updated": set()}
 
         def reader() -> None:
             while not stop.is_set():
                 try:
                     data = path.read_bytes()
                     doc = json.loads(data)
-                    seen["updated"].add(doc["updated_at"])  # type: ignore[attr-defined]
+                    seen["updated"].add(doc["updated_at"])
                 except (OSError, ValueError, KeyError) as exc:
-                    seen["bad"].append(repr(exc))  # type: ignore[attr-defined]
-                seen["reads"] += 1  # type: ignore[operator]
+                    seen["bad"].append(repr(exc))
+                seen["reads"] += 1
 
         t = threading.Thread(target=reader)
         t.start()
@@ -8839,7 +8835,7 @@ class TestSection8StatusEndToEnd:
             stop.set()
             t.join(10)
         assert seen["bad"] == []
-        assert seen["reads"] > 50 and len(seen["updated"]) >= 2  # type: ignore[arg-type, operator]
+        assert seen["reads"] > 50 and len(seen["updated"]) >= 2
 
     def test_second_serve_in_the_same_root_does_not_take_over_the_state(
         self, fake_server, rea_project, gateway
@@ -8918,7 +8914,7 @@ for line in sys.stdin:
 """
 
 
-def _trust_tool_defs() -> list[dict[str, object]]:
+def _trust_tool_defs() -> list[JsonDoc]:
     return [
         {
             "name": "get_item",
@@ -8940,7 +8936,7 @@ def _trust_tool_defs() -> list[dict[str, object]]:
     ]
 
 
-def _trust_downstream(tmp_path: Path, name: str = "s") -> tuple[dict[str, object], Path]:
+def _trust_downstream(tmp_path: Path, name: str = "s") -> tuple[JsonDoc, Path]:
     """A registry entry for the file-driven server, and the file that holds its tools."""
     script = tmp_path / "trust_fixture_server.py"
     script.write_text(_TRUST_SERVER)
@@ -8949,7 +8945,7 @@ def _trust_downstream(tmp_path: Path, name: str = "s") -> tuple[dict[str, object
     return {"name": name, "command": sys.executable, "args": [str(script), str(defs)]}, defs
 
 
-def _trust_write_defs(defs: Path, tools: list[dict[str, object]]) -> None:
+def _trust_write_defs(defs: Path, tools: list[JsonDoc]) -> None:
     tmp = defs.with_suffix(".tmp")
     tmp.write_text(json.dumps(tools))
     tmp.replace(defs)  # the server may read it at any moment: never half a file
@@ -8972,7 +8968,7 @@ def _trust_cli(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _trust_pins(root: Path) -> dict[str, object]:
+def _trust_pins(root: Path) -> JsonDoc:
     return json.loads((root / ".rea" / "fingerprints.json").read_text())  # type: ignore[no-any-return]
 
 
@@ -8984,18 +8980,18 @@ def _trust_status_showing(
     return done if text in done.stdout else None
 
 
-def _trust_echo_pair(fake_server: str) -> list[dict[str, object]]:
+def _trust_echo_pair(fake_server: str) -> list[JsonDoc]:
     """Two fixture servers, `a` and `b`, each listing only `echo`."""
     return [server(fake_server, name, "--tools", "echo") for name in ("a", "b")]
 
 
-def _trust_denial(c: Client, name: str, arguments: dict[str, object] | None = None) -> str:
+def _trust_denial(c: Client, name: str, arguments: JsonDoc | None = None) -> str:
     res = c.call(name, arguments)["result"]
     assert res["isError"] is True, res
     return str(res["content"][0]["text"])
 
 
-def _trust_logged(c: Client, event: str) -> list[dict[str, object]]:
+def _trust_logged(c: Client, event: str) -> list[JsonDoc]:
     out = []
     for line in list(c.stderr_lines):
         try:
@@ -9422,7 +9418,7 @@ def _govern_cli(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _govern_text(res: dict[str, object]) -> str:
+def _govern_text(res: JsonDoc) -> str:
     """The single text item of a tools/call result (denials have exactly one)."""
     result = res["result"]
     assert isinstance(result, dict), res
@@ -9431,7 +9427,7 @@ def _govern_text(res: dict[str, object]) -> str:
     return str(content[0]["text"])
 
 
-def _govern_assert_denied(res: dict[str, object], *needles: str) -> str:
+def _govern_assert_denied(res: JsonDoc, *needles: str) -> str:
     """A denial: a normal result, isError true, one text item `rea: denied: ...`."""
     result = res.get("result")
     assert isinstance(result, dict), f"expected a denial result, got {res}"
@@ -9444,7 +9440,7 @@ def _govern_assert_denied(res: dict[str, object], *needles: str) -> str:
     return text
 
 
-def _govern_tool_records(root: Path) -> list[dict[str, object]]:
+def _govern_tool_records(root: Path) -> list[JsonDoc]:
     """Audit records of tool calls (not the gateway's own records, nor governance acts)."""
     return [r for r in audit_records(root) if r["server_name"] not in ("__rea__", "rea")]
 
@@ -9458,7 +9454,7 @@ def _govern_write_policy(root: Path, text: str) -> None:
     path.write_text(f"{text}\n{pad}\n")
 
 
-def _govern_policy_errors(c: Client) -> list[dict[str, object]]:
+def _govern_policy_errors(c: Client) -> list[JsonDoc]:
     """Error-level log lines of the gateway that are about the policy."""
     found = []
     for line in list(c.stderr_lines):
@@ -9475,7 +9471,7 @@ def _govern_policy_errors(c: Client) -> list[dict[str, object]]:
     return found
 
 
-def _govern_start(fake: str, root: Path, servers: list[dict[str, object]], policy: str) -> Client:
+def _govern_start(fake: str, root: Path, servers: list[JsonDoc], policy: str) -> Client:
     """A gateway built from the same pieces as the `gateway` fixture, for class scope."""
     rea_dir = root / ".rea"
     rea_dir.mkdir(parents=True, exist_ok=True)
@@ -9917,28 +9913,28 @@ _DOTS = "./" * 2100  # over PATH_MAX once joined: the server still normalises it
 _FILES_DENIAL = ("rea: denied: argument names a blocked path", "rea: denied: argument names '/")
 
 
-def _r(path: str) -> tuple[str, dict[str, object]]:
+def _r(path: str) -> tuple[str, JsonDoc]:
     return ("read_file", {"path": path})
 
 
-def _w(path: str) -> tuple[str, dict[str, object]]:
+def _w(path: str) -> tuple[str, JsonDoc]:
     return ("write_file", {"path": path, "content": _PWNED})
 
 
-def _mv(source: str, destination: str = "stolen.txt") -> tuple[str, dict[str, object]]:
+def _mv(source: str, destination: str = "stolen.txt") -> tuple[str, JsonDoc]:
     return ("move_file", {"source": source, "destination": destination})
 
 
-def _sync(files: dict[str, object]) -> tuple[str, dict[str, object]]:
+def _sync(files: JsonDoc) -> tuple[str, JsonDoc]:
     return ("sync_files", {"files": files})
 
 
-def _rm(*paths: str) -> tuple[str, dict[str, object]]:
+def _rm(*paths: str) -> tuple[str, JsonDoc]:
     return ("read_multiple_files", {"paths": ["notes.txt", *paths]})
 
 
 # (class, (tool, arguments)); {root} {outside} {name} {cpid} {fd} are filled in per gateway.
-_FILES_ATTACKS: list[tuple[str, tuple[str, dict[str, object]]]] = [
+_FILES_ATTACKS: list[tuple[str, tuple[str, JsonDoc]]] = [
     ("whitespace", _r("x y/../.env")),
     ("whitespace", _r("sub/a b/../../.env")),
     ("whitespace", _r("secrets/prod creds.txt")),
@@ -10154,8 +10150,8 @@ def _files_project(base: Path) -> tuple[Path, Path]:
     return root, outside
 
 
-def _files_snapshot(root: Path) -> dict[str, object]:
-    snap: dict[str, object] = {}
+def _files_snapshot(root: Path) -> JsonDoc:
+    snap: JsonDoc = {}
     for rel in _FILES_PROTECTED:
         st = os.lstat(root / rel)
         snap[rel] = ((root / rel).read_bytes(), st.st_mtime_ns)
@@ -10191,7 +10187,7 @@ def files_gateway(
     c = Client(root, env={"HOME": str(root)})
     c.initialize()
     c.tools()
-    cpid = int(c.downstream("fs")["pid"])  # type: ignore[call-overload]
+    cpid = int(c.downstream("fs")["pid"])
     subst = {
         "root": str(root),
         "outside": str(outside),
@@ -10252,7 +10248,7 @@ class TestSection6BlockedPathsAgainstFileServers:
         c, root, _subst = files_gateway
         target = f"notes/pass-{_FILES_ORDINARY.index(arg)}.txt"
         res = c.call("fs__write_file", {"path": target, "content": arg})
-        assert res["result"].get("isError") is not True, res  # type: ignore[union-attr]
+        assert res["result"].get("isError") is not True, res
         assert (root / target).read_text() == arg
         assert "rea: denied" not in json.dumps(c.call("fs__read_file", {"path": arg}))
         assert "rea: denied" not in json.dumps(c.call("fs__sync_files", {"files": {arg: {}}}))
@@ -10928,12 +10924,12 @@ def control_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def control(script: str, name: str, log: Path, *flags: str) -> dict[str, object]:
+def control(script: str, name: str, log: Path, *flags: str) -> JsonDoc:
     """A registry entry for the control server, logging to `log`."""
     return {"name": name, "command": sys.executable, "args": [script, "--log", str(log), *flags]}
 
 
-def events(log: Path, event: str, tag: object = None) -> list[dict[str, object]]:
+def events(log: Path, event: str, tag: object = None) -> list[JsonDoc]:
     """The control server's log lines of one kind (and one tag, when given)."""
     if not log.exists():
         return []
@@ -10942,18 +10938,18 @@ def events(log: Path, event: str, tag: object = None) -> list[dict[str, object]]
     return [e for e in found if e["event"] == event and (tag is None or e.get("tag") == tag)]
 
 
-def answers_to(c: Client, rid: object) -> list[dict[str, object]]:
+def answers_to(c: Client, rid: object) -> list[JsonDoc]:
     """Every response line the gateway wrote for one request id (a request of its own,
     to the client, has a `method` and is not counted)."""
     msgs = [json.loads(line) for line in list(c.raw_lines)]
     return [m for m in msgs if "method" not in m and m.get("id") == rid]
 
 
-def tool_records(root: Path, tool: str) -> list[dict[str, object]]:
+def tool_records(root: Path, tool: str) -> list[JsonDoc]:
     return [r for r in audit_records(root) if r["tool_name"] == tool]
 
 
-def digest(arguments: dict[str, object]) -> str:
+def digest(arguments: JsonDoc) -> str:
     """`metadata.args_sha256` as §7 defines it."""
     canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -10966,8 +10962,8 @@ def round_trip(c: Client) -> None:
     assert "supportedVersions" in found["result"], found
 
 
-def stateless_call(c: Client, name: str, arguments: dict[str, object], **extra: object) -> int:
-    params: dict[str, object] = {
+def stateless_call(c: Client, name: str, arguments: JsonDoc, **extra: object) -> int:
+    params: JsonDoc = {
         "name": name,
         "arguments": arguments,
         "_meta": STATELESS_SAMPLING_META,
@@ -10979,7 +10975,7 @@ def stateless_call(c: Client, name: str, arguments: dict[str, object], **extra: 
 SAMPLING_ANSWER = {"role": "assistant", "content": {"type": "text", "text": "Ada"}, "model": "m"}
 
 
-def answer_client_request(c: Client, request: dict[str, object]) -> None:
+def answer_client_request(c: Client, request: JsonDoc) -> None:
     c.send({"jsonrpc": "2.0", "id": request["id"], "result": SAMPLING_ANSWER})
 
 
@@ -11043,7 +11039,7 @@ class TestSection5ShutdownWithCallsInFlight:
 
     @staticmethod
     def assert_each_call_audited_and_answered(
-        c: Client, root: Path, calls: dict[int, dict[str, object]]
+        c: Client, root: Path, calls: dict[int, JsonDoc]
     ) -> None:
         records = tool_records(root, "tag")
         assert len(records) == len(calls), f"{len(records)} audit records for {len(calls)} calls"
@@ -11179,7 +11175,7 @@ class TestSection5NothingTheClientSendsEndsTheSession:
 # §6 The call lifecycle #######################################################
 
 
-def is_denied(answer: dict[str, object]) -> bool:
+def is_denied(answer: JsonDoc) -> bool:
     """A refusal: a `rea: denied:` result (§5), or a JSON-RPC error."""
     if "error" in answer:
         return True
@@ -11509,8 +11505,8 @@ class Soak:
         self.logs = logs
         self.sent: dict[int, str] = {}  # request id -> what it was, for messages
         self.cancelled: set[int] = set()
-        self.calls: dict[int, dict[str, object]] = {}  # tools/call id -> its arguments
-        self.logical: dict[str, dict[str, object]] = {}  # tag -> arguments of its one call
+        self.calls: dict[int, JsonDoc] = {}  # tools/call id -> its arguments
+        self.logical: dict[str, JsonDoc] = {}  # tag -> arguments of its one call
         self.first_of: dict[str, str] = {}  # retry tag -> tag of the call it may continue
         self.named: dict[str, str] = {}  # tag -> tool and era, for messages
         self.followed: set[int] = set()  # calls whose input_required was dealt with
@@ -11527,8 +11523,8 @@ class Soak:
         self.n += 1
         return f"t{self.n}"
 
-    def call(self, name: str, args: dict[str, object], stateless: bool, **extra: object) -> int:
-        params: dict[str, object] = {"name": name, "arguments": args, **extra}
+    def call(self, name: str, args: JsonDoc, stateless: bool, **extra: object) -> int:
+        params: JsonDoc = {"name": name, "arguments": args, **extra}
         if stateless:
             params["_meta"] = STATELESS_SAMPLING_META
         rid = self.c.start("tools/call", params)
@@ -11601,7 +11597,7 @@ class Soak:
         else:
             self.health()
 
-    def health(self) -> dict[str, object]:
+    def health(self) -> JsonDoc:
         """Each server's pid now (and remember every child pid seen)."""
         rid = self.c.start("tools/call", {"name": "__rea__health", "arguments": {}})
         self.sent[rid] = "__rea__health"
@@ -11771,7 +11767,7 @@ class TestSection5RedTeamFindings:
         expired: dict[str, float] = {}
         started = threading.Event()
 
-        def slow(msg: dict[str, object]) -> None:  # an fsync'd audit record, say
+        def slow(msg: JsonDoc) -> None:  # an fsync'd audit record, say
             expired["a"] = time.monotonic()
             started.set()
             time.sleep(0.3)
@@ -11780,7 +11776,7 @@ class TestSection5RedTeamFindings:
             wire.ask("sampling/createMessage", {}, 0.1, slow)
             assert started.wait(5)
             asked = time.monotonic()
-            wire.ask("roots/list", {}, 0.1, lambda m: expired.setdefault("b", time.monotonic()))
+            wire.ask("roots/list", {}, 0.1, lambda m: expired.update(b=time.monotonic()))
             poll(lambda: "b" in expired, timeout=3, what="the second deadline")
             assert expired["b"] - asked < 1.0
         finally:
@@ -12406,11 +12402,11 @@ class HttpRecorder:
     """on_message / on_exit of a transport, kept for assertions."""
 
     def __init__(self) -> None:
-        self.messages: list[dict[str, object]] = []
+        self.messages: list[JsonDoc] = []
         self.exits: list[int | None] = []
-        self.reply: Callable[[rea.StreamableHttpTransport, dict[str, object]], None] | None = None
+        self.reply: Callable[[rea.StreamableHttpTransport, JsonDoc], None] | None = None
 
-    def on_message(self, transport: rea.StreamableHttpTransport, msg: dict[str, object]) -> None:
+    def on_message(self, transport: rea.StreamableHttpTransport, msg: JsonDoc) -> None:
         self.messages.append(msg)
         if self.reply is not None:
             self.reply(transport, msg)
@@ -12477,23 +12473,21 @@ def http_connect(
         transport.stop()
 
 
-def http_params(
-    transport: rea.StreamableHttpTransport, params: dict[str, object]
-) -> dict[str, object]:
+def http_params(transport: rea.StreamableHttpTransport, params: JsonDoc) -> JsonDoc:
     """The params the gateway would send (the stateless era's _meta added)."""
     return rea.transport_params(transport, params)
 
 
 def http_call(
     transport: rea.StreamableHttpTransport, tool: str, timeout: float = 5.0, **arguments: object
-) -> dict[str, object]:
+) -> JsonDoc:
     return transport.request(
         "tools/call", http_params(transport, {"name": tool, "arguments": arguments}), timeout
     )
 
 
-def http_text(result: dict[str, object]) -> str:
-    content = cast(list[dict[str, object]], result["content"])
+def http_text(result: JsonDoc) -> str:
+    content = cast(list[JsonDoc], result["content"])
     return str(content[0]["text"])
 
 
@@ -12520,7 +12514,7 @@ class TestSection13HandshakeEra:
         transport = http_connect(http_handshake)
         assert (transport.era, transport.version) == ("handshake", "2025-11-25")
         tools = transport.request("tools/list", {}, 5)
-        assert "echo" in [t["name"] for t in cast(list[dict[str, object]], tools["tools"])]
+        assert "echo" in [t["name"] for t in cast(list[JsonDoc], tools["tools"])]
         init = http_last_post(http_handshake, "initialize")
         assert "mcp-session-id" not in init.headers and "mcp-protocol-version" not in init.headers
         session = next(iter(http_handshake.sessions))
@@ -12550,7 +12544,7 @@ class TestSection13HandshakeEra:
         progress = [
             m for m in http_recorder.messages if m.get("method") == "notifications/progress"
         ]
-        assert [cast(dict[str, object], m["params"])["progress"] for m in progress] == [1, 2]
+        assert [cast(JsonDoc, m["params"])["progress"] for m in progress] == [1, 2]
 
     def test_a_server_request_on_the_stream_is_answered_through_send(
         self,
@@ -12558,7 +12552,7 @@ class TestSection13HandshakeEra:
         http_connect: Callable[..., rea.StreamableHttpTransport],
         http_recorder: HttpRecorder,
     ) -> None:
-        def answer(transport: rea.StreamableHttpTransport, msg: dict[str, object]) -> None:
+        def answer(transport: rea.StreamableHttpTransport, msg: JsonDoc) -> None:
             if msg.get("method") == "sampling/createMessage":
                 content = {"type": "text", "text": "forty-two"}
                 transport.send(
@@ -12664,7 +12658,7 @@ class TestSection13StatelessEra:
     ) -> None:
         transport = http_connect(http_dual)
         tools = transport.request("tools/list", http_params(transport, {}), 5)
-        names = [t["name"] for t in cast(list[dict[str, object]], tools["tools"])]
+        names = [t["name"] for t in cast(list[JsonDoc], tools["tools"])]
         assert "region" in names and "bad_header" not in names
         assert http_text(http_call(transport, "region", region="us-west1", query="q")) == "us-west1"
         assert http_last_post(http_dual, "tools/call").headers["mcp-param-region"] == "us-west1"
@@ -13421,7 +13415,7 @@ def rea_login(root: Path, server_name: str = "remote") -> tuple[str, str]:
     return url, out
 
 
-def remote_text(res: dict[str, object]) -> str:
+def remote_text(res: JsonDoc) -> str:
     result = res["result"]
     assert isinstance(result, dict)
     return str(result["content"][0]["text"])
@@ -13458,8 +13452,8 @@ class TestSection13RemoteEndToEnd:
             lambda: "needs a login" in (s := run_rea("status", "--root", str(root))).stdout and s,
             what="status says needs a login",
         )
-        assert "needs a login: python rea.py login remote" in shown.stdout  # type: ignore[union-attr]
-        assert shown.returncode == 1  # type: ignore[union-attr]
+        assert "needs a login: python rea.py login remote" in shown.stdout
+        assert shown.returncode == 1
 
         url, out = rea_login(root)
         query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
