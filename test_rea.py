@@ -1181,6 +1181,16 @@ HTTP_TOOLS: list[JsonDoc] = [
             "properties": {"amount": {"type": "number", "x-mcp-header": "Amount"}},
         },
     },
+    {
+        "name": "linger",
+        "description": "Answers on an event stream, then keeps it open with comments",
+        "inputSchema": {"type": "object"},
+    },
+    {
+        "name": "reveal",
+        "description": "Shows the X-Key header it got: in a result, or (fail) in an error",
+        "inputSchema": {"type": "object", "properties": {"fail": {"type": "boolean"}}},
+    },
 ]
 
 
@@ -1197,6 +1207,8 @@ class HttpSeen:
     headers: dict[str, str]  # names in lower case
     body: object
     status: int = 0
+    path: str = ""
+    at: float = dataclasses.field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
@@ -1218,7 +1230,9 @@ class McpHttpServer:
         self,
         *,
         eras: Iterable[str] = ("handshake", "stateless"),
-        get_stream: bool = True,
+        get_mode: str = "stream",
+        delete_mode: str = "ok",
+        initialized_mode: str = "ok",
         sse_all: bool = False,
         discover: str = "ok",
         auth: OAuthServer | None = None,
@@ -1227,7 +1241,9 @@ class McpHttpServer:
         port: int = 0,
     ) -> None:
         self.eras = set(eras)
-        self.get_stream = get_stream
+        self.get_mode = get_mode  # stream | 405 | 404 (Express with POST /mcp only) | retry0
+        self.delete_mode = delete_mode  # ok | drip (its answer, a byte at a time, forever)
+        self.initialized_mode = initialized_mode  # ok | hang (never answers that POST)
         self.sse_all = sse_all
         self.discover = discover  # ok | hang | unsupported | unsupported-listing-ours | plain-400 | plain-405 | malformed
         self.auth = auth
@@ -1241,6 +1257,7 @@ class McpHttpServer:
         self.seen: list[HttpSeen] = []
         self.cancelled: list[tuple[str | None, object, object]] = []  # (session, requestId, reason)
         self.slow_outcomes: list[str] = []  # cancelled | disconnected | finished
+        self.lingered: list[str] = []  # linger streams the client closed
         self.tokens_seen: list[str] = []
         self.answers: dict[str, tuple[threading.Event, list[JsonDoc]]] = {}
         self.sockets: dict[socket.socket, bool] = {}  # connection -> busy with a request
@@ -1351,7 +1368,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         return {k.lower(): v for k, v in self.headers.items()}
 
     def _record(self, verb: str, method: str | None, body: object) -> HttpSeen:
-        seen = HttpSeen(verb, method, self._headers(), body)
+        seen = HttpSeen(verb, method, self._headers(), body, path=self.path)
         with self.owner.lock:
             self.owner.seen.append(seen)
         return seen
@@ -1462,15 +1479,23 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         seen = self._record("GET", None, None)
         if not self._authorized():
             return
-        if "handshake" not in owner.eras or not owner.get_stream:
+        if "handshake" not in owner.eras or owner.get_mode == "405":
             self._send_empty(405)
             return
         sid = self.headers.get("Mcp-Session-Id")
         with owner.lock:
             session = owner.sessions.get(sid or "")
-        if session is None:
+        if session is None or owner.get_mode == "404":
             seen.status = 404 if sid else 400
             self._send_empty(seen.status)
+            return
+        if owner.get_mode == "retry0":  # a stream that ends at once, asking for no delay
+            body = b"retry: 0\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return
         last = self.headers.get("Last-Event-ID")
         if last is not None:
@@ -1510,6 +1535,17 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         owner = self.owner
         self._record("DELETE", None, None)
         if not self._authorized():
+            return
+        if owner.delete_mode == "drip":  # never a whole answer: a byte now and then
+            try:
+                for byte in b"HTTP/1.1 200 OK" + b"x" * 10_000:
+                    if owner.closing.wait(0.2):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            except OSError:
+                pass
+            self._hang_up()
             return
         sid = self.headers.get("Mcp-Session-Id", "")
         with owner.lock:
@@ -1671,6 +1707,11 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
             self._rpc_error(400, -32600, "Bad MCP-Protocol-Version", rid)
             return
         if "id" not in msg:
+            if method == "notifications/initialized" and owner.initialized_mode == "hang":
+                while not self._client_gone() and not owner.closing.wait(0.02):
+                    pass
+                self._hang_up()
+                return
             if method == "notifications/cancelled":
                 with owner.lock:
                     owner.cancelled.append((sid, params.get("requestId"), params.get("reason")))
@@ -1745,6 +1786,10 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
             self._end_sse()
         elif name == "ask":
             self._ask(rid)
+        elif name == "linger":
+            self._linger(rid)
+        elif name == "reveal":
+            self._reveal(rid, bool(arguments.get("fail")), meta.get("progressToken"))
         elif name == "slow":
             self._slow(rid, float(arguments.get("seconds", 10)), session)
         elif name == "drop":
@@ -1807,6 +1852,34 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         )
         self._end_sse()
 
+    def _linger(self, rid: object) -> None:
+        """The answer, then keep-alive comments for as long as the client reads them."""
+        self._start_sse()
+        self._event({"jsonrpc": "2.0", "id": rid, "result": http_text_result("lingered")})
+        try:
+            while not self.owner.closing.wait(0.1):
+                self._chunk(b": keep-alive\n\n")
+                self.wfile.flush()
+        except OSError:
+            with self.owner.lock:
+                self.owner.lingered.append("closed by the client")
+        self._hang_up()
+
+    def _reveal(self, rid: object, fail: bool, token: object) -> None:
+        """Echo the X-Key header everywhere a server's words reach the client."""
+        key = self.headers.get("X-Key", "")
+        self._start_sse()
+        if token is not None:
+            note = {"progressToken": token, "progress": 1, "message": f"key {key}"}
+            self._event({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
+        if fail:
+            error = {"code": -32000, "message": f"bad key {key}", "data": {"key": key}}
+            self._event({"jsonrpc": "2.0", "id": rid, "error": error})
+        else:
+            result = {**http_text_result(f"your key is {key}"), "structuredContent": {key: key}}
+            self._event({"jsonrpc": "2.0", "id": rid, "result": result})
+        self._end_sse()
+
     def _slow(self, rid: object, seconds: float, session: HttpSession | None) -> None:
         owner = self.owner
         deadline = time.monotonic() + seconds
@@ -1852,6 +1925,8 @@ class OAuthServer:
         metadata_issuer: str | None = None,
         preregistered: Iterable[str] = (),
         access_ttl: int = 3600,
+        claimed_expiry: object = None,
+        token_answer: tuple[int, bytes] | None = None,
         port: int = 0,
     ) -> None:
         self.s256 = s256
@@ -1865,6 +1940,8 @@ class OAuthServer:
         self.revocation = revocation
         self.openid_only = openid_only
         self.access_ttl = access_ttl
+        self.claimed_expiry = claimed_expiry  # the expires_in answers say, if not access_ttl
+        self.token_answer = token_answer  # (status, body) of a hostile code exchange
         self.lock = threading.Lock()  # guards: every collection and counter below
         self.clients: dict[str, list[str]] = {}  # client id -> redirect URIs
         self.preregistered = set(preregistered)
@@ -1942,10 +2019,11 @@ class OAuthServer:
             self.access[access] = (resource, time.time() + self.access_ttl)
             self.refresh[refresh] = (client, resource)
             self.issued += [access, refresh]
+        claimed = self.access_ttl if self.claimed_expiry is None else self.claimed_expiry
         return {
             "access_token": access,
             "token_type": "Bearer",
-            "expires_in": self.access_ttl,
+            "expires_in": claimed,
             "refresh_token": refresh,
             "scope": "mcp:tools",
         }
@@ -2061,7 +2139,14 @@ class _OAuthHandler(http.server.BaseHTTPRequestHandler):
         with owner.lock:
             owner.token_forms.append(form)
         grant = form.get("grant_type")
-        if grant == "authorization_code":
+        if grant == "authorization_code" and owner.token_answer is not None:
+            status, body = owner.token_answer
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif grant == "authorization_code":
             with owner.lock:
                 entry = owner.codes.pop(form.get("code", ""), None)  # a code works once
             if entry is None:
@@ -4186,20 +4271,38 @@ def remote_project(
 def rea_login(root: Path, server_name: str = "remote") -> tuple[str, str]:
     """`rea.py login SERVER --no-browser` as a subprocess, with the test as the browser: it
     reads the one printed URL and follows it, so the redirect reaches rea's listener."""
+    code, url, out, err = rea_login_attempt(root, server_name)
+    assert url.startswith("http://127.0.0.1:") and " " not in url, url
+    assert code == 0, err
+    return url, out
+
+
+def rea_login_attempt(
+    root: Path, server_name: str = "remote", before: Callable[[str], None] | None = None
+) -> tuple[int, str, str, str]:
+    """`rea.py login SERVER --no-browser` that may fail: its exit status, the URL it printed
+    ("" when it printed none), the rest of stdout and stderr. The test is the browser: it
+    follows the URL, after calling `before(url)` (another local process, say)."""
     proc = subprocess.Popen(
-        [sys.executable, str(REA_PY), "login", server_name, "--no-browser", "--root", str(root)],
+        [*REA_CMD, "login", server_name, "--no-browser", "--root", str(root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:") and " " not in url, url
-    with NO_PROXY.open(url, timeout=10) as answer:
-        answer.read()
-    out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
-    return url, out
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if url:
+            if before is not None:
+                before(url)
+            with NO_PROXY.open(url, timeout=10) as answer:
+                answer.read()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, url, out, err
 
 
 def remote_text(res: JsonDoc) -> str:
