@@ -8819,6 +8819,13 @@ class Timeouts:
             values[key] = number
         return cls(**values)
 
+    @property
+    def servers_stop_s(self) -> float:
+        """How long stopping every server may take (they stop at once): a child's stdin
+        closed (0.5 s), SIGTERM then SIGKILL after kill_after_s, the same again for helpers
+        left in its group; a remote server's DELETE and joins take kill_after_s (§5)."""
+        return 2 * self.kill_after_s + 1.5
+
 
 class RpcError(Exception):
     """A JSON-RPC error to send back: code, message and optional data."""
@@ -9665,8 +9672,10 @@ def list_tools(transport: Transport, timeout_s: float) -> list[JsonObj]:
 ACCEPT = "application/json, text/event-stream"  # Streamable HTTP: a client MUST list both
 MAX_CONNECTIONS = 8  # requests in flight at once per remote server; more wait their turn
 CONNECT_TIMEOUT_S = 10.0
+# Each of these is a deadline for the whole exchange, kept by expire(): a per-read socket
+# timeout alone lets a server that sends a byte now and then hold a connection for ever.
 SEND_TIMEOUT_S = 30.0  # one notification or response POST
-DELETE_TIMEOUT_S = 2.0  # ending the session at stop is best effort
+DELETE_TIMEOUT_S = 2.0  # ending the session at stop is best effort (and within kill_after_s)
 DRAIN_TIMEOUT_S = 2.0  # what may follow the answer on an event stream, read to keep the connection
 MAX_RESUMES = 3  # GETs with Last-Event-ID after a stream broke before its answer (2025-11-25)
 LISTEN_BACKOFF_MAX_S = 30.0
@@ -10151,8 +10160,11 @@ class StreamableHttpTransport:
         self._port = parts.port or (443 if self._https else 80)
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._tls = ssl.create_default_context() if self._https else None
-        self._lock = threading.Lock()  # guards: _active, _ended, _exited
+        self._lock = threading.Lock()  # guards: _active, _limited, _ended, _exited
         self._active: dict[int, http.client.HTTPConnection] = {}  # request id -> its connection
+        # connections that answer no request of a waiter -> when expire() breaks them: a POST
+        # of a notification or response, the read after an answer, the session's DELETE
+        self._limited: dict[http.client.HTTPConnection, float] = {}
         self._ended = False  # stop() or _die() has run
         self._exited = False  # on_exit has been called
         # guards: _session_id, _renewing, _init_params, _listen_conn, _listening
@@ -10241,18 +10253,30 @@ class StreamableHttpTransport:
             self._call(
                 pending.on_done, None, TimeoutError(f"server {self.name} did not answer in time")
             )
+        with self._lock:
+            overdue = [conn for conn, at in self._limited.items() if at <= now]
+            for conn in overdue:
+                del self._limited[conn]
+            later = min(self._limited.values(), default=None)
+        for conn in overdue:
+            _abort(conn)
+        if later is not None and (soonest is None or later < soonest):
+            soonest = later
         return soonest
 
     def stop(self) -> None:
         """Fail what is in flight, end the session (DELETE, best effort), close every
-        connection and join this server's threads: all within Timeouts.kill_after_s and
-        the DELETE's own DELETE_TIMEOUT_S, whatever the server does (§5: a bounded stop)."""
+        connection and join this server's threads: all within Timeouts.kill_after_s,
+        whatever the server does (§5: a bounded stop). Every connection open now is broken,
+        the one that sends notifications/initialized on a starting server's thread too."""
         self.stopping = True
         with self._lock:
             if self._ended:
                 return
             self._ended = True
-            active = list(self._active.values())
+            active = [*self._active.values(), *self._limited]
+            self._limited.clear()
+        deadline = time.monotonic() + self._timeouts.kill_after_s
         jobs = self.requests.close()
         self._stopped.set()
         for conn in active:
@@ -10264,8 +10288,7 @@ class StreamableHttpTransport:
         for pending in jobs:
             self._call(pending.on_done, None, TransportFailed(f"server {self.name}: disconnected"))
         if session is not None:
-            self._end_session(session)
-        deadline = time.monotonic() + self._timeouts.kill_after_s
+            self._end_session(session, min(deadline, time.monotonic() + DELETE_TIMEOUT_S))
         self._close(deadline)
         if listener is not None and listener is not threading.current_thread():
             listener.join(max(0.0, deadline - time.monotonic()))
@@ -10300,6 +10323,18 @@ class StreamableHttpTransport:
     def _unbind(self, job: _Request) -> None:
         with self._lock:
             self._active.pop(job.id, None)
+
+    def _limit(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        """Break this connection at `deadline` (monotonic), whatever it is doing then."""
+        with self._lock:
+            self._limited[conn] = deadline
+        self._deadlines.watch(self, deadline)
+
+    def _unlimit(self, conn: http.client.HTTPConnection) -> bool:
+        """Take the deadline off; False when the connection was broken (its deadline passed,
+        or stop), so that it is closed, never kept for another request."""
+        with self._lock:
+            return self._limited.pop(conn, None) is not None
 
     def _call(self, on_done: OnDone, result: JsonObj | None, error: Exception | None) -> None:
         try:
@@ -10389,7 +10424,8 @@ class StreamableHttpTransport:
             if self._ended:
                 return
             self._ended = True
-            active = list(self._active.values())
+            active = [*self._active.values(), *self._limited]
+            self._limited.clear()
         jobs = self.requests.close()
         text = self._note(reason)  # the owner logs it, as it logs a child's exit
         self._stopped.set()
@@ -10855,16 +10891,22 @@ class StreamableHttpTransport:
         self._resume(job, end.last_id, end.retry_ms)
 
     def _drain(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
-        """After the answer the stream SHOULD end; read what is left, briefly, to keep the
-        connection, and pass on anything the server still says."""
+        """After the answer the stream SHOULD end; read what is left, to keep the connection,
+        and pass on anything the server still says: for DRAIN_TIMEOUT_S in all. A stream the
+        server keeps open (with keep-alive comments, say) is cut then, so that no server holds
+        a connection and its worker for ever."""
+        self._limit(conn, time.monotonic() + DRAIN_TIMEOUT_S)
         try:
             if conn.sock is not None:
                 conn.sock.settimeout(DRAIN_TIMEOUT_S)
             self._consume(resp, None)
+            read = True
         except _NET_ERRORS:
+            read = False
+        if self._unlimit(conn) and read:
+            self._release(conn, resp)
+        else:
             conn.close()
-            return
-        self._release(conn, resp)
 
     def _get_headers(self, session: str | None, last_id: str | None) -> dict[str, str]:
         headers = {
@@ -11014,23 +11056,33 @@ class StreamableHttpTransport:
         what = name or "a response"
         resent = reauthorized = False
         while True:
+            if self._stopped.is_set():
+                raise TransportFailed(f"server {self.name}: stopped before {what} was sent")
             headers = self._headers(name, params, stateless, None if stateless else session)
             token = self._authorize(headers)
             conn, reused = self._connection()
-            sent = False
+            self._limit(conn, time.monotonic() + SEND_TIMEOUT_S)
+            sent = read = False
             try:
                 assert conn.sock is not None
                 conn.sock.settimeout(SEND_TIMEOUT_S)
                 conn.request("POST", self._target, body, headers)
                 sent = True
                 resp = conn.getresponse()
+                resp.read(MAX_ERROR_BODY)
+                read = True
             except _NET_ERRORS as exc:
                 conn.close()
-                if not resent and (not sent or reused):
+                in_time = self._unlimit(conn)  # False: broken at its deadline, or by stop
+                if in_time and not resent and (not sent or reused):
                     resent = True  # a repeated notification or response is harmless
                     continue
-                raise self._fail(f"could not send {what} ({_reason(exc)})") from None
-            self._discard_body(conn, resp)
+                why = _reason(exc) if in_time else f"no answer within {SEND_TIMEOUT_S:g} s"
+                raise self._fail(f"could not send {what} ({why})") from None
+            if self._unlimit(conn) and read:
+                self._release(conn, resp)
+            else:
+                conn.close()
             if resp.status == 401 and not reauthorized:
                 reauthorized = True
                 self._reauthorize(token)
@@ -11051,26 +11103,34 @@ class StreamableHttpTransport:
         except ServerUnreachable as exc:
             self._die(str(exc))
         except TransportFailed as exc:
-            log("warn", "remote_send_failed", server=self.name, error=str(exc))
+            if not self._stopped.is_set():
+                log("warn", "remote_send_failed", server=self.name, error=str(exc))
         else:
             if msg.get("method") == "notifications/initialized":
                 self._listen_once_initialized()
 
-    def _end_session(self, session: str) -> None:
-        """DELETE the session (2025-11-25 Session Management 5); a 405 or silence is fine."""
+    def _end_session(self, session: str, deadline: float) -> None:
+        """DELETE the session (2025-11-25 Session Management 5), done by `deadline`
+        (monotonic) whatever the server does; a 405, an error or silence is fine."""
         headers = self._get_headers(session, None)
         headers.pop("Accept")
         try:
             self._authorize(headers, refresh=False)  # stop never waits on an authorization server
         except TransportFailed:
             return
-        conn = self._new_connection(DELETE_TIMEOUT_S)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        conn = self._new_connection(left)
         try:
+            conn.connect()  # within `left`; from here on expire() breaks it at the deadline
+            self._limit(conn, deadline)
             conn.request("DELETE", self._target, headers=headers)
             conn.getresponse().read(MAX_ERROR_BODY)
         except _NET_ERRORS:
             pass
         finally:
+            self._unlimit(conn)
             conn.close()
 
 
@@ -12850,7 +12910,8 @@ class Downstream:
             transport.stop()
         starter = self._starter
         if starter is not None and starter is not threading.current_thread():
-            starter.join(timeout=self._ctx.timeouts.handshake_s)
+            # the transport's stop failed what the start waits for and broke its connections
+            starter.join(timeout=self._ctx.timeouts.kill_after_s)
         with self._lock:
             late = self._transport  # started while we stopped: _bring_up stops it itself
         if late is not None and late is not transport:
@@ -15324,16 +15385,23 @@ class Downstreams:
         log("info", "registry_reloaded", servers=len(new))
 
     def stop(self) -> None:
-        """Stop every server at once (each: close stdin, SIGTERM, SIGKILL) and join them."""
+        """Stop every server at once (each: close stdin, SIGTERM, SIGKILL) and join them,
+        within Timeouts.servers_stop_s in all whatever a server does (§5): a stop still
+        running then is left to end on its own (its thread is a daemon)."""
+        deadline = time.monotonic() + self._ctx.timeouts.servers_stop_s
         stoppers = [
-            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}") for ds in self.all()
+            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True)
+            for ds in self.all()
         ]
         for t in stoppers:
             t.start()
         with self._lock:
             retiring, self._retiring = self._retiring, []
         for t in [*stoppers, *retiring]:
-            t.join()
+            t.join(max(0.0, deadline - time.monotonic()))
+        late = [t.name for t in [*stoppers, *retiring] if t.is_alive()]
+        if late:
+            log("warn", "stop_incomplete", threads=late)
 
 
 MethodHandler = Callable[[object, JsonObj, Era], None]

@@ -13763,3 +13763,50 @@ class TestSection13RemoteEndToEnd:
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert done.stderr.count("\n") == 1
         assert "registry.yaml:3:5: servers[0].url:" in done.stderr
+
+
+class TestSection13HostileServersEndToEnd:
+    """SPEC §13 and §5 against remote servers that misbehave on purpose (red-team 15): the
+    stop stays bounded, no server pins the gateway's connections or spins it, and what the
+    server echoes of its `headers:` never reaches the client."""
+
+    def test_a_session_delete_that_never_finishes_cannot_hold_the_stop(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",), delete_mode="drip")
+        root = remote_project(rea_project, remote.url)
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        assert remote_text(c.call("remote__count")) == "1"
+        started = time.monotonic()
+        assert exit_status(c, timeout=10) == 0  # SPEC §5: a bounded stop, whatever is pending
+        assert time.monotonic() - started < 4
+        assert remote.seen_methods("DELETE") == [None]  # the session's end was asked for
+
+    def test_a_server_that_never_answers_initialized_cannot_hold_the_stop(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",), initialized_mode="hang")
+        root = remote_project(rea_project, remote.url, "gateway:\n  startup_wait_s: 0.5\n")
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        poll(
+            lambda: "notifications/initialized" in remote.seen_methods(),
+            what="the POST of notifications/initialized",
+        )
+        started = time.monotonic()
+        assert exit_status(c, timeout=10) == 0
+        assert time.monotonic() - started < 4
+
+    def test_a_stream_kept_open_after_its_answer_does_not_hold_a_connection(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",))
+        root = remote_project(rea_project, remote.url)
+        c = running(gateway, root)
+        for _ in range(rea.MAX_CONNECTIONS):  # each answers, then keeps its stream open
+            assert remote_text(c.call("remote__linger")) == "lingered"
+        res = c.call("remote__count", timeout=rea.DRAIN_TIMEOUT_S + 8)
+        assert remote_text(res) == "1"
+        poll(
+            lambda: len(remote.lingered) == rea.MAX_CONNECTIONS,
+            what="every lingering stream closed by rea",
+        )
