@@ -9678,7 +9678,10 @@ SEND_TIMEOUT_S = 30.0  # one notification or response POST
 DELETE_TIMEOUT_S = 2.0  # ending the session at stop is best effort (and within kill_after_s)
 DRAIN_TIMEOUT_S = 2.0  # what may follow the answer on an event stream, read to keep the connection
 MAX_RESUMES = 3  # GETs with Last-Event-ID after a stream broke before its answer (2025-11-25)
-LISTEN_BACKOFF_MAX_S = 30.0
+LISTEN_RETRY_S = 1.0  # the GET stream is opened again after this, or after the server's `retry:`
+LISTEN_RETRY_MIN_S = 0.5  # ... but never sooner: `retry: 0` must not make a hot loop
+LISTEN_STEADY_S = 10.0  # a GET stream open this long (or with messages) did not end "at once"
+LISTEN_BACKOFF_MAX_S = 30.0  # streams that end at once double the wait, up to this
 MAX_ERROR_BODY = 64 * 1024
 MAX_PROBLEM = 300  # characters of last_stderr()
 
@@ -10173,7 +10176,8 @@ class StreamableHttpTransport:
         self._renewing = False
         self._init_params: JsonObj | None = None
         self._listen_conn: http.client.HTTPConnection | None = None
-        self._listening: threading.Thread | None = None
+        self._listening: threading.Thread | None = None  # the GET stream's thread, while it runs
+        self._said_no_stream = False  # "no GET stream" is logged once
         self._pool_lock = threading.Lock()  # guards: _idle
         self._idle: list[http.client.HTTPConnection] = []
         self._max_idle = max_connections
@@ -10649,6 +10653,7 @@ class StreamableHttpTransport:
         with self._session:
             session = self._session_id
         self._post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+        self._start_listening()  # a GET stream refused for the old session may exist for this
 
     def _exchange(self, job: _Request) -> None:
         """POST one request and read its answer, sending it again only where it certainly did
@@ -10967,9 +10972,10 @@ class StreamableHttpTransport:
             "it may have run"
         )
 
-    def _listen_once_initialized(self) -> None:
+    def _start_listening(self) -> None:
         """Open the GET stream for the server's own messages (2025-11-25 Streamable HTTP,
-        Listening for Messages from the Server) once, on a thread of its own."""
+        Listening for Messages from the Server) on a thread of its own, unless one runs:
+        once initialized, and again once a session is renewed."""
         with self._session:
             if self._listening is not None or self._stopped.is_set():
                 return
@@ -10980,69 +10986,96 @@ class StreamableHttpTransport:
 
     def _listen(self) -> None:
         """The GET stream: server notifications and requests outside any request's stream.
-        Reconnects with backoff; a 405 (or any refusal) means the server offers none."""
-        delay = 1.0
+
+        Opened again whenever it ends, never sooner than the server's `retry:` (at least
+        LISTEN_RETRY_MIN_S), the wait doubling while streams end at once, up to
+        LISTEN_BACKOFF_MAX_S. A refusal means the server offers no GET stream: a 405
+        (2025-11-25 Listening 3), or a 404 while the session lives on for POSTs (an Express
+        server without GET /mcp): only a 404 to a POST renews a session. The listener then
+        ends; a renewed session starts another.
+        """
+        retry = LISTEN_RETRY_S
+        failures = -1  # attempts in a row without a stream that did its job; -1: none yet
         last_id: str | None = None
-        listened_session: str | None = None
+        listened: str | None = None  # the session last_id belongs to
         reauthorized = False
-        while not self._stopped.is_set():
-            with self._session:
-                session = self._session_id
-            if session != listened_session:
-                last_id, listened_session = None, session  # event ids belong to one session
-            try:
-                conn = self._connect()
-            except ServerUnreachable:
-                self._stopped.wait(delay)
-                delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
-                continue
-            with self._session:
-                self._listen_conn = conn
-            if self._stopped.is_set():
-                conn.close()
-                return
-            try:
-                headers = self._get_headers(session, last_id)
-                token = self._authorize(headers)
-                assert conn.sock is not None
-                conn.sock.settimeout(None)  # a quiet stream is not a dead one
-                conn.request("GET", self._target, headers=headers)
-                resp = conn.getresponse()
-                if resp.status == 401 and not reauthorized:
-                    reauthorized = True
-                    self._reauthorize(token)
-                    continue
-                if resp.status == 404 and session is not None:
-                    self._renew(session)
-                    continue
-                if 400 <= resp.status < 500 and resp.status not in (408, 429):
-                    # 405: the server offers no GET stream (2025-11-25 Listening 3); other
-                    # refusals mean the same in practice
-                    log("debug", "remote_no_get_stream", server=self.name, status=resp.status)
+        try:
+            while True:
+                wait = min(LISTEN_BACKOFF_MAX_S, retry * 2 ** min(failures, 16))
+                if self._stopped.wait(wait if failures >= 0 else 0.0):
                     return
-                if resp.status != 200 or _content_type(resp) != "text/event-stream":
-                    self._note(f"server {self.name}: its GET stream answered HTTP {resp.status}")
-                else:
+                failures += 1
+                with self._session:
+                    session = self._session_id
+                if session != listened:
+                    last_id, listened = None, session  # event ids belong to one session
+                try:
+                    conn = self._connect()
+                except ServerUnreachable:
+                    continue
+                with self._session:
+                    self._listen_conn = conn
+                if self._stopped.is_set():
+                    conn.close()
+                    return
+                opened = time.monotonic()
+                try:
+                    headers = self._get_headers(session, last_id)
+                    token = self._authorize(headers)
+                    assert conn.sock is not None
+                    conn.sock.settimeout(None)  # a quiet stream is not a dead one
+                    conn.request("GET", self._target, headers=headers)
+                    resp = conn.getresponse()
+                    if resp.status == 401 and not reauthorized:
+                        reauthorized = True
+                        self._reauthorize(token)
+                        continue
+                    if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                        if self._no_get_stream(session, resp.status):
+                            return
+                        continue  # the session was renewed meanwhile: listen to the new one
+                    if resp.status != 200 or _content_type(resp) != "text/event-stream":
+                        self._note(
+                            f"server {self.name}: its GET stream answered HTTP {resp.status}"
+                        )
+                        continue
                     reauthorized = False
                     end = self._consume(resp, None)
                     last_id = end.last_id or last_id
-                    if end.messages:
-                        delay = 1.0
                     if end.retry_ms is not None:
-                        delay = end.retry_ms / 1000.0
-            except NeedsLogin as exc:
-                self._login_needed(exc)
-                return
-            except TransportFailed:  # a session that could not be renewed: the transport died
-                return
-            except _NET_ERRORS:
-                pass
-            finally:
-                conn.close()
-                with self._session:
-                    self._listen_conn = None
-            self._stopped.wait(delay)
-            delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
+                        retry = min(
+                            LISTEN_BACKOFF_MAX_S, max(LISTEN_RETRY_MIN_S, end.retry_ms / 1000)
+                        )
+                    if end.messages or time.monotonic() - opened >= LISTEN_STEADY_S:
+                        failures = 0  # it did its job: the next one after `retry` alone
+                except NeedsLogin as exc:
+                    self._login_needed(exc)
+                    return
+                except TransportFailed:  # e.g. a static Authorization refused
+                    return
+                except _NET_ERRORS:
+                    pass
+                finally:
+                    conn.close()
+                    with self._session:
+                        self._listen_conn = None
+        finally:
+            with self._session:
+                if self._listening is threading.current_thread():
+                    self._listening = None
+
+    def _no_get_stream(self, session: str | None, status: int) -> bool:
+        """The GET stream was refused for `session`: True when the listener ends, False
+        when the session was renewed meanwhile (the new one is listened to)."""
+        with self._session:
+            if self._session_id != session and not self._stopped.is_set():
+                return False
+            self._listening = None  # under the lock a renewal takes to start another
+            said, self._said_no_stream = self._said_no_stream, True
+        if not said:
+            level = "debug" if status == 405 else "info"
+            log(level, "remote_no_get_stream", server=self.name, status=status)
+        return True
 
     # -- internals: messages without an answer --
 
@@ -11107,7 +11140,7 @@ class StreamableHttpTransport:
                 log("warn", "remote_send_failed", server=self.name, error=str(exc))
         else:
             if msg.get("method") == "notifications/initialized":
-                self._listen_once_initialized()
+                self._start_listening()
 
     def _end_session(self, session: str, deadline: float) -> None:
         """DELETE the session (2025-11-25 Session Management 5), done by `deadline`

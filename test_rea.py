@@ -13679,6 +13679,10 @@ class TestSection13RemoteEndToEnd:
         assert [s.status for s in calls] == [0, 404, 0]  # the 404 never ran
         assert calls[2].headers["mcp-session-id"] != old
         assert remote.seen_methods().count("initialize") == 2
+        poll(lambda: any(s.streams for s in list(remote.sessions.values())), what="GET again")
+        note = {"level": "info", "data": "the new session's GET stream"}
+        remote.broadcast({"jsonrpc": "2.0", "method": "notifications/message", "params": note})
+        assert c.wait_notification("notifications/message")["params"]["data"] == note["data"]
         res = c.call("remote__drop")  # it ran, then the connection broke: never sent again
         assert res["result"]["isError"] is True and "not sent again" in remote_text(res)
         assert remote.executions["drop"] == 1 and remote.seen_methods().count("tools/call") == 4
@@ -13795,6 +13799,40 @@ class TestSection13HostileServersEndToEnd:
         started = time.monotonic()
         assert exit_status(c, timeout=10) == 0
         assert time.monotonic() - started < 4
+
+    def test_a_get_stream_answered_404_means_no_stream_not_a_new_session(
+        self, rea_project, gateway, http_servers
+    ):
+        # An Express server with only POST /mcp answers GET with 404 while its sessions live.
+        remote = http_servers(eras=("handshake",), get_mode="404")
+        root = remote_project(rea_project, remote.url)
+        c = running(gateway, root)
+        poll(
+            lambda: any("remote_no_get_stream" in line for line in c.stderr_lines),
+            what="the GET stream given up",
+        )
+        assert remote_text(c.call("remote__count")) == "1"
+        assert remote.seen_methods().count("initialize") == 1
+        assert remote.seen_methods("GET") == [None]
+        remote.expire_sessions()  # a POST that meets a 404 still renews the session
+        assert remote_text(c.call("remote__count")) == "2"
+        assert remote.seen_methods().count("initialize") == 2
+        assert remote.executions["count"] == 2
+
+    def test_a_get_stream_that_ends_at_once_is_reopened_with_backoff(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",), get_mode="retry0")  # `retry: 0`, then ends
+        root = remote_project(rea_project, remote.url)
+        running(gateway, root)
+
+        def gets() -> list[HttpSeen]:
+            with remote.lock:
+                return [s for s in remote.seen if s.verb == "GET"]
+
+        first, second, third = poll(lambda: gets()[:3] if len(gets()) >= 3 else None)[:3]
+        assert second.at - first.at >= 0.4  # a floor under the server's `retry: 0`
+        assert third.at - second.at > second.at - first.at  # and longer each time
 
     def test_a_stream_kept_open_after_its_answer_does_not_hold_a_connection(
         self, rea_project, gateway, http_servers
