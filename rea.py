@@ -8902,16 +8902,44 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode(line: bytes) -> object:
-    """One JSON-RPC line parsed; ValueError for anything that is not JSON: nesting too
-    deep for the parser (a RecursionError is not a ValueError), NaN and Infinity, and a
-    number no double holds (it would leave as Infinity, which no JSON parser reads)."""
+def decode(line: bytes | str) -> object:
+    """One JSON document (a JSON-RPC line, an answer from the network) parsed; ValueError
+    for anything that is not JSON: nesting too deep for the parser (a RecursionError is
+    not a ValueError), NaN and Infinity, and a number no double holds (it would leave as
+    Infinity, which no JSON parser reads)."""
     try:
         return json.loads(line, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ValueError("not UTF-8") from exc
+
+
+def map_strings(value: object, change: Callable[[str], str]) -> object:
+    """A copy of a JSON value with `change` applied to every string in it, keys included.
+    Iterative: a value nested as deeply as the parser allows cannot exhaust the stack."""
+    if isinstance(value, str):
+        return change(value)
+    if not isinstance(value, dict | list):
+        return value
+    top: dict[str, object] | list[object] = dict(value) if isinstance(value, dict) else list(value)
+    todo: list[dict[str, object] | list[object]] = [top]
+    while todo:
+        node = todo.pop()
+        pairs = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        if isinstance(node, dict):
+            node.clear()
+        for key, item in pairs:
+            if isinstance(item, dict | list):
+                item = dict(item) if isinstance(item, dict) else list(item)
+                todo.append(item)
+            elif isinstance(item, str):
+                item = change(item)
+            if isinstance(node, dict):
+                node[change(str(key))] = item
+            else:
+                node[int(key)] = item
+    return top
 
 
 def id_key(value: object) -> tuple[str, object]:
@@ -10148,9 +10176,12 @@ class StreamableHttpTransport:
         # A static Authorization of `headers:` wins: no OAuth token is ever sent beside it.
         self._static_auth = any(key.lower() == "authorization" for key in headers)
         self._auth = None if self._static_auth else auth
-        # `headers:` values are secrets by contract (§3): scrubbed from any text we make
+        # `headers:` values are secrets by contract (§3): scrubbed from any text we make and
+        # from all the server sends (it may echo one back), as they are and JSON-escaped
         values = {value for value in headers.values() if len(value) >= MIN_SECRET_CHARS}
         self._secret_values = tuple(sorted(values, key=len, reverse=True))
+        escaped = {json.dumps(value)[1:-1] for value in values}
+        self._escaped_values = tuple(escaped - values)
         self._user_headers = dict(headers)
         self._post_headers: dict[str, str] = {
             "Accept": ACCEPT,
@@ -10393,6 +10424,20 @@ class StreamableHttpTransport:
         if self._auth is not None:
             text = self._auth.scrub(text)
         return text
+
+    def _message(self, raw: bytes | str) -> object:
+        """What the server sent, parsed (ValueError when it is not JSON), with every
+        `headers:` value and token of ours taken out of its strings: a server that echoes
+        one (in a result, an error's message or data, a notification) does not hand it to
+        the client. The body is looked at first, so that a server without secrets, or a
+        message without one, costs nothing more."""
+        msg = decode(raw)
+        if not self._secret_values and self._auth is None:
+            return msg
+        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        if self._scrub(text) == text and not any(v in text for v in self._escaped_values):
+            return msg
+        return map_strings(msg, self._scrub)
 
     def _login_needed(self, exc: NeedsLogin) -> None:
         """Tell the owner that the server needs a login (it may change the server's status)."""
@@ -10759,8 +10804,8 @@ class StreamableHttpTransport:
             raise self._fail(f"the answer to {job.method} is larger than the limit")
         self._release(conn, resp)
         try:
-            msg: object = json.loads(data) if data.strip() else None
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            msg = self._message(data) if data.strip() else None
+        except ValueError:
             msg = None
         if status == 200:
             if isinstance(msg, dict | list) and self._deliver(msg, job):
@@ -10863,8 +10908,8 @@ class StreamableHttpTransport:
                 if event.event != "message" or not event.data.strip():
                     continue  # a priming event, or one that is not JSON-RPC
                 try:
-                    msg = json.loads(event.data)
-                except (ValueError, RecursionError):
+                    msg = self._message(event.data)
+                except ValueError:
                     log("warn", "remote_sent_non_json", server=self.name, bytes=len(event.data))
                     continue
                 messages += 1

@@ -13848,3 +13848,22 @@ class TestSection13HostileServersEndToEnd:
             lambda: len(remote.lingered) == rea.MAX_CONNECTIONS,
             what="every lingering stream closed by rea",
         )
+
+    def test_a_header_value_the_server_echoes_never_reaches_the_client(
+        self, rea_project, gateway, http_servers
+    ):
+        secret = "hdr-" + secrets.token_hex(12)
+        remote = http_servers(eras=("handshake",))
+        root = remote_project(rea_project, remote.url, headers={"X-Key": "${RT_KEY}"})
+        c = running(gateway, root, env={"RT_KEY": secret})
+        params = {"name": "remote__reveal", "arguments": {}, "_meta": {"progressToken": "p"}}
+        shown = c.request("tools/call", params)
+        assert "your key is" in remote_text(shown)
+        c.wait_notification("notifications/progress")
+        c.call("remote__reveal", {"fail": True})
+        assert http_last_post(remote, "tools/call").headers["x-key"] == secret  # it was sent
+        c.close()
+        wire = b"".join(c.raw_lines).decode()
+        assert "bad key" in wire and "REDACTED" in wire
+        assert secret not in wire  # result, structuredContent, error message and data, notes
+        assert secret not in every_file_text(root, c)
