@@ -11226,6 +11226,7 @@ class StreamableHttpTransport:
 OAUTH_TIMEOUT_S = 10.0  # one request to an authorization server or for metadata
 LOGIN_TIMEOUT_S = 300.0  # how long `login` waits for the browser
 REFRESH_MARGIN_S = 60.0  # refresh this long before expiry (less for short-lived tokens)
+MAX_TOKEN_LIFETIME_S = 365 * 86400.0  # a longer expires_in (10**400, say) is taken as this
 MAX_DOCUMENT = 1024 * 1024
 CLIENT_NAME = "rea (MCP governance gateway)"
 CREDENTIALS_DIR = "credentials"  # under .rea/
@@ -11323,6 +11324,9 @@ class Credentials:
             return float(value)
 
         obtained = number("obtained_at")
+        expires = number("expires_at")
+        if expires is not None and obtained is not None and expires <= obtained:
+            expires = None  # a non-positive expires_in an earlier rea.py kept: unknown
         return Credentials(
             server=text("server") or "",
             resource=text("resource") or "",
@@ -11335,7 +11339,7 @@ class Credentials:
             redirect_uri=text("redirect_uri") or "",
             access_token=text("access_token") or "",
             refresh_token=text("refresh_token", True),
-            expires_at=number("expires_at"),
+            expires_at=expires,
             obtained_at=obtained if obtained is not None else 0.0,
             scope=text("scope", True),
         )
@@ -11482,9 +11486,9 @@ def _http(
 
 
 def _json_object(reply: _Reply, what: str) -> JsonObj:
-    try:
-        doc = as_obj(json.loads(reply.body))
-    except (ValueError, UnicodeDecodeError):
+    try:  # decode: no traceback for nesting too deep, NaN or a number no double holds
+        doc = as_obj(decode(reply.body))
+    except ValueError:
         doc = None
     if doc is None:
         raise OAuthError(f"{what}: the answer is not a JSON object")
@@ -11495,8 +11499,8 @@ def _error_code(reply: _Reply) -> str:
     """The `error` of an OAuth error answer (RFC 6749 §5.2), or the HTTP status. The
     description is not shown: it is the server's free text."""
     try:
-        doc = as_obj(json.loads(reply.body))
-    except (ValueError, UnicodeDecodeError):
+        doc = as_obj(decode(reply.body))
+    except ValueError:
         doc = None
     code = doc.get("error") if doc is not None else None
     if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
@@ -11587,9 +11591,11 @@ def fetch_authorization_server(issuer: str, timeout_s: float) -> AuthServerMetad
         doc = _json_object(reply, f"authorization server metadata at {public_url(url)}")
         # RFC 8414 §3.3, OpenID discovery §4.3: the document must be about the issuer we asked
         # for, or a hostile server could pose as an honest one (mix-up).
-        if doc.get("issuer") != issuer:
+        named = doc.get("issuer")
+        if named != issuer:
+            shown = named[:100] if isinstance(named, str) else None
             raise OAuthError(
-                f"the metadata at {public_url(url)} names issuer {str(doc.get('issuer'))[:100]!r}, "
+                f"the metadata at {public_url(url)} names issuer {shown!r}, "
                 f"not {issuer}; refusing it (RFC 8414 §3.3)"
             )
         return _parse_server_metadata(issuer, doc)
@@ -11779,16 +11785,24 @@ def _token_fields(reply: _Reply, what: str) -> tuple[str, str | None, float | No
     if not isinstance(kind, str) or kind.lower() != "bearer":
         raise OAuthError(f"{what}: token type {str(kind)[:20]!r} is not Bearer; rea cannot use it")
     refresh = doc.get("refresh_token")
-    expires = doc.get("expires_in")
     scope = doc.get("scope")
     return (
         access,
         refresh if isinstance(refresh, str) and refresh else None,
-        float(expires)
-        if isinstance(expires, (int, float)) and not isinstance(expires, bool)
-        else None,
+        _lifetime(doc.get("expires_in")),
         scope if isinstance(scope, str) else None,
     )
+
+
+def _lifetime(expires_in: object) -> float | None:
+    """expires_in in seconds, at most MAX_TOKEN_LIFETIME_S; None (unknown: a 401 says when
+    to refresh) unless it is a positive number: a token said to be expired already would
+    otherwise be refreshed before every request."""
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+        return None
+    if not expires_in > 0:  # NaN too
+        return None
+    return float(min(expires_in, MAX_TOKEN_LIFETIME_S))
 
 
 def refresh_credentials(creds: Credentials, timeout_s: float, now: float) -> Credentials:

@@ -13867,3 +13867,66 @@ class TestSection13HostileServersEndToEnd:
         assert "bad key" in wire and "REDACTED" in wire
         assert secret not in wire  # result, structuredContent, error message and data, notes
         assert secret not in every_file_text(root, c)
+
+
+class TestSection13LoginAttacksEndToEnd:
+    """SPEC §13 and §11: `login` and the tokens it saves, against hostile servers and
+    other local processes (red-team 15): no token for two servers, no traceback, no link
+    followed, no login aborted by a stranger."""
+
+    @pytest.mark.parametrize(
+        ("answer", "line"),
+        [
+            (
+                (200, b'{"access_token":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                "token request: the answer is not a JSON object",
+            ),
+            (
+                (400, b"[" * 100_000 + b"]" * 100_000),
+                "the authorization server refused the token request (HTTP 400)",
+            ),
+        ],
+    )
+    def test_a_hostile_token_answer_is_one_clear_line(
+        self, rea_project, http_servers, answer, line
+    ):
+        authority = OAuthServer(token_answer=answer)
+        try:
+            remote = http_servers(auth=authority)
+            root = remote_project(rea_project, remote.url)
+            code, url, _, err = rea_login_attempt(root)
+            assert url and code == 2 and "Traceback" not in err
+            assert err.strip().splitlines()[-1].startswith("rea: ") and line in err
+            assert not (root / ".rea" / "credentials" / "remote.json").exists()
+        finally:
+            authority.close()
+
+    def test_an_absurd_token_lifetime_is_clamped(self, rea_project, http_servers):
+        authority = OAuthServer(claimed_expiry=10**400)
+        try:
+            remote = http_servers(auth=authority)
+            root = remote_project(rea_project, remote.url)
+            code, _, _, err = rea_login_attempt(root)
+            assert code == 0 and "Traceback" not in err
+            saved = json.loads((root / ".rea" / "credentials" / "remote.json").read_text())
+            assert time.time() < saved["expires_at"] <= time.time() + 366 * 86400
+        finally:
+            authority.close()
+
+    def test_a_token_said_to_be_expired_already_is_not_refreshed_on_every_call(
+        self, rea_project, gateway, http_servers
+    ):
+        authority = OAuthServer(claimed_expiry=-5)  # the token works; its answer says not
+        try:
+            remote = http_servers(auth=authority)
+            root = remote_project(rea_project, remote.url)
+            rea_login(root)
+            saved = json.loads((root / ".rea" / "credentials" / "remote.json").read_text())
+            assert saved["expires_at"] is None  # unknown: a 401 says when to refresh
+            c = running(gateway, root)
+            for n in range(1, 4):
+                assert remote_text(c.call("remote__count")) == str(n)
+            assert authority.refreshes == 0
+            c.close()
+        finally:
+            authority.close()
