@@ -79,6 +79,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import difflib
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -242,10 +243,11 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write a file so that a reader sees the old or the new bytes, never a part.
 
-    Temp file in the same folder, mode, fsync, os.replace, fsync of the folder.
+    Temp file in the same folder, mode, fsync, os.replace, fsync of the folder. A link
+    planted at the temp file's name is not followed (OSError).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -11347,7 +11349,12 @@ class Credentials:
 
 class TokenStore:
     """`.rea/credentials/SERVER.json`: one server's credentials, mode 0600 in a 0700 folder,
-    written atomically (a reader sees the old file or the new, never a part)."""
+    written atomically (a reader sees the old file or the new, never a part).
+
+    Never through a symbolic link: one planted at the file or the folder would make rea
+    chmod, read, overwrite or delete a file of someone else's choosing. Such a link is
+    refused with one line (OAuthError) that says to remove it.
+    """
 
     def __init__(self, folder: Path, server: str) -> None:
         if not SERVER_NAME_RE.fullmatch(server):
@@ -11356,26 +11363,56 @@ class TokenStore:
         self.folder = folder
         self.path = folder / f"{server}.json"
 
+    def refuse_links(self) -> None:
+        """OAuthError when the folder or the file is a symbolic link."""
+        for path in (self.folder, self.path):
+            try:
+                linked = stat.S_ISLNK(os.lstat(path).st_mode)
+            except FileNotFoundError:
+                return  # nothing below a missing folder; nothing at a missing file
+            except OSError as exc:
+                raise OAuthError(
+                    f"{path}: cannot read it ({exc.strerror}); check its permissions"
+                ) from None
+            if linked:
+                raise self._linked(path)
+
+    def _linked(self, path: Path) -> OAuthError:
+        return OAuthError(
+            f"{path} is a symbolic link; rea never follows one in .rea/credentials/ (it could "
+            f"point at any file of yours): remove it, then run python rea.py login {self.server}"
+        )
+
     def load(self) -> Credentials | None:
         """The saved credentials, None without a file; OAuthError for a file rea cannot use."""
-        try:
-            info = os.stat(self.path)
-            data = self.path.read_bytes()
+        self.refuse_links()
+        try:  # O_NOFOLLOW: a link put there since; O_NONBLOCK: a FIFO must not hang us
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._linked(self.path) from None
             raise OAuthError(
                 f"{self.path}: cannot read it ({exc.strerror}); check its permissions"
             ) from None
-        if stat.S_IMODE(info.st_mode) & 0o077:  # someone widened it: tokens are the user's alone
-            try:
-                os.chmod(self.path, 0o600)
-                log("warn", "credentials_mode_fixed", file=str(self.path))
-            except OSError:
-                pass
+        with open(fd, "rb") as fh:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OAuthError(
+                    f"{self.path} is not a regular file: remove it, then run "
+                    f"python rea.py login {self.server}"
+                )
+            data = fh.read(MAX_DOCUMENT + 1)
+            if stat.S_IMODE(info.st_mode) & 0o077:  # widened: tokens are the user's alone
+                try:
+                    os.fchmod(fd, 0o600)  # this very file, never what a path leads to
+                    log("warn", "credentials_mode_fixed", file=str(self.path))
+                except OSError:
+                    pass
         try:
-            creds = Credentials.from_json(json.loads(data))
-        except (ValueError, UnicodeDecodeError) as exc:
+            creds = Credentials.from_json(decode(data))
+        except ValueError as exc:
             raise OAuthError(
                 f"{self.path}: not a credentials file rea can use ({exc}); "
                 f"delete it and run python rea.py login {self.server}"
@@ -11383,13 +11420,16 @@ class TokenStore:
         return creds
 
     def save(self, creds: Credentials) -> None:
+        self.refuse_links()
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.refuse_links()  # made by us, or there before: either way, no link
         os.chmod(self.folder, 0o700)  # mkdir's mode passes through the umask; this does not
         data = json.dumps(creds.to_json(), indent=2).encode() + b"\n"
+        # os.replace puts a new file there, never writes through; the umask only narrows 0600
         atomic_write(self.path, data, 0o600)
-        os.chmod(self.path, 0o600)
 
     def delete(self) -> bool:
+        self.refuse_links()  # below a linked folder, the file is someone else's
         try:
             self.path.unlink()
             return True
@@ -11400,11 +11440,17 @@ class TokenStore:
     def exclusive(self) -> Iterator[None]:
         """An flock of SERVER.lock beside the file, around a refresh: refresh tokens rotate,
         so two gateways refreshing with one token at once would leave one of them logged
-        out. A folder rea cannot write to means no lock (and no saved refresh either)."""
+        out. A folder rea cannot write to (or a link) means no lock (and no saved refresh
+        either)."""
         try:
+            self.refuse_links()
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.folder / f"{self.server}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
+            fd = os.open(
+                self.folder / f"{self.server}.lock",
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except (OSError, OAuthError):
             yield
             return
         try:
@@ -11416,7 +11462,7 @@ class TokenStore:
     def stamp(self) -> tuple[int, int, int] | None:
         """Changes whenever the file is replaced: (mtime, size, inode), None without a file."""
         try:
-            info = os.stat(self.path)
+            info = os.lstat(self.path)
         except OSError:
             return None
         return (info.st_mtime_ns, info.st_size, info.st_ino)
@@ -12156,6 +12202,7 @@ def login(
     problem = check_remote_url(url)
     if problem is not None:
         raise OAuthError(f"server {server_name}: {problem}")
+    store.refuse_links()  # before anyone logs in for nothing
     status, challenge = _challenge(server_name, url, headers or {}, http_timeout_s)
     try:
         prm = fetch_resource_metadata(url, challenge, http_timeout_s)
@@ -12285,6 +12332,7 @@ def logout(
     """`python rea.py logout SERVER`: revoke at the authorization server when it offers
     revocation (RFC 7009), then delete the credentials file. Returns what was done (for
     the audit record), None when there was no login to end."""
+    store.refuse_links()  # a link is the user's to remove, never deleted or followed
     try:
         creds = store.load()
     except OAuthError:

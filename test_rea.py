@@ -13930,3 +13930,44 @@ class TestSection13LoginAttacksEndToEnd:
             c.close()
         finally:
             authority.close()
+
+    @pytest.mark.parametrize("planted", ["file", "folder"])
+    def test_a_symlink_in_the_credentials_folder_is_never_followed(
+        self, planted, tmp_path, rea_project, gateway, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = remote_project(rea_project, remote.url)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        os.chmod(elsewhere, 0o755)
+        victim = elsewhere / "remote.json"  # a file of the user's
+        victim.write_text("<p>a public page</p>\n")
+        os.chmod(victim, 0o644)
+        folder = root / ".rea" / "credentials"
+        if planted == "file":
+            folder.mkdir(mode=0o700)
+            link = folder / "remote.json"
+            link.symlink_to(victim)
+        else:
+            link = folder
+            link.symlink_to(elsewhere, target_is_directory=True)
+
+        def untouched() -> None:
+            assert link.is_symlink() and victim.read_text() == "<p>a public page</p>\n"
+            assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+            assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755
+
+        logout = rea_cli(root, "logout", "remote")
+        code, url, out, err = rea_login_attempt(root)
+        for status, said, why in (
+            (logout.returncode, logout.stdout, logout.stderr),
+            (code, url + out, err),
+        ):
+            assert status == 2 and said == "" and "Traceback" not in why and why.count("\n") == 1
+            assert f"{link} is a symbolic link" in why and "remove it" in why
+        untouched()
+        c = running(gateway, root)
+        assert c.downstream("remote")["status"] == "needs-login"
+        assert any("symbolic link" in line for line in c.stderr_lines)
+        c.close()
+        untouched()
