@@ -12084,9 +12084,12 @@ class _CallbackServer(http.server.ThreadingHTTPServer):
 
 
 class _CallbackListener:
-    """The loopback redirect target of `login` (RFC 8252 §7.3): waits for one GET /callback."""
+    """The loopback redirect target of `login` (RFC 8252 §7.3): waits for the GET /callback
+    that carries this login's state. Any local process can reach the port: a callback
+    with another state, or none, is answered 400 and the wait goes on, so that no one but
+    the browser this login sent can end it (or hand it a code of their own)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, state: str) -> None:
         got = threading.Event()
         box: list[dict[str, str]] = []
 
@@ -12101,6 +12104,9 @@ class _CallbackListener:
                 params: dict[str, str] = {}
                 for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
                     params.setdefault(key, value)  # RFC 6749 §3.1: no parameter twice
+                if not secrets.compare_digest(params.get("state", "").encode(), state.encode()):
+                    self.send_error(400, "not the answer to the login in progress")
+                    return
                 if not got.is_set():
                     box.append(params)
                     got.set()
@@ -12223,14 +12229,15 @@ def login(
     except OAuthError:
         previous = None
     same_issuer = previous is not None and previous.issuer == asm.issuer
-    listener = _CallbackListener(_port_of(previous.redirect_uri) if same_issuer and previous else 0)
+    state = secrets.token_urlsafe(32)
+    port = _port_of(previous.redirect_uri) if same_issuer and previous else 0
+    listener = _CallbackListener(port, state)
     try:
         redirect_uri = f"http://127.0.0.1:{listener.port}/callback"
         client = choose_client(
             server_name, asm, oauth_config, redirect_uri, scope, previous, http_timeout_s
         )
         verifier, code_challenge = pkce_pair()
-        state = secrets.token_urlsafe(32)
         # The resource the server's metadata declares (checked to cover its URL): the token's
         # audience is what the server validates (RFC 8707 §2, RFC 9728 §2).
         address = authorization_url(

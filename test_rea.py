@@ -4206,7 +4206,11 @@ def run_http_login(
         first = out.lines.get()
         lines.append(first)
         if follow:
-            with NO_PROXY.open(first, timeout=10) as answer:
+            # an error page (a redirect refused) is what a browser shows, not a failure here
+            with (
+                contextlib.suppress(urllib.error.HTTPError),
+                NO_PROXY.open(first, timeout=10) as answer,
+            ):
                 answer.read()
     thread.join(timeout=15)
     while not out.lines.empty():
@@ -13311,7 +13315,8 @@ class TestSection13Login:
     @pytest.mark.parametrize(
         ("switch", "message"),
         [
-            ({"wrong_state": True}, "state does not match this login"),
+            # another state is refused at the listener (400): the login waits on, in vain
+            ({"wrong_state": True}, "no login answer came back within 1 s"),
             ({"wrong_iss": True}, "a mix-up attack?"),
             ({"send_iss": False}, "lacks the iss"),
         ],
@@ -13322,7 +13327,7 @@ class TestSection13Login:
         authority = OAuthServer(**switch)
         server = McpHttpServer(auth=authority)
         try:
-            error, _ = run_http_login(server, token_store)
+            error, _ = run_http_login(server, token_store, timeout_s=1.0)
             assert isinstance(error, rea.OAuthError) and message in str(error)
             assert "python rea.py login remote again" in str(error) and "\n" not in str(error)
             assert not token_store.path.exists() and authority.token_forms == []
@@ -13971,3 +13976,25 @@ class TestSection13LoginAttacksEndToEnd:
         assert any("symbolic link" in line for line in c.stderr_lines)
         c.close()
         untouched()
+
+    def test_a_forged_redirect_is_refused_and_the_login_waits_for_the_real_one(
+        self, rea_project, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = remote_project(rea_project, remote.url)
+        refused: list[int] = []
+
+        def stranger(url: str) -> None:  # another local process reaches the listener first
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+            iss = urllib.parse.quote(oauth_server.issuer)
+            for forged in ("code=stolen&state=forged", "code=stolen"):
+                try:
+                    NO_PROXY.open(f"{query['redirect_uri']}?{forged}&iss={iss}", timeout=5)
+                except urllib.error.HTTPError as exc:
+                    refused.append(exc.code)
+
+        code, _, out, err = rea_login_attempt(root, before=stranger)
+        assert refused == [400, 400]
+        assert code == 0 and out.startswith("rea: logged in to remote"), err
+        assert all(form.get("code") != "stolen" for form in oauth_server.token_forms)
+        assert (root / ".rea" / "credentials" / "remote.json").exists()
