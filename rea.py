@@ -9835,6 +9835,24 @@ def resource_covers(resource: str, url: str) -> bool:
     return not r.path or u.path == r.path or u.path.startswith(r.path + "/")
 
 
+def covered_neighbour(resource: str, url: str, neighbours: Mapping[str, str]) -> str | None:
+    """The other server (name) a token for `resource`, meant for the server at `url`, would
+    be valid at too; None when there is none.
+
+    A resource above a server's URL is accepted (real servers declare their origin while
+    they serve /mcp), unless it also covers the URL of another server of the registry: a
+    hostile server below an honest one (/mcp/evil under /mcp) could name the honest one's
+    metadata, have rea mint a token for it, and replay it there. The server's own URL as
+    the resource is always fine.
+    """
+    if canonical_resource(resource) == canonical_resource(url):
+        return None
+    for name, other in sorted(neighbours.items()):
+        if resource_covers(resource, other):
+            return name
+    return None
+
+
 def _reason(exc: BaseException) -> str:
     """A short, secret-free reason for a network failure."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -11916,16 +11934,19 @@ class TokenSource:
         *,
         clock: Callable[[], float] = time.time,
         timeout_s: float = OAUTH_TIMEOUT_S,
+        neighbours: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
         self.server = server
         self.url = url
         self._store = store
         self._clock = clock
         self._timeout_s = timeout_s
+        self._neighbours = neighbours  # the registry's other remote servers now: name -> url
         # guards: _creds, _stamp, _loaded, _refreshing, _refused, _secrets
         self._cond = threading.Condition()
         self._creds: Credentials | None = None
-        self._stamp: tuple[int, int, int] | None = None
+        # what _creds were checked against: the file's stamp and the neighbours then
+        self._stamp: tuple[object, ...] | None = None
         self._loaded = False
         self._refreshing = False
         self._refused = False
@@ -11986,7 +12007,8 @@ class TokenSource:
         del self._secrets[:-32]
 
     def _current(self) -> Credentials | None:
-        stamp = self._store.stamp()
+        neighbours = self._neighbours()
+        stamp = self._stamp_now(neighbours)
         with self._cond:
             if self._loaded and stamp == self._stamp:
                 return self._creds
@@ -11995,13 +12017,7 @@ class TokenSource:
         except OAuthError as exc:
             log("warn", "oauth_credentials_unusable", server=self.server, error=str(exc))
             creds = None
-        if creds is not None and not resource_covers(creds.resource, self.url):
-            log(
-                "warn",
-                "oauth_credentials_for_other_server",
-                server=self.server,
-                resource=public_url(creds.resource),
-            )
+        if creds is not None and not self._usable(creds, neighbours, warn=True):
             creds = None
         with self._cond:
             self._creds, self._stamp, self._loaded, self._refused = creds, stamp, True, False
@@ -12022,7 +12038,7 @@ class TokenSource:
                 raise NeedsLogin(self.server, "the refresh was refused or is impossible")
             self._refreshing = True
         fresh: Credentials | None = None
-        stamp: tuple[int, int, int] | None = None
+        stamp: tuple[object, ...] | None = None
         try:
             with self._store.exclusive():
                 fresh = self._refreshed_elsewhere(stale)
@@ -12030,7 +12046,7 @@ class TokenSource:
                     fresh = refresh_credentials(creds, self._timeout_s, self._clock())
                     self._save(fresh)
                     log("info", "oauth_token_refreshed", server=self.server)
-                stamp = self._store.stamp()
+                stamp = self._stamp_now(self._neighbours())
         except NeedsLogin as exc:
             with self._cond:
                 self._refused = True
@@ -12053,7 +12069,37 @@ class TokenSource:
             return None
         if on_disk is None or on_disk.access_token == stale:
             return None
-        return on_disk if resource_covers(on_disk.resource, self.url) else None
+        return on_disk if self._usable(on_disk, self._neighbours(), warn=False) else None
+
+    def _stamp_now(self, neighbours: Mapping[str, str]) -> tuple[object, ...]:
+        """Changes when the file is replaced or the registry's other servers change."""
+        return (self._store.stamp(), tuple(sorted(neighbours.items())))
+
+    def _usable(self, creds: Credentials, neighbours: Mapping[str, str], warn: bool) -> bool:
+        """Whether these tokens may go to this server: issued for its URL or a path above
+        it, and valid at no other server of the registry (see covered_neighbour)."""
+        if not resource_covers(creds.resource, self.url):
+            if warn:
+                log(
+                    "warn",
+                    "oauth_credentials_for_other_server",
+                    server=self.server,
+                    resource=public_url(creds.resource),
+                )
+            return False
+        other = covered_neighbour(creds.resource, self.url, neighbours)
+        if other is not None:
+            if warn:
+                log(
+                    "warn",
+                    "oauth_credentials_cover_another_server",
+                    server=self.server,
+                    resource=public_url(creds.resource),
+                    other=other,
+                    fix=f"python rea.py login {self.server} says what to do",
+                )
+            return False
+        return True
 
     def _save(self, creds: Credentials) -> None:
         try:
@@ -12193,6 +12239,7 @@ def login(
     *,
     err: TextIO | None = None,
     headers: Mapping[str, str] | None = None,
+    neighbours: Mapping[str, str] | None = None,
     timeout_s: float = LOGIN_TIMEOUT_S,
     http_timeout_s: float = OAUTH_TIMEOUT_S,
     clock: Callable[[], float] = time.time,
@@ -12201,8 +12248,9 @@ def login(
 
     With open_browser False the authorization URL is printed alone on one line of `out` and
     the redirect is awaited; other words go to `err`. `headers` are the server's own
-    (`headers:`), sent with the first request. Returns the credentials saved; raises
-    OAuthError (one line) on failure.
+    (`headers:`), sent with the first request; `neighbours` the other remote servers of the
+    registry (name -> url), none of which the token may be valid at. Returns the
+    credentials saved; raises OAuthError (one line) on failure.
     """
     err = err if err is not None else sys.stderr
     problem = check_remote_url(url)
@@ -12220,6 +12268,14 @@ def login(
             "and publishes no protected resource metadata: it needs no login (or takes a key "
             "under headers:)"
         ) from None
+    other = covered_neighbour(prm.resource, url, neighbours or {})
+    if other is not None:
+        raise OAuthError(
+            f"server {server_name}: its protected resource metadata names resource "
+            f"{public_url(prm.resource)}, which covers server {other} too: a token for it would "
+            f"be valid at both, so rea will not log in with it (RFC 8707); the server at "
+            f"{public_url(url)} must publish metadata for its own URL"
+        )
     asm = fetch_authorization_server(
         prm.authorization_servers[0], http_timeout_s
     )  # RFC 9728 §7.6: rea's choice
@@ -12542,6 +12598,7 @@ class DownstreamHooks:
     client_caps: Callable[[], JsonObj]  # what the client declared that the gateway relays
     redact: Callable[[str], str]  # the policy's secret patterns, as they are now
     policy: Callable[[], Policy]
+    remote_urls: Callable[[], Mapping[str, str]]  # the registry's remote servers: name -> url
 
 
 @dataclass(frozen=True)
@@ -12792,10 +12849,14 @@ class Downstream:
             return None
         # headers: values are secrets by contract (§3), like env: values
         self._keep_secrets({v for v in headers.values() if len(v) >= MIN_SECRET_CHARS})
-        tokens = TokenSource(self.name, self.spec.url, self._token_store())
+        hooks = self._ctx.hooks
+
+        def neighbours() -> dict[str, str]:  # as the registry is now (it may be reloaded)
+            return {name: url for name, url in hooks.remote_urls().items() if name != self.name}
+
+        tokens = TokenSource(self.name, self.spec.url, self._token_store(), neighbours=neighbours)
         with self._lock:
             self._tokens = tokens
-        hooks = self._ctx.hooks
         return StreamableHttpTransport(
             self.name,
             self.spec.url,
@@ -15489,6 +15550,10 @@ class Downstreams:
         with self._lock:
             return self._by_name.get(name)
 
+    def remote_urls(self) -> dict[str, str]:
+        """Every remote server of the registry in force: name -> url."""
+        return {ds.name: ds.spec.url for ds in self.all() if ds.spec.remote}
+
     def start(self) -> None:
         """Start every server, once: at the client's first request other than discover,
         so that each hears in its handshake what the client can do."""
@@ -15602,6 +15667,7 @@ class Gateway:
             client_caps=self.session.relayable_caps,
             redact=lambda text: self.config.rules().redactor.redact(text).text,
             policy=lambda: self.config.rules().policy,
+            remote_urls=lambda: self.servers.remote_urls(),
         )
         ctx = DownstreamContext(root, self.fingerprints, self.deadlines, self.timeouts, hooks)
         self.servers = Downstreams(ctx, registry)
@@ -16411,8 +16477,14 @@ def cmd_check(root: Path, as_json: bool) -> int:
     return 0
 
 
+def remote_neighbours(registry: Registry, server: str) -> dict[str, str]:
+    """The registry's remote servers but `server`: name -> url (see covered_neighbour)."""
+    return {s.name: s.url for s in registry.servers if s.remote and s.name != server}
+
+
 def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
     """Start (or reach) a server just long enough to list its tools (for `trust`)."""
+    others = remote_neighbours(load_registry(root / REA_DIR), spec.name)
     timers = Deadlines()
     timeouts = Timeouts.from_env(os.environ)
     child: Transport
@@ -16426,7 +16498,9 @@ def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
                 lambda c, code: None,
                 timers,
                 timeouts,
-                TokenSource(spec.name, spec.url, _token_store(root, spec.name)),
+                TokenSource(
+                    spec.name, spec.url, _token_store(root, spec.name), neighbours=lambda: others
+                ),
             )
         else:
             child = ChildProcess(
@@ -16516,6 +16590,7 @@ def cmd_login(root: Path, server: str, no_browser: bool) -> int:
         not no_browser,
         sys.stdout,
         headers=expanded_headers(spec, os.environ),
+        neighbours=remote_neighbours(load_registry(root / REA_DIR), spec.name),
     )
     record_governance_act(
         governance_of(root),

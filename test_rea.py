@@ -13879,6 +13879,46 @@ class TestSection13LoginAttacksEndToEnd:
     other local processes (red-team 15): no token for two servers, no traceback, no link
     followed, no login aborted by a stranger."""
 
+    def two_servers_on_one_origin(
+        self, rea_project: Callable[..., Path], remote: McpHttpServer
+    ) -> Path:
+        # `evil` below `good`: its 401 names good's metadata, whose resource covers both.
+        servers = [
+            {"name": "good", "url": remote.url},
+            {"name": "evil", "url": remote.url + "/evil"},
+        ]
+        return rea_project(servers)
+
+    def test_login_refuses_a_resource_that_covers_another_server(
+        self, rea_project, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = self.two_servers_on_one_origin(rea_project, remote)
+        code, url, _, err = rea_login_attempt(root, "evil")
+        assert (code, url) == (2, "") and "Traceback" not in err and err.count("\n") == 1
+        assert "server good" in err and "valid at both" in err
+        assert oauth_server.token_forms == []
+        assert not (root / ".rea" / "credentials" / "evil.json").exists()
+        rea_login(root, "good")  # a resource that is the server's own URL is fine
+
+    def test_serve_never_sends_a_token_whose_resource_covers_another_server(
+        self, rea_project, gateway, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = self.two_servers_on_one_origin(rea_project, remote)
+        rea_login(root, "good")
+        folder = root / ".rea" / "credentials"
+        planted = json.loads((folder / "good.json").read_text())
+        planted["server"] = "evil"  # as an earlier rea.py's `login evil` saved it
+        (folder / "evil.json").write_text(json.dumps(planted))
+        os.chmod(folder / "evil.json", 0o600)
+        c = running(gateway, root)
+        assert remote_text(c.call("good__count")) == "1"
+        assert c.downstream("evil")["status"] == "needs-login"
+        with remote.lock:
+            to_evil = [s for s in remote.seen if s.path.startswith("/mcp/evil")]
+        assert to_evil and all("authorization" not in s.headers for s in to_evil)
+
     @pytest.mark.parametrize(
         ("answer", "line"),
         [
