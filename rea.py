@@ -2795,7 +2795,7 @@ def _server_to_json(spec: ServerSpec) -> dict[str, object]:
     how: dict[str, object]
     if spec.remote:
         how = {
-            "url": spec.url,
+            "url": public_url(spec.url),  # a query or user may hold a secret: withheld too
             "headers": {key: _WITHHELD for key in spec.headers},
             "oauth": {
                 "client_id": spec.oauth.client_id,
@@ -6103,7 +6103,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 #   {"version": 1,
 #    "servers": {"github": {"definition": {"command": …, "args": […], "env_keys": […],
 #                                          "env_passthrough": […]},
-#                           (a remote server's: {"url": …, "header_keys": […]})
+#                           (a remote server's: {"url": …, "header_keys": […]}, the URL
+#                            without its query: it may hold a key)
 #                           "definition_hash": "<sha256>", "pinned_at": "…Z",
 #                           "tools": {"create_issue": {"hash": "<sha256>", "pinned_at": "…Z",
 #                                                      "pinned": {"name", "description",
@@ -6140,9 +6141,10 @@ _DEFINITION_LABELS = {  # field -> how a reason names it
 
 def server_definition(spec: ServerSpec) -> dict[str, object]:
     """What is pinned of a server: how it is started, never the values of its env; a
-    remote server by its URL and the names of its headers, never their values (§10)."""
+    remote server by its URL (as shown: no query, user or fragment, which may hold a
+    secret) and the names of its headers, never their values (§10)."""
     if spec.remote:
-        return {"url": spec.url, "header_keys": sorted(spec.headers)}
+        return {"url": public_url(spec.url), "header_keys": sorted(spec.headers)}
     return {
         "command": spec.command,
         "args": list(spec.args),
@@ -6155,6 +6157,14 @@ def server_definition(spec: ServerSpec) -> dict[str, object]:
 def definition_hash(defn: Mapping[str, object]) -> str:
     """SHA-256 (hex) of a server definition in canonical JSON."""
     return _trust_sha256(defn)
+
+
+def public_definition(defn: Mapping[str, object]) -> dict[str, object]:
+    """A pinned definition as this rea.py pins it: an earlier one kept a remote server's
+    URL whole, query included. Compared and shown in this form, such a pin stays valid
+    and never shows what the query held."""
+    url = defn.get("url")
+    return {**defn, "url": public_url(url)} if isinstance(url, str) else dict(defn)
 
 
 def tool_fingerprint(tool: Mapping[str, object]) -> dict[str, object]:
@@ -6329,9 +6339,12 @@ class Fingerprints:
             return None
         if pin.hash == definition_hash(defn):
             return None
-        fields = [
-            label for f, label in _DEFINITION_LABELS.items() if pin.definition.get(f) != defn.get(f)
-        ]
+        pinned = public_definition(pin.definition)
+        if definition_hash(pinned) == definition_hash(defn):  # pinned with the query: drop it
+            self._servers[spec.name] = replace(pin, definition=defn, hash=definition_hash(defn))
+            self._save_logged()
+            return None
+        fields = [label for f, label in _DEFINITION_LABELS.items() if pinned.get(f) != defn.get(f)]
         return f"definition changed since pinned: {', '.join(fields)} changed; {accept}"
 
     def check_tools(self, server: str, tools: Sequence[Mapping[str, object]]) -> ToolVerdict:
@@ -6685,16 +6698,18 @@ def cmd_trust(
         return code
 
     defn = server_definition(spec)
-    if old is None:
+    shown = public_definition(old.definition) if old is not None else None  # no query
+    if shown is None:
         out.write(f"{server}: no pin yet; its definition:\n{_pretty(defn)}\n")
     else:
         for key in _DEFINITION_LABELS:
-            if old.definition.get(key) != defn.get(key):
-                out.write(_field_diff(f"{server} {key}", old.definition.get(key), defn.get(key)))
+            if shown.get(key) != defn.get(key):
+                out.write(_field_diff(f"{server} {key}", shown.get(key), defn.get(key)))
     lines = 0
     if tools is not None:
         lines = _write_tools_diff(server, old, tools, out)
-    unchanged = old is not None and old.hash == definition_hash(defn) and lines == 0
+    same = shown is not None and definition_hash(shown) == definition_hash(defn)
+    unchanged = same and lines == 0
     if unchanged:
         out.write(f"{server}: definition and tools match their pins\n")
     if dry_run:

@@ -13873,6 +13873,56 @@ class TestSection13HostileServersEndToEnd:
         assert secret not in wire  # result, structuredContent, error message and data, notes
         assert secret not in every_file_text(root, c)
 
+    def test_a_secret_in_the_url_query_is_never_shown_or_stored(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",))
+        secret = "sk_live_" + secrets.token_hex(8)
+        root = remote_project(rea_project, f"{remote.url}?api_key={secret}")
+        for argv in (("check",), ("check", "--json")):
+            done = rea_cli(root, *argv)
+            assert done.returncode == 0 and remote.url in done.stdout
+            assert secret not in done.stdout + done.stderr
+        c = running(gateway, root)
+        assert remote_text(c.call("remote__count")) == "1"
+        c.close()
+        pins = root / ".rea" / "fingerprints.json"
+        assert secret not in pins.read_text() and remote.url in pins.read_text()
+        # Another key in the query: the same server, still trusted; trust shows neither key.
+        fresh = "sk_live_" + secrets.token_hex(8)
+        registry = root / ".rea" / "registry.json"
+        registry.write_text(registry.read_text().replace(secret, fresh))
+        done = rea_cli(root, "trust", "remote")
+        assert done.returncode == 0 and "definition and tools match their pins" in done.stdout
+        every = (
+            done.stdout + done.stderr + pins.read_text() + (root / ".rea/audit.jsonl").read_text()
+        )
+        assert secret not in every and fresh not in every
+        again = running(gateway, root)
+        assert remote_text(again.call("remote__count")) == "2"
+        assert secret not in every_file_text(root, again) + "".join(again.stderr_lines)
+
+    def test_a_pin_that_holds_a_url_query_stays_valid_and_loses_it(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",))
+        secret = "sk_live_" + secrets.token_hex(8)
+        url = f"{remote.url}?api_key={secret}"
+        root = remote_project(rea_project, url)
+        old = {"url": url, "header_keys": []}  # as an earlier rea.py pinned it
+        pin = {
+            "definition": old,
+            "definition_hash": rea.definition_hash(old),
+            "pinned_at": "2025-01-01T00:00:00.000Z",
+            "tools": {},
+        }
+        pins = root / ".rea" / "fingerprints.json"
+        pins.write_text(json.dumps({"version": 1, "servers": {"remote": pin}, "held": {}}))
+        c = running(gateway, root)
+        assert remote_text(c.call("remote__count")) == "1"  # not held
+        poll(lambda: secret not in pins.read_text(), what="the pin rewritten without the query")
+        assert remote.url in pins.read_text()
+
 
 class TestSection13LoginAttacksEndToEnd:
     """SPEC §13 and §11: `login` and the tokens it saves, against hostile servers and
