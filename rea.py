@@ -79,6 +79,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import difflib
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -242,10 +243,11 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write a file so that a reader sees the old or the new bytes, never a part.
 
-    Temp file in the same folder, mode, fsync, os.replace, fsync of the folder.
+    Temp file in the same folder, mode, fsync, os.replace, fsync of the folder. A link
+    planted at the temp file's name is not followed (OSError).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -2793,7 +2795,7 @@ def _server_to_json(spec: ServerSpec) -> dict[str, object]:
     how: dict[str, object]
     if spec.remote:
         how = {
-            "url": spec.url,
+            "url": public_url(spec.url),  # a query or user may hold a secret: withheld too
             "headers": {key: _WITHHELD for key in spec.headers},
             "oauth": {
                 "client_id": spec.oauth.client_id,
@@ -6101,7 +6103,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 #   {"version": 1,
 #    "servers": {"github": {"definition": {"command": …, "args": […], "env_keys": […],
 #                                          "env_passthrough": […]},
-#                           (a remote server's: {"url": …, "header_keys": […]})
+#                           (a remote server's: {"url": …, "header_keys": […]}, the URL
+#                            without its query: it may hold a key)
 #                           "definition_hash": "<sha256>", "pinned_at": "…Z",
 #                           "tools": {"create_issue": {"hash": "<sha256>", "pinned_at": "…Z",
 #                                                      "pinned": {"name", "description",
@@ -6138,9 +6141,10 @@ _DEFINITION_LABELS = {  # field -> how a reason names it
 
 def server_definition(spec: ServerSpec) -> dict[str, object]:
     """What is pinned of a server: how it is started, never the values of its env; a
-    remote server by its URL and the names of its headers, never their values (§10)."""
+    remote server by its URL (as shown: no query, user or fragment, which may hold a
+    secret) and the names of its headers, never their values (§10)."""
     if spec.remote:
-        return {"url": spec.url, "header_keys": sorted(spec.headers)}
+        return {"url": public_url(spec.url), "header_keys": sorted(spec.headers)}
     return {
         "command": spec.command,
         "args": list(spec.args),
@@ -6153,6 +6157,14 @@ def server_definition(spec: ServerSpec) -> dict[str, object]:
 def definition_hash(defn: Mapping[str, object]) -> str:
     """SHA-256 (hex) of a server definition in canonical JSON."""
     return _trust_sha256(defn)
+
+
+def public_definition(defn: Mapping[str, object]) -> dict[str, object]:
+    """A pinned definition as this rea.py pins it: an earlier one kept a remote server's
+    URL whole, query included. Compared and shown in this form, such a pin stays valid
+    and never shows what the query held."""
+    url = defn.get("url")
+    return {**defn, "url": public_url(url)} if isinstance(url, str) else dict(defn)
 
 
 def tool_fingerprint(tool: Mapping[str, object]) -> dict[str, object]:
@@ -6327,9 +6339,12 @@ class Fingerprints:
             return None
         if pin.hash == definition_hash(defn):
             return None
-        fields = [
-            label for f, label in _DEFINITION_LABELS.items() if pin.definition.get(f) != defn.get(f)
-        ]
+        pinned = public_definition(pin.definition)
+        if definition_hash(pinned) == definition_hash(defn):  # pinned with the query: drop it
+            self._servers[spec.name] = replace(pin, definition=defn, hash=definition_hash(defn))
+            self._save_logged()
+            return None
+        fields = [label for f, label in _DEFINITION_LABELS.items() if pinned.get(f) != defn.get(f)]
         return f"definition changed since pinned: {', '.join(fields)} changed; {accept}"
 
     def check_tools(self, server: str, tools: Sequence[Mapping[str, object]]) -> ToolVerdict:
@@ -6683,16 +6698,18 @@ def cmd_trust(
         return code
 
     defn = server_definition(spec)
-    if old is None:
+    shown = public_definition(old.definition) if old is not None else None  # no query
+    if shown is None:
         out.write(f"{server}: no pin yet; its definition:\n{_pretty(defn)}\n")
     else:
         for key in _DEFINITION_LABELS:
-            if old.definition.get(key) != defn.get(key):
-                out.write(_field_diff(f"{server} {key}", old.definition.get(key), defn.get(key)))
+            if shown.get(key) != defn.get(key):
+                out.write(_field_diff(f"{server} {key}", shown.get(key), defn.get(key)))
     lines = 0
     if tools is not None:
         lines = _write_tools_diff(server, old, tools, out)
-    unchanged = old is not None and old.hash == definition_hash(defn) and lines == 0
+    same = shown is not None and definition_hash(shown) == definition_hash(defn)
+    unchanged = same and lines == 0
     if unchanged:
         out.write(f"{server}: definition and tools match their pins\n")
     if dry_run:
@@ -8819,6 +8836,13 @@ class Timeouts:
             values[key] = number
         return cls(**values)
 
+    @property
+    def servers_stop_s(self) -> float:
+        """How long stopping every server may take (they stop at once): a child's stdin
+        closed (0.5 s), SIGTERM then SIGKILL after kill_after_s, the same again for helpers
+        left in its group; a remote server's DELETE and joins take kill_after_s (§5)."""
+        return 2 * self.kill_after_s + 1.5
+
 
 class RpcError(Exception):
     """A JSON-RPC error to send back: code, message and optional data."""
@@ -8895,16 +8919,44 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode(line: bytes) -> object:
-    """One JSON-RPC line parsed; ValueError for anything that is not JSON: nesting too
-    deep for the parser (a RecursionError is not a ValueError), NaN and Infinity, and a
-    number no double holds (it would leave as Infinity, which no JSON parser reads)."""
+def decode(line: bytes | str) -> object:
+    """One JSON document (a JSON-RPC line, an answer from the network) parsed; ValueError
+    for anything that is not JSON: nesting too deep for the parser (a RecursionError is
+    not a ValueError), NaN and Infinity, and a number no double holds (it would leave as
+    Infinity, which no JSON parser reads)."""
     try:
         return json.loads(line, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ValueError("not UTF-8") from exc
+
+
+def map_strings(value: object, change: Callable[[str], str]) -> object:
+    """A copy of a JSON value with `change` applied to every string in it, keys included.
+    Iterative: a value nested as deeply as the parser allows cannot exhaust the stack."""
+    if isinstance(value, str):
+        return change(value)
+    if not isinstance(value, dict | list):
+        return value
+    top: dict[str, object] | list[object] = dict(value) if isinstance(value, dict) else list(value)
+    todo: list[dict[str, object] | list[object]] = [top]
+    while todo:
+        node = todo.pop()
+        pairs = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        if isinstance(node, dict):
+            node.clear()
+        for key, item in pairs:
+            if isinstance(item, dict | list):
+                item = dict(item) if isinstance(item, dict) else list(item)
+                todo.append(item)
+            elif isinstance(item, str):
+                item = change(item)
+            if isinstance(node, dict):
+                node[change(str(key))] = item
+            else:
+                node[int(key)] = item
+    return top
 
 
 def id_key(value: object) -> tuple[str, object]:
@@ -9665,11 +9717,16 @@ def list_tools(transport: Transport, timeout_s: float) -> list[JsonObj]:
 ACCEPT = "application/json, text/event-stream"  # Streamable HTTP: a client MUST list both
 MAX_CONNECTIONS = 8  # requests in flight at once per remote server; more wait their turn
 CONNECT_TIMEOUT_S = 10.0
+# Each of these is a deadline for the whole exchange, kept by expire(): a per-read socket
+# timeout alone lets a server that sends a byte now and then hold a connection for ever.
 SEND_TIMEOUT_S = 30.0  # one notification or response POST
-DELETE_TIMEOUT_S = 2.0  # ending the session at stop is best effort
+DELETE_TIMEOUT_S = 2.0  # ending the session at stop is best effort (and within kill_after_s)
 DRAIN_TIMEOUT_S = 2.0  # what may follow the answer on an event stream, read to keep the connection
 MAX_RESUMES = 3  # GETs with Last-Event-ID after a stream broke before its answer (2025-11-25)
-LISTEN_BACKOFF_MAX_S = 30.0
+LISTEN_RETRY_S = 1.0  # the GET stream is opened again after this, or after the server's `retry:`
+LISTEN_RETRY_MIN_S = 0.5  # ... but never sooner: `retry: 0` must not make a hot loop
+LISTEN_STEADY_S = 10.0  # a GET stream open this long (or with messages) did not end "at once"
+LISTEN_BACKOFF_MAX_S = 30.0  # streams that end at once double the wait, up to this
 MAX_ERROR_BODY = 64 * 1024
 MAX_PROBLEM = 300  # characters of last_stderr()
 
@@ -9791,6 +9848,24 @@ def resource_covers(resource: str, url: str) -> bool:
     if (r.scheme, r.netloc) != (u.scheme, u.netloc) or not r.netloc:
         return False
     return not r.path or u.path == r.path or u.path.startswith(r.path + "/")
+
+
+def covered_neighbour(resource: str, url: str, neighbours: Mapping[str, str]) -> str | None:
+    """The other server (name) a token for `resource`, meant for the server at `url`, would
+    be valid at too; None when there is none.
+
+    A resource above a server's URL is accepted (real servers declare their origin while
+    they serve /mcp), unless it also covers the URL of another server of the registry: a
+    hostile server below an honest one (/mcp/evil under /mcp) could name the honest one's
+    metadata, have rea mint a token for it, and replay it there. The server's own URL as
+    the resource is always fine.
+    """
+    if canonical_resource(resource) == canonical_resource(url):
+        return None
+    for name, other in sorted(neighbours.items()):
+        if resource_covers(resource, other):
+            return name
+    return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -10136,9 +10211,12 @@ class StreamableHttpTransport:
         # A static Authorization of `headers:` wins: no OAuth token is ever sent beside it.
         self._static_auth = any(key.lower() == "authorization" for key in headers)
         self._auth = None if self._static_auth else auth
-        # `headers:` values are secrets by contract (§3): scrubbed from any text we make
+        # `headers:` values are secrets by contract (§3): scrubbed from any text we make and
+        # from all the server sends (it may echo one back), as they are and JSON-escaped
         values = {value for value in headers.values() if len(value) >= MIN_SECRET_CHARS}
         self._secret_values = tuple(sorted(values, key=len, reverse=True))
+        escaped = {json.dumps(value)[1:-1] for value in values}
+        self._escaped_values = tuple(escaped - values)
         self._user_headers = dict(headers)
         self._post_headers: dict[str, str] = {
             "Accept": ACCEPT,
@@ -10151,8 +10229,11 @@ class StreamableHttpTransport:
         self._port = parts.port or (443 if self._https else 80)
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._tls = ssl.create_default_context() if self._https else None
-        self._lock = threading.Lock()  # guards: _active, _ended, _exited
+        self._lock = threading.Lock()  # guards: _active, _limited, _ended, _exited
         self._active: dict[int, http.client.HTTPConnection] = {}  # request id -> its connection
+        # connections that answer no request of a waiter -> when expire() breaks them: a POST
+        # of a notification or response, the read after an answer, the session's DELETE
+        self._limited: dict[http.client.HTTPConnection, float] = {}
         self._ended = False  # stop() or _die() has run
         self._exited = False  # on_exit has been called
         # guards: _session_id, _renewing, _init_params, _listen_conn, _listening
@@ -10161,7 +10242,8 @@ class StreamableHttpTransport:
         self._renewing = False
         self._init_params: JsonObj | None = None
         self._listen_conn: http.client.HTTPConnection | None = None
-        self._listening: threading.Thread | None = None
+        self._listening: threading.Thread | None = None  # the GET stream's thread, while it runs
+        self._said_no_stream = False  # "no GET stream" is logged once
         self._pool_lock = threading.Lock()  # guards: _idle
         self._idle: list[http.client.HTTPConnection] = []
         self._max_idle = max_connections
@@ -10241,18 +10323,30 @@ class StreamableHttpTransport:
             self._call(
                 pending.on_done, None, TimeoutError(f"server {self.name} did not answer in time")
             )
+        with self._lock:
+            overdue = [conn for conn, at in self._limited.items() if at <= now]
+            for conn in overdue:
+                del self._limited[conn]
+            later = min(self._limited.values(), default=None)
+        for conn in overdue:
+            _abort(conn)
+        if later is not None and (soonest is None or later < soonest):
+            soonest = later
         return soonest
 
     def stop(self) -> None:
         """Fail what is in flight, end the session (DELETE, best effort), close every
-        connection and join this server's threads: all within Timeouts.kill_after_s and
-        the DELETE's own DELETE_TIMEOUT_S, whatever the server does (§5: a bounded stop)."""
+        connection and join this server's threads: all within Timeouts.kill_after_s,
+        whatever the server does (§5: a bounded stop). Every connection open now is broken,
+        the one that sends notifications/initialized on a starting server's thread too."""
         self.stopping = True
         with self._lock:
             if self._ended:
                 return
             self._ended = True
-            active = list(self._active.values())
+            active = [*self._active.values(), *self._limited]
+            self._limited.clear()
+        deadline = time.monotonic() + self._timeouts.kill_after_s
         jobs = self.requests.close()
         self._stopped.set()
         for conn in active:
@@ -10264,8 +10358,7 @@ class StreamableHttpTransport:
         for pending in jobs:
             self._call(pending.on_done, None, TransportFailed(f"server {self.name}: disconnected"))
         if session is not None:
-            self._end_session(session)
-        deadline = time.monotonic() + self._timeouts.kill_after_s
+            self._end_session(session, min(deadline, time.monotonic() + DELETE_TIMEOUT_S))
         self._close(deadline)
         if listener is not None and listener is not threading.current_thread():
             listener.join(max(0.0, deadline - time.monotonic()))
@@ -10300,6 +10393,18 @@ class StreamableHttpTransport:
     def _unbind(self, job: _Request) -> None:
         with self._lock:
             self._active.pop(job.id, None)
+
+    def _limit(self, conn: http.client.HTTPConnection, deadline: float) -> None:
+        """Break this connection at `deadline` (monotonic), whatever it is doing then."""
+        with self._lock:
+            self._limited[conn] = deadline
+        self._deadlines.watch(self, deadline)
+
+    def _unlimit(self, conn: http.client.HTTPConnection) -> bool:
+        """Take the deadline off; False when the connection was broken (its deadline passed,
+        or stop), so that it is closed, never kept for another request."""
+        with self._lock:
+            return self._limited.pop(conn, None) is not None
 
     def _call(self, on_done: OnDone, result: JsonObj | None, error: Exception | None) -> None:
         try:
@@ -10355,6 +10460,20 @@ class StreamableHttpTransport:
             text = self._auth.scrub(text)
         return text
 
+    def _message(self, raw: bytes | str) -> object:
+        """What the server sent, parsed (ValueError when it is not JSON), with every
+        `headers:` value and token of ours taken out of its strings: a server that echoes
+        one (in a result, an error's message or data, a notification) does not hand it to
+        the client. The body is looked at first, so that a server without secrets, or a
+        message without one, costs nothing more."""
+        msg = decode(raw)
+        if not self._secret_values and self._auth is None:
+            return msg
+        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        if self._scrub(text) == text and not any(v in text for v in self._escaped_values):
+            return msg
+        return map_strings(msg, self._scrub)
+
     def _login_needed(self, exc: NeedsLogin) -> None:
         """Tell the owner that the server needs a login (it may change the server's status)."""
         self._note(str(exc))
@@ -10389,7 +10508,8 @@ class StreamableHttpTransport:
             if self._ended:
                 return
             self._ended = True
-            active = list(self._active.values())
+            active = [*self._active.values(), *self._limited]
+            self._limited.clear()
         jobs = self.requests.close()
         text = self._note(reason)  # the owner logs it, as it logs a child's exit
         self._stopped.set()
@@ -10613,6 +10733,7 @@ class StreamableHttpTransport:
         with self._session:
             session = self._session_id
         self._post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+        self._start_listening()  # a GET stream refused for the old session may exist for this
 
     def _exchange(self, job: _Request) -> None:
         """POST one request and read its answer, sending it again only where it certainly did
@@ -10718,8 +10839,8 @@ class StreamableHttpTransport:
             raise self._fail(f"the answer to {job.method} is larger than the limit")
         self._release(conn, resp)
         try:
-            msg: object = json.loads(data) if data.strip() else None
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            msg = self._message(data) if data.strip() else None
+        except ValueError:
             msg = None
         if status == 200:
             if isinstance(msg, dict | list) and self._deliver(msg, job):
@@ -10822,8 +10943,8 @@ class StreamableHttpTransport:
                 if event.event != "message" or not event.data.strip():
                     continue  # a priming event, or one that is not JSON-RPC
                 try:
-                    msg = json.loads(event.data)
-                except (ValueError, RecursionError):
+                    msg = self._message(event.data)
+                except ValueError:
                     log("warn", "remote_sent_non_json", server=self.name, bytes=len(event.data))
                     continue
                 messages += 1
@@ -10855,16 +10976,22 @@ class StreamableHttpTransport:
         self._resume(job, end.last_id, end.retry_ms)
 
     def _drain(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
-        """After the answer the stream SHOULD end; read what is left, briefly, to keep the
-        connection, and pass on anything the server still says."""
+        """After the answer the stream SHOULD end; read what is left, to keep the connection,
+        and pass on anything the server still says: for DRAIN_TIMEOUT_S in all. A stream the
+        server keeps open (with keep-alive comments, say) is cut then, so that no server holds
+        a connection and its worker for ever."""
+        self._limit(conn, time.monotonic() + DRAIN_TIMEOUT_S)
         try:
             if conn.sock is not None:
                 conn.sock.settimeout(DRAIN_TIMEOUT_S)
             self._consume(resp, None)
+            read = True
         except _NET_ERRORS:
+            read = False
+        if self._unlimit(conn) and read:
+            self._release(conn, resp)
+        else:
             conn.close()
-            return
-        self._release(conn, resp)
 
     def _get_headers(self, session: str | None, last_id: str | None) -> dict[str, str]:
         headers = {
@@ -10925,9 +11052,10 @@ class StreamableHttpTransport:
             "it may have run"
         )
 
-    def _listen_once_initialized(self) -> None:
+    def _start_listening(self) -> None:
         """Open the GET stream for the server's own messages (2025-11-25 Streamable HTTP,
-        Listening for Messages from the Server) once, on a thread of its own."""
+        Listening for Messages from the Server) on a thread of its own, unless one runs:
+        once initialized, and again once a session is renewed."""
         with self._session:
             if self._listening is not None or self._stopped.is_set():
                 return
@@ -10938,69 +11066,96 @@ class StreamableHttpTransport:
 
     def _listen(self) -> None:
         """The GET stream: server notifications and requests outside any request's stream.
-        Reconnects with backoff; a 405 (or any refusal) means the server offers none."""
-        delay = 1.0
+
+        Opened again whenever it ends, never sooner than the server's `retry:` (at least
+        LISTEN_RETRY_MIN_S), the wait doubling while streams end at once, up to
+        LISTEN_BACKOFF_MAX_S. A refusal means the server offers no GET stream: a 405
+        (2025-11-25 Listening 3), or a 404 while the session lives on for POSTs (an Express
+        server without GET /mcp): only a 404 to a POST renews a session. The listener then
+        ends; a renewed session starts another.
+        """
+        retry = LISTEN_RETRY_S
+        failures = -1  # attempts in a row without a stream that did its job; -1: none yet
         last_id: str | None = None
-        listened_session: str | None = None
+        listened: str | None = None  # the session last_id belongs to
         reauthorized = False
-        while not self._stopped.is_set():
-            with self._session:
-                session = self._session_id
-            if session != listened_session:
-                last_id, listened_session = None, session  # event ids belong to one session
-            try:
-                conn = self._connect()
-            except ServerUnreachable:
-                self._stopped.wait(delay)
-                delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
-                continue
-            with self._session:
-                self._listen_conn = conn
-            if self._stopped.is_set():
-                conn.close()
-                return
-            try:
-                headers = self._get_headers(session, last_id)
-                token = self._authorize(headers)
-                assert conn.sock is not None
-                conn.sock.settimeout(None)  # a quiet stream is not a dead one
-                conn.request("GET", self._target, headers=headers)
-                resp = conn.getresponse()
-                if resp.status == 401 and not reauthorized:
-                    reauthorized = True
-                    self._reauthorize(token)
-                    continue
-                if resp.status == 404 and session is not None:
-                    self._renew(session)
-                    continue
-                if 400 <= resp.status < 500 and resp.status not in (408, 429):
-                    # 405: the server offers no GET stream (2025-11-25 Listening 3); other
-                    # refusals mean the same in practice
-                    log("debug", "remote_no_get_stream", server=self.name, status=resp.status)
+        try:
+            while True:
+                wait = min(LISTEN_BACKOFF_MAX_S, retry * 2 ** min(failures, 16))
+                if self._stopped.wait(wait if failures >= 0 else 0.0):
                     return
-                if resp.status != 200 or _content_type(resp) != "text/event-stream":
-                    self._note(f"server {self.name}: its GET stream answered HTTP {resp.status}")
-                else:
+                failures += 1
+                with self._session:
+                    session = self._session_id
+                if session != listened:
+                    last_id, listened = None, session  # event ids belong to one session
+                try:
+                    conn = self._connect()
+                except ServerUnreachable:
+                    continue
+                with self._session:
+                    self._listen_conn = conn
+                if self._stopped.is_set():
+                    conn.close()
+                    return
+                opened = time.monotonic()
+                try:
+                    headers = self._get_headers(session, last_id)
+                    token = self._authorize(headers)
+                    assert conn.sock is not None
+                    conn.sock.settimeout(None)  # a quiet stream is not a dead one
+                    conn.request("GET", self._target, headers=headers)
+                    resp = conn.getresponse()
+                    if resp.status == 401 and not reauthorized:
+                        reauthorized = True
+                        self._reauthorize(token)
+                        continue
+                    if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                        if self._no_get_stream(session, resp.status):
+                            return
+                        continue  # the session was renewed meanwhile: listen to the new one
+                    if resp.status != 200 or _content_type(resp) != "text/event-stream":
+                        self._note(
+                            f"server {self.name}: its GET stream answered HTTP {resp.status}"
+                        )
+                        continue
                     reauthorized = False
                     end = self._consume(resp, None)
                     last_id = end.last_id or last_id
-                    if end.messages:
-                        delay = 1.0
                     if end.retry_ms is not None:
-                        delay = end.retry_ms / 1000.0
-            except NeedsLogin as exc:
-                self._login_needed(exc)
-                return
-            except TransportFailed:  # a session that could not be renewed: the transport died
-                return
-            except _NET_ERRORS:
-                pass
-            finally:
-                conn.close()
-                with self._session:
-                    self._listen_conn = None
-            self._stopped.wait(delay)
-            delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
+                        retry = min(
+                            LISTEN_BACKOFF_MAX_S, max(LISTEN_RETRY_MIN_S, end.retry_ms / 1000)
+                        )
+                    if end.messages or time.monotonic() - opened >= LISTEN_STEADY_S:
+                        failures = 0  # it did its job: the next one after `retry` alone
+                except NeedsLogin as exc:
+                    self._login_needed(exc)
+                    return
+                except TransportFailed:  # e.g. a static Authorization refused
+                    return
+                except _NET_ERRORS:
+                    pass
+                finally:
+                    conn.close()
+                    with self._session:
+                        self._listen_conn = None
+        finally:
+            with self._session:
+                if self._listening is threading.current_thread():
+                    self._listening = None
+
+    def _no_get_stream(self, session: str | None, status: int) -> bool:
+        """The GET stream was refused for `session`: True when the listener ends, False
+        when the session was renewed meanwhile (the new one is listened to)."""
+        with self._session:
+            if self._session_id != session and not self._stopped.is_set():
+                return False
+            self._listening = None  # under the lock a renewal takes to start another
+            said, self._said_no_stream = self._said_no_stream, True
+        if not said:
+            level = "debug" if status == 405 else "info"
+            log(level, "remote_no_get_stream", server=self.name, status=status)
+        return True
 
     # -- internals: messages without an answer --
 
@@ -11014,23 +11169,33 @@ class StreamableHttpTransport:
         what = name or "a response"
         resent = reauthorized = False
         while True:
+            if self._stopped.is_set():
+                raise TransportFailed(f"server {self.name}: stopped before {what} was sent")
             headers = self._headers(name, params, stateless, None if stateless else session)
             token = self._authorize(headers)
             conn, reused = self._connection()
-            sent = False
+            self._limit(conn, time.monotonic() + SEND_TIMEOUT_S)
+            sent = read = False
             try:
                 assert conn.sock is not None
                 conn.sock.settimeout(SEND_TIMEOUT_S)
                 conn.request("POST", self._target, body, headers)
                 sent = True
                 resp = conn.getresponse()
+                resp.read(MAX_ERROR_BODY)
+                read = True
             except _NET_ERRORS as exc:
                 conn.close()
-                if not resent and (not sent or reused):
+                in_time = self._unlimit(conn)  # False: broken at its deadline, or by stop
+                if in_time and not resent and (not sent or reused):
                     resent = True  # a repeated notification or response is harmless
                     continue
-                raise self._fail(f"could not send {what} ({_reason(exc)})") from None
-            self._discard_body(conn, resp)
+                why = _reason(exc) if in_time else f"no answer within {SEND_TIMEOUT_S:g} s"
+                raise self._fail(f"could not send {what} ({why})") from None
+            if self._unlimit(conn) and read:
+                self._release(conn, resp)
+            else:
+                conn.close()
             if resp.status == 401 and not reauthorized:
                 reauthorized = True
                 self._reauthorize(token)
@@ -11051,26 +11216,34 @@ class StreamableHttpTransport:
         except ServerUnreachable as exc:
             self._die(str(exc))
         except TransportFailed as exc:
-            log("warn", "remote_send_failed", server=self.name, error=str(exc))
+            if not self._stopped.is_set():
+                log("warn", "remote_send_failed", server=self.name, error=str(exc))
         else:
             if msg.get("method") == "notifications/initialized":
-                self._listen_once_initialized()
+                self._start_listening()
 
-    def _end_session(self, session: str) -> None:
-        """DELETE the session (2025-11-25 Session Management 5); a 405 or silence is fine."""
+    def _end_session(self, session: str, deadline: float) -> None:
+        """DELETE the session (2025-11-25 Session Management 5), done by `deadline`
+        (monotonic) whatever the server does; a 405, an error or silence is fine."""
         headers = self._get_headers(session, None)
         headers.pop("Accept")
         try:
             self._authorize(headers, refresh=False)  # stop never waits on an authorization server
         except TransportFailed:
             return
-        conn = self._new_connection(DELETE_TIMEOUT_S)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        conn = self._new_connection(left)
         try:
+            conn.connect()  # within `left`; from here on expire() breaks it at the deadline
+            self._limit(conn, deadline)
             conn.request("DELETE", self._target, headers=headers)
             conn.getresponse().read(MAX_ERROR_BODY)
         except _NET_ERRORS:
             pass
         finally:
+            self._unlimit(conn)
             conn.close()
 
 
@@ -11088,6 +11261,7 @@ class StreamableHttpTransport:
 OAUTH_TIMEOUT_S = 10.0  # one request to an authorization server or for metadata
 LOGIN_TIMEOUT_S = 300.0  # how long `login` waits for the browser
 REFRESH_MARGIN_S = 60.0  # refresh this long before expiry (less for short-lived tokens)
+MAX_TOKEN_LIFETIME_S = 365 * 86400.0  # a longer expires_in (10**400, say) is taken as this
 MAX_DOCUMENT = 1024 * 1024
 CLIENT_NAME = "rea (MCP governance gateway)"
 CREDENTIALS_DIR = "credentials"  # under .rea/
@@ -11185,6 +11359,9 @@ class Credentials:
             return float(value)
 
         obtained = number("obtained_at")
+        expires = number("expires_at")
+        if expires is not None and obtained is not None and expires <= obtained:
+            expires = None  # a non-positive expires_in an earlier rea.py kept: unknown
         return Credentials(
             server=text("server") or "",
             resource=text("resource") or "",
@@ -11197,7 +11374,7 @@ class Credentials:
             redirect_uri=text("redirect_uri") or "",
             access_token=text("access_token") or "",
             refresh_token=text("refresh_token", True),
-            expires_at=number("expires_at"),
+            expires_at=expires,
             obtained_at=obtained if obtained is not None else 0.0,
             scope=text("scope", True),
         )
@@ -11205,7 +11382,12 @@ class Credentials:
 
 class TokenStore:
     """`.rea/credentials/SERVER.json`: one server's credentials, mode 0600 in a 0700 folder,
-    written atomically (a reader sees the old file or the new, never a part)."""
+    written atomically (a reader sees the old file or the new, never a part).
+
+    Never through a symbolic link: one planted at the file or the folder would make rea
+    chmod, read, overwrite or delete a file of someone else's choosing. Such a link is
+    refused with one line (OAuthError) that says to remove it.
+    """
 
     def __init__(self, folder: Path, server: str) -> None:
         if not SERVER_NAME_RE.fullmatch(server):
@@ -11214,26 +11396,56 @@ class TokenStore:
         self.folder = folder
         self.path = folder / f"{server}.json"
 
+    def refuse_links(self) -> None:
+        """OAuthError when the folder or the file is a symbolic link."""
+        for path in (self.folder, self.path):
+            try:
+                linked = stat.S_ISLNK(os.lstat(path).st_mode)
+            except FileNotFoundError:
+                return  # nothing below a missing folder; nothing at a missing file
+            except OSError as exc:
+                raise OAuthError(
+                    f"{path}: cannot read it ({exc.strerror}); check its permissions"
+                ) from None
+            if linked:
+                raise self._linked(path)
+
+    def _linked(self, path: Path) -> OAuthError:
+        return OAuthError(
+            f"{path} is a symbolic link; rea never follows one in .rea/credentials/ (it could "
+            f"point at any file of yours): remove it, then run python rea.py login {self.server}"
+        )
+
     def load(self) -> Credentials | None:
         """The saved credentials, None without a file; OAuthError for a file rea cannot use."""
-        try:
-            info = os.stat(self.path)
-            data = self.path.read_bytes()
+        self.refuse_links()
+        try:  # O_NOFOLLOW: a link put there since; O_NONBLOCK: a FIFO must not hang us
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._linked(self.path) from None
             raise OAuthError(
                 f"{self.path}: cannot read it ({exc.strerror}); check its permissions"
             ) from None
-        if stat.S_IMODE(info.st_mode) & 0o077:  # someone widened it: tokens are the user's alone
-            try:
-                os.chmod(self.path, 0o600)
-                log("warn", "credentials_mode_fixed", file=str(self.path))
-            except OSError:
-                pass
+        with open(fd, "rb") as fh:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OAuthError(
+                    f"{self.path} is not a regular file: remove it, then run "
+                    f"python rea.py login {self.server}"
+                )
+            data = fh.read(MAX_DOCUMENT + 1)
+            if stat.S_IMODE(info.st_mode) & 0o077:  # widened: tokens are the user's alone
+                try:
+                    os.fchmod(fd, 0o600)  # this very file, never what a path leads to
+                    log("warn", "credentials_mode_fixed", file=str(self.path))
+                except OSError:
+                    pass
         try:
-            creds = Credentials.from_json(json.loads(data))
-        except (ValueError, UnicodeDecodeError) as exc:
+            creds = Credentials.from_json(decode(data))
+        except ValueError as exc:
             raise OAuthError(
                 f"{self.path}: not a credentials file rea can use ({exc}); "
                 f"delete it and run python rea.py login {self.server}"
@@ -11241,13 +11453,16 @@ class TokenStore:
         return creds
 
     def save(self, creds: Credentials) -> None:
+        self.refuse_links()
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.refuse_links()  # made by us, or there before: either way, no link
         os.chmod(self.folder, 0o700)  # mkdir's mode passes through the umask; this does not
         data = json.dumps(creds.to_json(), indent=2).encode() + b"\n"
+        # os.replace puts a new file there, never writes through; the umask only narrows 0600
         atomic_write(self.path, data, 0o600)
-        os.chmod(self.path, 0o600)
 
     def delete(self) -> bool:
+        self.refuse_links()  # below a linked folder, the file is someone else's
         try:
             self.path.unlink()
             return True
@@ -11258,11 +11473,17 @@ class TokenStore:
     def exclusive(self) -> Iterator[None]:
         """An flock of SERVER.lock beside the file, around a refresh: refresh tokens rotate,
         so two gateways refreshing with one token at once would leave one of them logged
-        out. A folder rea cannot write to means no lock (and no saved refresh either)."""
+        out. A folder rea cannot write to (or a link) means no lock (and no saved refresh
+        either)."""
         try:
+            self.refuse_links()
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.folder / f"{self.server}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
+            fd = os.open(
+                self.folder / f"{self.server}.lock",
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except (OSError, OAuthError):
             yield
             return
         try:
@@ -11274,7 +11495,7 @@ class TokenStore:
     def stamp(self) -> tuple[int, int, int] | None:
         """Changes whenever the file is replaced: (mtime, size, inode), None without a file."""
         try:
-            info = os.stat(self.path)
+            info = os.lstat(self.path)
         except OSError:
             return None
         return (info.st_mtime_ns, info.st_size, info.st_ino)
@@ -11344,9 +11565,9 @@ def _http(
 
 
 def _json_object(reply: _Reply, what: str) -> JsonObj:
-    try:
-        doc = as_obj(json.loads(reply.body))
-    except (ValueError, UnicodeDecodeError):
+    try:  # decode: no traceback for nesting too deep, NaN or a number no double holds
+        doc = as_obj(decode(reply.body))
+    except ValueError:
         doc = None
     if doc is None:
         raise OAuthError(f"{what}: the answer is not a JSON object")
@@ -11357,8 +11578,8 @@ def _error_code(reply: _Reply) -> str:
     """The `error` of an OAuth error answer (RFC 6749 §5.2), or the HTTP status. The
     description is not shown: it is the server's free text."""
     try:
-        doc = as_obj(json.loads(reply.body))
-    except (ValueError, UnicodeDecodeError):
+        doc = as_obj(decode(reply.body))
+    except ValueError:
         doc = None
     code = doc.get("error") if doc is not None else None
     if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
@@ -11449,9 +11670,11 @@ def fetch_authorization_server(issuer: str, timeout_s: float) -> AuthServerMetad
         doc = _json_object(reply, f"authorization server metadata at {public_url(url)}")
         # RFC 8414 §3.3, OpenID discovery §4.3: the document must be about the issuer we asked
         # for, or a hostile server could pose as an honest one (mix-up).
-        if doc.get("issuer") != issuer:
+        named = doc.get("issuer")
+        if named != issuer:
+            shown = named[:100] if isinstance(named, str) else None
             raise OAuthError(
-                f"the metadata at {public_url(url)} names issuer {str(doc.get('issuer'))[:100]!r}, "
+                f"the metadata at {public_url(url)} names issuer {shown!r}, "
                 f"not {issuer}; refusing it (RFC 8414 §3.3)"
             )
         return _parse_server_metadata(issuer, doc)
@@ -11641,16 +11864,24 @@ def _token_fields(reply: _Reply, what: str) -> tuple[str, str | None, float | No
     if not isinstance(kind, str) or kind.lower() != "bearer":
         raise OAuthError(f"{what}: token type {str(kind)[:20]!r} is not Bearer; rea cannot use it")
     refresh = doc.get("refresh_token")
-    expires = doc.get("expires_in")
     scope = doc.get("scope")
     return (
         access,
         refresh if isinstance(refresh, str) and refresh else None,
-        float(expires)
-        if isinstance(expires, (int, float)) and not isinstance(expires, bool)
-        else None,
+        _lifetime(doc.get("expires_in")),
         scope if isinstance(scope, str) else None,
     )
+
+
+def _lifetime(expires_in: object) -> float | None:
+    """expires_in in seconds, at most MAX_TOKEN_LIFETIME_S; None (unknown: a 401 says when
+    to refresh) unless it is a positive number: a token said to be expired already would
+    otherwise be refreshed before every request."""
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+        return None
+    if not expires_in > 0:  # NaN too
+        return None
+    return float(min(expires_in, MAX_TOKEN_LIFETIME_S))
 
 
 def refresh_credentials(creds: Credentials, timeout_s: float, now: float) -> Credentials:
@@ -11718,16 +11949,19 @@ class TokenSource:
         *,
         clock: Callable[[], float] = time.time,
         timeout_s: float = OAUTH_TIMEOUT_S,
+        neighbours: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
         self.server = server
         self.url = url
         self._store = store
         self._clock = clock
         self._timeout_s = timeout_s
+        self._neighbours = neighbours  # the registry's other remote servers now: name -> url
         # guards: _creds, _stamp, _loaded, _refreshing, _refused, _secrets
         self._cond = threading.Condition()
         self._creds: Credentials | None = None
-        self._stamp: tuple[int, int, int] | None = None
+        # what _creds were checked against: the file's stamp and the neighbours then
+        self._stamp: tuple[object, ...] | None = None
         self._loaded = False
         self._refreshing = False
         self._refused = False
@@ -11788,7 +12022,8 @@ class TokenSource:
         del self._secrets[:-32]
 
     def _current(self) -> Credentials | None:
-        stamp = self._store.stamp()
+        neighbours = self._neighbours()
+        stamp = self._stamp_now(neighbours)
         with self._cond:
             if self._loaded and stamp == self._stamp:
                 return self._creds
@@ -11797,13 +12032,7 @@ class TokenSource:
         except OAuthError as exc:
             log("warn", "oauth_credentials_unusable", server=self.server, error=str(exc))
             creds = None
-        if creds is not None and not resource_covers(creds.resource, self.url):
-            log(
-                "warn",
-                "oauth_credentials_for_other_server",
-                server=self.server,
-                resource=public_url(creds.resource),
-            )
+        if creds is not None and not self._usable(creds, neighbours, warn=True):
             creds = None
         with self._cond:
             self._creds, self._stamp, self._loaded, self._refused = creds, stamp, True, False
@@ -11824,7 +12053,7 @@ class TokenSource:
                 raise NeedsLogin(self.server, "the refresh was refused or is impossible")
             self._refreshing = True
         fresh: Credentials | None = None
-        stamp: tuple[int, int, int] | None = None
+        stamp: tuple[object, ...] | None = None
         try:
             with self._store.exclusive():
                 fresh = self._refreshed_elsewhere(stale)
@@ -11832,7 +12061,7 @@ class TokenSource:
                     fresh = refresh_credentials(creds, self._timeout_s, self._clock())
                     self._save(fresh)
                     log("info", "oauth_token_refreshed", server=self.server)
-                stamp = self._store.stamp()
+                stamp = self._stamp_now(self._neighbours())
         except NeedsLogin as exc:
             with self._cond:
                 self._refused = True
@@ -11855,7 +12084,37 @@ class TokenSource:
             return None
         if on_disk is None or on_disk.access_token == stale:
             return None
-        return on_disk if resource_covers(on_disk.resource, self.url) else None
+        return on_disk if self._usable(on_disk, self._neighbours(), warn=False) else None
+
+    def _stamp_now(self, neighbours: Mapping[str, str]) -> tuple[object, ...]:
+        """Changes when the file is replaced or the registry's other servers change."""
+        return (self._store.stamp(), tuple(sorted(neighbours.items())))
+
+    def _usable(self, creds: Credentials, neighbours: Mapping[str, str], warn: bool) -> bool:
+        """Whether these tokens may go to this server: issued for its URL or a path above
+        it, and valid at no other server of the registry (see covered_neighbour)."""
+        if not resource_covers(creds.resource, self.url):
+            if warn:
+                log(
+                    "warn",
+                    "oauth_credentials_for_other_server",
+                    server=self.server,
+                    resource=public_url(creds.resource),
+                )
+            return False
+        other = covered_neighbour(creds.resource, self.url, neighbours)
+        if other is not None:
+            if warn:
+                log(
+                    "warn",
+                    "oauth_credentials_cover_another_server",
+                    server=self.server,
+                    resource=public_url(creds.resource),
+                    other=other,
+                    fix=f"python rea.py login {self.server} says what to do",
+                )
+            return False
+        return True
 
     def _save(self, creds: Credentials) -> None:
         try:
@@ -11886,9 +12145,12 @@ class _CallbackServer(http.server.ThreadingHTTPServer):
 
 
 class _CallbackListener:
-    """The loopback redirect target of `login` (RFC 8252 §7.3): waits for one GET /callback."""
+    """The loopback redirect target of `login` (RFC 8252 §7.3): waits for the GET /callback
+    that carries this login's state. Any local process can reach the port: a callback
+    with another state, or none, is answered 400 and the wait goes on, so that no one but
+    the browser this login sent can end it (or hand it a code of their own)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, state: str) -> None:
         got = threading.Event()
         box: list[dict[str, str]] = []
 
@@ -11903,6 +12165,9 @@ class _CallbackListener:
                 params: dict[str, str] = {}
                 for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
                     params.setdefault(key, value)  # RFC 6749 §3.1: no parameter twice
+                if not secrets.compare_digest(params.get("state", "").encode(), state.encode()):
+                    self.send_error(400, "not the answer to the login in progress")
+                    return
                 if not got.is_set():
                     box.append(params)
                     got.set()
@@ -11989,6 +12254,7 @@ def login(
     *,
     err: TextIO | None = None,
     headers: Mapping[str, str] | None = None,
+    neighbours: Mapping[str, str] | None = None,
     timeout_s: float = LOGIN_TIMEOUT_S,
     http_timeout_s: float = OAUTH_TIMEOUT_S,
     clock: Callable[[], float] = time.time,
@@ -11997,13 +12263,15 @@ def login(
 
     With open_browser False the authorization URL is printed alone on one line of `out` and
     the redirect is awaited; other words go to `err`. `headers` are the server's own
-    (`headers:`), sent with the first request. Returns the credentials saved; raises
-    OAuthError (one line) on failure.
+    (`headers:`), sent with the first request; `neighbours` the other remote servers of the
+    registry (name -> url), none of which the token may be valid at. Returns the
+    credentials saved; raises OAuthError (one line) on failure.
     """
     err = err if err is not None else sys.stderr
     problem = check_remote_url(url)
     if problem is not None:
         raise OAuthError(f"server {server_name}: {problem}")
+    store.refuse_links()  # before anyone logs in for nothing
     status, challenge = _challenge(server_name, url, headers or {}, http_timeout_s)
     try:
         prm = fetch_resource_metadata(url, challenge, http_timeout_s)
@@ -12015,6 +12283,14 @@ def login(
             "and publishes no protected resource metadata: it needs no login (or takes a key "
             "under headers:)"
         ) from None
+    other = covered_neighbour(prm.resource, url, neighbours or {})
+    if other is not None:
+        raise OAuthError(
+            f"server {server_name}: its protected resource metadata names resource "
+            f"{public_url(prm.resource)}, which covers server {other} too: a token for it would "
+            f"be valid at both, so rea will not log in with it (RFC 8707); the server at "
+            f"{public_url(url)} must publish metadata for its own URL"
+        )
     asm = fetch_authorization_server(
         prm.authorization_servers[0], http_timeout_s
     )  # RFC 9728 §7.6: rea's choice
@@ -12024,14 +12300,15 @@ def login(
     except OAuthError:
         previous = None
     same_issuer = previous is not None and previous.issuer == asm.issuer
-    listener = _CallbackListener(_port_of(previous.redirect_uri) if same_issuer and previous else 0)
+    state = secrets.token_urlsafe(32)
+    port = _port_of(previous.redirect_uri) if same_issuer and previous else 0
+    listener = _CallbackListener(port, state)
     try:
         redirect_uri = f"http://127.0.0.1:{listener.port}/callback"
         client = choose_client(
             server_name, asm, oauth_config, redirect_uri, scope, previous, http_timeout_s
         )
         verifier, code_challenge = pkce_pair()
-        state = secrets.token_urlsafe(32)
         # The resource the server's metadata declares (checked to cover its URL): the token's
         # audience is what the server validates (RFC 8707 §2, RFC 9728 §2).
         address = authorization_url(
@@ -12133,6 +12410,7 @@ def logout(
     """`python rea.py logout SERVER`: revoke at the authorization server when it offers
     revocation (RFC 7009), then delete the credentials file. Returns what was done (for
     the audit record), None when there was no login to end."""
+    store.refuse_links()  # a link is the user's to remove, never deleted or followed
     try:
         creds = store.load()
     except OAuthError:
@@ -12335,6 +12613,7 @@ class DownstreamHooks:
     client_caps: Callable[[], JsonObj]  # what the client declared that the gateway relays
     redact: Callable[[str], str]  # the policy's secret patterns, as they are now
     policy: Callable[[], Policy]
+    remote_urls: Callable[[], Mapping[str, str]]  # the registry's remote servers: name -> url
 
 
 @dataclass(frozen=True)
@@ -12585,10 +12864,14 @@ class Downstream:
             return None
         # headers: values are secrets by contract (§3), like env: values
         self._keep_secrets({v for v in headers.values() if len(v) >= MIN_SECRET_CHARS})
-        tokens = TokenSource(self.name, self.spec.url, self._token_store())
+        hooks = self._ctx.hooks
+
+        def neighbours() -> dict[str, str]:  # as the registry is now (it may be reloaded)
+            return {name: url for name, url in hooks.remote_urls().items() if name != self.name}
+
+        tokens = TokenSource(self.name, self.spec.url, self._token_store(), neighbours=neighbours)
         with self._lock:
             self._tokens = tokens
-        hooks = self._ctx.hooks
         return StreamableHttpTransport(
             self.name,
             self.spec.url,
@@ -12850,7 +13133,8 @@ class Downstream:
             transport.stop()
         starter = self._starter
         if starter is not None and starter is not threading.current_thread():
-            starter.join(timeout=self._ctx.timeouts.handshake_s)
+            # the transport's stop failed what the start waits for and broke its connections
+            starter.join(timeout=self._ctx.timeouts.kill_after_s)
         with self._lock:
             late = self._transport  # started while we stopped: _bring_up stops it itself
         if late is not None and late is not transport:
@@ -15281,6 +15565,10 @@ class Downstreams:
         with self._lock:
             return self._by_name.get(name)
 
+    def remote_urls(self) -> dict[str, str]:
+        """Every remote server of the registry in force: name -> url."""
+        return {ds.name: ds.spec.url for ds in self.all() if ds.spec.remote}
+
     def start(self) -> None:
         """Start every server, once: at the client's first request other than discover,
         so that each hears in its handshake what the client can do."""
@@ -15324,16 +15612,23 @@ class Downstreams:
         log("info", "registry_reloaded", servers=len(new))
 
     def stop(self) -> None:
-        """Stop every server at once (each: close stdin, SIGTERM, SIGKILL) and join them."""
+        """Stop every server at once (each: close stdin, SIGTERM, SIGKILL) and join them,
+        within Timeouts.servers_stop_s in all whatever a server does (§5): a stop still
+        running then is left to end on its own (its thread is a daemon)."""
+        deadline = time.monotonic() + self._ctx.timeouts.servers_stop_s
         stoppers = [
-            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}") for ds in self.all()
+            threading.Thread(target=ds.stop, name=f"rea-stop-{ds.name}", daemon=True)
+            for ds in self.all()
         ]
         for t in stoppers:
             t.start()
         with self._lock:
             retiring, self._retiring = self._retiring, []
         for t in [*stoppers, *retiring]:
-            t.join()
+            t.join(max(0.0, deadline - time.monotonic()))
+        late = [t.name for t in [*stoppers, *retiring] if t.is_alive()]
+        if late:
+            log("warn", "stop_incomplete", threads=late)
 
 
 MethodHandler = Callable[[object, JsonObj, Era], None]
@@ -15387,6 +15682,7 @@ class Gateway:
             client_caps=self.session.relayable_caps,
             redact=lambda text: self.config.rules().redactor.redact(text).text,
             policy=lambda: self.config.rules().policy,
+            remote_urls=lambda: self.servers.remote_urls(),
         )
         ctx = DownstreamContext(root, self.fingerprints, self.deadlines, self.timeouts, hooks)
         self.servers = Downstreams(ctx, registry)
@@ -16196,8 +16492,14 @@ def cmd_check(root: Path, as_json: bool) -> int:
     return 0
 
 
+def remote_neighbours(registry: Registry, server: str) -> dict[str, str]:
+    """The registry's remote servers but `server`: name -> url (see covered_neighbour)."""
+    return {s.name: s.url for s in registry.servers if s.remote and s.name != server}
+
+
 def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
     """Start (or reach) a server just long enough to list its tools (for `trust`)."""
+    others = remote_neighbours(load_registry(root / REA_DIR), spec.name)
     timers = Deadlines()
     timeouts = Timeouts.from_env(os.environ)
     child: Transport
@@ -16211,7 +16513,9 @@ def probe_tools(spec: ServerSpec, root: Path) -> list[dict[str, object]]:
                 lambda c, code: None,
                 timers,
                 timeouts,
-                TokenSource(spec.name, spec.url, _token_store(root, spec.name)),
+                TokenSource(
+                    spec.name, spec.url, _token_store(root, spec.name), neighbours=lambda: others
+                ),
             )
         else:
             child = ChildProcess(
@@ -16301,6 +16605,7 @@ def cmd_login(root: Path, server: str, no_browser: bool) -> int:
         not no_browser,
         sys.stdout,
         headers=expanded_headers(spec, os.environ),
+        neighbours=remote_neighbours(load_registry(root / REA_DIR), spec.name),
     )
     record_governance_act(
         governance_of(root),

@@ -1185,6 +1185,16 @@ HTTP_TOOLS: list[JsonDoc] = [
             "properties": {"amount": {"type": "number", "x-mcp-header": "Amount"}},
         },
     },
+    {
+        "name": "linger",
+        "description": "Answers on an event stream, then keeps it open with comments",
+        "inputSchema": {"type": "object"},
+    },
+    {
+        "name": "reveal",
+        "description": "Shows the X-Key header it got: in a result, or (fail) in an error",
+        "inputSchema": {"type": "object", "properties": {"fail": {"type": "boolean"}}},
+    },
 ]
 
 
@@ -1201,6 +1211,8 @@ class HttpSeen:
     headers: dict[str, str]  # names in lower case
     body: object
     status: int = 0
+    path: str = ""
+    at: float = dataclasses.field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
@@ -1222,7 +1234,9 @@ class McpHttpServer:
         self,
         *,
         eras: Iterable[str] = ("handshake", "stateless"),
-        get_stream: bool = True,
+        get_mode: str = "stream",
+        delete_mode: str = "ok",
+        initialized_mode: str = "ok",
         sse_all: bool = False,
         discover: str = "ok",
         auth: OAuthServer | None = None,
@@ -1231,7 +1245,9 @@ class McpHttpServer:
         port: int = 0,
     ) -> None:
         self.eras = set(eras)
-        self.get_stream = get_stream
+        self.get_mode = get_mode  # stream | 405 | 404 (Express with POST /mcp only) | retry0
+        self.delete_mode = delete_mode  # ok | drip (its answer, a byte at a time, forever)
+        self.initialized_mode = initialized_mode  # ok | hang (never answers that POST)
         self.sse_all = sse_all
         self.discover = discover  # ok | hang | unsupported | unsupported-listing-ours | plain-400 | plain-405 | malformed
         self.auth = auth
@@ -1245,6 +1261,7 @@ class McpHttpServer:
         self.seen: list[HttpSeen] = []
         self.cancelled: list[tuple[str | None, object, object]] = []  # (session, requestId, reason)
         self.slow_outcomes: list[str] = []  # cancelled | disconnected | finished
+        self.lingered: list[str] = []  # linger streams the client closed
         self.tokens_seen: list[str] = []
         self.answers: dict[str, tuple[threading.Event, list[JsonDoc]]] = {}
         self.sockets: dict[socket.socket, bool] = {}  # connection -> busy with a request
@@ -1355,7 +1372,7 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         return {k.lower(): v for k, v in self.headers.items()}
 
     def _record(self, verb: str, method: str | None, body: object) -> HttpSeen:
-        seen = HttpSeen(verb, method, self._headers(), body)
+        seen = HttpSeen(verb, method, self._headers(), body, path=self.path)
         with self.owner.lock:
             self.owner.seen.append(seen)
         return seen
@@ -1466,15 +1483,23 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         seen = self._record("GET", None, None)
         if not self._authorized():
             return
-        if "handshake" not in owner.eras or not owner.get_stream:
+        if "handshake" not in owner.eras or owner.get_mode == "405":
             self._send_empty(405)
             return
         sid = self.headers.get("Mcp-Session-Id")
         with owner.lock:
             session = owner.sessions.get(sid or "")
-        if session is None:
+        if session is None or owner.get_mode == "404":
             seen.status = 404 if sid else 400
             self._send_empty(seen.status)
+            return
+        if owner.get_mode == "retry0":  # a stream that ends at once, asking for no delay
+            body = b"retry: 0\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return
         last = self.headers.get("Last-Event-ID")
         if last is not None:
@@ -1514,6 +1539,17 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         owner = self.owner
         self._record("DELETE", None, None)
         if not self._authorized():
+            return
+        if owner.delete_mode == "drip":  # never a whole answer: a byte now and then
+            try:
+                for byte in b"HTTP/1.1 200 OK" + b"x" * 10_000:
+                    if owner.closing.wait(0.2):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            except OSError:
+                pass
+            self._hang_up()
             return
         sid = self.headers.get("Mcp-Session-Id", "")
         with owner.lock:
@@ -1675,6 +1711,11 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
             self._rpc_error(400, -32600, "Bad MCP-Protocol-Version", rid)
             return
         if "id" not in msg:
+            if method == "notifications/initialized" and owner.initialized_mode == "hang":
+                while not self._client_gone() and not owner.closing.wait(0.02):
+                    pass
+                self._hang_up()
+                return
             if method == "notifications/cancelled":
                 with owner.lock:
                     owner.cancelled.append((sid, params.get("requestId"), params.get("reason")))
@@ -1749,6 +1790,10 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
             self._end_sse()
         elif name == "ask":
             self._ask(rid)
+        elif name == "linger":
+            self._linger(rid)
+        elif name == "reveal":
+            self._reveal(rid, bool(arguments.get("fail")), meta.get("progressToken"))
         elif name == "slow":
             self._slow(rid, float(arguments.get("seconds", 10)), session)
         elif name == "drop":
@@ -1811,6 +1856,34 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         )
         self._end_sse()
 
+    def _linger(self, rid: object) -> None:
+        """The answer, then keep-alive comments for as long as the client reads them."""
+        self._start_sse()
+        self._event({"jsonrpc": "2.0", "id": rid, "result": http_text_result("lingered")})
+        try:
+            while not self.owner.closing.wait(0.1):
+                self._chunk(b": keep-alive\n\n")
+                self.wfile.flush()
+        except OSError:
+            with self.owner.lock:
+                self.owner.lingered.append("closed by the client")
+        self._hang_up()
+
+    def _reveal(self, rid: object, fail: bool, token: object) -> None:
+        """Echo the X-Key header everywhere a server's words reach the client."""
+        key = self.headers.get("X-Key", "")
+        self._start_sse()
+        if token is not None:
+            note = {"progressToken": token, "progress": 1, "message": f"key {key}"}
+            self._event({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
+        if fail:
+            error = {"code": -32000, "message": f"bad key {key}", "data": {"key": key}}
+            self._event({"jsonrpc": "2.0", "id": rid, "error": error})
+        else:
+            result = {**http_text_result(f"your key is {key}"), "structuredContent": {key: key}}
+            self._event({"jsonrpc": "2.0", "id": rid, "result": result})
+        self._end_sse()
+
     def _slow(self, rid: object, seconds: float, session: HttpSession | None) -> None:
         owner = self.owner
         deadline = time.monotonic() + seconds
@@ -1856,6 +1929,8 @@ class OAuthServer:
         metadata_issuer: str | None = None,
         preregistered: Iterable[str] = (),
         access_ttl: int = 3600,
+        claimed_expiry: object = None,
+        token_answer: tuple[int, bytes] | None = None,
         port: int = 0,
     ) -> None:
         self.s256 = s256
@@ -1869,6 +1944,8 @@ class OAuthServer:
         self.revocation = revocation
         self.openid_only = openid_only
         self.access_ttl = access_ttl
+        self.claimed_expiry = claimed_expiry  # the expires_in answers say, if not access_ttl
+        self.token_answer = token_answer  # (status, body) of a hostile code exchange
         self.lock = threading.Lock()  # guards: every collection and counter below
         self.clients: dict[str, list[str]] = {}  # client id -> redirect URIs
         self.preregistered = set(preregistered)
@@ -1946,10 +2023,11 @@ class OAuthServer:
             self.access[access] = (resource, time.time() + self.access_ttl)
             self.refresh[refresh] = (client, resource)
             self.issued += [access, refresh]
+        claimed = self.access_ttl if self.claimed_expiry is None else self.claimed_expiry
         return {
             "access_token": access,
             "token_type": "Bearer",
-            "expires_in": self.access_ttl,
+            "expires_in": claimed,
             "refresh_token": refresh,
             "scope": "mcp:tools",
         }
@@ -2065,7 +2143,14 @@ class _OAuthHandler(http.server.BaseHTTPRequestHandler):
         with owner.lock:
             owner.token_forms.append(form)
         grant = form.get("grant_type")
-        if grant == "authorization_code":
+        if grant == "authorization_code" and owner.token_answer is not None:
+            status, body = owner.token_answer
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif grant == "authorization_code":
             with owner.lock:
                 entry = owner.codes.pop(form.get("code", ""), None)  # a code works once
             if entry is None:
@@ -4129,7 +4214,11 @@ def run_http_login(
         first = out.lines.get()
         lines.append(first)
         if follow:
-            with NO_PROXY.open(first, timeout=10) as answer:
+            # an error page (a redirect refused) is what a browser shows, not a failure here
+            with (
+                contextlib.suppress(urllib.error.HTTPError),
+                NO_PROXY.open(first, timeout=10) as answer,
+            ):
                 answer.read()
     thread.join(timeout=15)
     while not out.lines.empty():
@@ -4194,20 +4283,38 @@ def remote_project(
 def rea_login(root: Path, server_name: str = "remote") -> tuple[str, str]:
     """`rea.py login SERVER --no-browser` as a subprocess, with the test as the browser: it
     reads the one printed URL and follows it, so the redirect reaches rea's listener."""
+    code, url, out, err = rea_login_attempt(root, server_name)
+    assert url.startswith("http://127.0.0.1:") and " " not in url, url
+    assert code == 0, err
+    return url, out
+
+
+def rea_login_attempt(
+    root: Path, server_name: str = "remote", before: Callable[[str], None] | None = None
+) -> tuple[int, str, str, str]:
+    """`rea.py login SERVER --no-browser` that may fail: its exit status, the URL it printed
+    ("" when it printed none), the rest of stdout and stderr. The test is the browser: it
+    follows the URL, after calling `before(url)` (another local process, say)."""
     proc = subprocess.Popen(
-        [sys.executable, str(REA_PY), "login", server_name, "--no-browser", "--root", str(root)],
+        [*REA_CMD, "login", server_name, "--no-browser", "--root", str(root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:") and " " not in url, url
-    with NO_PROXY.open(url, timeout=10) as answer:
-        answer.read()
-    out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
-    return url, out
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if url:
+            if before is not None:
+                before(url)
+            with NO_PROXY.open(url, timeout=10) as answer:
+                answer.read()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, url, out, err
 
 
 def remote_text(res: JsonDoc) -> str:
@@ -13228,7 +13335,8 @@ class TestSection13Login:
     @pytest.mark.parametrize(
         ("switch", "message"),
         [
-            ({"wrong_state": True}, "state does not match this login"),
+            # another state is refused at the listener (400): the login waits on, in vain
+            ({"wrong_state": True}, "no login answer came back within 1 s"),
             ({"wrong_iss": True}, "a mix-up attack?"),
             ({"send_iss": False}, "lacks the iss"),
         ],
@@ -13239,7 +13347,7 @@ class TestSection13Login:
         authority = OAuthServer(**switch)
         server = McpHttpServer(auth=authority)
         try:
-            error, _ = run_http_login(server, token_store)
+            error, _ = run_http_login(server, token_store, timeout_s=1.0)
             assert isinstance(error, rea.OAuthError) and message in str(error)
             assert "python rea.py login remote again" in str(error) and "\n" not in str(error)
             assert not token_store.path.exists() and authority.token_forms == []
@@ -13596,6 +13704,10 @@ class TestSection13RemoteEndToEnd:
         assert [s.status for s in calls] == [0, 404, 0]  # the 404 never ran
         assert calls[2].headers["mcp-session-id"] != old
         assert remote.seen_methods().count("initialize") == 2
+        poll(lambda: any(s.streams for s in list(remote.sessions.values())), what="GET again")
+        note = {"level": "info", "data": "the new session's GET stream"}
+        remote.broadcast({"jsonrpc": "2.0", "method": "notifications/message", "params": note})
+        assert c.wait_notification("notifications/message")["params"]["data"] == note["data"]
         res = c.call("remote__drop")  # it ran, then the connection broke: never sent again
         assert res["result"]["isError"] is True and "not sent again" in remote_text(res)
         assert remote.executions["drop"] == 1 and remote.seen_methods().count("tools/call") == 4
@@ -13680,3 +13792,319 @@ class TestSection13RemoteEndToEnd:
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert done.stderr.count("\n") == 1
         assert "registry.yaml:3:5: servers[0].url:" in done.stderr
+
+
+class TestSection13HostileServersEndToEnd:
+    """SPEC §13 and §5 against remote servers that misbehave on purpose (red-team 15): the
+    stop stays bounded, no server pins the gateway's connections or spins it, and what the
+    server echoes of its `headers:` never reaches the client."""
+
+    def test_a_session_delete_that_never_finishes_cannot_hold_the_stop(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",), delete_mode="drip")
+        root = remote_project(rea_project, remote.url)
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        assert remote_text(c.call("remote__count")) == "1"
+        started = time.monotonic()
+        assert exit_status(c, timeout=10) == 0  # SPEC §5: a bounded stop, whatever is pending
+        assert time.monotonic() - started < 4
+        assert remote.seen_methods("DELETE") == [None]  # the session's end was asked for
+
+    def test_a_server_that_never_answers_initialized_cannot_hold_the_stop(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",), initialized_mode="hang")
+        root = remote_project(rea_project, remote.url, "gateway:\n  startup_wait_s: 0.5\n")
+        c = running(gateway, root, env={"REA_TIMEOUTS": "kill_after_s=0.5"})
+        poll(
+            lambda: "notifications/initialized" in remote.seen_methods(),
+            what="the POST of notifications/initialized",
+        )
+        started = time.monotonic()
+        assert exit_status(c, timeout=10) == 0
+        assert time.monotonic() - started < 4
+
+    def test_a_get_stream_answered_404_means_no_stream_not_a_new_session(
+        self, rea_project, gateway, http_servers
+    ):
+        # An Express server with only POST /mcp answers GET with 404 while its sessions live.
+        remote = http_servers(eras=("handshake",), get_mode="404")
+        root = remote_project(rea_project, remote.url)
+        c = running(gateway, root)
+        poll(
+            lambda: any("remote_no_get_stream" in line for line in c.stderr_lines),
+            what="the GET stream given up",
+        )
+        assert remote_text(c.call("remote__count")) == "1"
+        assert remote.seen_methods().count("initialize") == 1
+        assert remote.seen_methods("GET") == [None]
+        remote.expire_sessions()  # a POST that meets a 404 still renews the session
+        assert remote_text(c.call("remote__count")) == "2"
+        assert remote.seen_methods().count("initialize") == 2
+        assert remote.executions["count"] == 2
+
+    def test_a_get_stream_that_ends_at_once_is_reopened_with_backoff(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",), get_mode="retry0")  # `retry: 0`, then ends
+        root = remote_project(rea_project, remote.url)
+        running(gateway, root)
+
+        def gets() -> list[HttpSeen]:
+            with remote.lock:
+                return [s for s in remote.seen if s.verb == "GET"]
+
+        first, second, third = poll(lambda: gets()[:3] if len(gets()) >= 3 else None)[:3]
+        assert second.at - first.at >= 0.4  # a floor under the server's `retry: 0`
+        assert third.at - second.at > second.at - first.at  # and longer each time
+
+    def test_a_stream_kept_open_after_its_answer_does_not_hold_a_connection(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",))
+        root = remote_project(rea_project, remote.url)
+        c = running(gateway, root)
+        for _ in range(rea.MAX_CONNECTIONS):  # each answers, then keeps its stream open
+            assert remote_text(c.call("remote__linger")) == "lingered"
+        res = c.call("remote__count", timeout=rea.DRAIN_TIMEOUT_S + 8)
+        assert remote_text(res) == "1"
+        poll(
+            lambda: len(remote.lingered) == rea.MAX_CONNECTIONS,
+            what="every lingering stream closed by rea",
+        )
+
+    def test_a_header_value_the_server_echoes_never_reaches_the_client(
+        self, rea_project, gateway, http_servers
+    ):
+        secret = "hdr-" + secrets.token_hex(12)
+        remote = http_servers(eras=("handshake",))
+        root = remote_project(rea_project, remote.url, headers={"X-Key": "${RT_KEY}"})
+        c = running(gateway, root, env={"RT_KEY": secret})
+        params = {"name": "remote__reveal", "arguments": {}, "_meta": {"progressToken": "p"}}
+        shown = c.request("tools/call", params)
+        assert "your key is" in remote_text(shown)
+        c.wait_notification("notifications/progress")
+        c.call("remote__reveal", {"fail": True})
+        assert http_last_post(remote, "tools/call").headers["x-key"] == secret  # it was sent
+        c.close()
+        wire = b"".join(c.raw_lines).decode()
+        assert "bad key" in wire and "REDACTED" in wire
+        assert secret not in wire  # result, structuredContent, error message and data, notes
+        assert secret not in every_file_text(root, c)
+
+    def test_a_secret_in_the_url_query_is_never_shown_or_stored(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",))
+        secret = "sk_live_" + secrets.token_hex(8)
+        root = remote_project(rea_project, f"{remote.url}?api_key={secret}")
+        for argv in (("check",), ("check", "--json")):
+            done = rea_cli(root, *argv)
+            assert done.returncode == 0 and remote.url in done.stdout
+            assert secret not in done.stdout + done.stderr
+        c = running(gateway, root)
+        assert remote_text(c.call("remote__count")) == "1"
+        c.close()
+        pins = root / ".rea" / "fingerprints.json"
+        assert secret not in pins.read_text() and remote.url in pins.read_text()
+        # Another key in the query: the same server, still trusted; trust shows neither key.
+        fresh = "sk_live_" + secrets.token_hex(8)
+        registry = root / ".rea" / "registry.json"
+        registry.write_text(registry.read_text().replace(secret, fresh))
+        done = rea_cli(root, "trust", "remote")
+        assert done.returncode == 0 and "definition and tools match their pins" in done.stdout
+        every = (
+            done.stdout + done.stderr + pins.read_text() + (root / ".rea/audit.jsonl").read_text()
+        )
+        assert secret not in every and fresh not in every
+        again = running(gateway, root)
+        assert remote_text(again.call("remote__count")) == "2"
+        assert secret not in every_file_text(root, again) + "".join(again.stderr_lines)
+
+    def test_a_pin_that_holds_a_url_query_stays_valid_and_loses_it(
+        self, rea_project, gateway, http_servers
+    ):
+        remote = http_servers(eras=("handshake",))
+        secret = "sk_live_" + secrets.token_hex(8)
+        url = f"{remote.url}?api_key={secret}"
+        root = remote_project(rea_project, url)
+        old = {"url": url, "header_keys": []}  # as an earlier rea.py pinned it
+        pin = {
+            "definition": old,
+            "definition_hash": rea.definition_hash(old),
+            "pinned_at": "2025-01-01T00:00:00.000Z",
+            "tools": {},
+        }
+        pins = root / ".rea" / "fingerprints.json"
+        pins.write_text(json.dumps({"version": 1, "servers": {"remote": pin}, "held": {}}))
+        c = running(gateway, root)
+        assert remote_text(c.call("remote__count")) == "1"  # not held
+        poll(lambda: secret not in pins.read_text(), what="the pin rewritten without the query")
+        assert remote.url in pins.read_text()
+
+
+class TestSection13LoginAttacksEndToEnd:
+    """SPEC §13 and §11: `login` and the tokens it saves, against hostile servers and
+    other local processes (red-team 15): no token for two servers, no traceback, no link
+    followed, no login aborted by a stranger."""
+
+    def two_servers_on_one_origin(
+        self, rea_project: Callable[..., Path], remote: McpHttpServer
+    ) -> Path:
+        # `evil` below `good`: its 401 names good's metadata, whose resource covers both.
+        servers = [
+            {"name": "good", "url": remote.url},
+            {"name": "evil", "url": remote.url + "/evil"},
+        ]
+        return rea_project(servers)
+
+    def test_login_refuses_a_resource_that_covers_another_server(
+        self, rea_project, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = self.two_servers_on_one_origin(rea_project, remote)
+        code, url, _, err = rea_login_attempt(root, "evil")
+        assert (code, url) == (2, "") and "Traceback" not in err and err.count("\n") == 1
+        assert "server good" in err and "valid at both" in err
+        assert oauth_server.token_forms == []
+        assert not (root / ".rea" / "credentials" / "evil.json").exists()
+        rea_login(root, "good")  # a resource that is the server's own URL is fine
+
+    def test_serve_never_sends_a_token_whose_resource_covers_another_server(
+        self, rea_project, gateway, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = self.two_servers_on_one_origin(rea_project, remote)
+        rea_login(root, "good")
+        folder = root / ".rea" / "credentials"
+        planted = json.loads((folder / "good.json").read_text())
+        planted["server"] = "evil"  # as an earlier rea.py's `login evil` saved it
+        (folder / "evil.json").write_text(json.dumps(planted))
+        os.chmod(folder / "evil.json", 0o600)
+        c = running(gateway, root)
+        assert remote_text(c.call("good__count")) == "1"
+        assert c.downstream("evil")["status"] == "needs-login"
+        with remote.lock:
+            to_evil = [s for s in remote.seen if s.path.startswith("/mcp/evil")]
+        assert to_evil and all("authorization" not in s.headers for s in to_evil)
+
+    @pytest.mark.parametrize(
+        ("answer", "line"),
+        [
+            (
+                (200, b'{"access_token":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                "token request: the answer is not a JSON object",
+            ),
+            (
+                (400, b"[" * 100_000 + b"]" * 100_000),
+                "the authorization server refused the token request (HTTP 400)",
+            ),
+        ],
+    )
+    def test_a_hostile_token_answer_is_one_clear_line(
+        self, rea_project, http_servers, answer, line
+    ):
+        authority = OAuthServer(token_answer=answer)
+        try:
+            remote = http_servers(auth=authority)
+            root = remote_project(rea_project, remote.url)
+            code, url, _, err = rea_login_attempt(root)
+            assert url and code == 2 and "Traceback" not in err
+            assert err.strip().splitlines()[-1].startswith("rea: ") and line in err
+            assert not (root / ".rea" / "credentials" / "remote.json").exists()
+        finally:
+            authority.close()
+
+    def test_an_absurd_token_lifetime_is_clamped(self, rea_project, http_servers):
+        authority = OAuthServer(claimed_expiry=10**400)
+        try:
+            remote = http_servers(auth=authority)
+            root = remote_project(rea_project, remote.url)
+            code, _, _, err = rea_login_attempt(root)
+            assert code == 0 and "Traceback" not in err
+            saved = json.loads((root / ".rea" / "credentials" / "remote.json").read_text())
+            assert time.time() < saved["expires_at"] <= time.time() + 366 * 86400
+        finally:
+            authority.close()
+
+    def test_a_token_said_to_be_expired_already_is_not_refreshed_on_every_call(
+        self, rea_project, gateway, http_servers
+    ):
+        authority = OAuthServer(claimed_expiry=-5)  # the token works; its answer says not
+        try:
+            remote = http_servers(auth=authority)
+            root = remote_project(rea_project, remote.url)
+            rea_login(root)
+            saved = json.loads((root / ".rea" / "credentials" / "remote.json").read_text())
+            assert saved["expires_at"] is None  # unknown: a 401 says when to refresh
+            c = running(gateway, root)
+            for n in range(1, 4):
+                assert remote_text(c.call("remote__count")) == str(n)
+            assert authority.refreshes == 0
+            c.close()
+        finally:
+            authority.close()
+
+    @pytest.mark.parametrize("planted", ["file", "folder"])
+    def test_a_symlink_in_the_credentials_folder_is_never_followed(
+        self, planted, tmp_path, rea_project, gateway, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = remote_project(rea_project, remote.url)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        os.chmod(elsewhere, 0o755)
+        victim = elsewhere / "remote.json"  # a file of the user's
+        victim.write_text("<p>a public page</p>\n")
+        os.chmod(victim, 0o644)
+        folder = root / ".rea" / "credentials"
+        if planted == "file":
+            folder.mkdir(mode=0o700)
+            link = folder / "remote.json"
+            link.symlink_to(victim)
+        else:
+            link = folder
+            link.symlink_to(elsewhere, target_is_directory=True)
+
+        def untouched() -> None:
+            assert link.is_symlink() and victim.read_text() == "<p>a public page</p>\n"
+            assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+            assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755
+
+        logout = rea_cli(root, "logout", "remote")
+        code, url, out, err = rea_login_attempt(root)
+        for status, said, why in (
+            (logout.returncode, logout.stdout, logout.stderr),
+            (code, url + out, err),
+        ):
+            assert status == 2 and said == "" and "Traceback" not in why and why.count("\n") == 1
+            assert f"{link} is a symbolic link" in why and "remove it" in why
+        untouched()
+        c = running(gateway, root)
+        assert c.downstream("remote")["status"] == "needs-login"
+        assert any("symbolic link" in line for line in c.stderr_lines)
+        c.close()
+        untouched()
+
+    def test_a_forged_redirect_is_refused_and_the_login_waits_for_the_real_one(
+        self, rea_project, http_servers, oauth_server
+    ):
+        remote = http_servers(auth=oauth_server)
+        root = remote_project(rea_project, remote.url)
+        refused: list[int] = []
+
+        def stranger(url: str) -> None:  # another local process reaches the listener first
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+            iss = urllib.parse.quote(oauth_server.issuer)
+            for forged in ("code=stolen&state=forged", "code=stolen"):
+                try:
+                    NO_PROXY.open(f"{query['redirect_uri']}?{forged}&iss={iss}", timeout=5)
+                except urllib.error.HTTPError as exc:
+                    refused.append(exc.code)
+
+        code, _, out, err = rea_login_attempt(root, before=stranger)
+        assert refused == [400, 400]
+        assert code == 0 and out.startswith("rea: logged in to remote"), err
+        assert all(form.get("code") != "stolen" for form in oauth_server.token_forms)
+        assert (root / ".rea" / "credentials" / "remote.json").exists()
