@@ -78,15 +78,11 @@ import collections
 import contextlib
 import dataclasses
 import datetime as _dt
-import difflib
 import errno
 import fcntl
 import fnmatch
 import hashlib
-import http.client
-import http.server
 import importlib
-import ipaddress
 import itertools
 import json
 import math
@@ -99,18 +95,14 @@ import select
 import shutil
 import signal
 import socket
-import ssl
 import stat
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unicodedata
 import urllib.parse
 import uuid
-import webbrowser
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +111,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO, TypeVar
 from urllib.parse import unquote
+
+if TYPE_CHECKING:  # imported where used: a `serve` of local servers never loads them (~20 ms)
+    import http.client
+    import http.server
 
 # Prelude #######################################################################
 
@@ -2400,6 +2396,8 @@ _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6
 
 def is_loopback_host(host: str) -> bool:
     """127.0.0.0/8, ::1 (also as ::ffff:127.x) or the name localhost."""
+    import ipaddress
+
     host = host.strip("[]").lower()
     if host == "localhost":
         return True
@@ -6748,6 +6746,8 @@ def _parse_trust_args(argv: list[str]) -> tuple[str, str | None, bool, str | Non
 
 def _field_diff(label: str, old: object, new: object) -> str:
     """A unified diff of two JSON values, pretty-printed, headed by what they are."""
+    import difflib
+
     diff = difflib.unified_diff(
         _pretty(old).splitlines(),
         _pretty(new).splitlines(),
@@ -7236,6 +7236,8 @@ def _bench_interleaved(
     direct: _BenchCaller, gateway: _BenchCaller, calls: int
 ) -> tuple[_BenchPath, _BenchPath]:
     """Both paths in alternating blocks (ABBA), so machine noise hits both alike."""
+    import statistics
+
     lat: dict[str, list[float]] = {"direct": [], "gateway": []}
     secs_1 = {"direct": 0.0, "gateway": 0.0}
     secs_16 = {"direct": 0.0, "gateway": 0.0}
@@ -7404,6 +7406,8 @@ def cmd_bench(
     chosen `audit.fsync`; the same client then drives the downstream directly and through
     `rea.py serve`, interleaved. `echo_cmd` replaces the built-in echo server's command.
     """
+    import tempfile
+
     opts = _bench_options(argv)
     work = Path(tempfile.mkdtemp(prefix="rea-bench-"))
     try:
@@ -7475,6 +7479,8 @@ def _bench_project(work: Path, spec: ServerSpec, fsync: str) -> Path:
 def _bench_run(
     root: Path, opts: _BenchOptions, work: Path, rea_path: Path, echo_cmd: list[str] | None
 ) -> BenchReport:
+    import statistics
+
     spec = _bench_spec(root, opts, rea_path, echo_cmd)
     project = _bench_project(work, spec, opts.fsync)
     env = child_environment(spec, os.environ)
@@ -7606,10 +7612,6 @@ def _bench_table(r: BenchReport) -> str:
     for key, text in marks:
         lines.append(f"  {'PASS' if r.targets[key] else 'FAIL'}  {text}\n")
     return "".join(lines)
-
-
-if TYPE_CHECKING:
-    import http.server
 
 
 # init ##########################################################################
@@ -9747,7 +9749,15 @@ _RESENDABLE = frozenset(
     }
 )
 _SESSION_ID_RE = re.compile(r"^[\x21-\x7e]{1,1024}$")  # 2025-11-25 Session Management 1
-_NET_ERRORS = (OSError, http.client.HTTPException, ValueError)  # ValueError: a TLS socket aborted
+
+
+def _net_errors(*more: type[Exception]) -> tuple[type[Exception], ...]:
+    """What a failed HTTP exchange raises (ValueError: a TLS socket aborted under it), and
+    `more`. http.client is imported here, not at the top: a `serve` of local servers never
+    needs it."""
+    import http.client
+
+    return (OSError, http.client.HTTPException, ValueError, *more)
 
 
 class TransportFailed(ChildDied):
@@ -9870,6 +9880,9 @@ def covered_neighbour(resource: str, url: str, neighbours: Mapping[str, str]) ->
 
 def _reason(exc: BaseException) -> str:
     """A short, secret-free reason for a network failure."""
+    import http.client
+    import ssl
+
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted: {exc.verify_message}"
     if isinstance(exc, http.client.RemoteDisconnected):
@@ -10184,6 +10197,8 @@ class StreamableHttpTransport:
         *,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        import ssl  # here, not at the top: a `serve` of local servers never needs it
+
         problem = check_remote_url(url) or next(
             (
                 f"header {key} {why}"
@@ -10534,6 +10549,8 @@ class StreamableHttpTransport:
     # -- internals: connections --
 
     def _new_connection(self, timeout_s: float = CONNECT_TIMEOUT_S) -> http.client.HTTPConnection:
+        import http.client
+
         if self._tls is not None:
             return http.client.HTTPSConnection(
                 self._host, self._port, timeout=timeout_s, context=self._tls
@@ -10544,7 +10561,7 @@ class StreamableHttpTransport:
         conn = self._new_connection()
         try:
             conn.connect()
-        except _NET_ERRORS as exc:
+        except _net_errors() as exc:
             conn.close()
             raise ServerUnreachable(
                 self._note(
@@ -10582,7 +10599,7 @@ class StreamableHttpTransport:
     ) -> None:
         try:
             resp.read(MAX_ERROR_BODY)
-        except _NET_ERRORS:
+        except _net_errors():
             conn.close()
             return
         self._release(conn, resp)
@@ -10762,7 +10779,7 @@ class StreamableHttpTransport:
                     conn.request("POST", self._target, body, headers)
                     sent = True
                     resp = conn.getresponse()
-                except _NET_ERRORS as exc:
+                except _net_errors() as exc:
                     conn.close()
                     if not self.requests.waiting(job.id):
                         raise _Abandoned from None
@@ -10827,7 +10844,7 @@ class StreamableHttpTransport:
                 raise NeedsLogin(self.name, f"the server asks for scope {scope!r}")
         try:
             data = resp.read(MAX_LINE + 1)
-        except _NET_ERRORS as exc:
+        except _net_errors() as exc:
             conn.close()
             if not self.requests.waiting(job.id):
                 raise _Abandoned from None
@@ -10950,7 +10967,7 @@ class StreamableHttpTransport:
                 messages += 1
                 if self._deliver(msg, job):
                     return _StreamEnd(True, last_id, retry, messages)
-        except (*_NET_ERRORS, TransportFailed):
+        except _net_errors(TransportFailed):
             pass
         return _StreamEnd(False, last_id, retry, messages)
 
@@ -10986,7 +11003,7 @@ class StreamableHttpTransport:
                 conn.sock.settimeout(DRAIN_TIMEOUT_S)
             self._consume(resp, None)
             read = True
-        except _NET_ERRORS:
+        except _net_errors():
             read = False
         if self._unlimit(conn) and read:
             self._release(conn, resp)
@@ -11027,7 +11044,7 @@ class StreamableHttpTransport:
                     conn.sock.settimeout(max(1.0, job.deadline - time.monotonic()) + 5.0)
                     conn.request("GET", self._target, headers=headers)
                     resp = conn.getresponse()
-                except _NET_ERRORS:
+                except _net_errors():
                     conn.close()
                     continue
                 if resp.status != 200 or _content_type(resp) != "text/event-stream":
@@ -11133,7 +11150,7 @@ class StreamableHttpTransport:
                     return
                 except TransportFailed:  # e.g. a static Authorization refused
                     return
-                except _NET_ERRORS:
+                except _net_errors():
                     pass
                 finally:
                     conn.close()
@@ -11184,7 +11201,7 @@ class StreamableHttpTransport:
                 resp = conn.getresponse()
                 resp.read(MAX_ERROR_BODY)
                 read = True
-            except _NET_ERRORS as exc:
+            except _net_errors() as exc:
                 conn.close()
                 in_time = self._unlimit(conn)  # False: broken at its deadline, or by stop
                 if in_time and not resent and (not sent or reused):
@@ -11240,7 +11257,7 @@ class StreamableHttpTransport:
             self._limit(conn, deadline)
             conn.request("DELETE", self._target, headers=headers)
             conn.getresponse().read(MAX_ERROR_BODY)
-        except _NET_ERRORS:
+        except _net_errors():
             pass
         finally:
             self._unlimit(conn)
@@ -11527,6 +11544,9 @@ def _http(
 
     No redirect is followed: a redirect would carry a code, a secret or a token elsewhere.
     """
+    import http.client
+    import ssl
+
     problem = check_remote_url(url)
     if problem is not None:
         raise OAuthError(f"{what}: {problem}")
@@ -11551,7 +11571,7 @@ def _http(
         conn.request(method, target, payload, sent)
         resp = conn.getresponse()
         body = resp.read(MAX_DOCUMENT + 1)
-    except _NET_ERRORS as exc:
+    except _net_errors() as exc:
         raise OAuthError(
             f"{what}: cannot reach {_origin(url)} ({_reason(exc)}); check the network and the URL"
         ) from None
@@ -12128,22 +12148,6 @@ class TokenSource:
             )
 
 
-class _CallbackServer(http.server.ThreadingHTTPServer):
-    """The redirect listener's server: one named daemon thread per browser connection."""
-
-    daemon_threads = True
-
-    def process_request(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
-    ) -> None:
-        threading.Thread(
-            target=self.process_request_thread,
-            args=(request, client_address),
-            name="rea-login-request",
-            daemon=True,
-        ).start()
-
-
 class _CallbackListener:
     """The loopback redirect target of `login` (RFC 8252 §7.3): waits for the GET /callback
     that carries this login's state. Any local process can reach the port: a callback
@@ -12151,8 +12155,25 @@ class _CallbackListener:
     the browser this login sent can end it (or hand it a code of their own)."""
 
     def __init__(self, port: int, state: str) -> None:
+        import http.server  # here, not at the top: only `login` needs it
+
         got = threading.Event()
         box: list[dict[str, str]] = []
+
+        class CallbackServer(http.server.ThreadingHTTPServer):
+            """One named daemon thread per browser connection."""
+
+            daemon_threads = True
+
+            def process_request(
+                self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+            ) -> None:
+                threading.Thread(
+                    target=self.process_request_thread,
+                    args=(request, client_address),
+                    name="rea-login-request",
+                    daemon=True,
+                ).start()
 
         class RedirectHandler(http.server.BaseHTTPRequestHandler):
             timeout = 10  # a browser's idle pre-connection must not hold a thread forever
@@ -12183,11 +12204,11 @@ class _CallbackListener:
                 pass  # the request line carries the authorization code: never logged
 
         try:
-            self._server = _CallbackServer(("127.0.0.1", port), RedirectHandler)
+            self._server = CallbackServer(("127.0.0.1", port), RedirectHandler)
         except OSError:
             if port == 0:
                 raise
-            self._server = _CallbackServer(("127.0.0.1", 0), RedirectHandler)
+            self._server = CallbackServer(("127.0.0.1", 0), RedirectHandler)
         self.port: int = self._server.server_address[1]
         self._got = got
         self._box = box
@@ -12267,6 +12288,8 @@ def login(
     registry (name -> url), none of which the token may be valid at. Returns the
     credentials saved; raises OAuthError (one line) on failure.
     """
+    import webbrowser
+
     err = err if err is not None else sys.stderr
     problem = check_remote_url(url)
     if problem is not None:
