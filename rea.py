@@ -201,6 +201,11 @@ def log(level: str, event: str, **fields: object) -> None:
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Encoders made once: json.dumps with options builds a new encoder at every call, and these
+# run several times per call. Compact and raw UTF-8, as every line the gateway writes.
+COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+SORTED_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+_CANONICAL_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def escape_lone_surrogates(json_text: str) -> str:
@@ -3102,9 +3107,19 @@ _PATH_WORDS = frozenset(
 )
 
 
+_PATH_NAMES: dict[str, bool] = {}  # the same few argument names come call after call
+
+
 def _names_a_path(key: str) -> bool:
-    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+", key)  # snake, camel, UPPER
-    return any(word.lower() in _PATH_WORDS for word in words)
+    found = _PATH_NAMES.get(key)
+    if found is None:
+        words = re.findall(r"[A-Z]+(?![a-z])|[A-Z][a-z]*|[a-z]+", key)  # snake, camel, UPPER
+        found = any(word.lower() in _PATH_WORDS for word in words)
+        if len(key) <= 64:  # bounded: a client choosing keys cannot grow it
+            if len(_PATH_NAMES) >= 4096:
+                _PATH_NAMES.clear()
+            _PATH_NAMES[key] = found
+    return found
 
 
 def _empty_path_argument(value: object, key: str = "") -> str | None:
@@ -3115,9 +3130,9 @@ def _empty_path_argument(value: object, key: str = "") -> str | None:
         if isinstance(item, str):
             if name and _names_a_path(name) and not unquote(item).strip(_C0_AND_SPACE):
                 return f"{name}={item!r}"
-        elif isinstance(item, Mapping):
+        elif isinstance(item, dict):
             stack.extend((str(k), v) for k, v in item.items())
-        elif isinstance(item, list | tuple):
+        elif isinstance(item, (list, tuple)):
             stack.extend((name, v) for v in item)
     return None
 
@@ -3130,13 +3145,13 @@ def _iter_strings(value: object) -> list[str]:
         item = stack.pop()
         if isinstance(item, str):
             found.append(item)
-        elif isinstance(item, Mapping):
+        elif isinstance(item, dict):
             # Pushed reversed so strings come out in document order.
             for key, sub in reversed(list(item.items())):
                 stack.append(sub)
                 if isinstance(key, str):
                     stack.append(key)
-        elif isinstance(item, list | tuple):
+        elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
     return found
 
@@ -3638,7 +3653,7 @@ class Redactor:
             # One C-speed scan of the serialised value instead of a walk: the prefilter's
             # words hold no character JSON escapes, so none in the dump means none inside.
             try:
-                dumped = json.dumps(value, ensure_ascii=False)
+                dumped = COMPACT_JSON.encode(value)
             except (TypeError, ValueError):
                 dumped = None
             if dumped is not None and not _may_hold_secret(dumped):
@@ -3652,13 +3667,13 @@ class Redactor:
                     if name not in names:
                         names.append(name)
                 return result.text
-            if isinstance(item, Mapping):
+            if isinstance(item, dict):
                 # a key can carry a secret too (a tool echoing its arguments' keys)
                 return {
                     walk(key) if isinstance(key, str) else key: walk(sub)
                     for key, sub in item.items()
                 }
-            if isinstance(item, list | tuple):
+            if isinstance(item, (list, tuple)):
                 return [walk(sub) for sub in item]
             return item
 
@@ -3856,7 +3871,7 @@ def content_text(result: object) -> str:
         item = stack.pop()
         if isinstance(item, str):
             parts.append(item)
-        elif isinstance(item, Mapping):
+        elif isinstance(item, dict):
             mime = item.get("mimeType")
             textual = not isinstance(mime, str) or mime.startswith("text/")
             binary = item.get("type") in ("image", "audio") or not textual
@@ -3871,7 +3886,7 @@ def content_text(result: object) -> str:
                     continue
                 stack.append(sub)
                 stack.append(str(key))
-        elif isinstance(item, list | tuple):
+        elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
     return "\n".join(parts)
 
@@ -3886,7 +3901,7 @@ def _utf8_len(text: str) -> int:
 
 def _json_size(value: object) -> int:
     """Bytes of the compact UTF-8 JSON form (how the gateway writes a result)."""
-    return _utf8_len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    return _utf8_len(COMPACT_JSON.encode(value))
 
 
 def _truncation_notice(shown: int, total: int) -> str:
@@ -4046,6 +4061,8 @@ def cap_result(result: dict[str, object], max_bytes: int) -> tuple[dict[str, obj
     """A tool result within the cap (§6 step 10): its content cut as `cap_content` does,
     and a `structuredContent` over the cap dropped with a notice in the content, since a
     cut object is not valid JSON."""
+    if _json_size(result) <= max_bytes:  # the common case: nothing in it can be over
+        return result, False
     truncated = False
     content = result.get("content")
     if isinstance(content, list):
@@ -4109,7 +4126,7 @@ def _canonical_json(record: Mapping[str, object]) -> str:
     # The reference tool's canonical form: JSON.stringify with no spaces, raw UTF-8, and
     # a lone surrogate (a JS string cut mid-emoji) as its \uXXXX escape, as
     # JSON.stringify writes one: the line stays valid UTF-8 for every reader.
-    text = json.dumps(dict(record), separators=(",", ":"), ensure_ascii=False, default=str)
+    text = _CANONICAL_JSON.encode(dict(record))
     return escape_lone_surrogates(text)
 
 
@@ -6177,7 +6194,7 @@ def tool_hash(tool: Mapping[str, object]) -> str:
 
 def _trust_sha256(value: object) -> str:
     """Hash of a JSON value written one way only: sorted keys, no spaces, UTF-8."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = SORTED_JSON.encode(value)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -8894,7 +8911,7 @@ def is_request_id(value: object) -> bool:
 
 
 def encode(msg: JsonObj) -> bytes:
-    text = json.dumps(msg, ensure_ascii=False, separators=(",", ":"))
+    text = COMPACT_JSON.encode(msg)
     try:
         return text.encode() + b"\n"
     except UnicodeEncodeError:  # a lone surrogate (JS strings cut mid-emoji): escape it
@@ -8903,7 +8920,7 @@ def encode(msg: JsonObj) -> bytes:
 
 def encode_batch(msgs: list[JsonObj]) -> bytes:
     """The answers to one batch, as one JSON array on one line."""
-    text = json.dumps(msgs, ensure_ascii=False, separators=(",", ":"))
+    text = COMPACT_JSON.encode(msgs)
     try:
         return text.encode() + b"\n"
     except UnicodeEncodeError:
@@ -8921,13 +8938,22 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+_JSON = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)  # made once
+
+
 def decode(line: bytes | str) -> object:
     """One JSON document (a JSON-RPC line, an answer from the network) parsed; ValueError
     for anything that is not JSON: nesting too deep for the parser (a RecursionError is
     not a ValueError), NaN and Infinity, and a number no double holds (it would leave as
     Infinity, which no JSON parser reads)."""
     try:
-        return json.loads(line, parse_float=_finite, parse_constant=_no_constant)
+        if isinstance(line, bytes):
+            # what json.loads does with bytes, minus the guess for the common case:
+            # a line opening with an ASCII character and no NUL after it is UTF-8
+            ascii_start = line[:1].isascii() and line[1:2] not in (b"\0", b"")
+            encoding = "utf-8" if ascii_start else json.detect_encoding(line)
+            line = line.decode(encoding, "surrogatepass")
+        return _JSON.decode(line)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as exc:
@@ -13613,7 +13639,7 @@ def check_request_result(rules: Rules, what: str, result: JsonObj) -> Outcome:
 
 def args_digest(arguments: JsonObj) -> str:
     try:
-        canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = SORTED_JSON.encode(arguments)
     except (RecursionError, ValueError, TypeError):
         return "unhashable: nested too deeply"  # still recorded: the call gets its record
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
