@@ -92,9 +92,7 @@ import random
 import re
 import secrets
 import select
-import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -102,19 +100,18 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO, TypeVar
 from urllib.parse import unquote
 
-if TYPE_CHECKING:  # imported where used: a `serve` of local servers never loads them (~20 ms)
+if TYPE_CHECKING:  # imported where used: a `serve` of local servers never loads them (~30 ms)
     import http.client
     import http.server
+    import socket
 
 # Prelude #######################################################################
 
@@ -214,6 +211,16 @@ def escape_lone_surrogates(json_text: str) -> str:
     if _LONE_SURROGATE.search(json_text) is None:
         return json_text
     return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json_text)
+
+
+def random_uuid() -> str:
+    """A random (version 4) UUID as uuid.uuid4() prints it, without loading uuid (and
+    platform): every gateway start makes one."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def utc_now_iso() -> str:
@@ -7430,6 +7437,8 @@ def cmd_bench(
     try:
         report = _bench_run(root, opts, work, rea_path, echo_cmd)
     finally:
+        import shutil
+
         shutil.rmtree(work, ignore_errors=True)
     if opts.as_json:
         out.write(json.dumps(report.as_json(), indent=2) + "\n")
@@ -9913,7 +9922,7 @@ def _reason(exc: BaseException) -> str:
         return f"TLS certificate not trusted: {exc.verify_message}"
     if isinstance(exc, http.client.RemoteDisconnected):
         return "the server closed the connection"
-    if isinstance(exc, socket.timeout):
+    if isinstance(exc, TimeoutError):  # socket.timeout
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
@@ -10059,6 +10068,8 @@ def _mcp_name(method: str, params: JsonObj | None) -> str | None:
 
 def _abort(conn: http.client.HTTPConnection | None) -> None:
     """Break a connection another thread may be reading: its read ends at once."""
+    import socket
+
     sock = conn.sock if conn is not None else None
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -10584,6 +10595,8 @@ class StreamableHttpTransport:
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
 
     def _connect(self) -> http.client.HTTPConnection:
+        import socket
+
         conn = self._new_connection()
         try:
             conn.connect()
@@ -12215,16 +12228,21 @@ class _CallbackListener:
                 if not secrets.compare_digest(params.get("state", "").encode(), state.encode()):
                     self.send_error(400, "not the answer to the login in progress")
                     return
-                if not got.is_set():
-                    box.append(params)
-                    got.set()
                 page = b"<!doctype html><title>rea</title><p>rea: done. You can close this tab and go back to the terminal.</p>"
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(page)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.send_header("Cache-Control", "no-store")
+                    self.end_headers()
+                    self.wfile.write(page)
+                    self.wfile.flush()
+                finally:
+                    # only now: `login` may be done (and gone) a moment after this, and
+                    # the browser must still get its page, not a closed connection
+                    if not got.is_set():
+                        box.append(params)
+                        got.set()
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # the request line carries the authorization code: never logged
@@ -14121,7 +14139,7 @@ class Session:
     what the client declared it can do, and the suspicion an earlier result raised."""
 
     def __init__(self) -> None:
-        self.id = str(uuid.uuid4())
+        self.id = random_uuid()
         self.started_at = utc_now_iso()
         self.started = time.monotonic()
         self._lock = threading.Lock()  # guards: every field below
@@ -14581,7 +14599,7 @@ class InputBridge:
         method: str,
         wait_s: float,
     ) -> Suspension:
-        token = uuid.uuid4().hex
+        token = secrets.token_hex(16)
         deadline = time.monotonic() + wait_s
         suspension = Suspension(
             call, transport, server_request_id, method, f"rea-{token[:8]}", deadline
@@ -14662,7 +14680,7 @@ class TaskTable:
         self._tasks: dict[str, TaskEntry] = {}
 
     def adopt(self, call: Call, transport: Transport, server_task_id: str, ttl_s: float) -> str:
-        task_id = f"rea-task-{uuid.uuid4().hex}"
+        task_id = f"rea-task-{secrets.token_hex(16)}"
         deadline = time.monotonic() + ttl_s
         with self._lock:
             self._tasks[task_id] = TaskEntry(call, transport, server_task_id, deadline)
@@ -15596,6 +15614,60 @@ class Relay:
 # Gateway #####################################################################
 
 
+class WorkerPool:
+    """Threads for work that must leave the thread that found it (a wait for the disk, a
+    relayed request): up to `size`, started as work arrives, taking tasks from one queue.
+    `shutdown` takes no more, runs everything already queued, and joins them. (Not
+    concurrent.futures: nothing here wants a Future, and it costs every start ~7 ms.)"""
+
+    _Task = tuple[Callable[..., object], tuple[object, ...]]
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._tasks: queue.SimpleQueue[WorkerPool._Task | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards: _threads, _idle, _closed
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # workers done with their task and not yet promised another
+        self._closed = False
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        """Queue fn(*args); RuntimeError once the pool is shut down."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the pool is shut down")
+            self._tasks.put((fn, args))
+            if self._idle:
+                self._idle -= 1  # an idle worker takes it
+                return
+            if len(self._threads) >= self._size:
+                return  # it waits for the first worker free
+            worker = threading.Thread(
+                target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(worker)
+        worker.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            fn, args = task
+            try:
+                fn(*args)
+            except Exception as exc:  # a bug costs that task, never the worker
+                log("error", "internal_error", where="worker", error=type(exc).__name__)
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers = list(self._threads)
+        for _ in workers:
+            self._tasks.put(None)  # after every queued task: those run first
+        for worker in workers:
+            worker.join()
+
+
 class Downstreams:
     """The running set of servers, swapped whole when the registry changes."""
 
@@ -15716,7 +15788,7 @@ class Gateway:
         self.blocker = SessionBlocker(policy.session_blocker_threshold)
         self.fingerprints = Fingerprints(self.governance.shared)
         self.deadlines = Deadlines()
-        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rea-worker")
+        self.pool = WorkerPool(16, "rea-worker")
         self.catalog = Catalog()
         self.trail = AuditTrail(self.audit, self.metrics, self.session, self.config.rules)
         self.wire = ClientWire(in_fd, out, self._on_line, self.deadlines)
@@ -15840,7 +15912,7 @@ class Gateway:
         self.wire.close()  # our requests to the client end now: nobody waits for them
         self.servers.stop()
         self.deadlines.close()
-        self.pool.shutdown(wait=True)  # queued work drains: no outcome is dropped
+        self.pool.shutdown()  # queued work drains: no outcome is dropped
         self.live.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
