@@ -6050,6 +6050,52 @@ class TestSection5Shutdown:
         assert not (root / ".rea" / "serve.pid").exists()
 
 
+class TestSection5WorkerPool:
+    """The gateway's workers (answers settled off a reader thread, relayed requests): at
+    stop everything queued still runs, since each queued task may be a call's outcome."""
+
+    def test_shutdown_runs_every_queued_task_and_refuses_new_ones(self) -> None:
+        pool = rea.WorkerPool(2, "t")
+        gate = threading.Event()
+        done: list[int] = []
+        pool.submit(gate.wait, 10)
+        pool.submit(gate.wait, 10)
+        for i in range(20):  # both workers are blocked: these wait in the queue
+            pool.submit(done.append, i)
+        assert len([t for t in threading.enumerate() if t.name.startswith("t-")]) == 2
+        threading.Timer(0.2, gate.set).start()
+        pool.shutdown()
+        assert done == list(range(20))
+        assert not [t for t in threading.enumerate() if t.name.startswith("t-")]
+        with pytest.raises(RuntimeError):
+            pool.submit(done.append, 99)
+
+    def test_a_failing_task_costs_only_itself(self, capsys: pytest.CaptureFixture[str]) -> None:
+        pool = rea.WorkerPool(1, "f")
+        done: list[str] = []
+
+        def boom() -> None:
+            raise KeyError("secret-value")
+
+        pool.submit(boom)
+        pool.submit(done.append, "after")
+        pool.shutdown()
+        assert done == ["after"]
+        logged = capsys.readouterr().err
+        assert "internal_error" in logged and "KeyError" in logged
+        assert "secret-value" not in logged  # logged by type: the text can hold anything
+
+    def test_idle_workers_are_reused(self) -> None:
+        pool = rea.WorkerPool(8, "r")
+        for _ in range(50):
+            finished = threading.Event()
+            pool.submit(finished.set)
+            assert finished.wait(5)
+            poll(lambda: pool._idle >= 1, what="the worker idle again")
+        assert len(pool._threads) == 1
+        pool.shutdown()
+
+
 class TestSection5FullProxying:
     def test_capabilities_are_the_union_and_client_caps_reach_children(
         self, fake_server, rea_project, gateway, tmp_path
