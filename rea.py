@@ -53,7 +53,8 @@ one line per banner:
     Session and catalog     Session (eras per request), Catalog (one frozen view)
     Calls                   Call, AuditTrail, InputBridge, Calls: the one lifecycle and finish
     Relay                   a server's own notifications and requests to the client
-    Gateway                 Downstreams and the Gateway, the composition root
+    Gateway                 WorkerPool, Downstreams, TaskRequests (tasks/*), and the Gateway,
+                            the composition root; health_report
     Commands                serve, check, freeze, unfreeze, login, logout, probing for trust
     main                    the dispatch of the command line
 
@@ -64,8 +65,9 @@ requests (at most 8 at once), its notifications (one sender) and read its GET st
 ``rea-worker-N`` run slow requests and durable audit writes; ``rea-timeouts`` expires every
 deadline and looks for a `login` of a server that needs one; ``rea-start-NAME``,
 ``rea-restart-NAME`` and ``rea-stop-NAME`` start and stop servers; ``rea-state-timer``
-writes the live state; ``login`` waits for the browser's redirect on ``rea-login-callback``. Every one is joined or idle at exit. stdout carries only
-JSON-RPC; every log line goes to stderr as JSON.
+writes the live state; ``login`` waits for the browser's redirect on
+``rea-login-callback``. Every one is joined or idle at exit. stdout carries only JSON-RPC;
+every log line goes to stderr as JSON.
 """
 
 from __future__ import annotations
@@ -15755,6 +15757,99 @@ class Downstreams:
 MethodHandler = Callable[[object, JsonObj, Era], None]
 
 
+class TaskRequests:
+    """The tasks/* methods (§5 "Tasks"): each goes to the server that runs the task, under
+    the server's own id; the client only ever sees ours. A final status or result settles
+    the call, which Calls records once."""
+
+    def __init__(
+        self, calls: Calls, servers: Downstreams, config: ConfigWatch, timeouts: Timeouts
+    ) -> None:
+        self._calls = calls
+        self._servers = servers
+        self._config = config
+        self._timeouts = timeouts
+
+    def request(self, method: str) -> Callable[[JsonObj, Era], JsonObj]:
+        """tasks/get, tasks/cancel, tasks/update: to the server that runs the task, under
+        its own id; the answer names ours. A final status settles the call."""
+
+        def produce(p: JsonObj, era: Era) -> JsonObj:
+            task_id = p.get("taskId")
+            entry = self._calls.tasks.get(task_id)
+            if entry is None or not isinstance(task_id, str):
+                raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
+            params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
+            timeout = self._config.rules().policy.call_timeout_s
+            try:
+                result = entry.transport.request(method, params, timeout)
+            except (ChildDied, TimeoutError) as exc:
+                raise RpcError(INTERNAL_ERROR, f"rea: error: {exc}") from None
+            shown = self._view(result, task_id)
+            status = shown.get("status")
+            if isinstance(status, str):
+                self._calls.task_status(task_id, status)
+            return shown
+
+        return produce
+
+    def result(self, p: JsonObj, era: Era) -> JsonObj:
+        """tasks/result: waits for the task's end at its server; the result is checked like
+        a tool's (redaction, injection, cap) and is the call's recorded outcome."""
+        task_id = p.get("taskId")
+        entry = self._calls.tasks.get(task_id)
+        if entry is None or not isinstance(task_id, str):
+            raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
+        params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
+        wait_s = max(1.0, entry.deadline - time.monotonic())
+        try:
+            result: JsonObj | None = entry.transport.request("tasks/result", params, wait_s)
+            error: Exception | None = None
+        except (RpcError, ChildDied, TimeoutError) as exc:
+            result, error = None, exc
+        outcome = self._calls.task_result(task_id, result, error)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.result or {}
+
+    def listing(self, p: JsonObj, era: Era) -> JsonObj:
+        """tasks/list: the tasks of this session, from every server that lists its tasks."""
+        items: list[JsonObj] = []
+        for ds in self._servers.all():
+            transport = ds.live_transport("tasks")
+            if transport is None or "list" not in (as_obj(ds.capabilities.get("tasks")) or {}):
+                continue
+            try:
+                listed = list_all(transport, "tasks/list", "tasks", self._timeouts.handshake_s)
+            except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
+                log(
+                    "warn",
+                    "list_failed",
+                    server=ds.name,
+                    method="tasks/list",
+                    error=ds.scrub(str(exc)),
+                )
+                continue
+            for task in listed:
+                ours = self._calls.tasks.of_server(transport, task.get("taskId"))
+                if ours is not None:  # only tasks this session made, under our ids
+                    items.append({**task, "taskId": ours})
+        return list_page("tasks", items, p.get("cursor"), era)
+
+    def _view(self, task: JsonObj, task_id: str) -> JsonObj:
+        value, _ = self._config.rules().redactor.redact_value(without_connection_meta(task))
+        shown = as_obj(value) or {}
+        inner = as_obj(shown.get("task"))
+        if inner is not None:  # the 2026-07-28 extension wraps the task
+            shown["task"] = {**inner, "taskId": task_id}
+            status = inner.get("status")
+            if isinstance(status, str):
+                shown.setdefault("status", status)
+        else:
+            shown["taskId"] = task_id
+        return shown
+
+
 class Gateway:
     """The MCP server the client talks to, as a composition root: it builds the
     collaborators, holds the method table, and starts and stops them in order. Nothing
@@ -15831,6 +15926,7 @@ class Gateway:
             self.config.rules,
             self.config.halt_reason,
         )
+        self.tasks = TaskRequests(self.calls, self.servers, self.config, self.timeouts)
         self.live = LiveState(self.rea_dir, self.session.id, lambda: self.state().to_json())
         self._startup_done = threading.Event()  # the first list has waited for the servers
         self._signals = signals if signals is not None else []  # received, in order
@@ -15851,11 +15947,11 @@ class Gateway:
             "resources/unsubscribe": self._request_call(CallKind.UNSUBSCRIBE),
             "prompts/get": self._request_call(CallKind.PROMPT),
             "completion/complete": self._request_call(CallKind.COMPLETION),
-            "tasks/get": self._later(self._task_request("tasks/get")),
-            "tasks/cancel": self._later(self._task_request("tasks/cancel")),
-            "tasks/update": self._later(self._task_request("tasks/update")),
-            "tasks/result": self._later(self._task_result),
-            "tasks/list": self._later(self._list_tasks),
+            "tasks/get": self._later(self.tasks.request("tasks/get")),
+            "tasks/cancel": self._later(self.tasks.request("tasks/cancel")),
+            "tasks/update": self._later(self.tasks.request("tasks/update")),
+            "tasks/result": self._later(self.tasks.result),
+            "tasks/list": self._later(self.tasks.listing),
         }
 
     # -- running --
@@ -16317,85 +16413,6 @@ class Gateway:
 
     # -- tasks (2025-11-25 tasks; the 2026-07-28 extension, SEP-2663) --
 
-    def _task_request(self, method: str) -> Callable[[JsonObj, Era], JsonObj]:
-        """tasks/get, tasks/cancel, tasks/update: to the server that runs the task, under
-        its own id; the answer names ours. A final status settles the call."""
-
-        def produce(p: JsonObj, era: Era) -> JsonObj:
-            task_id = p.get("taskId")
-            entry = self.calls.tasks.get(task_id)
-            if entry is None or not isinstance(task_id, str):
-                raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
-            params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
-            timeout = self.config.rules().policy.call_timeout_s
-            try:
-                result = entry.transport.request(method, params, timeout)
-            except (ChildDied, TimeoutError) as exc:
-                raise RpcError(INTERNAL_ERROR, f"rea: error: {exc}") from None
-            shown = self._task_view(result, task_id)
-            status = shown.get("status")
-            if isinstance(status, str):
-                self.calls.task_status(task_id, status)
-            return shown
-
-        return produce
-
-    def _task_result(self, p: JsonObj, era: Era) -> JsonObj:
-        """tasks/result: waits for the task's end at its server; the result is checked like
-        a tool's (redaction, injection, cap) and is the call's recorded outcome."""
-        task_id = p.get("taskId")
-        entry = self.calls.tasks.get(task_id)
-        if entry is None or not isinstance(task_id, str):
-            raise RpcError(INVALID_PARAMS, f"unknown task: {task_id!r}")
-        params = transport_params(entry.transport, {**p, "taskId": entry.server_task_id})
-        wait_s = max(1.0, entry.deadline - time.monotonic())
-        try:
-            result: JsonObj | None = entry.transport.request("tasks/result", params, wait_s)
-            error: Exception | None = None
-        except (RpcError, ChildDied, TimeoutError) as exc:
-            result, error = None, exc
-        outcome = self.calls.task_result(task_id, result, error)
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.result or {}
-
-    def _list_tasks(self, p: JsonObj, era: Era) -> JsonObj:
-        """tasks/list: the tasks of this session, from every server that lists its tasks."""
-        items: list[JsonObj] = []
-        for ds in self.servers.all():
-            transport = ds.live_transport("tasks")
-            if transport is None or "list" not in (as_obj(ds.capabilities.get("tasks")) or {}):
-                continue
-            try:
-                listed = list_all(transport, "tasks/list", "tasks", self.timeouts.handshake_s)
-            except (RpcError, ChildDied, TimeoutError, ValueError) as exc:
-                log(
-                    "warn",
-                    "list_failed",
-                    server=ds.name,
-                    method="tasks/list",
-                    error=ds.scrub(str(exc)),
-                )
-                continue
-            for task in listed:
-                ours = self.calls.tasks.of_server(transport, task.get("taskId"))
-                if ours is not None:  # only tasks this session made, under our ids
-                    items.append({**task, "taskId": ours})
-        return list_page("tasks", items, p.get("cursor"), era)
-
-    def _task_view(self, task: JsonObj, task_id: str) -> JsonObj:
-        value, _ = self.config.rules().redactor.redact_value(without_connection_meta(task))
-        shown = as_obj(value) or {}
-        inner = as_obj(shown.get("task"))
-        if inner is not None:  # the 2026-07-28 extension wraps the task
-            shown["task"] = {**inner, "taskId": task_id}
-            status = inner.get("status")
-            if isinstance(status, str):
-                shown.setdefault("status", status)
-        else:
-            shown["taskId"] = task_id
-        return shown
-
     # -- breaker, session blocker, live state, health --
 
     def _on_circuit(self, ds: Downstream, old: CircuitState, new: CircuitState) -> None:
@@ -16455,36 +16472,40 @@ class Gateway:
         )
 
     def _health(self, policy: Policy) -> JsonObj:
-        """`__rea__health` (§8): the reference tool's shape, extended."""
-        state = self.state()
-        downstreams = [d.to_json() for d in state.downstreams]
-        if not policy.expose_diagnostics:
-            for d in downstreams:
-                if d.get("last_error") is not None:
-                    d["last_error"] = "withheld (set gateway.health.expose_diagnostics: true)"
-        return {
-            "gateway": {
-                "version": VERSION,
-                "uptime_s": round(time.monotonic() - self.session.started, 1),
-                "halt": state.halt_active,
-                "halt_reason": state.halt_reason,
-                "session_id": state.session_id,
-            },
-            "policy": {
-                "profile": policy.profile,
-                "autonomy_level": policy.autonomy_level,
-                "max_autonomy_level": policy.max_autonomy_level,
-                "blocked_paths_count": len(policy.blocked_paths),
-            },
-            "downstreams": downstreams,
-            "summary": {
-                "registered": len(downstreams),
-                "connected": sum(1 for d in state.downstreams if d.connected),
-                "healthy": sum(1 for d in state.downstreams if d.healthy),
-                "total_tools": len(self.catalog.view.visible_tools()),
-                "audit_fail_count": state.audit_fail_count,
-            },
-        }
+        uptime_s = time.monotonic() - self.session.started
+        return health_report(self.state(), policy, uptime_s, len(self.catalog.view.visible_tools()))
+
+
+def health_report(state: ServeState, policy: Policy, uptime_s: float, tools: int) -> JsonObj:
+    """`__rea__health` (§8): the reference tool's shape, extended."""
+    downstreams = [d.to_json() for d in state.downstreams]
+    if not policy.expose_diagnostics:
+        for d in downstreams:
+            if d.get("last_error") is not None:
+                d["last_error"] = "withheld (set gateway.health.expose_diagnostics: true)"
+    return {
+        "gateway": {
+            "version": VERSION,
+            "uptime_s": round(uptime_s, 1),
+            "halt": state.halt_active,
+            "halt_reason": state.halt_reason,
+            "session_id": state.session_id,
+        },
+        "policy": {
+            "profile": policy.profile,
+            "autonomy_level": policy.autonomy_level,
+            "max_autonomy_level": policy.max_autonomy_level,
+            "blocked_paths_count": len(policy.blocked_paths),
+        },
+        "downstreams": downstreams,
+        "summary": {
+            "registered": len(downstreams),
+            "connected": sum(1 for d in state.downstreams if d.connected),
+            "healthy": sum(1 for d in state.downstreams if d.healthy),
+            "total_tools": tools,
+            "audit_fail_count": state.audit_fail_count,
+        },
+    }
 
 
 def requires_task(tool: JsonObj) -> bool:

@@ -3321,6 +3321,8 @@ _FILES_ATTACKS: list[tuple[str, tuple[str, JsonDoc]]] = [
     ("symlink", _r("cd/../prod.yml")),
     ("symlink", _r("{outside}/envlink")),
     ("symlink", _r("sub/../link/api.txt")),
+    ("symlink", _r("missing/../link/api.txt")),  # Node: `..` first, then the link
+    ("symlink", _w("missing/../link/new.txt")),
     ("symlink", _w("innocent.txt")),
     ("symlink", _w("link/new.txt")),
     ("symlink", _mv("abslink/api.txt")),
