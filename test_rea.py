@@ -3289,6 +3289,7 @@ _FILES_ATTACKS: list[tuple[str, tuple[str, JsonDoc]]] = [
     ("whitespace", _r("link/prod creds.txt")),
     ("whitespace", _r(" .env")),
     ("whitespace", _r(".env\t")),
+    ("whitespace", _r("\ufeff.env")),  # JS's trim() drops a BOM
     ("whitespace", _w("x y/../.env")),
     ("whitespace", _w("secrets/prod creds.txt")),
     ("whitespace", _mv("sub/a b/../../secrets/prod creds.txt")),
@@ -3429,6 +3430,10 @@ _FILES_ATTACKS: list[tuple[str, tuple[str, JsonDoc]]] = [
     ("empty path", _mv(" ", "{outside}/stolen")),
     ("empty path", _mv("%20", "{outside}/stolen")),
     ("empty path", _mv("file:", "{outside}/stolen")),
+    # blank to a trim() (JS's drops the BOM too): the root, .rea/ with it (red team, #13)
+    ("empty path", _mv("\u3000", "{outside}/stolen")),
+    ("empty path", _mv("\xa0", "{outside}/stolen")),
+    ("empty path", _mv("\ufeff", "{outside}/stolen")),
     (".git", _w(".git")),
     (".git", _w(".git/hooks/pre-commit")),
 ]
