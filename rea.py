@@ -3912,8 +3912,9 @@ def _utf8_len(text: str) -> int:
 
 
 def _json_size(value: object) -> int:
-    """Bytes of the compact UTF-8 JSON form (how the gateway writes a result)."""
-    return _utf8_len(COMPACT_JSON.encode(value))
+    """Bytes of the compact UTF-8 JSON form, as `encode` writes it (a lone surrogate as
+    its 6-byte escape)."""
+    return _utf8_len(escape_lone_surrogates(COMPACT_JSON.encode(value)))
 
 
 def _truncation_notice(shown: int, total: int) -> str:
@@ -8928,8 +8929,8 @@ def encode(msg: JsonObj) -> bytes:
     text = COMPACT_JSON.encode(msg)
     try:
         return text.encode() + b"\n"
-    except UnicodeEncodeError:  # a lone surrogate (JS strings cut mid-emoji): escape it
-        return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate (JS strings cut mid-emoji): escape it alone
+        return escape_lone_surrogates(text).encode() + b"\n"
 
 
 def encode_batch(msgs: list[JsonObj]) -> bytes:
@@ -8938,7 +8939,7 @@ def encode_batch(msgs: list[JsonObj]) -> bytes:
     try:
         return text.encode() + b"\n"
     except UnicodeEncodeError:
-        return json.dumps(msgs, separators=(",", ":")).encode() + b"\n"
+        return escape_lone_surrogates(text).encode() + b"\n"
 
 
 def _finite(text: str) -> float:
@@ -13551,6 +13552,10 @@ def check_tool_result(
         metadata["truncated"] = True
     value, names = rules.redactor.redact_value(result)
     processed = as_obj(value) or {}
+    if names:  # a redaction can be longer than the secret: the cap holds for what is sent
+        processed, again = cap_result(processed, policy.max_result_kb * 1024)
+        if again:
+            metadata["truncated"] = True
     verdict = scan_injection(content_text(processed), tier)
     status = AuditStatus.ALLOWED
     if verdict.verdict != "clean":
@@ -13583,13 +13588,18 @@ def check_error(rules: Rules, tier: Tier, tool: str, error: RpcError) -> Outcome
     surely as a result, so its `message` and `data` are capped, redacted and scanned
     the same way; a likely injection is withheld under `injection_detection: block`."""
     max_bytes = rules.policy.max_result_kb * 1024
-    message, cut = cap_text(error.message, max_bytes)
+    message, cut = _cap_message(error.message, max_bytes)
     data: object = error.data
     if data is not None and _json_size(data) > max_bytes:
         data, cut = None, True
     redacted, names = rules.redactor.redact_value({"message": message, "data": data})
     parts = as_obj(redacted) or {}
     message, data = str(parts.get("message", "")), parts.get("data")
+    if names:  # a redaction can be longer than the secret: capped again
+        message, again = _cap_message(message, max_bytes)
+        if data is not None and _json_size(data) > max_bytes:
+            data, again = None, True
+        cut = cut or again
     metadata: JsonObj = {"truncated": True} if cut else {}
     if names:
         metadata["redacted"] = list(names)
@@ -13619,6 +13629,12 @@ def check_error(rules: Rules, tier: Tier, tool: str, error: RpcError) -> Outcome
     )
 
 
+def _cap_message(message: str, max_bytes: int) -> tuple[str, bool]:
+    """An error message within max_bytes as JSON (escapes counted, as it is sent)."""
+    capped, cut = cap_value(message, max_bytes)
+    return str(capped), cut
+
+
 def check_request_result(rules: Rules, what: str, result: JsonObj) -> Outcome:
     """§6 step 10 for a resource, prompt or completion result, as for a tool's: capped,
     redacted, and scanned (at read tier: one phrase is a likely injection); withheld
@@ -13630,6 +13646,9 @@ def check_request_result(rules: Rules, what: str, result: JsonObj) -> Outcome:
     value, names = rules.redactor.redact_value(capped)
     if names:
         metadata["redacted"] = list(names)
+        value, again = cap_value(value, rules.policy.max_result_kb * 1024)  # as for a tool's
+        if again:
+            metadata["truncated"] = True
     verdict = scan_injection(content_text(value), Tier.READ)
     if verdict.verdict != "clean":
         metadata["injection"] = {

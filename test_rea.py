@@ -8270,6 +8270,27 @@ class TestSection6ResultCapEndToEnd:
         text = c.text("a__huge", {"kb": 32})
         assert len(text.encode()) <= 8 * 1024
 
+    def test_the_cap_holds_for_the_bytes_sent(self, fake_server, rea_project, gateway):
+        """Red team, #13: a lone surrogate made the gateway escape every non-ASCII
+        character (6 bytes each, 3x the cap), and a redaction longer than its secret grew
+        a result past the cap; the cap holds for the line the client gets."""
+        root = rea_project([server(fake_server, "a")], "gateway:\n  max_result_kb: 1\n")
+        c = running(gateway, root)
+        asked = {
+            "cjk": "\ud800" + "\u4e2d" * 300,  # 903 bytes; sent as 1,806 before: 6 per char
+            "bearer": "Bearer aaaaaaaa\n" * 60,  # 960 bytes; each match grows 8 -> 28
+        }
+        for name, text in asked.items():
+            rid = c.start("tools/call", {"name": "a__inject", "arguments": {"text": text}})
+            res = c.wait(rid)["result"]
+            line = next(raw for raw in c.raw_lines if json.loads(raw).get("id") == rid)
+            assert len(line) <= 1024 + 64, (name, len(line))  # the envelope is ~40 bytes
+        assert "[TRUNCATED by rea" in res["content"][0]["text"]
+        assert _govern_tool_records(root)[-1]["metadata"]["truncated"] is True
+        err = c.call("a__fail", {"message": "Bearer aaaaaaaa " * 60})["error"]
+        assert len(json.dumps(err["message"]).encode()) <= 1024, len(err["message"])
+        assert "[REDACTED" in err["message"] and "aaaaaaaa" not in err["message"]
+
 
 class TestSection6ErrorChannelEndToEnd:
     """§6 step 10: a server's JSON-RPC error is checked like a result."""
