@@ -10273,7 +10273,7 @@ class StreamableHttpTransport:
         # from all the server sends (it may echo one back), as they are and JSON-escaped
         values = {value for value in headers.values() if len(value) >= MIN_SECRET_CHARS}
         self._secret_values = tuple(sorted(values, key=len, reverse=True))
-        escaped = {json.dumps(value)[1:-1] for value in values}
+        escaped = {COMPACT_JSON.encode(value)[1:-1] for value in values}
         self._escaped_values = tuple(escaped - values)
         self._user_headers = dict(headers)
         self._post_headers: dict[str, str] = {
@@ -10522,12 +10522,13 @@ class StreamableHttpTransport:
         """What the server sent, parsed (ValueError when it is not JSON), with every
         `headers:` value and token of ours taken out of its strings: a server that echoes
         one (in a result, an error's message or data, a notification) does not hand it to
-        the client. The body is looked at first, so that a server without secrets, or a
-        message without one, costs nothing more."""
+        the client. The message is looked at written one way first (a server's own escapes,
+        `\\/` or `\\uXXXX`, hide nothing from that), so that a message without a secret costs
+        one encode more."""
         msg = decode(raw)
         if not self._secret_values and self._auth is None:
             return msg
-        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        text = COMPACT_JSON.encode(msg)
         if self._scrub(text) == text and not any(v in text for v in self._escaped_values):
             return msg
         return map_strings(msg, self._scrub)

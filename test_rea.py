@@ -1795,7 +1795,8 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
         elif name == "linger":
             self._linger(rid)
         elif name == "reveal":
-            self._reveal(rid, bool(arguments.get("fail")), meta.get("progressToken"))
+            escape = str(arguments.get("escape", ""))
+            self._reveal(rid, bool(arguments.get("fail")), meta.get("progressToken"), escape)
         elif name == "slow":
             self._slow(rid, float(arguments.get("seconds", 10)), session)
         elif name == "drop":
@@ -1871,19 +1872,29 @@ class _McpHttpHandler(http.server.BaseHTTPRequestHandler):
                 self.owner.lingered.append("closed by the client")
         self._hang_up()
 
-    def _reveal(self, rid: object, fail: bool, token: object) -> None:
-        """Echo the X-Key header everywhere a server's words reach the client."""
+    def _reveal(self, rid: object, fail: bool, token: object, escape: str = "") -> None:
+        """Echo the X-Key header everywhere a server's words reach the client, written
+        as JSON allows: plain, `/` as `\\/` (PHP's default) or every character `\\uXXXX`."""
         key = self.headers.get("X-Key", "")
         self._start_sse()
+
+        def event(msg: JsonDoc) -> None:
+            text = json.dumps(msg)
+            if escape == "slash":
+                text = text.replace("/", "\\/")
+            elif escape == "unicode":
+                text = text.replace(key, "".join(f"\\u{ord(ch):04x}" for ch in key))
+            self._chunk(f"data: {text}\n\n".encode())
+
         if token is not None:
             note = {"progressToken": token, "progress": 1, "message": f"key {key}"}
-            self._event({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
+            event({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
         if fail:
             error = {"code": -32000, "message": f"bad key {key}", "data": {"key": key}}
-            self._event({"jsonrpc": "2.0", "id": rid, "error": error})
+            event({"jsonrpc": "2.0", "id": rid, "error": error})
         else:
             result = {**http_text_result(f"your key is {key}"), "structuredContent": {key: key}}
-            self._event({"jsonrpc": "2.0", "id": rid, "result": result})
+            event({"jsonrpc": "2.0", "id": rid, "result": result})
         self._end_sse()
 
     def _slow(self, rid: object, seconds: float, session: HttpSession | None) -> None:
@@ -13967,18 +13978,21 @@ class TestSection13HostileServersEndToEnd:
             what="every lingering stream closed by rea",
         )
 
+    @pytest.mark.parametrize("escape", ["", "slash", "unicode"])
     def test_a_header_value_the_server_echoes_never_reaches_the_client(
-        self, rea_project, gateway, http_servers
+        self, rea_project, gateway, http_servers, escape
     ):
-        secret = "hdr-" + secrets.token_hex(12)
+        """However the server escapes it in its JSON (red team, #15: `\\/` and `\\uXXXX`)."""
+        secret = "hdr/" + secrets.token_hex(12)
         remote = http_servers(eras=("handshake",))
         root = remote_project(rea_project, remote.url, headers={"X-Key": "${RT_KEY}"})
         c = running(gateway, root, env={"RT_KEY": secret})
-        params = {"name": "remote__reveal", "arguments": {}, "_meta": {"progressToken": "p"}}
+        arguments = {"escape": escape}
+        params = {"name": "remote__reveal", "arguments": arguments, "_meta": {"progressToken": "p"}}
         shown = c.request("tools/call", params)
         assert "your key is" in remote_text(shown)
         c.wait_notification("notifications/progress")
-        c.call("remote__reveal", {"fail": True})
+        c.call("remote__reveal", {"fail": True, **arguments})
         assert http_last_post(remote, "tools/call").headers["x-key"] == secret  # it was sent
         c.close()
         wire = b"".join(c.raw_lines).decode()
