@@ -62,7 +62,8 @@ Threads, each with one job and a name: ``rea-stdin`` reads the client; per child
 ``rea-child-NAME`` reads its stdout, ``rea-write-NAME`` writes its stdin from a queue and
 ``rea-stderr-NAME`` drains its stderr; per remote server ``rea-http-NAME-N`` send its
 requests (at most 8 at once), its notifications (one sender) and read its GET stream;
-``rea-worker-N`` run slow requests and durable audit writes; ``rea-timeouts`` expires every
+``rea-worker-N`` run requests that wait for servers or the client, ``rea-audit-N`` a
+call's outcome under a durable audit mode; ``rea-timeouts`` expires every
 deadline and looks for a `login` of a server that needs one; ``rea-start-NAME``,
 ``rea-restart-NAME`` and ``rea-stop-NAME`` start and stop servers; ``rea-state-timer``
 writes the live state; ``login`` waits for the browser's redirect on
@@ -14792,7 +14793,8 @@ class CallHooks:
     health: Callable[[Policy], JsonObj]
     halt: Callable[[], str | None]
     rules: Callable[[], Rules]
-    submit: Callable[..., None]  # run work on the pool (or here, at stop)
+    submit: Callable[..., None]  # run work that may wait for servers or the client on a worker
+    settle: Callable[..., None]  # run work that waits for the disk only on an audit worker
     changed: Callable[[], None]
 
 
@@ -15034,13 +15036,15 @@ class Calls:
                 call, Outcome(AuditStatus.ERROR, note=f"no retry from the client before: {error}")
             )
             return
-        # With fsync off the record costs microseconds: settle on this thread. Otherwise a
-        # worker waits for the disk so that this server's other answers do not queue.
-        input_round = result is not None and result.get("resultType") == "input_required"
-        if call.rules.policy.audit_fsync == "off" and not input_round:
+        # With fsync off the record costs microseconds: settle on this thread. Otherwise an
+        # audit worker waits for the disk, so that this server's other answers do not queue;
+        # an input round waits for the client, on a worker of the gateway's.
+        if result is not None and result.get("resultType") == "input_required":
+            self._hooks.submit(self._settle, call, result, error)
+        elif call.rules.policy.audit_fsync == "off":
             self._settle(call, result, error)
         else:
-            self._hooks.submit(self._settle, call, result, error)
+            self._hooks.settle(self._settle, call, result, error)
 
     def _settle(self, call: Call, result: JsonObj | None, error: Exception | None) -> None:
         with self._turn(call) as turn:
@@ -15906,7 +15910,11 @@ class Gateway:
         self.blocker = SessionBlocker(policy.session_blocker_threshold)
         self.fingerprints = Fingerprints(self.governance.shared)
         self.deadlines = Deadlines()
-        self.pool = WorkerPool(16, "rea-worker")
+        # Two sets of workers: what waits for servers or the client (lists, tasks, relayed
+        # requests, input rounds) cannot hold up what waits for the disk only (a call's
+        # outcome under audit.fsync batch or always), so a stalled server delays no other's.
+        self.pool = WorkerPool(32, "rea-worker")
+        self.disk = WorkerPool(16, "rea-audit")
         self.catalog = Catalog()
         self.trail = AuditTrail(self.audit, self.metrics, self.session, self.config.rules)
         self.wire = ClientWire(in_fd, out, self._on_line, self.deadlines)
@@ -15937,6 +15945,7 @@ class Gateway:
                 halt=self.config.halt_reason,
                 rules=self.config.rules,
                 submit=self._submit,
+                settle=lambda fn, *args: self._submit(fn, *args, pool=self.disk),
                 changed=self._state_changed,
             ),
         )
@@ -16032,6 +16041,7 @@ class Gateway:
         self.servers.stop()
         self.deadlines.close()
         self.pool.shutdown()  # queued work drains: no outcome is dropped
+        self.disk.shutdown()  # last: the work above may hand it outcomes
         self.live.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -16056,9 +16066,11 @@ class Gateway:
         self.metrics_server = server
         log("info", "metrics_listening", address=f"http://127.0.0.1:{server.port}/metrics")
 
-    def _submit(self, fn: Callable[..., object], *args: object) -> None:
+    def _submit(
+        self, fn: Callable[..., object], *args: object, pool: WorkerPool | None = None
+    ) -> None:
         try:
-            self.pool.submit(fn, *args)
+            (pool or self.pool).submit(fn, *args)
         except RuntimeError:  # the pool is closed at stop: run it here, nothing is dropped
             fn(*args)
 

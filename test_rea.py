@@ -10914,6 +10914,28 @@ class TestSection9BusyChildIsNotDead:
         assert len(events(log, "started")) == 1, "the busy child was restarted"
 
 
+class TestSection9StalledServerHoldsUpNoOther:
+    def test_lists_waiting_on_a_stalled_server_do_not_hold_up_another_servers_calls(
+        self, fake_server, rea_project, gateway
+    ):
+        """Red team, #12: 16 lists waiting for a server that stopped reading took every
+        worker, and under a durable audit mode another server's calls waited ~30 s behind
+        them. Outcomes have workers of their own."""
+        policy = "audit:\n  fsync: always\n"
+        root = rea_project(
+            [server(fake_server, "a", "--features"), server(fake_server, "b")], policy
+        )
+        c = running(gateway, root, env={"REA_TIMEOUTS": "stop_grace_s=0.5"})
+        c.start("tools/call", {"name": "a__stall", "arguments": {}})  # a stops reading stdin
+        lists = [c.start("resources/list") for _ in range(40)]  # each waits for a's answer
+        for n in range(3):
+            t0 = time.monotonic()
+            res = c.call("b__echo", {"n": n}, timeout=5)
+            assert res["result"]["structuredContent"] == {"n": n}
+            assert time.monotonic() - t0 < 2, f"b's call took {time.monotonic() - t0:.1f} s"
+        assert all(rid not in c.responses for rid in lists[-5:])  # still waiting on a
+
+
 class TestSection9BreakerProbe:
     POLICY = "gateway:\n  breaker:\n    failure_threshold: 2\n    cooldown_s: 0.5\n"
 
