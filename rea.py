@@ -67,7 +67,8 @@ call's outcome under a durable audit mode; ``rea-timeouts`` expires every
 deadline and looks for a `login` of a server that needs one; ``rea-start-NAME``,
 ``rea-restart-NAME`` and ``rea-stop-NAME`` start and stop servers; ``rea-state-timer``
 writes the live state; ``login`` waits for the browser's redirect on
-``rea-login-callback``. Every one is joined or idle at exit. stdout carries only JSON-RPC;
+``rea-login-callback``, and ``rea-oauth-deadline`` ends an authorization server's answer
+that is too slow. Every one is joined or idle at exit. stdout carries only JSON-RPC;
 every log line goes to stderr as JSON.
 """
 
@@ -11587,7 +11588,9 @@ def _http(
     body_json: JsonObj | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> _Reply:
-    """One exchange with an authorization server or a metadata URL, on a fresh connection.
+    """One exchange with an authorization server or a metadata URL, on a fresh connection,
+    over in `timeout_s` however slowly the server answers (a deadline breaks the
+    connection: a socket's own timeout is per read, and a byte now and then resets it).
 
     No redirect is followed: a redirect would carry a code, a secret or a token elsewhere.
     """
@@ -11614,16 +11617,33 @@ def _http(
         payload = json.dumps(body_json).encode()
         sent["Content-Type"] = "application/json"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    late = threading.Event()
+
+    def expire() -> None:
+        late.set()
+        _abort(conn)
+
+    deadline = threading.Timer(timeout_s, expire)
+    deadline.name, deadline.daemon = "rea-oauth-deadline", True
+    deadline.start()
     try:
         conn.request(method, target, payload, sent)
         resp = conn.getresponse()
         body = resp.read(MAX_DOCUMENT + 1)
     except _net_errors() as exc:
-        raise OAuthError(
-            f"{what}: cannot reach {_origin(url)} ({_reason(exc)}); check the network and the URL"
-        ) from None
+        if not late.is_set():
+            raise OAuthError(
+                f"{what}: cannot reach {_origin(url)} ({_reason(exc)}); "
+                "check the network and the URL"
+            ) from None
     finally:
+        deadline.cancel()
         conn.close()
+    if late.is_set():  # what was read may be cut short: none of it is used
+        raise OAuthError(
+            f"{what}: {_origin(url)} sent no whole answer within {timeout_s:.0f} s; "
+            "check the network and the URL"
+        )
     if len(body) > MAX_DOCUMENT:
         raise OAuthError(
             f"{what}: the answer from {_origin(url)} is larger than {MAX_DOCUMENT} bytes"

@@ -14078,6 +14078,52 @@ class TestSection13LoginAttacksEndToEnd:
     other local processes (red-team 15): no token for two servers, no traceback, no link
     followed, no login aborted by a stranger."""
 
+    def test_an_answer_that_drips_cannot_hold_the_login(self, tmp_path: Path) -> None:
+        """Red team, #15: metadata sent a byte at a time kept `login` waiting without end
+        (a socket's timeout is per read). Each exchange has a deadline of its own."""
+        stop = threading.Event()
+
+        class Drip(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                meta = f"http://127.0.0.1:{self.server.server_address[1]}/meta"  # type: ignore[index]
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Bearer resource_metadata="{meta}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "4096")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    while not stop.wait(0.2):  # a byte now and then, for ever
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/mcp"
+        store = rea.TokenStore(tmp_path / ".rea" / "credentials", "remote")
+        started = time.monotonic()
+        try:
+            with pytest.raises(rea.OAuthError, match="no whole answer within 1 s"):
+                rea.login(
+                    "remote", url, rea.OAuthSettings(), store, False, io.StringIO(),
+                    err=io.StringIO(), http_timeout_s=1.0,
+                )  # fmt: skip
+            assert time.monotonic() - started < 4
+        finally:
+            stop.set()
+            httpd.shutdown()
+            httpd.server_close()
+
     def two_servers_on_one_origin(
         self, rea_project: Callable[..., Path], remote: McpHttpServer
     ) -> Path:
