@@ -2496,6 +2496,19 @@ def errors_of(c: Client) -> str:
     return "".join(c.stderr_lines)
 
 
+def log_entries(c: Client) -> list[JsonDoc]:
+    """The gateway's stderr lines that are JSON log entries, in order."""
+    entries = []
+    for line in list(c.stderr_lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
 def wait_logged(c: Client, *events: str) -> str:
     """The gateway's stderr once it holds every one of `events`: a log line can trail the
     state or the answer it describes (another thread writes it, another reads it)."""
@@ -3028,15 +3041,7 @@ def _trust_logged(c: Client, event: str) -> list[JsonDoc]:
     """The gateway's log lines of `event`, once there is one (a line can trail the state)."""
 
     def found() -> list[JsonDoc]:
-        out = []
-        for line in list(c.stderr_lines):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("event") == event:
-                out.append(rec)
-        return out
+        return [entry for entry in log_entries(c) if entry.get("event") == event]
 
     return poll(found, what=f"a log line of {event}")  # type: ignore[no-any-return]
 
@@ -3107,19 +3112,11 @@ def _govern_write_policy(root: Path, text: str) -> None:
 
 def _govern_policy_errors(c: Client) -> list[JsonDoc]:
     """Error-level log lines of the gateway that are about the policy."""
-    found = []
-    for line in list(c.stderr_lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if (
-            isinstance(entry, dict)
-            and entry.get("level") == "error"
-            and "policy" in str(entry.get("event"))
-        ):
-            found.append(entry)
-    return found
+    return [
+        entry
+        for entry in log_entries(c)
+        if entry.get("level") == "error" and "policy" in str(entry.get("event"))
+    ]
 
 
 @contextlib.contextmanager
