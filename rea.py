@@ -274,10 +274,11 @@ def gateway_launch(rea_path: Path, root: Path) -> dict[str, object]:
 
     `python3 rea.py` compiles the whole file at every start (~100 ms); importing it as
     a module loads the bytecode cached beside it instead, so the client's command
-    imports rea from its folder. No PYTHONPATH: that would leak into every child.
+    imports rea from its folder. No PYTHONPATH: that would leak into every child. `-S`:
+    rea needs nothing from site-packages, and not loading `site` saves ~40 ms a start.
     """
     code = f"import sys; sys.path.insert(0, {str(rea_path.parent)!r}); import rea; sys.exit(rea.main())"
-    return {"command": "python3", "args": ["-c", code, "serve", "--root", str(root)]}
+    return {"command": "python3", "args": ["-S", "-c", code, "serve", "--root", str(root)]}
 
 
 def warm_bytecode_cache(rea_path: Path) -> None:

@@ -11986,7 +11986,7 @@ class TestSection11InitEndToEnd:
         assert rea_entry == rea.gateway_launch(REA_PY, tmp_path)
         # the command the client will run starts a working gateway
         launched = subprocess.run(
-            ["python3", *rea_entry["args"][:2], "--version"], capture_output=True, text=True
+            ["python3", *rea_entry["args"][:-3], "--version"], capture_output=True, text=True
         )
         assert launched.stdout.startswith("rea.py ")
         backups = list(tmp_path.glob(".mcp.json.bak*"))
