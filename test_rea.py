@@ -7346,6 +7346,24 @@ class TestSection6BlockedPaths:
         assert guard.check({"content": content + "\n/../../.env"}, tier="write") is not None
         assert time.process_time() - start < 2.0
 
+    def test_a_long_run_of_whitespace_is_trimmed_in_linear_time(self, project: Path) -> None:
+        """Red team: the trim was a regex anchored at the end, quadratic in a run of
+        blanks inside the text (32,000 spaces took 4 s; a megabyte, hours)."""
+        guard = guard_for(project)
+        for blank in (" ", "\u3000", "\t"):
+            padded = "x" + blank * 1_000_000 + "x"
+            start = time.process_time()
+            assert guard.check({"path": padded}, tier="write") is None
+            assert guard.check({"path": blank * 1_000_000}, tier="write") is not None
+            assert time.process_time() - start < 2.0, repr(blank)
+
+    def test_the_trim_drops_what_a_trim_drops(self) -> None:
+        """Every character str.isspace() holds (Python's strip; JS's trim), the C0
+        controls and the BOM."""
+        spaces = {chr(c) for c in range(0x110000) if chr(c).isspace()}
+        wanted = spaces | {chr(c) for c in range(0x21)} | {"\ufeff"}
+        assert set(rea._TRIM_CHARS) == wanted
+
     # A write- or destructive-tier call may not name a folder holding .rea/ (§6).
 
     @pytest.mark.parametrize(
