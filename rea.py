@@ -8971,9 +8971,10 @@ def decode(line: bytes | str) -> object:
     try:
         if isinstance(line, bytes):
             # what json.loads does with bytes, minus the guess for the common case:
-            # a line opening with an ASCII character and no NUL after it is UTF-8
-            ascii_start = line[:1].isascii() and line[1:2] not in (b"\0", b"")
-            encoding = "utf-8" if ascii_start else json.detect_encoding(line)
+            # two ASCII characters, neither NUL, open a UTF-8 line (no BOM, not UTF-16/32)
+            start = line[:2]
+            plain = len(start) == 2 and start.isascii() and b"\0" not in start
+            encoding = "utf-8" if plain else json.detect_encoding(line)
             line = line.decode(encoding, "surrogatepass")
         return _JSON.decode(line)
     except RecursionError:

@@ -6392,6 +6392,20 @@ class TestSection5InputAcrossEras:
         assert res["structuredContent"] == {"n": 1}  # the concurrency slot was given back
 
 
+class TestSection5Decode:
+    @pytest.mark.parametrize(
+        "text", ['{"a":1}', "1", "[1]", '"\u00e9"', '{"k":"\u4e2d"}', " {}", "\t[]"]
+    )
+    @pytest.mark.parametrize(
+        "encoding", ["utf-8", "utf-8-sig", "utf-16-le", "utf-16-be", "utf-16", "utf-32"]
+    )
+    def test_a_line_is_read_as_json_loads_reads_it(self, text: str, encoding: str) -> None:
+        """decode's shortcut for plain UTF-8 lines changes no reading (JSON's own
+        detection of UTF-16/32 and BOMs stays)."""
+        raw = text.encode(encoding)
+        assert rea.decode(raw) == json.loads(raw)
+
+
 class TestSection5Robustness:
     def test_a_lone_surrogate_in_arguments_is_answered_and_audited(
         self, fake_server, rea_project, gateway
