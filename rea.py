@@ -11624,15 +11624,27 @@ def _http(
         sent["Content-Type"] = "application/json"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     late = threading.Event()
+    # The socket itself, not conn.sock: an answer with `Connection: close` takes the socket
+    # from the connection (conn.sock is None then) while its body is still being read.
+    opened: list[socket.socket] = []
 
     def expire() -> None:
+        import socket
+
         late.set()
-        _abort(conn)
+        for sock in opened:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     deadline = threading.Timer(timeout_s, expire)
     deadline.name, deadline.daemon = "rea-oauth-deadline", True
     deadline.start()
     try:
+        conn.connect()
+        if conn.sock is not None:
+            opened.append(conn.sock)
+        if late.is_set():  # the deadline passed while connecting
+            raise TimeoutError
         conn.request(method, target, payload, sent)
         resp = conn.getresponse()
         body = resp.read(MAX_DOCUMENT + 1)

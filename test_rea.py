@@ -14107,9 +14107,11 @@ class TestSection13LoginAttacksEndToEnd:
     other local processes (red-team 15): no token for two servers, no traceback, no link
     followed, no login aborted by a stranger."""
 
-    def test_an_answer_that_drips_cannot_hold_the_login(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+    def test_an_answer_that_drips_cannot_hold_the_login(self, tmp_path: Path, close: bool) -> None:
         """Red team, #15: metadata sent a byte at a time kept `login` waiting without end
-        (a socket's timeout is per read). Each exchange has a deadline of its own."""
+        (a socket's timeout is per read). Each exchange has a deadline of its own, which
+        holds when `Connection: close` hands the socket to the answer too."""
         stop = threading.Event()
 
         class Drip(http.server.BaseHTTPRequestHandler):
@@ -14126,6 +14128,8 @@ class TestSection13LoginAttacksEndToEnd:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "4096")
+                if close:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 with contextlib.suppress(OSError):
                     while not stop.wait(0.2):  # a byte now and then, for ever
