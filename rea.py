@@ -2957,6 +2957,8 @@ _TRIM_CHARS = (
     _C0_AND_SPACE
     + "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 )
+# What a string that some reading leaves blank is made of: blanks and percent escapes
+_BLANK_WHEN_DECODED = _TRIM_CHARS + "%0123456789abcdefABCDEF"
 _FILE_URI = re.compile(r"file:", re.IGNORECASE)
 _LEADING_SLASHES = re.compile(r"^/+")
 # Links the kernel resolves per process: the gateway would see its own cwd, root or
@@ -3142,12 +3144,18 @@ def _names_a_path(key: str) -> bool:
 
 
 def _empty_path_argument(value: object, key: str = "") -> str | None:
-    """The argument name of an empty or blank string that names a path, if any."""
+    """The argument name of a string naming a path that some reading leaves blank (a
+    server's trim, up to three rounds of percent-decoding), if any."""
     stack: list[tuple[str, object]] = [(key, value)]
     while stack:
         name, item = stack.pop()
         if isinstance(item, str):
-            if name and _names_a_path(name) and not unquote(item).strip(_TRIM_CHARS):
+            if (
+                name
+                and not item.strip(_BLANK_WHEN_DECODED)  # else some character always stays
+                and _names_a_path(name)
+                and "" in _readings(item)
+            ):
                 return f"{name}={item!r}"
         elif isinstance(item, dict):
             stack.extend((str(k), v) for k, v in item.items())

@@ -3442,6 +3442,8 @@ _FILES_ATTACKS: list[tuple[str, tuple[str, JsonDoc]]] = [
     ("empty path", _mv("\u3000", "{outside}/stolen")),
     ("empty path", _mv("\xa0", "{outside}/stolen")),
     ("empty path", _mv("\ufeff", "{outside}/stolen")),
+    ("empty path", _mv("%2520", "{outside}/stolen")),  # blank after two decodings
+    ("empty path", _mv("%25E3%2580%2580", "{outside}/stolen")),
     (".git", _w(".git")),
     (".git", _w(".git/hooks/pre-commit")),
 ]
