@@ -16388,7 +16388,9 @@ class Gateway:
 
     def _request_call(self, kind: CallKind) -> MethodHandler:
         """resources/read and subscribe, prompts/get, completion/complete: calls like a
-        tool's (§6), routed on a worker (routing may list the servers' resources)."""
+        tool's (§6). One the catalog can route starts here, as a tool call does; one it
+        cannot starts on a worker, since routing it lists the servers (and a server that
+        stopped answering must not hold up the calls the catalog knows where to send)."""
 
         def handle(req_id: object, p: JsonObj, era: Era) -> None:
             if kind in (CallKind.RESOURCE, CallKind.SUBSCRIBE, CallKind.UNSUBSCRIBE):
@@ -16410,7 +16412,8 @@ class Gateway:
                     )
                 name = str(ref[key])
             arguments = {k: v for k, v in p.items() if k != "_meta"}
-            self.calls.receive(kind, req_id, name, p, arguments, era, defer=True)
+            defer = not self._routable(kind, name, p)
+            self.calls.receive(kind, req_id, name, p, arguments, era, defer)
 
         return handle
 
@@ -16443,6 +16446,23 @@ class Gateway:
                 AuditStatus.ERROR, f"resource not found: {call.name}", RESOURCE_NOT_FOUND
             )
         return Target(owner, call.name)
+
+    def _routable(self, kind: CallKind, name: str, p: JsonObj) -> bool:
+        """Whether the catalog routes this call as it is, without listing any server."""
+        view = self.catalog.view
+        ref = as_obj(p.get("ref")) or {}
+        if kind is CallKind.PROMPT or (
+            kind is CallKind.COMPLETION and ref.get("type") == "ref/prompt"
+        ):
+            found = view.prompts.get(name)
+            return found is not None and self.servers.get(found[0]) is not None
+        owner = view.resources.get(name)  # as _route_uri looks first
+        if owner is None:
+            matches = [
+                (len(pre), srv) for pre, srv in view.templates if pre and name.startswith(pre)
+            ]
+            owner = max(matches)[1] if matches else None
+        return owner is not None and self.servers.get(owner) is not None
 
     def _route_uri(self, uri: str) -> Downstream | None:
         """The server that owns a resource URI: listed, else by template prefix, else the

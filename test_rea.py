@@ -10966,6 +10966,29 @@ class TestSection9StalledServerHoldsUpNoOther:
             assert time.monotonic() - t0 < 2, f"b's call took {time.monotonic() - t0:.1f} s"
         assert all(rid not in c.responses for rid in lists[-5:])  # still waiting on a
 
+    def test_lists_waiting_on_a_stalled_server_do_not_hold_up_another_servers_reads(
+        self, fake_server, rea_project, gateway
+    ):
+        """Red team, #12: a resources/read or prompts/get of a healthy server waited ~30 s
+        behind 40 lists on a stalled one (they started on the same workers). A call the
+        catalog can route starts on the reader thread, as a tool call does."""
+        a = server(fake_server, "a", "--features", "--uri", "fake://a")
+        b = server(fake_server, "b", "--features", "--uri", "fake://b")
+        c = running(gateway, rea_project([a, b]), env={"REA_TIMEOUTS": "stop_grace_s=0.5"})
+        assert "fake://b/readme" in json.dumps(c.request("resources/list"))
+        assert "b__greet" in json.dumps(c.request("prompts/list"))
+        c.start("tools/call", {"name": "a__stall", "arguments": {}})  # a stops reading stdin
+        for _ in range(40):
+            c.start("resources/list")  # each waits for a's answer
+        for _ in range(2):
+            t0 = time.monotonic()
+            read = c.request("resources/read", {"uri": "fake://b/readme"}, timeout=5)
+            got = c.request(
+                "prompts/get", {"name": "b__greet", "arguments": {"who": "x"}}, timeout=5
+            )
+            assert "result" in read and "result" in got, (read, got)
+            assert time.monotonic() - t0 < 2, f"b's read and get took {time.monotonic() - t0:.1f} s"
+
 
 class TestSection9BreakerProbe:
     POLICY = "gateway:\n  breaker:\n    failure_threshold: 2\n    cooldown_s: 0.5\n"
