@@ -4053,8 +4053,9 @@ def cap_content(content: list[object], max_bytes: int) -> tuple[list[object], bo
 
 
 def cap_value(value: object, max_bytes: int) -> tuple[object, bool]:
-    """Any JSON value within max_bytes: its longest strings cut (at one common length,
-    each with the notice), and when that is not enough its lists shortened from the end.
+    """Any JSON value within max_bytes: its longest strings (keys too) cut at one common
+    length, each with the notice, and when that is not enough its lists and objects
+    shortened from the end (an object of many small entries is as large as a long string).
     For results without a content list (resources, prompts, completion) and for what a
     tool result carries beside its content."""
     if _json_size(value) <= max_bytes:
@@ -4064,7 +4065,11 @@ def cap_value(value: object, max_bytes: int) -> tuple[object, bool]:
         if isinstance(item, str):
             return cap_text(item, limit)[0] if _utf8_len(item) > limit else item
         if isinstance(item, Mapping):
-            return {k: cut(v, limit, keep) for k, v in item.items()}
+            pairs = list(item.items()) if keep is None else list(item.items())[:keep]
+            return {
+                cut(k, limit, keep) if isinstance(k, str) else k: cut(v, limit, keep)
+                for k, v in pairs
+            }
         if isinstance(item, list | tuple):
             items = list(item) if keep is None else list(item)[:keep]
             return [cut(v, limit, keep) for v in items]
@@ -4086,40 +4091,44 @@ def cap_value(value: object, max_bytes: int) -> tuple[object, bool]:
 
 
 def cap_result(result: dict[str, object], max_bytes: int) -> tuple[dict[str, object], bool]:
-    """A tool result within the cap (§6 step 10): its content cut as `cap_content` does,
-    and a `structuredContent` over the cap dropped with a notice in the content, since a
-    cut object is not valid JSON."""
+    """A tool result within the cap (§6 step 10), the whole of it: what it carries beside
+    its content (`_meta`, other keys) gets at most a quarter of the cap, cut as
+    `cap_value` does; a `structuredContent` that cannot fit beside the content is dropped
+    with a notice (a cut object is not valid JSON); the content list gets the rest, cut
+    as `cap_content` does."""
     if _json_size(result) <= max_bytes:  # the common case: nothing in it can be over
         return result, False
-    truncated = False
     content = result.get("content")
-    if isinstance(content, list):
-        capped, truncated = cap_content(content, max_bytes)
-        if truncated:
-            result = {**result, "content": capped}
-    if "structuredContent" in result:
-        size = _json_size(result["structuredContent"])
-        if size > max_bytes:
-            notice = {
+    content_list = content if isinstance(content, list) else None
+    result = {k: v for k, v in result.items() if not (k == "content" and content_list is not None)}
+    notices: list[object] = []
+    extras = {k: v for k, v in result.items() if k not in ("isError", "structuredContent")}
+    if extras and _json_size(extras) > max_bytes // 4:
+        capped, _ = cap_value(extras, max_bytes // 4)
+        kept = capped if isinstance(capped, dict) and _json_size(capped) <= max_bytes // 4 else {}
+        result = {k: v for k, v in result.items() if k not in extras} | kept
+
+    def room() -> int:  # what is left for the content list, notices included
+        return max_bytes - _json_size(result) - _json_size(notices) - 16
+
+    needed = _json_size(content_list) if content_list is not None else 0
+    if "structuredContent" in result and room() < min(needed, max_bytes // 2):
+        size = _json_size(result.pop("structuredContent"))
+        notices.append(
+            {
                 "type": "text",
                 "text": f"[TRUNCATED by rea: structuredContent of {size} bytes removed, "
                 f"over the limit of {max_bytes} bytes]",
             }
-            kept = result.get("content")
-            result = {k: v for k, v in result.items() if k != "structuredContent"}
-            result["content"] = [*(kept if isinstance(kept, list) else []), notice]
-            truncated = True
-    if _json_size(result) > max_bytes + 1024:  # more beside the content list: cut that too
-        extras = {
-            k: v
-            for k, v in result.items()
-            if k != "isError" and not (k == "content" and isinstance(v, list))
+        )
+    capped_content, _ = cap_content(content_list or [], max(room(), 256))
+    result["content"] = [*capped_content, *notices]
+    if _json_size(result) > max_bytes:  # a result of nothing but odd keys: the notice alone
+        result = {
+            "content": [_omission_notice(1, max_bytes)],
+            "isError": result.get("isError", False),
         }
-        rest = {k: v for k, v in result.items() if k not in extras}
-        trimmed, _ = cap_value(extras, max(1024, max_bytes - _json_size(rest)))
-        result = {**result, **(trimmed if isinstance(trimmed, dict) else {})}
-        truncated = True
-    return result, truncated
+    return result, True
 
 
 # Audit log ###################################################################

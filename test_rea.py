@@ -8283,6 +8283,10 @@ class TestSection6InjectionEndToEnd:
         assert session[1]["metadata"]["injection"]["verdict"] == "suspicious"
 
 
+_TEXT_HI = {"type": "text", "text": "hi"}
+_MANY_KEYS = {f"k{i}": i for i in range(3000)}  # 37 KB of small entries
+
+
 class TestSection6ResultCapEndToEnd:
     def test_large_result_is_cut_at_a_character_boundary_with_a_notice(
         self, fake_server, rea_project, gateway
@@ -8332,6 +8336,58 @@ class TestSection6ResultCapEndToEnd:
         err = c.call("a__fail", {"message": "Bearer aaaaaaaa " * 60})["error"]
         assert len(json.dumps(err["message"]).encode()) <= 1024, len(err["message"])
         assert "[REDACTED" in err["message"] and "aaaaaaaa" not in err["message"]
+
+    @pytest.mark.parametrize(
+        ("method", "answer"),
+        [
+            ("tools/call", {"result": {"content": [_TEXT_HI], "_meta": _MANY_KEYS}}),
+            ("tools/call", {"result": {"content": [_TEXT_HI], "extra": {"K" * 50_000: 1}}}),
+            (
+                "tools/call",
+                {
+                    "result": {
+                        "content": [{"type": "text", "text": "a" * 980}],
+                        "structuredContent": {"b": "b" * 980},
+                    }
+                },
+            ),
+            ("tools/call", {"error": {"code": -32000, "message": "m", "data": _MANY_KEYS}}),
+            (
+                "resources/read",
+                {"contents": [{"uri": "s://doc", "text": "x"}], "_meta": _MANY_KEYS},
+            ),
+            ("prompts/get", {"messages": [], "description": "d", "_meta": {"K" * 50_000: True}}),
+        ],
+        ids=[
+            "meta-of-many-keys",
+            "a-long-key",
+            "content-and-structured",
+            "error-data",
+            "resource",
+            "prompt",
+        ],
+    )
+    def test_no_part_of_an_answer_gets_past_the_cap(
+        self, scripted_server, rea_project, gateway, tmp_path, method, answer
+    ):
+        """Red team, #13: objects of many small entries, long keys, and a content and a
+        structuredContent each under the cap got 2-50x max_result_kb to the client."""
+        tools = [{"name": "t", "inputSchema": {"type": "object"}}]
+        if method == "tools/call":
+            doc: JsonDoc = {"tools": tools, "calls": {"t": answer}}
+            params: JsonDoc = {"name": "s__t", "arguments": {}}
+        elif method == "resources/read":
+            doc, params = {"tools": tools, "resource": answer}, {"uri": "s://doc"}
+        else:
+            doc, params = {"tools": tools, "prompt": answer}, {"name": "s__p"}
+        script = scripted(scripted_server, tmp_path / "script.json", doc)
+        root = rea_project([script], "gateway:\n  max_result_kb: 1\n")
+        c = running(gateway, root)
+        rid = c.start(method, params)
+        c.wait(rid)
+        line = next(raw for raw in c.raw_lines if json.loads(raw).get("id") == rid)
+        assert len(line) <= 1024 + 64, len(line)  # the envelope is ~40 bytes
+        assert audit_records(root)[-1]["metadata"]["truncated"] is True
 
 
 class TestSection6ErrorChannelEndToEnd:
