@@ -15563,12 +15563,14 @@ class Relay:
         self._halt = halt
 
     def _checked(self, ds: Downstream, what: str, params: JsonObj | None) -> JsonObj | str | None:
-        """A server's params as the client may see them: redacted (its env: values too);
-        a str (why) when a likely injection is withheld under `injection_detection: block`."""
+        """A server's params as the client may see them: redacted (its env: values too) and
+        within `max_result_kb`, as a result is; a str (why) when a likely injection is
+        withheld under `injection_detection: block`."""
         if params is None:
             return None
         rules = self._rules()
         value, _ = rules.redactor.redact_value(params)
+        value, _ = cap_value(value, rules.policy.max_result_kb * 1024)
         text = content_text(value)
         if ds.scrub(text) != text:  # one of its env: values: scrub every string
             try:

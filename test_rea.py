@@ -8389,6 +8389,21 @@ class TestSection6ResultCapEndToEnd:
         assert len(line) <= 1024 + 64, len(line)  # the envelope is ~40 bytes
         assert audit_records(root)[-1]["metadata"]["truncated"] is True
 
+    def test_a_servers_notification_is_within_the_cap_too(
+        self, scripted_server, rea_project, gateway, tmp_path
+    ):
+        tools = [{"name": "t", "inputSchema": {"type": "object"}}]
+        log = {"level": "info", "data": "L" * 100_000}
+        before = [{"jsonrpc": "2.0", "method": "notifications/message", "params": log}]
+        ok = {"content": [{"type": "text", "text": "ok"}]}
+        doc = {"tools": tools, "calls": {"t": {"before": before, "result": ok}}}
+        script = scripted(scripted_server, tmp_path / "script.json", doc)
+        c = running(gateway, rea_project([script], "gateway:\n  max_result_kb: 1\n"))
+        assert c.call("s__t")["result"]["content"][0]["text"] == "ok"
+        note = c.wait_notification("notifications/message")
+        assert len(json.dumps(note["params"], separators=(",", ":"))) <= 1024 + 64  # + logger
+        assert "TRUNCATED" in note["params"]["data"]
+
 
 class TestSection6ErrorChannelEndToEnd:
     """§6 step 10: a server's JSON-RPC error is checked like a result."""
