@@ -7366,12 +7366,12 @@ class TestSection6BlockedPaths:
         """Red team: the trim was a regex anchored at the end, quadratic in a run of
         blanks inside the text (32,000 spaces took 4 s; a megabyte, hours)."""
         guard = guard_for(project)
-        for blank in (" ", "\u3000", "\t"):
-            padded = "x" + blank * 1_000_000 + "x"
+        for blank in (" ", "\u3000", "\t"):  # 200,000: ~2.5 min each as it was
+            padded = "x" + blank * 200_000 + "x"
             start = time.process_time()
             assert guard.check({"path": padded}, tier="write") is None
-            assert guard.check({"path": blank * 1_000_000}, tier="write") is not None
-            assert time.process_time() - start < 2.0, repr(blank)
+            assert guard.check({"path": blank * 200_000}, tier="write") is not None
+            assert time.process_time() - start < 1.0, repr(blank)
 
     def test_the_trim_drops_what_a_trim_drops(self) -> None:
         """Every character str.isspace() holds (Python's strip; JS's trim), the C0
@@ -8283,10 +8283,6 @@ class TestSection6InjectionEndToEnd:
         assert session[1]["metadata"]["injection"]["verdict"] == "suspicious"
 
 
-_TEXT_HI = {"type": "text", "text": "hi"}
-_MANY_KEYS = {f"k{i}": i for i in range(3000)}  # 37 KB of small entries
-
-
 class TestSection6ResultCapEndToEnd:
     def test_large_result_is_cut_at_a_character_boundary_with_a_notice(
         self, fake_server, rea_project, gateway
@@ -8337,57 +8333,44 @@ class TestSection6ResultCapEndToEnd:
         assert len(json.dumps(err["message"]).encode()) <= 1024, len(err["message"])
         assert "[REDACTED" in err["message"] and "aaaaaaaa" not in err["message"]
 
-    @pytest.mark.parametrize(
-        ("method", "answer"),
-        [
-            ("tools/call", {"result": {"content": [_TEXT_HI], "_meta": _MANY_KEYS}}),
-            ("tools/call", {"result": {"content": [_TEXT_HI], "extra": {"K" * 50_000: 1}}}),
-            (
-                "tools/call",
-                {
-                    "result": {
-                        "content": [{"type": "text", "text": "a" * 980}],
-                        "structuredContent": {"b": "b" * 980},
-                    }
-                },
-            ),
-            ("tools/call", {"error": {"code": -32000, "message": "m", "data": _MANY_KEYS}}),
-            (
-                "resources/read",
-                {"contents": [{"uri": "s://doc", "text": "x"}], "_meta": _MANY_KEYS},
-            ),
-            ("prompts/get", {"messages": [], "description": "d", "_meta": {"K" * 50_000: True}}),
-        ],
-        ids=[
-            "meta-of-many-keys",
-            "a-long-key",
-            "content-and-structured",
-            "error-data",
-            "resource",
-            "prompt",
-        ],
-    )
     def test_no_part_of_an_answer_gets_past_the_cap(
-        self, scripted_server, rea_project, gateway, tmp_path, method, answer
+        self, scripted_server, rea_project, gateway, tmp_path
     ):
         """Red team, #13: objects of many small entries, long keys, and a content and a
         structuredContent each under the cap got 2-50x max_result_kb to the client."""
-        tools = [{"name": "t", "inputSchema": {"type": "object"}}]
-        if method == "tools/call":
-            doc: JsonDoc = {"tools": tools, "calls": {"t": answer}}
-            params: JsonDoc = {"name": "s__t", "arguments": {}}
-        elif method == "resources/read":
-            doc, params = {"tools": tools, "resource": answer}, {"uri": "s://doc"}
-        else:
-            doc, params = {"tools": tools, "prompt": answer}, {"name": "s__p"}
+        many = {f"k{i}": i for i in range(3000)}  # 37 KB of small entries
+        hi = {"type": "text", "text": "hi"}
+        tools: dict[str, JsonDoc] = {
+            "meta": {"result": {"content": [hi], "_meta": many}},
+            "key": {"result": {"content": [hi], "extra": {"K" * 50_000: 1}}},
+            "both": {
+                "result": {
+                    "content": [{"type": "text", "text": "a" * 980}],
+                    "structuredContent": {"b": "b" * 980},
+                }
+            },
+            "error": {"error": {"code": -32000, "message": "m", "data": many}},
+        }
+        doc = {
+            "tools": [{"name": name, "inputSchema": {"type": "object"}} for name in tools],
+            "calls": tools,
+            "resource": {"contents": [{"uri": "s://doc", "text": "x"}], "_meta": many},
+            "prompt": {"messages": [], "description": "d", "_meta": {"K" * 50_000: True}},
+        }
         script = scripted(scripted_server, tmp_path / "script.json", doc)
         root = rea_project([script], "gateway:\n  max_result_kb: 1\n")
         c = running(gateway, root)
-        rid = c.start(method, params)
-        c.wait(rid)
-        line = next(raw for raw in c.raw_lines if json.loads(raw).get("id") == rid)
-        assert len(line) <= 1024 + 64, len(line)  # the envelope is ~40 bytes
-        assert audit_records(root)[-1]["metadata"]["truncated"] is True
+        asks: list[tuple[str, JsonDoc]] = [
+            *(("tools/call", {"name": f"s__{name}", "arguments": {}}) for name in tools),
+            ("resources/read", {"uri": "s://doc"}),
+            ("prompts/get", {"name": "s__p"}),
+        ]
+        for method, params in asks:
+            rid = c.start(method, params)
+            c.wait(rid)
+            line = next(raw for raw in c.raw_lines if json.loads(raw).get("id") == rid)
+            assert len(line) <= 1024 + 64, (params, len(line))  # the envelope is ~40 bytes
+            assert audit_records(root)[-1]["metadata"]["truncated"] is True, params
 
     def test_a_servers_notification_is_within_the_cap_too(
         self, scripted_server, rea_project, gateway, tmp_path
@@ -11017,48 +11000,32 @@ class TestSection9BusyChildIsNotDead:
 
 
 class TestSection9StalledServerHoldsUpNoOther:
-    def test_lists_waiting_on_a_stalled_server_do_not_hold_up_another_servers_calls(
+    def test_lists_waiting_on_a_stalled_server_hold_up_no_other_servers_call_read_or_get(
         self, fake_server, rea_project, gateway
     ):
-        """Red team, #12: 16 lists waiting for a server that stopped reading took every
-        worker, and under a durable audit mode another server's calls waited ~30 s behind
-        them. Outcomes have workers of their own."""
-        policy = "audit:\n  fsync: always\n"
-        root = rea_project(
-            [server(fake_server, "a", "--features"), server(fake_server, "b")], policy
-        )
-        c = running(gateway, root, env={"REA_TIMEOUTS": "stop_grace_s=0.5"})
-        c.start("tools/call", {"name": "a__stall", "arguments": {}})  # a stops reading stdin
-        lists = [c.start("resources/list") for _ in range(40)]  # each waits for a's answer
-        for n in range(3):
-            t0 = time.monotonic()
-            res = c.call("b__echo", {"n": n}, timeout=5)
-            assert res["result"]["structuredContent"] == {"n": n}
-            assert time.monotonic() - t0 < 2, f"b's call took {time.monotonic() - t0:.1f} s"
-        assert all(rid not in c.responses for rid in lists[-5:])  # still waiting on a
-
-    def test_lists_waiting_on_a_stalled_server_do_not_hold_up_another_servers_reads(
-        self, fake_server, rea_project, gateway
-    ):
-        """Red team, #12: a resources/read or prompts/get of a healthy server waited ~30 s
-        behind 40 lists on a stalled one (they started on the same workers). A call the
-        catalog can route starts on the reader thread, as a tool call does."""
+        """Red team, #12: lists waiting for a server that stopped reading took every
+        worker, and another server's calls (under a durable audit mode), resource reads
+        and prompt gets waited ~30 s behind them. Outcomes have workers of their own, and
+        a call the catalog can route starts on the reader thread, as a tool call does."""
         a = server(fake_server, "a", "--features", "--uri", "fake://a")
         b = server(fake_server, "b", "--features", "--uri", "fake://b")
-        c = running(gateway, rea_project([a, b]), env={"REA_TIMEOUTS": "stop_grace_s=0.5"})
+        root = rea_project([a, b], "audit:\n  fsync: always\n")
+        c = running(gateway, root, env={"REA_TIMEOUTS": "stop_grace_s=0.5"})
         assert "fake://b/readme" in json.dumps(c.request("resources/list"))
         assert "b__greet" in json.dumps(c.request("prompts/list"))
         c.start("tools/call", {"name": "a__stall", "arguments": {}})  # a stops reading stdin
-        for _ in range(40):
-            c.start("resources/list")  # each waits for a's answer
-        for _ in range(2):
+        lists = [c.start("resources/list") for _ in range(40)]  # each waits for a's answer
+        for n in range(2):
             t0 = time.monotonic()
+            res = c.call("b__echo", {"n": n}, timeout=5)
             read = c.request("resources/read", {"uri": "fake://b/readme"}, timeout=5)
             got = c.request(
                 "prompts/get", {"name": "b__greet", "arguments": {"who": "x"}}, timeout=5
             )
+            assert res["result"]["structuredContent"] == {"n": n}
             assert "result" in read and "result" in got, (read, got)
-            assert time.monotonic() - t0 < 2, f"b's read and get took {time.monotonic() - t0:.1f} s"
+            assert time.monotonic() - t0 < 2, f"b took {time.monotonic() - t0:.1f} s"
+        assert all(rid not in c.responses for rid in lists[-5:])  # still waiting on a
 
 
 class TestSection9BreakerProbe:
