@@ -9188,7 +9188,8 @@ class PendingRequests:
 
 
 class Transport(Protocol):
-    """What a Downstream speaks through: a child process, or a remote server (§13)."""
+    """What a Downstream speaks through: a child process, or a remote server (§13). Both
+    subclass it for `request` and `notify`, made of their own `request_async` and `send`."""
 
     name: str
     era: Era
@@ -9205,9 +9206,16 @@ class Transport(Protocol):
         self, method: str, params: JsonObj | None, timeout_s: float, on_done: OnDone
     ) -> int: ...
 
-    def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj: ...
+    def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
+        """Send a request and wait for its result (raises what request_async's on_done gets:
+        RpcError, ChildDied, TimeoutError)."""
+        return wait_for(lambda done: self.request_async(method, params, timeout_s, done))
 
-    def notify(self, method: str, params: JsonObj | None = None) -> None: ...
+    def notify(self, method: str, params: JsonObj | None = None) -> None:
+        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.send(msg)
 
     def send(self, msg: JsonObj) -> None: ...
 
@@ -9238,7 +9246,7 @@ def wait_for(request: Callable[[OnDone], object]) -> JsonObj:
     return result
 
 
-class ChildProcess:
+class ChildProcess(Transport):
     """One running process of a downstream server: its pipes and the threads that own
     them. `rea-child-NAME` reads its stdout, `rea-stderr-NAME` drains its stderr into a
     bounded ring, and `rea-write-NAME` writes its stdin from a queue (§9): a child busy
@@ -9339,16 +9347,6 @@ class ChildProcess:
             return request_id  # the child died meanwhile and its death delivered the outcome
         self._deadlines.watch(self, deadline)
         return request_id
-
-    def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
-        """Send a request and wait for its result (raises RpcError, ChildDied, TimeoutError)."""
-        return wait_for(lambda done: self.request_async(method, params, timeout_s, done))
-
-    def notify(self, method: str, params: JsonObj | None = None) -> None:
-        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.send(msg)
 
     def cancel(self, request_id: int, reason: str) -> bool:
         """Forget a request and tell the child; its waiter gets a cancellation error."""
@@ -10235,7 +10233,7 @@ class _Lane:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
 
-class StreamableHttpTransport:
+class StreamableHttpTransport(Transport):
     """A remote MCP server over Streamable HTTP, with the face of ChildProcess (§13).
 
     Each request is its own POST, run by one of this server's worker threads
@@ -10366,16 +10364,6 @@ class StreamableHttpTransport:
             return request_id  # ended meanwhile, and its end delivered the outcome
         self._deadlines.watch(self, deadline)
         return request_id
-
-    def request(self, method: str, params: JsonObj | None, timeout_s: float) -> JsonObj:
-        """Send a request and wait for its result (raises what request_async's on_done gets)."""
-        return wait_for(lambda done: self.request_async(method, params, timeout_s, done))
-
-    def notify(self, method: str, params: JsonObj | None = None) -> None:
-        msg: JsonObj = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.send(msg)
 
     def send(self, msg: JsonObj) -> None:
         """Queue one message that expects no answer: a notification, or the answer to a
