@@ -9102,6 +9102,21 @@ class Pending:
     on_done: OnDone
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def take_due(
+    table: dict[_K, _V], now: float, deadline: Callable[[_V], float]
+) -> tuple[list[tuple[_K, _V]], float | None]:
+    """(The caller holds the lock of `table`.) Remove the entries whose deadline has
+    passed and return them, with the soonest deadline of those left, if any."""
+    due = [(key, value) for key, value in table.items() if deadline(value) <= now]
+    for key, _ in due:
+        del table[key]
+    return due, min((deadline(value) for value in table.values()), default=None)
+
+
 class PendingRequests:
     """The requests in flight to one server. Ids are this server's own counter, so ids
     from the client (or from other servers) can never collide; the caller keeps the
@@ -9137,15 +9152,8 @@ class PendingRequests:
 
     def due(self, now: float) -> tuple[list[tuple[int, Pending]], float | None]:
         """Take the requests past their deadline; also the next deadline, if any."""
-        expired: list[tuple[int, Pending]] = []
-        soonest: float | None = None
         with self._lock:
-            for request_id, pending in list(self._pending.items()):
-                if pending.deadline <= now:
-                    expired.append((request_id, self._pending.pop(request_id)))
-                elif soonest is None or pending.deadline < soonest:
-                    soonest = pending.deadline
-        return expired, soonest
+            return take_due(self._pending, now, lambda pending: pending.deadline)
 
     def close(self) -> list[Pending]:
         """No more requests; take every one still waiting."""
@@ -14169,14 +14177,8 @@ class ClientWire:
         ask.on_answer(_error_answer(reason))
 
     def expire(self, now: float) -> float | None:
-        expired: list[tuple[str, _Ask]] = []
-        soonest: float | None = None
         with self._lock:
-            for ask_id, ask in list(self._asks.items()):
-                if ask.deadline <= now:
-                    expired.append((ask_id, self._asks.pop(ask_id)))
-                elif soonest is None or ask.deadline < soonest:
-                    soonest = ask.deadline
+            expired, soonest = take_due(self._asks, now, lambda ask: ask.deadline)
         for ask_id, ask in expired:
             self.notify("notifications/cancelled", {"requestId": ask_id, "reason": "timeout"})
             ask.on_answer(_error_answer(f"the client did not answer {ask.method} in time"))
@@ -14710,17 +14712,11 @@ class InputBridge:
         return None
 
     def expire(self, now: float) -> float | None:
-        due: list[Suspension] = []
-        soonest: float | None = None
         with self._lock:
-            for token, s in list(self._suspended.items()):
-                if s.deadline <= now:
-                    ended = self._end(token)
-                    if ended is not None:
-                        due.append(ended)
-                elif soonest is None or s.deadline < soonest:
-                    soonest = s.deadline
-        for s in due:
+            due, soonest = take_due(self._suspended, now, lambda s: s.deadline)
+            for token, _ in due:
+                self._end(token)  # remembered as ended (the entry itself is out already)
+        for _, s in due:
             self._overdue(s)
         return soonest
 
@@ -14783,14 +14779,8 @@ class TaskTable:
                 entry.completed = True
 
     def expire(self, now: float) -> float | None:
-        due: list[tuple[str, TaskEntry]] = []
-        soonest: float | None = None
         with self._lock:
-            for task_id, entry in list(self._tasks.items()):
-                if entry.deadline <= now:
-                    due.append((task_id, self._tasks.pop(task_id)))
-                elif soonest is None or entry.deadline < soonest:
-                    soonest = entry.deadline
+            due, soonest = take_due(self._tasks, now, lambda entry: entry.deadline)
         for task_id, entry in due:
             self._expired(task_id, entry)
         return soonest

@@ -6113,6 +6113,15 @@ class TestSection5WorkerPool:
         pool.shutdown()
 
 
+class TestSection5Deadlines:
+    def test_take_due_removes_what_is_past_and_says_the_next(self) -> None:
+        table = {"a": 1.0, "b": 5.0, "c": 2.0, "d": 3.0}
+        due, soonest = rea.take_due(table, 2.0, lambda at: at)
+        assert sorted(due) == [("a", 1.0), ("c", 2.0)] and soonest == 3.0
+        assert table == {"b": 5.0, "d": 3.0}
+        assert rea.take_due(table, 9.0, lambda at: at) == ([("b", 5.0), ("d", 3.0)], None)
+
+
 class TestSection5FullProxying:
     def test_capabilities_are_the_union_and_client_caps_reach_children(
         self, fake_server, rea_project, gateway, tmp_path
