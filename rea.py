@@ -8119,18 +8119,10 @@ def _init_entry(key: str, value: object) -> ClientEntry:
     disabled = fields.get("disabled", False)
     if not isinstance(disabled, bool):
         return skip("invalid", '"disabled" must be true or false')
-    notes: list[str] = []
-    ignored = [k for k in fields if k not in _INIT_ENTRY_KEYS]
-    if ignored:
-        notes.append(f"ignored keys rea does not use: {', '.join(ignored)}")
-    if disabled:
-        notes.append("disabled: written as enabled: false")
     server = RegistryEntry(
         name=key, command=command, args=args, env=tuple(env), enabled=not disabled
     )
-    return ClientEntry(
-        key=key, outcome="import", why="", value=plain, server=server, notes=tuple(notes)
-    )
+    return _init_import(key, plain, server, _init_notes(fields, _INIT_ENTRY_KEYS, disabled))
 
 
 def _init_remote_entry(key: str, fields: dict[str, object], plain: object) -> ClientEntry:
@@ -8168,18 +8160,28 @@ def _init_remote_entry(key: str, fields: dict[str, object], plain: object) -> Cl
     disabled = fields.get("disabled", False)
     if not isinstance(disabled, bool):
         return skip("invalid", '"disabled" must be true or false')
-    notes: list[str] = []
-    ignored = [k for k in fields if k not in _INIT_REMOTE_KEYS]
-    if ignored:
-        notes.append(f"ignored keys rea does not use: {', '.join(ignored)}")
+    notes = _init_notes(fields, _INIT_REMOTE_KEYS, disabled)
     if kind == "sse":
         notes.append(
             "type sse: rea speaks Streamable HTTP; a server that offers only the old "
             "HTTP+SSE transport will not start (see python rea.py status)"
         )
+    server = RegistryEntry(name=key, url=url, headers=tuple(headers), enabled=not disabled)
+    return _init_import(key, plain, server, notes)
+
+
+def _init_notes(fields: dict[str, object], known: Iterable[str], disabled: bool) -> list[str]:
+    """What init says of an entry it imports: the keys rea does not use, and a disabled one."""
+    notes: list[str] = []
+    ignored = [k for k in fields if k not in known]
+    if ignored:
+        notes.append(f"ignored keys rea does not use: {', '.join(ignored)}")
     if disabled:
         notes.append("disabled: written as enabled: false")
-    server = RegistryEntry(name=key, url=url, headers=tuple(headers), enabled=not disabled)
+    return notes
+
+
+def _init_import(key: str, plain: object, server: RegistryEntry, notes: list[str]) -> ClientEntry:
     return ClientEntry(
         key=key, outcome="import", why="", value=plain, server=server, notes=tuple(notes)
     )
