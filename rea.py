@@ -3673,16 +3673,20 @@ class Redactor:
                 names.append(pattern.name)
         return Redaction(text, tuple(names))
 
-    def redact_value(self, value: object) -> tuple[object, tuple[str, ...]]:
+    def redact_value(
+        self, value: object, dumped: str | None = None
+    ) -> tuple[object, tuple[str, ...]]:
         """Redact every string in a JSON value, keys included; returns a new value (or the
-        same value, untouched, when it holds no secret)."""
+        same value, untouched, when it holds no secret). `dumped`: the value's compact JSON
+        when the caller has it already."""
         if not self._user:
             # One C-speed scan of the serialised value instead of a walk: the prefilter's
             # words hold no character JSON escapes, so none in the dump means none inside.
-            try:
-                dumped = COMPACT_JSON.encode(value)
-            except (TypeError, ValueError):
-                dumped = None
+            if dumped is None:
+                try:
+                    dumped = COMPACT_JSON.encode(value)
+                except (TypeError, ValueError):
+                    dumped = None
             if dumped is not None and not _may_hold_secret(dumped):
                 return value, ()
         names: list[str] = []
@@ -3929,7 +3933,12 @@ def _utf8_len(text: str) -> int:
 def _json_size(value: object) -> int:
     """Bytes of the compact UTF-8 JSON form, as `encode` writes it (a lone surrogate as
     its 6-byte escape)."""
-    return _utf8_len(escape_lone_surrogates(COMPACT_JSON.encode(value)))
+    return _wire_size(COMPACT_JSON.encode(value))
+
+
+def _wire_size(json_text: str) -> int:
+    """Bytes of compact JSON text as `encode` writes it."""
+    return _utf8_len(escape_lone_surrogates(json_text))
 
 
 def _truncation_notice(shown: int, total: int) -> str:
@@ -13602,10 +13611,12 @@ def check_tool_result(
     injection; a likely injection is withheld under `injection_detection: block`."""
     policy = rules.policy
     metadata: JsonObj = {}
-    result, truncated = cap_result(result, policy.max_result_kb * 1024)
-    if truncated:
+    text = COMPACT_JSON.encode(result)  # once, for the cap and the redaction's prescan
+    fits = _wire_size(text) <= policy.max_result_kb * 1024
+    if not fits:
+        result, _ = cap_result(result, policy.max_result_kb * 1024)
         metadata["truncated"] = True
-    value, names = rules.redactor.redact_value(result)
+    value, names = rules.redactor.redact_value(result, text if fits else None)
     processed = as_obj(value) or {}
     if names:  # a redaction can be longer than the secret: the cap holds for what is sent
         processed, again = cap_result(processed, policy.max_result_kb * 1024)

@@ -6113,6 +6113,18 @@ class TestSection5WorkerPool:
         pool.shutdown()
 
 
+class TestSection5SessionId:
+    def test_a_session_id_is_a_random_version_4_uuid(self) -> None:
+        import uuid
+
+        ids = {rea.random_uuid() for _ in range(200)}
+        assert len(ids) == 200
+        for text in ids:
+            parsed = uuid.UUID(text)
+            assert str(parsed) == text and parsed.version == 4
+            assert parsed.variant == uuid.RFC_4122
+
+
 class TestSection5Deadlines:
     def test_take_due_removes_what_is_past_and_says_the_next(self) -> None:
         table = {"a": 1.0, "b": 5.0, "c": 2.0, "d": 3.0}
