@@ -16414,7 +16414,7 @@ class Gateway:
                     )
                 name = str(ref[key])
             arguments = {k: v for k, v in p.items() if k != "_meta"}
-            defer = not self._routable(kind, name, p)
+            defer = self._known_target(kind, name, p) is None
             self.calls.receive(kind, req_id, name, p, arguments, era, defer)
 
         return handle
@@ -16430,61 +16430,41 @@ class Gateway:
             if entry is None or ds is None:  # (a server just removed from the registry)
                 return Decision(AuditStatus.ERROR, f"unknown tool: {call.name}", INVALID_PARAMS)
             return Target(ds, entry.bare, entry)
-        ref = as_obj(call.params.get("ref")) or {}
-        if call.kind is CallKind.PROMPT or (
-            call.kind is CallKind.COMPLETION and ref.get("type") == "ref/prompt"
-        ):
-            found = self.catalog.view.prompts.get(call.name)
-            if found is None:
-                self._list_union("prompts/list", "prompts")({}, Era.HANDSHAKE)
-                found = self.catalog.view.prompts.get(call.name)
-            ds = self.servers.get(found[0]) if found is not None else None
-            if found is None or ds is None:
-                return Decision(AuditStatus.ERROR, f"unknown prompt: {call.name}", INVALID_PARAMS)
-            return Target(ds, found[1])
-        owner = self._route_uri(call.name)
-        if owner is None:
-            return Decision(
-                AuditStatus.ERROR, f"resource not found: {call.name}", RESOURCE_NOT_FOUND
-            )
-        return Target(owner, call.name)
+        known = self._known_target(call.kind, call.name, call.params)
+        if known is not None:
+            return known
+        if _names_a_prompt(call.kind, call.params):
+            self._list_union("prompts/list", "prompts")({}, Era.HANDSHAKE)
+        else:  # the client may read without listing first: learn the lists once
+            self._list_union("resources/list", "resources")({}, Era.HANDSHAKE)
+            self._list_union("resources/templates/list", "resourceTemplates")({}, Era.HANDSHAKE)
+        known = self._known_target(call.kind, call.name, call.params)
+        if known is not None:
+            return known
+        if _names_a_prompt(call.kind, call.params):
+            return Decision(AuditStatus.ERROR, f"unknown prompt: {call.name}", INVALID_PARAMS)
+        # the only server with resources owns what nobody listed
+        candidates = [ds for ds in self.servers.all() if ds.live_transport("resources") is not None]
+        if len(candidates) == 1:
+            return Target(candidates[0], call.name)
+        return Decision(AuditStatus.ERROR, f"resource not found: {call.name}", RESOURCE_NOT_FOUND)
 
-    def _routable(self, kind: CallKind, name: str, p: JsonObj) -> bool:
-        """Whether the catalog routes this call as it is, without listing any server."""
+    def _known_target(self, kind: CallKind, name: str, params: JsonObj) -> Target | None:
+        """Where the catalog sends a prompt or resource call as it is, without listing any
+        server: a listed prompt; a listed URI, else the longest template prefix."""
         view = self.catalog.view
-        ref = as_obj(p.get("ref")) or {}
-        if kind is CallKind.PROMPT or (
-            kind is CallKind.COMPLETION and ref.get("type") == "ref/prompt"
-        ):
+        if _names_a_prompt(kind, params):
             found = view.prompts.get(name)
-            return found is not None and self.servers.get(found[0]) is not None
-        owner = view.resources.get(name)  # as _route_uri looks first
+            ds = self.servers.get(found[0]) if found is not None else None
+            return Target(ds, found[1]) if ds is not None and found is not None else None
+        owner = view.resources.get(name)
         if owner is None:
             matches = [
                 (len(pre), srv) for pre, srv in view.templates if pre and name.startswith(pre)
             ]
             owner = max(matches)[1] if matches else None
-        return owner is not None and self.servers.get(owner) is not None
-
-    def _route_uri(self, uri: str) -> Downstream | None:
-        """The server that owns a resource URI: listed, else by template prefix, else the
-        only server with resources."""
-        for attempt in range(2):
-            view = self.catalog.view
-            owner = view.resources.get(uri)
-            if owner is None:
-                matches = [
-                    (len(pre), srv) for pre, srv in view.templates if pre and uri.startswith(pre)
-                ]
-                owner = max(matches)[1] if matches else None
-            ds = self.servers.get(owner) if owner is not None else None
-            if ds is not None:
-                return ds
-            if attempt == 0:  # the client may read without listing first: learn the lists once
-                self._list_union("resources/list", "resources")({}, Era.HANDSHAKE)
-                self._list_union("resources/templates/list", "resourceTemplates")({}, Era.HANDSHAKE)
-        candidates = [ds for ds in self.servers.all() if ds.live_transport("resources") is not None]
-        return candidates[0] if len(candidates) == 1 else None
+        ds = self.servers.get(owner) if owner is not None else None
+        return Target(ds, name) if ds is not None else None
 
     def _list_union(self, method: str, key: str) -> Callable[[JsonObj, Era], JsonObj]:
         """resources/list, resources/templates/list, prompts/list: every server's, paged."""
@@ -16609,6 +16589,14 @@ def health_report(state: ServeState, policy: Policy, uptime_s: float, tools: int
             "audit_fail_count": state.audit_fail_count,
         },
     }
+
+
+def _names_a_prompt(kind: CallKind, params: JsonObj) -> bool:
+    """prompts/get, or a completion of a prompt's argument (else: a resource)."""
+    ref = as_obj(params.get("ref")) or {}
+    return kind is CallKind.PROMPT or (
+        kind is CallKind.COMPLETION and ref.get("type") == "ref/prompt"
+    )
 
 
 def requires_task(tool: JsonObj) -> bool:
