@@ -7394,6 +7394,14 @@ class TestSection6BlockedPaths:
             assert guard.check({"path": blank * 200_000}, tier="write") is not None
             assert time.process_time() - start < 1.0, repr(blank)
 
+    def test_the_memo_of_argument_names_stays_bounded(self) -> None:
+        """A client choosing argument names cannot grow the memo without end."""
+        for i in range(5000):
+            assert rea._names_a_path(f"file_{i}") is True
+        assert rea._names_a_path("x" * 100 + "_path") is True
+        assert len(rea._PATH_NAMES) <= 4096 and ("x" * 100 + "_path") not in rea._PATH_NAMES
+        assert rea._names_a_path("content") is False and rea._names_a_path("filePath") is True
+
     def test_the_trim_drops_what_a_trim_drops(self) -> None:
         """Every character str.isspace() holds (Python's strip; JS's trim), the C0
         controls and the BOM."""
