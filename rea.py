@@ -2957,8 +2957,6 @@ _TRIM_CHARS = (
     _C0_AND_SPACE
     + "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 )
-# What a string that some reading leaves blank is made of: blanks and percent escapes
-_BLANK_WHEN_DECODED = _TRIM_CHARS + "%0123456789abcdefABCDEF"
 _FILE_URI = re.compile(r"file:", re.IGNORECASE)
 _LEADING_SLASHES = re.compile(r"^/+")
 # Links the kernel resolves per process: the gateway would see its own cwd, root or
@@ -3150,9 +3148,12 @@ def _empty_path_argument(value: object, key: str = "") -> str | None:
     while stack:
         name, item = stack.pop()
         if isinstance(item, str):
+            # Decoding changes only what follows a `%`, and a NUL cuts a reading: a string
+            # with something not blank before both keeps it in every reading.
+            head = item.partition("%")[0].partition("\x00")[0]
             if (
                 name
-                and not item.strip(_BLANK_WHEN_DECODED)  # else some character always stays
+                and not head.strip(_TRIM_CHARS)
                 and _names_a_path(name)
                 and "" in _readings(item)
             ):
@@ -4109,9 +4110,16 @@ def cap_result(result: dict[str, object], max_bytes: int) -> tuple[dict[str, obj
         return result, False
     content = result.get("content")
     content_list = content if isinstance(content, list) else None
-    result = {k: v for k, v in result.items() if not (k == "content" and content_list is not None)}
     notices: list[object] = []
-    extras = {k: v for k, v in result.items() if k not in ("isError", "structuredContent")}
+    if "content" in result and content_list is None:  # not a list: nothing to cut it by
+        notices.append(_omission_notice(1, max_bytes))
+    result = {k: v for k, v in result.items() if k != "content"}
+    # beside the content: what the client reads besides (a true/false isError is not that)
+    extras = {
+        k: v
+        for k, v in result.items()
+        if k != "structuredContent" and not (k == "isError" and isinstance(v, bool))
+    }
     if extras and _json_size(extras) > max_bytes // 4:
         capped, _ = cap_value(extras, max_bytes // 4)
         kept = capped if isinstance(capped, dict) and _json_size(capped) <= max_bytes // 4 else {}
@@ -4135,7 +4143,7 @@ def cap_result(result: dict[str, object], max_bytes: int) -> tuple[dict[str, obj
     if _json_size(result) > max_bytes:  # a result of nothing but odd keys: the notice alone
         result = {
             "content": [_omission_notice(1, max_bytes)],
-            "isError": result.get("isError", False),
+            "isError": result.get("isError") is True,
         }
     return result, True
 
@@ -13654,17 +13662,12 @@ def check_error(rules: Rules, tier: Tier, tool: str, error: RpcError) -> Outcome
     surely as a result, so its `message` and `data` are capped, redacted and scanned
     the same way; a likely injection is withheld under `injection_detection: block`."""
     max_bytes = rules.policy.max_result_kb * 1024
-    message, cut = _cap_message(error.message, max_bytes)
-    data: object = error.data
-    if data is not None and _json_size(data) > max_bytes:
-        data, cut = None, True
+    message, data, cut = _cap_error(error.message, error.data, max_bytes)
     redacted, names = rules.redactor.redact_value({"message": message, "data": data})
     parts = as_obj(redacted) or {}
     message, data = str(parts.get("message", "")), parts.get("data")
     if names:  # a redaction can be longer than the secret: capped again
-        message, again = _cap_message(message, max_bytes)
-        if data is not None and _json_size(data) > max_bytes:
-            data, again = None, True
+        message, data, again = _cap_error(message, data, max_bytes)
         cut = cut or again
     metadata: JsonObj = {"truncated": True} if cut else {}
     if names:
@@ -13695,10 +13698,14 @@ def check_error(rules: Rules, tier: Tier, tool: str, error: RpcError) -> Outcome
     )
 
 
-def _cap_message(message: str, max_bytes: int) -> tuple[str, bool]:
-    """An error message within max_bytes as JSON (escapes counted, as it is sent)."""
+def _cap_error(message: str, data: object, max_bytes: int) -> tuple[str, object, bool]:
+    """An error's message and data within max_bytes together, as JSON (escapes counted,
+    as they are sent): the message cut, and the data dropped when both do not fit."""
     capped, cut = cap_value(message, max_bytes)
-    return str(capped), cut
+    message = str(capped)
+    if data is not None and _json_size(data) + _json_size(message) > max_bytes:
+        data, cut = None, True
+    return message, data, cut
 
 
 def check_request_result(rules: Rules, what: str, result: JsonObj) -> Outcome:
@@ -15561,13 +15568,13 @@ class Relay:
             return None
         rules = self._rules()
         value, _ = rules.redactor.redact_value(params)
-        value, _ = cap_value(value, rules.policy.max_result_kb * 1024)
         text = content_text(value)
         if ds.scrub(text) != text:  # one of its env: values: scrub every string
             try:
                 value = json.loads(ds.scrub(json.dumps(value, ensure_ascii=False)))
             except ValueError:
                 return f"rea: denied: {what} from server {ds.name} holds one of its secrets"
+        value, _ = cap_value(value, rules.policy.max_result_kb * 1024)  # what is sent, capped
         verdict = scan_injection(content_text(value), Tier.READ)
         if verdict.verdict == "likely_injection" and rules.policy.injection_detection == "block":
             why = f"{what} from server {ds.name} looks like a prompt injection"

@@ -3443,6 +3443,8 @@ _FILES_ATTACKS: list[tuple[str, tuple[str, JsonDoc]]] = [
     ("empty path", _mv("\xa0", "{outside}/stolen")),
     ("empty path", _mv("\ufeff", "{outside}/stolen")),
     ("empty path", _mv("%2520", "{outside}/stolen")),  # blank after two decodings
+    ("empty path", _mv("\x00q", "{outside}/stolen")),  # blank up to its NUL (C APIs stop)
+    ("empty path", _mv("%00q", "{outside}/stolen")),
     ("empty path", _mv("%25E3%2580%2580", "{outside}/stolen")),
     (".git", _w(".git")),
     (".git", _w(".git/hooks/pre-commit")),
@@ -8379,6 +8381,11 @@ class TestSection6ResultCapEndToEnd:
                 }
             },
             "error": {"error": {"code": -32000, "message": "m", "data": many}},
+            "both_error": {
+                "error": {"code": -32000, "message": "m" * 1000, "data": {"d": "d" * 990}}
+            },
+            "is_error": {"result": {"content": [hi], "isError": "E" * 50_000}},
+            "not_a_list": {"result": {"content": "C" * 5000}},
         }
         doc = {
             "tools": [{"name": name, "inputSchema": {"type": "object"}} for name in tools],
@@ -8400,21 +8407,28 @@ class TestSection6ResultCapEndToEnd:
             line = next(raw for raw in c.raw_lines if json.loads(raw).get("id") == rid)
             assert len(line) <= 1024 + 64, (params, len(line))  # the envelope is ~40 bytes
             assert audit_records(root)[-1]["metadata"]["truncated"] is True, params
+            if params.get("name") == "s__not_a_list":  # what was cut says so, visibly
+                assert b"[TRUNCATED by rea" in line, line
 
     def test_a_servers_notification_is_within_the_cap_too(
         self, scripted_server, rea_project, gateway, tmp_path
     ):
+        """A 100 KB log message, and one under the cap that scrubbing its server's env:
+        value (6 characters become 14) would grow past it (red team, #13)."""
         tools = [{"name": "t", "inputSchema": {"type": "object"}}]
-        log = {"level": "info", "data": "L" * 100_000}
-        before = [{"jsonrpc": "2.0", "method": "notifications/message", "params": log}]
+        logs = [{"level": "info", "data": "L" * 100_000}, {"level": "info", "data": "abcdef" * 160}]
+        before = [{"jsonrpc": "2.0", "method": "notifications/message", "params": p} for p in logs]
         ok = {"content": [{"type": "text", "text": "ok"}]}
         doc = {"tools": tools, "calls": {"t": {"before": before, "result": ok}}}
         script = scripted(scripted_server, tmp_path / "script.json", doc)
+        script["env"] = {"TOKEN": "abcdef"}
         c = running(gateway, rea_project([script], "gateway:\n  max_result_kb: 1\n"))
         assert c.call("s__t")["result"]["content"][0]["text"] == "ok"
-        note = c.wait_notification("notifications/message")
-        assert len(json.dumps(note["params"], separators=(",", ":"))) <= 1024 + 64  # + logger
-        assert "TRUNCATED" in note["params"]["data"]
+        for _ in logs:
+            note = c.wait_notification("notifications/message")
+            assert len(json.dumps(note["params"], separators=(",", ":"))) <= 1024 + 64  # logger
+            assert "TRUNCATED" in note["params"]["data"]
+            assert "abcdef" not in note["params"]["data"]
 
 
 class TestSection6ErrorChannelEndToEnd:
