@@ -13807,14 +13807,6 @@ class ConfigWatch:
                 self._rules = rules
         return rules
 
-    def policy_changed(self) -> Rules | None:
-        """The new rules when the policy changed since the last look (for the gateway's
-        once-a-second check), else None."""
-        with self._lock:
-            before = self._rules
-        after = self.rules()
-        return after if after is not before else None
-
     def registry_changed(self) -> Registry | None:
         """The new registry when its file changed and loads; None otherwise."""
         sig = _file_signature(self._registry_paths)
@@ -14112,10 +14104,6 @@ class ClientWire:
         if batch is None:
             self.write(msg)
 
-    def open_count(self) -> int:
-        with self._lock:
-            return len(self._open)
-
     def wait_answered(self, deadline: float) -> bool:
         """Wait until every open request is answered, or the deadline: True when all are."""
         with self._lock:
@@ -14162,20 +14150,6 @@ class ClientWire:
             msg["params"] = params
         self.write(msg)
         return ask_id
-
-    def ask_and_wait(
-        self, method: str, params: JsonObj | None, timeout_s: float
-    ) -> tuple[str, threading.Event, list[JsonObj]]:
-        """Ask, and give back the id, an event set on the answer, and the box it lands in."""
-        done = threading.Event()
-        box: list[JsonObj] = []
-
-        def answered(msg: JsonObj) -> None:
-            box.append(msg)
-            done.set()
-
-        ask_id = self.ask(method, params, timeout_s, answered)
-        return ask_id, done, box
 
     def on_response(self, msg: JsonObj) -> bool:
         """The client answered one of our requests; False when it is not ours (or late)."""
