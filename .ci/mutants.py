@@ -104,7 +104,7 @@ MUTANTS: list[tuple[str, list[Change]]] = [
         "skip the redaction of tool results",
         [
             (
-                "    value, names = rules.redactor.redact_value(result)\n",
+                "    value, names = rules.redactor.redact_value(result, text if fits else None)\n",
                 "    value, names = result, ()\n",
             )
         ],
