@@ -15435,6 +15435,10 @@ class Calls:
             ask_id = call.ask_id
             if self._stopping:
                 self._settled.notify_all()
+        if not answer and req_id is not None:
+            # closed unanswered before its record is written: once the record can be
+            # seen, the client may use the id again
+            self._wire.forget(req_id)
         try:
             transport, request_id = pending
             if (
@@ -15458,8 +15462,8 @@ class Calls:
                 self._wire.reply(req_id, outcome.result)
             elif answer and outcome.error is not None:
                 self._wire.reply_error(req_id, outcome.error)
-            elif req_id is not None:
-                self._wire.forget(req_id)  # cancelled: closed, never answered
+            elif answer:
+                self._wire.forget(req_id)  # an outcome with nothing to say
             self._hooks.changed()
 
     def wait_settled(self, deadline: float) -> bool:
