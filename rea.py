@@ -109,7 +109,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO, TypeVar
 from urllib.parse import unquote
 
 if TYPE_CHECKING:  # imported where used: a `serve` of local servers never loads them (~30 ms)
@@ -267,6 +267,61 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+class HeldOutput:
+    """What a thread writes while it handles a burst of messages, held and written when
+    the burst ends: the audit records of a child's burst of answers in one append, then
+    the answers in one write to stdout, instead of one each per message (§12). Holders
+    are flushed stage by stage (0: audit records, before 1: the answers they record),
+    each holder once with everything it held, in order. Outside a burst, nothing is held.
+
+    Only a thread that never waits inside a burst may open one (a child's reader): held
+    output must not be what it waits for. Work it hands to another thread is handed on
+    after a `flush`: what that thread writes must not overtake what was held before."""
+
+    _local = threading.local()
+
+    @classmethod
+    @contextlib.contextmanager
+    def burst(cls) -> Iterator[None]:
+        if getattr(cls._local, "held", None) is not None:
+            yield  # nested: the outer burst writes
+            return
+        cls._local.held = []
+        try:
+            yield
+        finally:
+            held, cls._local.held = cls._local.held, None
+            cls._write(held)
+
+    @classmethod
+    def flush(cls) -> None:
+        """Write what this thread holds now; its burst goes on."""
+        held = getattr(cls._local, "held", None)
+        if held:
+            cls._local.held = []
+            cls._write(held)
+
+    @staticmethod
+    def _write(held: list[tuple[int, Callable[[list[Any]], None], object]]) -> None:
+        groups: dict[tuple[int, Callable[[list[Any]], None]], list[object]] = {}
+        for stage, flush, item in held:
+            groups.setdefault((stage, flush), []).append(item)
+        for (_, flush), items in sorted(groups.items(), key=lambda group: group[0][0]):
+            try:
+                flush(items)
+            except Exception as exc:  # one holder's failure must not cost the others
+                log("error", "internal_error", where="held_output", error=type(exc).__name__)
+
+    @classmethod
+    def hold(cls, stage: int, flush: Callable[[list[Any]], None], item: object) -> bool:
+        """Hold `item` for `flush` if this thread is in a burst; False (nothing held) if not."""
+        held = getattr(cls._local, "held", None)
+        if held is None:
+            return False
+        held.append((stage, flush, item))
+        return True
 
 
 def gateway_launch(rea_path: Path, root: Path) -> dict[str, object]:
@@ -4243,10 +4298,14 @@ class AuditRecord:
 
 def _encode_line(record: dict[str, object]) -> tuple[bytes, str]:
     """Serialise once: hash the body, then splice `"hash"` in as the last key."""
-    body = _canonical_json(record)
-    digest = _sha256_hex(_utf8(body))
+    text = _CANONICAL_JSON.encode(record)
+    try:
+        body = text.encode()  # the common case: no lone surrogate, one pass
+    except UnicodeEncodeError:
+        body = _utf8(escape_lone_surrogates(text))  # as _canonical_json writes it
+    digest = hashlib.sha256(body).hexdigest()
     # body ends with "}"; this is byte-identical to dumping the record with hash appended.
-    return _utf8(body[:-1] + f',"hash":"{digest}"}}\n'), digest
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
 
 
 def _line_hash(line: bytes) -> str | None:
@@ -4397,6 +4456,7 @@ class AuditLog:
     ) -> None:
         self._dir = Path(rea_dir)
         self._path = self._dir / AUDIT_FILE
+        self._path_str = str(self._path)  # stat'ed on every append
         self._fsync = "always"
         self._max_bytes = max_bytes
         self._max_age_days: int | None = None
@@ -4405,8 +4465,9 @@ class AuditLog:
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._fd_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
-        # (size, mtime_ns) just after our last write: anything else means someone else wrote.
-        self._known: tuple[int, int] | None = None
+        # The size just after our last write: any other size means someone else wrote (§7:
+        # size and inode tell, so that an append costs a stat, never an fstat besides).
+        self._known: int | None = None
         self._tail_hash = ZERO_HASH
         self._file_records = 0
         self._first_ts: _dt.datetime | None = None
@@ -4470,35 +4531,51 @@ class AuditLog:
             redacted_fields=tuple(redacted_fields) if redacted_fields is not None else None,
             metadata=metadata,
         )
+        return self.append_records([rec])[0]
+
+    def append_records(self, recs: Sequence[AuditRecord]) -> list[dict[str, object]]:
+        """Chain and write records in order, all at once (one flock, one write: a burst's
+        records, HeldOutput); durable per the fsync mode when this returns."""
         try:
             with self._lock:
-                written, seq = self._append_locked(rec)
+                written, seq = self._append_locked(recs)
             if self._fsync == "batch":
                 self._wait_durable(seq)
         except OSError:
-            self.fail_count += 1
+            self.fail_count += len(recs)
             raise
         return written
 
-    def _append_locked(self, rec: AuditRecord) -> tuple[dict[str, object], int]:
-        with self._flock():
-            fd = self._sync_tail()
-            record = rec.chained(self._tail_hash)
+    def _chain(self, recs: Sequence[AuditRecord]) -> tuple[list[dict[str, object]], bytes, str]:
+        """The records chained onto the tail: as written (with `hash`), their lines, and
+        the new tail hash."""
+        digest = self._tail_hash
+        records: list[dict[str, object]] = []
+        lines: list[bytes] = []
+        for rec in recs:
+            record = rec.chained(digest)
             line, digest = _encode_line(record)
-            if self._should_rotate(fd, len(line)):
-                self._rotate_locked("size" if self._over_size(fd, len(line)) else "age")
-                fd = self._sync_tail()
-                record = rec.chained(self._tail_hash)
-                line, digest = _encode_line(record)
-            self._write(fd, line)
+            record["hash"] = digest
+            records.append(record)
+            lines.append(line)
+        return records, b"".join(lines), digest
+
+    def _append_locked(self, recs: Sequence[AuditRecord]) -> tuple[list[dict[str, object]], int]:
+        with self._flock():
+            fd, size = self._sync_tail()
+            records, data, digest = self._chain(recs)
+            if self._should_rotate(fd, size, len(data)):
+                self._rotate_locked("size" if self._over_size(size, len(data)) else "age")
+                fd, size = self._sync_tail()
+                records, data, digest = self._chain(recs)
+            self._write(fd, data)
             if self._fsync == "always":
                 os.fsync(fd)
                 self.fsync_count += 1
-            st = os.fstat(fd)
-            self._known = (st.st_size, st.st_mtime_ns)
+            self._known = size + len(data)  # O_APPEND under the flock: the file's end
             self._tail_hash = digest
-            self._file_records += 1
-            self.append_count += 1
+            self._file_records += len(recs)
+            self.append_count += len(recs)
             with self._sync_cond:
                 self._written_seq += 1
                 seq = self._written_seq
@@ -4512,8 +4589,7 @@ class AuditLog:
                 self._head_timer.name = "rea-audit-head"
                 self._head_timer.daemon = True
                 self._head_timer.start()
-        record["hash"] = digest
-        return record, seq
+        return records, seq
 
     def _write(self, fd: int, line: bytes) -> None:
         view = memoryview(line)
@@ -4564,31 +4640,32 @@ class AuditLog:
             self._lock_fd = os.open(self._dir / AUDIT_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         return _FileLock(self._lock_fd, fcntl.LOCK_EX)
 
-    def _sync_tail(self) -> int:
-        """Under the flock: open the current file and refresh the tail if it changed under us."""
+    def _sync_tail(self) -> tuple[int, int]:
+        """Under the flock: open the current file and refresh the tail if it changed under
+        us; the file and its size. One stat when it is still ours (the common case)."""
         try:
-            st_path: os.stat_result | None = os.stat(self._path)
+            st_path: os.stat_result | None = os.stat(self._path_str)
         except FileNotFoundError:
             st_path = None
-        if self._fd is not None and (
-            st_path is None or (st_path.st_dev, st_path.st_ino) != self._fd_id
+        if (
+            self._fd is not None
+            and st_path is not None
+            and (st_path.st_dev, st_path.st_ino) == self._fd_id
         ):
-            self._close_fd()  # rotated (or removed) by someone else
-        if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            st = os.fstat(self._fd)
-            self._fd_id = (st.st_dev, st.st_ino)
-            self._known = None
+            fd, size = self._fd, st_path.st_size
+        else:
+            self._close_fd()  # rotated (or removed) by someone else, or not open yet
+            fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            st = os.fstat(fd)
+            self._fd, self._fd_id, size = fd, (st.st_dev, st.st_ino), st.st_size
             self._first_ts_read = False
             if st_path is None and self._fsync != "off":
                 fsync_dir(self._dir)  # the new file's name must survive a crash too
-        fd = self._fd
-        st = os.fstat(fd)
-        if self._known != (st.st_size, st.st_mtime_ns):
-            self._reload_tail(fd, st.st_size)
-        return fd
+        if self._known != size:
+            size = self._reload_tail(fd, size)
+        return fd, size
 
-    def _reload_tail(self, fd: int, size: int) -> None:
+    def _reload_tail(self, fd: int, size: int) -> int:
         """Find the chain value at the end of the file: seek from the end, never read it all."""
         previous = self._known
         cut = self._cut_since(previous, fd, size)
@@ -4623,25 +4700,23 @@ class AuditLog:
                     detail="last line is not a valid record; chaining onto its sha256",
                 )
             self._tail_hash = h
-            if previous is not None and size >= previous[0]:
-                self._file_records += _count_newlines(fd, previous[0], size)
+            if previous is not None and size >= previous:
+                self._file_records += _count_newlines(fd, previous, size)
             else:
                 self._file_records = self._count_records(fd, size)
-        st = os.fstat(fd)
-        self._known = (st.st_size, st.st_mtime_ns)
+        self._known = size
         if cut is not None:
             self._record_cut(fd, cut, size)
+        return self._known
 
-    def _cut_since(
-        self, previous: tuple[int, int] | None, fd: int, size: int
-    ) -> dict[str, object] | None:
+    def _cut_since(self, previous: int | None, fd: int, size: int) -> dict[str, object] | None:
         """Where the chain ended before, when the file no longer reaches it: records were
         cut from its end (§7). Against what this process saw, else against the head."""
         if previous is not None:
-            if size >= previous[0]:
+            if size >= previous:
                 return None
             return {
-                "expected_bytes": previous[0],
+                "expected_bytes": previous,
                 "expected_records": self._file_records,
                 "expected_last_hash": self._tail_hash,
             }
@@ -4693,8 +4768,7 @@ class AuditLog:
         line, digest = _encode_line(marker)
         self._write(fd, line)
         os.fsync(fd)
-        st = os.fstat(fd)
-        self._known = (st.st_size, st.st_mtime_ns)
+        self._known = size + len(line)
         self._tail_hash = digest
         self._file_records += 1
         self._head_dirty = True
@@ -4722,13 +4796,12 @@ class AuditLog:
 
     # -- rotation --------------------------------------------------------------
 
-    def _over_size(self, fd: int, extra: int) -> bool:
-        size = os.fstat(fd).st_size
+    def _over_size(self, size: int, extra: int) -> bool:
         return size > 0 and size + extra > self._max_bytes
 
-    def _should_rotate(self, fd: int, extra: int) -> bool:
+    def _should_rotate(self, fd: int, size: int, extra: int) -> bool:
         """Decide only (as RotatingFileHandler.shouldRollover); re-checked under the flock."""
-        if self._over_size(fd, extra):
+        if self._over_size(size, extra):
             return True
         if self._max_age_days is None or self._file_records == 0:
             return False
@@ -4751,8 +4824,7 @@ class AuditLog:
     def rotate(self, reason: str = "manual") -> Path | None:
         """Rotate now; the rotated file's path, or None when there is nothing to rotate."""
         with self._lock, self._flock():
-            fd = self._sync_tail()
-            if os.fstat(fd).st_size == 0:
+            if self._sync_tail()[1] == 0:
                 return None
             return self._rotate_locked(reason)
 
@@ -4793,8 +4865,7 @@ class AuditLog:
         os.fsync(fd)  # rename and marker are always durable, whatever the fsync mode
         fsync_dir(self._dir)
         self.fsync_count += 1
-        st = os.fstat(fd)
-        self._known = (st.st_size, st.st_mtime_ns)
+        self._known = len(line)  # a new file (O_EXCL) holding the marker alone
         self._tail_hash = digest
         self._file_records = 1
         self.rotation_count += 1
@@ -4806,7 +4877,7 @@ class AuditLog:
 
     def _write_head_locked(self) -> None:
         """Under the flock, so the head always describes a state the file really had."""
-        size = self._known[0] if self._known is not None else 0
+        size = self._known if self._known is not None else 0
         data = {
             "records": self._file_records,
             "last_hash": self._tail_hash,
@@ -8976,6 +9047,41 @@ def encode(msg: JsonObj) -> bytes:
         return escape_lone_surrogates(text).encode() + b"\n"
 
 
+class LineBuffer:
+    """Newline-framed messages out of a byte stream (stdio JSON-RPC): `feed` returns
+    the complete lines, each with its newline. A line longer than `limit` is dropped up
+    to its end and reported once through `too_long`, never buffered without end."""
+
+    def __init__(self, limit: int, too_long: Callable[[], None]) -> None:
+        self._limit = limit
+        self._too_long = too_long
+        self._buf = bytearray()
+        self._skipping = False  # inside a line longer than the limit: drop up to its end
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += chunk
+        lines: list[bytes] = []
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            if self._skipping:
+                self._skipping = False
+            else:
+                lines.append(bytes(buf[start : end + 1]))
+            start = end + 1
+        del buf[:start]
+        if len(buf) > self._limit:
+            buf.clear()
+            if not self._skipping:
+                self._skipping = True
+                self._too_long()
+        return lines
+
+    def rest(self) -> bytes:
+        """At the end of the stream: a last line with no newline (a script's printf)."""
+        return bytes(self._buf) if self._buf.strip() and not self._skipping else b""
+
+
 def encode_batch(msgs: list[JsonObj]) -> bytes:
     """The answers to one batch, as one JSON array on one line."""
     text = COMPACT_JSON.encode(msgs)
@@ -9460,28 +9566,34 @@ class ChildProcess(Transport):
     def _read_stdout(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
+        fd = stdout.fileno()
+        lines = LineBuffer(
+            MAX_LINE, lambda: log("error", "child_line_too_long", server=self.name, limit=MAX_LINE)
+        )
         try:
-            while True:
-                line = stdout.readline(MAX_LINE)
-                if not line:
-                    break
-                if not line.endswith(b"\n") and len(line) >= MAX_LINE:
-                    log("error", "child_line_too_long", server=self.name, limit=MAX_LINE)
-                    _skip_rest_of_line(stdout)
-                    continue
-                try:
-                    self._handle_line(line)
-                except Exception as exc:  # a bug handling one message must not end the child
-                    log(
-                        "error",
-                        "internal_error",
-                        where="child_message",
-                        server=self.name,
-                        error=type(exc).__name__,
-                    )
+            while chunk := os.read(fd, 1 << 16):
+                # One burst per read: the answers it brings are recorded in one audit
+                # append and sent to the client in one write (HeldOutput).
+                with HeldOutput.burst():
+                    for line in lines.feed(chunk):
+                        self._take_line(line)
+            if last := lines.rest():
+                self._take_line(last)
         except (OSError, ValueError):
             pass
         self._died()
+
+    def _take_line(self, line: bytes) -> None:
+        try:
+            self._handle_line(line)
+        except Exception as exc:  # a bug handling one message must not end the child
+            log(
+                "error",
+                "internal_error",
+                where="child_message",
+                server=self.name,
+                error=type(exc).__name__,
+            )
 
     def _handle_line(self, line: bytes) -> None:
         try:
@@ -9611,13 +9723,6 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
         return True
     except subprocess.TimeoutExpired:
         return False
-
-
-def _skip_rest_of_line(stream: IO[bytes]) -> None:
-    while True:
-        chunk = stream.readline(MAX_LINE)
-        if not chunk or chunk.endswith(b"\n"):
-            return
 
 
 class Expiring(Protocol):
@@ -13839,17 +13944,18 @@ class ConfigWatch:
         return None
 
 
-def _file_signature(paths: tuple[str, ...]) -> tuple[object, ...]:
-    """What tells a changed file: (mtime, size, inode) of each path, None when absent.
-    Paths are strings made once: this runs for the policy on every call."""
-    sig: list[object] = []
-    for path in paths:
+def _file_signature(paths: tuple[str, ...]) -> tuple[int, int, int, int] | None:
+    """What tells a changed file: (which, mtime, size, inode) of the first of `paths` that
+    exists, None when none does. The YAML file wins (both is an error, found at the
+    reload its change starts), so the JSON one is looked at only while the YAML one is
+    absent: this runs for the policy on every call, one stat. Paths are strings made once."""
+    for which, path in enumerate(paths):
         try:
             st = os.stat(path)
-            sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError:
-            sig.append(None)
-    return tuple(sig)
+            continue
+        return (which, st.st_mtime_ns, st.st_size, st.st_ino)
+    return None
 
 
 def compile_rules(root: Path, policy: Policy) -> Rules:
@@ -13934,8 +14040,12 @@ class ClientWire:
         poller = select.poll()
         poller.register(self._in_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         poller.register(self._wake_r, select.POLLIN)
-        buf = bytearray()
-        skipping = False  # inside a line longer than MAX_LINE: drop up to its end
+        lines = LineBuffer(
+            MAX_LINE,
+            lambda: self.send_error(
+                None, RpcError(INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
+            ),
+        )
         try:
             while True:
                 events = poller.poll()
@@ -13944,27 +14054,10 @@ class ClientWire:
                 chunk = os.read(self._in_fd, 1 << 16)
                 if not chunk:
                     break
-                buf += chunk
-                start = 0
-                while True:
-                    end = buf.find(b"\n", start)
-                    if end < 0:
-                        break
-                    if skipping:
-                        skipping = False
-                    else:
-                        self._line(bytes(buf[start : end + 1]))
-                    start = end + 1
-                del buf[:start]
-                if len(buf) > MAX_LINE:
-                    buf.clear()
-                    if not skipping:
-                        skipping = True
-                        self.send_error(
-                            None, RpcError(INVALID_REQUEST, f"message longer than {MAX_LINE} bytes")
-                        )
-            if buf.strip() and not skipping:
-                self._line(bytes(buf))  # a last line with no newline (a script's printf)
+                for line in lines.feed(chunk):
+                    self._line(line)
+            if last := lines.rest():
+                self._line(last)
         except OSError as exc:
             log("error", "stdin_failed", error=str(exc))
         finally:
@@ -13984,6 +14077,13 @@ class ClientWire:
         self._write_bytes(encode(msg))
 
     def _write_bytes(self, data: bytes) -> None:
+        if not HeldOutput.hold(1, self._write_held, data):
+            self._write_now(data)
+
+    def _write_held(self, chunks: list[bytes]) -> None:
+        self._write_now(b"".join(chunks))
+
+    def _write_now(self, data: bytes) -> None:
         """Whole messages on stdout, never a wait without end: a client that takes none of
         our output for `_patience` seconds (30; 1 once stopping) is gone, and a stop takes
         seconds whatever it does."""
@@ -14621,13 +14721,19 @@ class AuditTrail:
         metadata: JsonObj = {"event": "client_request", "era": era.value}
         self.event(method, server, status, metadata, error, started)
 
-    def _append(self, **record: object) -> None:
+    def _append(self, **fields: object) -> None:
+        record = AuditRecord(timestamp=utc_now_iso(), **fields)  # type: ignore[arg-type]
+        if not HeldOutput.hold(0, self._append_held, record):  # a child's burst: at its end
+            self._append_held([record])
+
+    def _append_held(self, records: list[AuditRecord]) -> None:
         try:
-            self._audit.append(**record)  # type: ignore[arg-type]
+            self._audit.append_records(records)
         except OSError as exc:
             with self._lock:
-                self._failures += 1
-            log("error", "audit_append_failed", error=str(exc), record=record)
+                self._failures += len(records)
+            for record in records:
+                log("error", "audit_append_failed", error=str(exc), record=asdict(record))
 
 
 @dataclass
@@ -15695,6 +15801,7 @@ class WorkerPool:
 
     def submit(self, fn: Callable[..., object], *args: object) -> None:
         """Queue fn(*args); RuntimeError once the pool is shut down."""
+        HeldOutput.flush()  # what the worker writes must not overtake what this thread held
         with self._lock:
             if self._closed:
                 raise RuntimeError("the pool is shut down")

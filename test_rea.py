@@ -7,6 +7,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import http.server
 import io
@@ -6431,6 +6432,35 @@ class TestSection5Decode:
         assert rea.decode(raw) == json.loads(raw)
 
 
+class TestSection5LineFraming:
+    """LineBuffer: the one newline framing of stdin and of every child's stdout."""
+
+    def test_lines_split_across_reads_come_out_whole_and_in_order(self) -> None:
+        lines = rea.LineBuffer(100, lambda: pytest.fail("nothing here is too long"))
+        assert lines.feed(b'{"a":') == []
+        assert lines.feed(b'1}\n{"b":2}\n{"c"') == [b'{"a":1}\n', b'{"b":2}\n']
+        assert lines.feed(b":3}\n") == [b'{"c":3}\n']
+        assert lines.rest() == b""
+
+    def test_a_line_over_the_limit_is_dropped_to_its_end_and_reported_once(self) -> None:
+        reports: list[None] = []
+        lines = rea.LineBuffer(10, lambda: reports.append(None))
+        assert lines.feed(b"x" * 8) == []
+        assert lines.feed(b"y" * 8) == []  # 16 bytes, no newline: dropped, reported
+        assert lines.feed(b"z" * 30) == []  # still the same line: not reported again
+        assert lines.feed(b'zz\n{"ok":1}\n') == [b'{"ok":1}\n']
+        assert len(reports) == 1
+        assert lines.feed(b"w" * 11) == [] and len(reports) == 2  # a new long line
+
+    def test_a_last_line_without_newline_is_kept_unless_it_was_dropped(self) -> None:
+        lines = rea.LineBuffer(10, lambda: None)
+        assert lines.feed(b'{"a":1}') == []
+        assert lines.rest() == b'{"a":1}'
+        dropped = rea.LineBuffer(10, lambda: None)
+        dropped.feed(b"q" * 20)
+        assert dropped.rest() == b""
+
+
 class TestSection5Robustness:
     def test_a_lone_surrogate_in_arguments_is_answered_and_audited(
         self, fake_server, rea_project, gateway
@@ -9139,6 +9169,155 @@ class TestSection7Concurrency:
         rec = add(log)[0]
         log.close()
         assert rec["prev_hash"] == last
+
+
+class TestSection7Bursts:
+    """A child's burst of answers is recorded in one append and answered in one write
+    (HeldOutput): records still come first, chained one by one."""
+
+    def _rec(self, i: int) -> rea.AuditRecord:
+        return rea.AuditRecord(
+            timestamp=rea.utc_now_iso(),
+            session_id="s",
+            tool_name=f"t{i}",
+            server_name="x",
+            tier="read",
+            status="allowed",
+            autonomy_level="L1",
+            duration_ms=i,
+        )
+
+    def test_records_appended_at_once_are_chained_one_by_one(self, rea_dir: Path) -> None:
+        log = rea.AuditLog(rea_dir, fsync="off")
+        log.append(session_id="s", tool_name="first", server_name="x", tier="read",
+                   status="allowed", autonomy_level="L1", duration_ms=0)  # fmt: skip
+        written = log.append_records([self._rec(i) for i in range(5)])
+        log.append(session_id="s", tool_name="last", server_name="x", tier="read",
+                   status="allowed", autonomy_level="L1", duration_ms=0)  # fmt: skip
+        log.close()
+        recs = independent_verify([rea_dir / "audit.jsonl"])
+        assert [r["tool_name"] for r in recs] == ["first", "t0", "t1", "t2", "t3", "t4", "last"]
+        assert [w["hash"] for w in written] == [r["prev_hash"] for r in recs[2:7]]
+        assert rea.verify_audit(rea_dir).ok
+
+    def test_a_burst_that_would_overflow_the_file_rotates_before_it(self, rea_dir: Path) -> None:
+        log = rea.AuditLog(rea_dir, fsync="off", max_bytes=2000)
+        for i in range(3):
+            log.append_records([self._rec(i)])
+        log.append_records([self._rec(10 + i) for i in range(6)])
+        log.close()
+        rotated = sorted(rea_dir.glob("audit-*.jsonl"))
+        assert len(rotated) == 1
+        independent_verify([*rotated, rea_dir / "audit.jsonl"])
+        text = (rea_dir / "audit.jsonl").read_text(encoding="utf-8")
+        current = [json.loads(line) for line in jsonl_lines(text)]
+        assert current[0]["tool_name"] == "audit.rotation"
+        assert [r["tool_name"] for r in current[1:]] == [f"t{10 + i}" for i in range(6)]
+        result = rea.verify_audit(rea_dir)
+        assert result.ok and result.records == 3 + 1 + 6
+
+    def test_held_output_is_written_stage_by_stage_whatever_one_holder_does(self) -> None:
+        calls: list[tuple[str, list[object]]] = []
+
+        def holder(name: str) -> Callable[[list[object]], None]:
+            def flush(items: list[object]) -> None:
+                calls.append((name, items))
+                if name == "broken":
+                    raise RuntimeError("boom")
+
+            return flush
+
+        answers, records, broken = holder("answers"), holder("records"), holder("broken")
+        assert not rea.HeldOutput.hold(1, answers, "outside")  # nothing held outside a burst
+        with rea.HeldOutput.burst():
+            assert rea.HeldOutput.hold(1, answers, "a1")
+            rea.HeldOutput.hold(0, broken, "b")
+            rea.HeldOutput.hold(0, records, "r1")
+            with rea.HeldOutput.burst():  # nested: the outer one writes
+                rea.HeldOutput.hold(1, answers, "a2")
+            assert calls == []
+            rea.HeldOutput.flush()  # before work goes to another thread
+            assert calls == [("broken", ["b"]), ("records", ["r1"]), ("answers", ["a1", "a2"])]
+            rea.HeldOutput.hold(0, records, "r2")
+        assert calls[3:] == [("records", ["r2"])]
+        assert not rea.HeldOutput.hold(0, records, "after")
+
+    def test_every_answer_of_a_burst_finds_its_record_written(self, rea_project) -> None:
+        """64 calls pipelined to a server that answers them back to back: the gateway
+        reads its answers in bursts. While the test holds the audit log's lock, no record
+        can be written, and so no answer may reach the client; once it lets go, each
+        answer finds its record already in the file."""
+        root = rea_project(
+            [{"name": "e", "command": ECHO_CMD[0], "args": ECHO_CMD[1:]}],
+            "audit:\n  fsync: off\n",
+        )
+        proc = subprocess.Popen(
+            [*REA_CMD, "serve", "--root", str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def send(*msgs: JsonDoc) -> None:
+            assert proc.stdin is not None
+            proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in msgs))
+            proc.stdin.flush()
+
+        def answer() -> JsonDoc:
+            assert proc.stdout is not None
+            msg = json.loads(proc.stdout.readline())
+            assert isinstance(msg, dict)
+            return msg
+
+        try:
+            send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": "i",
+                    "method": "initialize",
+                    "params": {
+                        "protocolVersion": "2025-11-25",
+                        "capabilities": {},
+                        "clientInfo": {"name": "t", "version": "1"},
+                    },
+                },
+                {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                {"jsonrpc": "2.0", "id": "l", "method": "tools/list"},
+            )
+            while answer().get("id") != "l":
+                pass
+            calls = [
+                {
+                    "jsonrpc": "2.0",
+                    "id": n,
+                    "method": "tools/call",
+                    "params": {"name": "e__echo", "arguments": {"n": n}},
+                }
+                for n in range(64)
+            ]
+            lock = os.open(root / ".rea" / "audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                send(*calls)
+                ready, _, _ = select.select([proc.stdout], [], [], 1.5)
+                assert not ready, "an answer reached the client before its record was written"
+            finally:
+                os.close(lock)  # lets go of the lock
+            seen = 0
+            while seen < 64:
+                msg = answer()
+                if msg.get("id") not in range(64):
+                    continue
+                assert "result" in msg, msg
+                seen += 1
+                recorded = [r for r in audit_records(root) if r["tool_name"] == "echo"]
+                assert len(recorded) >= seen, f"answer {seen} before its record"
+        finally:
+            proc.stdin.close()
+            assert proc.wait(timeout=15) == 0
+        assert len([r for r in audit_records(root) if r["tool_name"] == "echo"]) == 64
+        assert rea.verify_audit(root / ".rea").ok
 
 
 class TestSection7TailRepair:
