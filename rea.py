@@ -66,7 +66,8 @@ requests (at most 8 at once), its notifications (one sender) and read its GET st
 call's outcome under a durable audit mode; ``rea-timeouts`` expires every
 deadline and looks for a `login` of a server that needs one; ``rea-start-NAME``,
 ``rea-restart-NAME`` and ``rea-stop-NAME`` start and stop servers; ``rea-state-timer``
-writes the live state; ``login`` waits for the browser's redirect on
+writes the live state; ``rea-audit-head`` the audit head, and ``rea-audit-hold`` gives
+back the audit log's lock a busy gateway keeps; ``login`` waits for the browser's redirect on
 ``rea-login-callback``, and ``rea-oauth-deadline`` ends an authorization server's answer
 that is too slow. Every one is joined or idle at exit. stdout carries only JSON-RPC;
 every log line goes to stderr as JSON.
@@ -4224,6 +4225,7 @@ AUDIT_LOCK_FILE = "audit.lock"
 AUDIT_CUTS_FILE = "audit.cuts"  # the heads of every cut the writer found, one JSON line each
 _ROTATED_RE = re.compile(r"^audit-(\d{8})-(\d{6})(?:-(\d+))?\.jsonl$")
 _READ_CHUNK = 1 << 16
+AUDIT_HOLD_S = 0.05  # serve keeps the audit flock this long after an append (see AuditLog)
 _HEAD_INTERVAL_S = 1.0  # SPEC §7: the head is written at most once a second while records arrive
 
 
@@ -4442,7 +4444,9 @@ class AuditLog:
     """Appends hash-chained records to <rea_dir>/audit.jsonl; thread-safe and multi-process safe.
 
     Processes serialise on an exclusive flock of `.rea/audit.lock` (a file that is never
-    renamed, so rotation is covered by the same lock). Inside a process `_lock` guards the
+    renamed, so rotation is covered by the same lock); `serve` keeps it for `hold_s`
+    after an append, so that a busy gateway writes its records without a lock or a stat
+    each, and every other writer waits at most that long. Inside a process `_lock` guards the
     file descriptor and the cached tail; `_sync_cond` guards the group-commit counters.
     Lock order: `_lock`, then the flock, then `_sync_cond`; never the other way round.
     """
@@ -4453,6 +4457,7 @@ class AuditLog:
         fsync: str = "always",
         max_bytes: int = 50 * 1024 * 1024,
         max_age_days: int | None = None,
+        hold_s: float = 0.0,
     ) -> None:
         self._dir = Path(rea_dir)
         self._path = self._dir / AUDIT_FILE
@@ -4461,7 +4466,7 @@ class AuditLog:
         self._max_bytes = max_bytes
         self._max_age_days: int | None = None
         self.configure(fsync, max_bytes, max_age_days)
-        self._lock = threading.Lock()  # guards: fds, tail cache, counters, head timer
+        self._lock = threading.Lock()  # guards: fds, tail cache, counters, timers, _holding
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._fd_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
@@ -4475,6 +4480,12 @@ class AuditLog:
         self._head_written_at = 0.0
         self._head_dirty = False
         self._head_timer: threading.Timer | None = None
+        # `serve` keeps the flock between appends for up to `hold_s` (then lets go, for the
+        # CLI and other gateways): while it is ours nobody else can write, so an append
+        # needs neither the flock nor a stat, only its write.
+        self._hold_s = hold_s
+        self._holding = False  # the flock is ours now
+        self._hold_timer: threading.Timer | None = None
         # Group commit (fsync "batch"): sequence numbers of records written / made durable.
         self._sync_cond = threading.Condition(
             threading.Lock()
@@ -4561,8 +4572,16 @@ class AuditLog:
         return records, b"".join(lines), digest
 
     def _append_locked(self, recs: Sequence[AuditRecord]) -> tuple[list[dict[str, object]], int]:
-        with self._flock():
-            fd, size = self._sync_tail()
+        held = self._holding and self._fd is not None and self._known is not None
+        if not self._holding:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX)
+            self._holding = True
+        try:
+            if held:  # the flock stayed ours since our last write: the file is as we left it
+                assert self._fd is not None and self._known is not None
+                fd, size = self._fd, self._known
+            else:
+                fd, size = self._sync_tail()
             records, data, digest = self._chain(recs)
             if self._should_rotate(fd, size, len(data)):
                 self._rotate_locked("size" if self._over_size(size, len(data)) else "age")
@@ -4589,7 +4608,29 @@ class AuditLog:
                 self._head_timer.name = "rea-audit-head"
                 self._head_timer.daemon = True
                 self._head_timer.start()
+        except BaseException:
+            self._let_go()
+            raise
+        if self._hold_s <= 0:
+            self._let_go()
+        elif self._hold_timer is None:  # kept for hold_s, then given back (under `_lock`)
+            self._hold_timer = threading.Timer(self._hold_s, self._let_go_from_timer)
+            self._hold_timer.name = "rea-audit-hold"
+            self._hold_timer.daemon = True
+            self._hold_timer.start()
         return records, seq
+
+    def _let_go_from_timer(self) -> None:
+        with self._lock:
+            self._hold_timer = None
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Give the held flock back (under `_lock`)."""
+        if self._holding:
+            self._holding = False
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _write(self, fd: int, line: bytes) -> None:
         view = memoryview(line)
@@ -4634,11 +4675,16 @@ class AuditLog:
 
     # -- the tail --------------------------------------------------------------
 
-    def _flock(self) -> _FileLock:
+    def _lock_file(self) -> int:
         if self._lock_fd is None:
             self._dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self._dir / AUDIT_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        return _FileLock(self._lock_fd, fcntl.LOCK_EX)
+        return self._lock_fd
+
+    def _flock(self) -> contextlib.AbstractContextManager[None]:
+        if self._holding:
+            return contextlib.nullcontext()  # held between appends: ours until let go
+        return _FileLock(self._lock_file(), fcntl.LOCK_EX)
 
     def _sync_tail(self) -> tuple[int, int]:
         """Under the flock: open the current file and refresh the tail if it changed under
@@ -4907,13 +4953,15 @@ class AuditLog:
     def close(self) -> None:
         """Flush the head file and release the files; a later append reopens them."""
         with self._lock:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            for timer in (self._head_timer, self._hold_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._head_timer = self._hold_timer = None
             try:
                 self._flush_head_locked()
             finally:
                 self._close_fd()
+                self._holding = False  # closing its file lets the flock go
                 if self._lock_fd is not None:
                     os.close(self._lock_fd)
                     self._lock_fd = None
@@ -14148,8 +14196,15 @@ class ClientWire:
     def _answer(self, req_id: object, msg: JsonObj | None) -> bool:
         """Write the answer of an open request (into its batch when it has one); None
         closes it unanswered (a cancelled request gets nothing, MCP)."""
+        key = id_key(req_id)
         with self._lock:
-            entry = self._open.pop(id_key(req_id), None)
+            entry = self._open.get(key)
+        if entry is not None and entry[1] is not None:
+            # A batch's answers are written by whichever thread ends the batch: what this
+            # thread holds (the record of this answer among it) is written first.
+            HeldOutput.flush()
+        with self._lock:
+            entry = self._open.pop(key, None)
             if self._draining:
                 self._answered.notify_all()
             if entry is None:
@@ -16044,6 +16099,7 @@ class Gateway:
             policy.audit_fsync,
             policy.audit_max_bytes,
             policy.audit_max_age_days,
+            hold_s=AUDIT_HOLD_S,
         )
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None

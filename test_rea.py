@@ -9242,11 +9242,10 @@ class TestSection7Bursts:
         assert calls[3:] == [("records", ["r2"])]
         assert not rea.HeldOutput.hold(0, records, "after")
 
-    def test_every_answer_of_a_burst_finds_its_record_written(self, rea_project) -> None:
-        """64 calls pipelined to a server that answers them back to back: the gateway
-        reads its answers in bursts. While the test holds the audit log's lock, no record
-        can be written, and so no answer may reach the client; once it lets go, each
-        answer finds its record already in the file."""
+    @contextlib.contextmanager
+    def _serving(self, rea_project, version: str) -> Iterator[tuple[Path, Any, Any, Any]]:
+        """`serve` in front of the echo server with fsync off, driven line by line here
+        (the answer is read, and the audit file right after it), initialized and listed."""
         root = rea_project(
             [{"name": "e", "command": ECHO_CMD[0], "args": ECHO_CMD[1:]}],
             "audit:\n  fsync: off\n",
@@ -9259,51 +9258,66 @@ class TestSection7Bursts:
         )
         assert proc.stdin is not None and proc.stdout is not None
 
-        def send(*msgs: JsonDoc) -> None:
+        def send(*msgs: object) -> None:
             assert proc.stdin is not None
             proc.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in msgs))
             proc.stdin.flush()
 
-        def answer() -> JsonDoc:
+        def answer() -> Any:
             assert proc.stdout is not None
-            msg = json.loads(proc.stdout.readline())
-            assert isinstance(msg, dict)
-            return msg
+            return json.loads(proc.stdout.readline())
 
         try:
+            params = {
+                "protocolVersion": version,
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            }
             send(
-                {
-                    "jsonrpc": "2.0",
-                    "id": "i",
-                    "method": "initialize",
-                    "params": {
-                        "protocolVersion": "2025-11-25",
-                        "capabilities": {},
-                        "clientInfo": {"name": "t", "version": "1"},
-                    },
-                },
+                {"jsonrpc": "2.0", "id": "i", "method": "initialize", "params": params},
                 {"jsonrpc": "2.0", "method": "notifications/initialized"},
                 {"jsonrpc": "2.0", "id": "l", "method": "tools/list"},
             )
-            while answer().get("id") != "l":
+            while not (isinstance(got := answer(), dict) and got.get("id") == "l"):
                 pass
-            calls = [
-                {
-                    "jsonrpc": "2.0",
-                    "id": n,
-                    "method": "tools/call",
-                    "params": {"name": "e__echo", "arguments": {"n": n}},
-                }
-                for n in range(64)
-            ]
-            lock = os.open(root / ".rea" / "audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                send(*calls)
-                ready, _, _ = select.select([proc.stdout], [], [], 1.5)
-                assert not ready, "an answer reached the client before its record was written"
-            finally:
-                os.close(lock)  # lets go of the lock
+            yield root, send, answer, proc.stdout
+        finally:
+            proc.communicate(timeout=15)  # closes stdin, takes whatever is left unread
+            assert proc.returncode == 0
+
+    @contextlib.contextmanager
+    def _audit_locked(self, root: Path, proc_stdout: Any) -> Iterator[None]:
+        """The test holds the audit log's lock, as another writer would: no record can be
+        written, so no answer may reach the client (checked for 1.5 s at the end)."""
+        lock = os.open(root / ".rea" / "audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+            ready, _, _ = select.select([proc_stdout], [], [], 1.5)
+            assert not ready, "an answer reached the client before its record was written"
+        finally:
+            os.close(lock)  # lets go of the lock
+
+    @staticmethod
+    def _echo_records(root: Path) -> int:
+        return len([r for r in audit_records(root) if r["tool_name"] == "echo"])
+
+    def test_every_answer_of_a_burst_finds_its_record_written(self, rea_project) -> None:
+        """64 calls pipelined to a server that answers them back to back: the gateway
+        reads its answers in bursts, and records each before its answer leaves."""
+        with self._serving(rea_project, "2025-11-25") as (root, send, answer, stdout):
+            with self._audit_locked(root, stdout):
+                send(
+                    *(
+                        {
+                            "jsonrpc": "2.0",
+                            "id": n,
+                            "method": "tools/call",
+                            "params": {"name": "e__echo", "arguments": {"n": n}},
+                        }
+                        for n in range(64)
+                    )
+                )
             seen = 0
             while seen < 64:
                 msg = answer()
@@ -9311,13 +9325,27 @@ class TestSection7Bursts:
                     continue
                 assert "result" in msg, msg
                 seen += 1
-                recorded = [r for r in audit_records(root) if r["tool_name"] == "echo"]
-                assert len(recorded) >= seen, f"answer {seen} before its record"
-        finally:
-            proc.stdin.close()
-            assert proc.wait(timeout=15) == 0
-        assert len([r for r in audit_records(root) if r["tool_name"] == "echo"]) == 64
+                assert self._echo_records(root) >= seen, f"answer {seen} before its record"
+        assert self._echo_records(root) == 64
         assert rea.verify_audit(root / ".rea").ok
+
+    def test_a_batched_call_is_answered_after_its_record(self, rea_project) -> None:
+        """A 2025-03-26 batch: its answers are written by the thread that ends the batch,
+        which may not be the one holding the call's record (found by the red team)."""
+        with self._serving(rea_project, "2025-03-26") as (root, send, answer, stdout):
+            call = {
+                "jsonrpc": "2.0",
+                "id": "X",
+                "method": "tools/call",
+                "params": {"name": "e__echo", "arguments": {"n": 1}},
+            }
+            pings = [{"jsonrpc": "2.0", "id": f"p{k}", "method": "ping"} for k in range(20000)]
+            with self._audit_locked(root, stdout):
+                send([call, *pings])
+            batch = answer()
+            assert isinstance(batch, list) and len(batch) == 20001
+            assert self._echo_records(root) == 1
+            assert next(a for a in batch if a["id"] == "X")["result"]["isError"] is False
 
 
 class TestSection7TailRepair:
