@@ -152,6 +152,15 @@ MUTANTS: list[tuple[str, list[Change]]] = [
             )
         ],
     ),
+    (
+        "send a burst's answers before their records",
+        [
+            (
+                "HeldOutput.hold(0, self._append_held, record)",
+                "HeldOutput.hold(2, self._append_held, record)",
+            )
+        ],
+    ),
 ]
 
 
