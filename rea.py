@@ -4225,7 +4225,7 @@ AUDIT_LOCK_FILE = "audit.lock"
 AUDIT_CUTS_FILE = "audit.cuts"  # the heads of every cut the writer found, one JSON line each
 _ROTATED_RE = re.compile(r"^audit-(\d{8})-(\d{6})(?:-(\d+))?\.jsonl$")
 _READ_CHUNK = 1 << 16
-AUDIT_HOLD_S = 0.05  # serve keeps the audit flock this long after an append (see AuditLog)
+AUDIT_HOLD_S = 0.02  # serve keeps the audit flock this long after an append (see AuditLog)
 _HEAD_INTERVAL_S = 1.0  # SPEC §7: the head is written at most once a second while records arrive
 
 

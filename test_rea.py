@@ -9242,6 +9242,41 @@ class TestSection7Bursts:
         assert calls[3:] == [("records", ["r2"])]
         assert not rea.HeldOutput.hold(0, records, "after")
 
+    def test_a_busy_gateways_hold_on_the_lock_is_given_back(self, rea_dir: Path) -> None:
+        """serve keeps the audit lock briefly after an append (no flock or stat for the
+        next one); it gives it back, and the next append after another writer's chains
+        onto that writer's record, not onto what it remembered."""
+        log = rea.AuditLog(rea_dir, fsync="off", hold_s=0.3)
+        log.append(session_id="s", tool_name="mine", server_name="x", tier="read",
+                   status="allowed", autonomy_level="L1", duration_ms=0)  # fmt: skip
+        other = os.open(rea_dir / "audit.lock", os.O_RDWR)
+
+        def free() -> bool:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return True
+
+        try:
+            assert not free()  # held after the append
+            poll(free, timeout=5, what="the lock given back")
+        finally:
+            os.close(other)
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import rea;"
+            "log = rea.AuditLog(Path(sys.argv[2]), fsync='off');"
+            "log.append(session_id='o', tool_name='theirs', server_name='x', tier='read',"
+            " status='allowed', autonomy_level='L1', duration_ms=0); log.close()"
+        )
+        subprocess.run([sys.executable, "-c", code, str(HERE), str(rea_dir)], check=True)
+        log.append(session_id="s", tool_name="mine again", server_name="x", tier="read",
+                   status="allowed", autonomy_level="L1", duration_ms=0)  # fmt: skip
+        log.close()
+        recs = independent_verify([rea_dir / "audit.jsonl"])
+        assert [r["tool_name"] for r in recs] == ["mine", "theirs", "mine again"]
+
     @contextlib.contextmanager
     def _serving(self, rea_project, version: str) -> Iterator[tuple[Path, Any, Any, Any]]:
         """`serve` in front of the echo server with fsync off, driven line by line here
