@@ -14476,10 +14476,17 @@ class CatalogView:
         return frozenset(name for name, e in self.tools.items() if e.offered)
 
 
+class ToolSource(Protocol):
+    """A server as the catalog reads it: its tools as they are now."""
+
+    def tools_now(self) -> ServerTools: ...
+
+
 class Catalog:
     """The names the client sees and who owns each, as one frozen view. Rebuilds run
-    without a lock held (servers are read one by one); the rebuild that started last
-    is the one that lands."""
+    without a lock held; the rebuild that started last is the one that lands, and it
+    reads every server only after it started, so that it sees every change made before:
+    two servers ready at once can never leave the view with the older reading."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards: _view, _started, _landed, _listed
@@ -14493,7 +14500,7 @@ class Catalog:
         return self._view  # one reference, swapped whole under the lock: read as it is
 
     def rebuild_tools(
-        self, servers: Iterable[ServerTools], max_len: int, blocked: Sequence[str] = ()
+        self, sources: Iterable[ToolSource], max_len: int, blocked: Sequence[str] = ()
     ) -> bool:
         """Index every server's tools afresh; True when the client's tool list changed."""
         with self._lock:
@@ -14502,7 +14509,7 @@ class Catalog:
         index: dict[str, ToolEntry] = {}
         renames: dict[str, str] = {}
         warnings: list[tuple[str, dict[str, object]]] = []
-        for server in servers:
+        for server in (source.tools_now() for source in sources):  # read after starting
             for tool in server.tools:
                 bare = str(tool["name"])
                 exposed = exposed_tool_name(server.name, bare, max_len)
@@ -16486,9 +16493,10 @@ class Gateway:
 
     def _tools_changed(self) -> None:
         """Index every server's tools afresh; tell the client if its list changed."""
-        servers = [ds.tools_now() for ds in self.servers.all()]
         policy = self.config.rules().policy
-        if self.catalog.rebuild_tools(servers, policy.max_tool_name, policy.blocked_tools):
+        if self.catalog.rebuild_tools(
+            self.servers.all(), policy.max_tool_name, policy.blocked_tools
+        ):
             self.relay.notify("notifications/tools/list_changed")
         self._state_changed()
 

@@ -5665,6 +5665,36 @@ class TestSection5Proxying:
 
 
 class TestSection5ToolNames:
+    def test_two_servers_ready_at_once_both_reach_the_list(self) -> None:
+        """A rebuild reads its servers only after it started, and the one that started
+        last lands: a rebuild that looked before the second server was ready can never
+        undo the one that came after (a server's tools once went missing this way)."""
+        have: dict[str, tuple[JsonDoc, ...]] = {"a": ({"name": "t"},), "b": ()}
+        release = threading.Event()
+        reading = threading.Event()
+
+        class Source:
+            def __init__(self, name: str, wait: bool = False) -> None:
+                self.name, self.wait = name, wait
+
+            def tools_now(self) -> rea.ServerTools:
+                if self.wait:  # the first rebuild is held up before it reads anything
+                    reading.set()
+                    assert release.wait(10)
+                return rea.ServerTools(self.name, True, have[self.name], {}, {})
+
+        catalog = rea.Catalog()
+        first = threading.Thread(
+            target=catalog.rebuild_tools, args=([Source("a", wait=True), Source("b")], 52)
+        )
+        first.start()
+        assert reading.wait(10)
+        have["b"] = ({"name": "t"},)  # b is ready now, and its own rebuild follows
+        catalog.rebuild_tools([Source("a"), Source("b")], 52)
+        release.set()
+        first.join(10)
+        assert set(catalog.view.tools) == {"a__t", "b__t"}
+
     def test_exposed_name_is_deterministic_short_and_safe(self):
         long = "x" * 80
         a = rea.exposed_tool_name("github", long, 52)
