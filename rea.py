@@ -202,6 +202,12 @@ def log(level: str, event: str, **fields: object) -> None:
             pass  # a closed stderr must never break the gateway
 
 
+def log_bug(where: str, exc: BaseException, **fields: object) -> None:
+    """A bug caught so that a thread, a server or the session survives it: logged by the
+    exception's type only, since its text can hold anything a call or a server carried."""
+    log("error", "internal_error", where=where, error=type(exc).__name__, **fields)
+
+
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Encoders made once: json.dumps with options builds a new encoder at every call, and these
 # run several times per call. Compact and raw UTF-8, as every line the gateway writes.
@@ -313,7 +319,7 @@ class HeldOutput:
             try:
                 flush(items)
             except Exception as exc:  # one holder's failure must not cost the others
-                log("error", "internal_error", where="held_output", error=type(exc).__name__)
+                log_bug("held_output", exc)
 
     @classmethod
     def hold(cls, stage: int, flush: Callable[[list[Any]], None], item: object) -> bool:
@@ -9560,7 +9566,7 @@ class ChildProcess(Transport):
             try:
                 pending.on_done(None, TimeoutError(f"server {self.name} did not answer in time"))
             except Exception as exc:  # the timeout thread serves everyone: never let it die
-                log("error", "internal_error", where="timeout", server=self.name, error=repr(exc))
+                log_bug("timeout", exc, server=self.name)
         return soonest
 
     # -- the child's threads --
@@ -9635,13 +9641,7 @@ class ChildProcess(Transport):
         try:
             self._handle_line(line)
         except Exception as exc:  # a bug handling one message must not end the child
-            log(
-                "error",
-                "internal_error",
-                where="child_message",
-                server=self.name,
-                error=type(exc).__name__,
-            )
+            log_bug("child_message", exc, server=self.name)
 
     def _handle_line(self, line: bytes) -> None:
         try:
@@ -9695,9 +9695,7 @@ class ChildProcess(Transport):
             try:
                 p.on_done(None, ChildDied(reason + (f": {tail}" if tail else "")))
             except Exception as exc:
-                log(
-                    "error", "internal_error", where="child_died", server=self.name, error=repr(exc)
-                )
+                log_bug("child_died", exc, server=self.name)
         self._on_exit(self, code)
 
     def last_stderr(self) -> str:
@@ -9821,7 +9819,7 @@ class Deadlines:
                 try:
                     nxt = source.expire(now)
                 except Exception as exc:  # one broken source must not stop every deadline
-                    log("error", "internal_error", where="deadlines", error=type(exc).__name__)
+                    log_bug("deadlines", exc)
                     nxt = None
                 if nxt is None:
                     with self._lock:
@@ -10625,13 +10623,7 @@ class StreamableHttpTransport(Transport):
         return f"rea-http-{self.name}-{next(self._thread_numbers)}"
 
     def _on_bug(self, exc: Exception) -> None:
-        log(
-            "error",
-            "internal_error",
-            where="http_worker",
-            server=self.name,
-            error=self._scrub(repr(exc)),
-        )
+        log_bug("http_worker", exc, server=self.name)
 
     def _bind(self, job: _Request, conn: http.client.HTTPConnection) -> bool:
         """Note the connection a request uses, so that a timeout or cancel can break it."""
@@ -10661,13 +10653,7 @@ class StreamableHttpTransport(Transport):
         try:
             on_done(result, error)
         except Exception as exc:  # the caller's bug must not end a worker or the deadline thread
-            log(
-                "error",
-                "internal_error",
-                where="on_done",
-                server=self.name,
-                error=self._scrub(repr(exc)),
-            )
+            log_bug("on_done", exc, server=self.name)
 
     def _finish(self, request_id: int, error: Exception) -> None:
         pending = self.requests.take(request_id)
@@ -10734,9 +10720,7 @@ class StreamableHttpTransport(Transport):
         try:
             self._on_needs_login(self, exc)
         except Exception as bug:
-            log(
-                "error", "internal_error", where="on_needs_login", server=self.name, error=repr(bug)
-            )
+            log_bug("on_needs_login", bug, server=self.name)
 
     def _exit(self, code: int | None) -> None:
         with self._lock:
@@ -10746,13 +10730,7 @@ class StreamableHttpTransport(Transport):
         try:
             self._on_exit(self, code)
         except Exception as exc:
-            log(
-                "error",
-                "internal_error",
-                where="on_exit",
-                server=self.name,
-                error=self._scrub(repr(exc)),
-            )
+            log_bug("on_exit", exc, server=self.name)
 
     def _die(self, reason: str) -> None:
         """The server cannot be reached: fail everything, and report the exit (§9)."""
@@ -11140,13 +11118,7 @@ class StreamableHttpTransport(Transport):
         try:  # a server notification, or a server request on a handshake-era stream
             self._on_message(self, obj)
         except Exception as exc:
-            log(
-                "error",
-                "internal_error",
-                where="remote_message",
-                server=self.name,
-                error=self._scrub(repr(exc)),
-            )
+            log_bug("remote_message", exc, server=self.name)
         return False
 
     def _seen_answer(self, job: _Request, msg: JsonObj) -> JsonObj:
@@ -13072,13 +13044,7 @@ class Downstream:
         try:
             self._start_server()
         except Exception as exc:
-            log(
-                "error",
-                "internal_error",
-                where="server_start",
-                server=self.name,
-                error=type(exc).__name__,
-            )
+            log_bug("server_start", exc, server=self.name)
             self._fail(f"rea could not start it ({type(exc).__name__})", retry=True)
 
     def _start_server(self) -> None:
@@ -14117,7 +14083,7 @@ class ClientWire:
         try:
             self._on_line(line)
         except Exception as exc:  # the one boundary: nothing a client sends ends the session
-            log("error", "internal_error", where="client_message", error=type(exc).__name__)
+            log_bug("client_message", exc)
 
     # -- writing --
 
@@ -14683,7 +14649,7 @@ class AuditTrail:
         try:
             self._call(call, outcome)
         except Exception as exc:
-            log("error", "internal_error", where="audit_record", error=type(exc).__name__)
+            log_bug("audit_record", exc)
             target = call.target
             self._append(
                 session_id=self._session.id,
@@ -14970,8 +14936,7 @@ class _Turn:
     ) -> bool:
         call = self._call
         if exc is not None:
-            # the exception text can hold anything the call carried: logged by type only
-            log("error", "internal_error", where=call.kind.value, error=type(exc).__name__)
+            log_bug(call.kind.value, exc)
             self.outcome = internal_outcome(call.kind, type(exc).__name__)
             self.handed_on = False
         if not self.handed_on:
@@ -15885,7 +15850,7 @@ class WorkerPool:
             try:
                 fn(*args)
             except Exception as exc:  # a bug costs that task, never the worker
-                log("error", "internal_error", where="worker", error=type(exc).__name__)
+                log_bug("worker", exc)
             with self._lock:
                 self._idle += 1
 
@@ -16385,7 +16350,7 @@ class Gateway:
         except RpcError as err:
             self.wire.reply_error(req_id, err)
         except Exception as exc:  # a bug costs one request, never the session
-            log("error", "internal_error", method=method, error=type(exc).__name__)
+            log_bug("request", exc, method=method)
             self.wire.reply_error(req_id, RpcError(INTERNAL_ERROR, "internal error"))
 
     def _notification(self, method: str, params: JsonObj | None) -> None:
@@ -16419,7 +16384,7 @@ class Gateway:
             except RpcError as err:
                 self.wire.reply_error(req_id, err)
             except Exception as exc:
-                log("error", "internal_error", where="list", error=type(exc).__name__)
+                log_bug("list", exc)
                 self.wire.reply_error(req_id, RpcError(INTERNAL_ERROR, "internal error"))
 
         return lambda req_id, p, era: self._submit(run, req_id, p, era)
