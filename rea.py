@@ -14162,31 +14162,28 @@ class ClientWire:
     def _answer(self, req_id: object, msg: JsonObj | None) -> bool:
         """Write the answer of an open request (into its batch when it has one); None
         closes it unanswered (a cancelled request gets nothing, MCP)."""
-        key = id_key(req_id)
         with self._lock:
-            entry = self._open.get(key)
-        if entry is not None and entry[1] is not None:
-            # A batch's answers are written by whichever thread ends the batch: what this
-            # thread holds (the record of this answer among it) is written first.
-            HeldOutput.flush()
-        with self._lock:
-            entry = self._open.pop(key, None)
+            entry = self._open.pop(id_key(req_id), None)
             if self._draining:
                 self._answered.notify_all()
-            if entry is None:
-                return False
-            batch = entry[1]
-            flush: list[JsonObj] | None = None
-            if batch is not None:
-                if msg is not None:
-                    batch.answers.append(msg)
-                batch.pending -= 1
-                if batch.sealed and batch.pending == 0 and batch.answers:
-                    flush = batch.answers
-        if batch is None and msg is not None:
-            self.write(msg)
-        elif flush is not None:
-            self._write_all(flush)
+        if entry is None:
+            return False
+        batch = entry[1]
+        if batch is None:
+            if msg is not None:
+                self.write(msg)
+            return True
+        # A batch's answers are written by whichever thread ends the batch: what this
+        # thread holds (the record of this answer among it) is written first. The batch
+        # still counts this answer as pending meanwhile, so it cannot end without it.
+        HeldOutput.flush()
+        with self._lock:
+            if msg is not None:
+                batch.answers.append(msg)
+            batch.pending -= 1
+            done = batch.sealed and batch.pending == 0 and bool(batch.answers)
+        if done:
+            self._write_all(batch.answers)
         return True
 
     def forget(self, req_id: object) -> bool:
