@@ -280,13 +280,14 @@ class HeldOutput:
     """What a thread writes while it handles a burst of messages, held and written when
     the burst ends: the audit records of a child's burst of answers in one append, then
     the answers in one write to stdout, instead of one each per message (§12). Holders
-    are flushed stage by stage (0: audit records, before 1: the answers they record),
+    are flushed stage by stage (RECORDS, before the ANSWERS they record),
     each holder once with everything it held, in order. Outside a burst, nothing is held.
 
     Only a thread that never waits inside a burst may open one (a child's reader): held
     output must not be what it waits for. Work it hands to another thread is handed on
     after a `flush`: what that thread writes must not overtake what was held before."""
 
+    RECORDS, ANSWERS = 0, 1  # the stages, in the order they are written
     _local = threading.local()
 
     @classmethod
@@ -14091,7 +14092,7 @@ class ClientWire:
         self._write_bytes(encode(msg))
 
     def _write_bytes(self, data: bytes) -> None:
-        if not HeldOutput.hold(1, self._write_held, data):
+        if not HeldOutput.hold(HeldOutput.ANSWERS, self._write_held, data):
             self._write_now(data)
 
     def _write_held(self, chunks: list[bytes]) -> None:
@@ -14748,8 +14749,8 @@ class AuditTrail:
 
     def _append(self, **fields: object) -> None:
         record = AuditRecord(timestamp=utc_now_iso(), **fields)  # type: ignore[arg-type]
-        if not HeldOutput.hold(0, self._append_held, record):  # a child's burst: at its end
-            self._append_held([record])
+        if not HeldOutput.hold(HeldOutput.RECORDS, self._append_held, record):
+            self._append_held([record])  # not in a child's burst: now
 
     def _append_held(self, records: list[AuditRecord]) -> None:
         try:

@@ -9258,19 +9258,21 @@ class TestSection7Bursts:
             return flush
 
         answers, records, broken = holder("answers"), holder("records"), holder("broken")
-        assert not rea.HeldOutput.hold(1, answers, "outside")  # nothing held outside a burst
+        assert not rea.HeldOutput.hold(
+            rea.HeldOutput.ANSWERS, answers, "outside"
+        )  # nothing held outside a burst
         with rea.HeldOutput.burst():
-            assert rea.HeldOutput.hold(1, answers, "a1")
-            rea.HeldOutput.hold(0, broken, "b")
-            rea.HeldOutput.hold(0, records, "r1")
+            assert rea.HeldOutput.hold(rea.HeldOutput.ANSWERS, answers, "a1")
+            rea.HeldOutput.hold(rea.HeldOutput.RECORDS, broken, "b")
+            rea.HeldOutput.hold(rea.HeldOutput.RECORDS, records, "r1")
             with rea.HeldOutput.burst():  # nested: the outer one writes
-                rea.HeldOutput.hold(1, answers, "a2")
+                rea.HeldOutput.hold(rea.HeldOutput.ANSWERS, answers, "a2")
             assert calls == []
             rea.HeldOutput.flush()  # before work goes to another thread
             assert calls == [("broken", ["b"]), ("records", ["r1"]), ("answers", ["a1", "a2"])]
-            rea.HeldOutput.hold(0, records, "r2")
+            rea.HeldOutput.hold(rea.HeldOutput.RECORDS, records, "r2")
         assert calls[3:] == [("records", ["r2"])]
-        assert not rea.HeldOutput.hold(0, records, "after")
+        assert not rea.HeldOutput.hold(rea.HeldOutput.RECORDS, records, "after")
 
     def test_a_busy_gateways_hold_on_the_lock_is_given_back(self, rea_dir: Path) -> None:
         """serve keeps the audit lock briefly after an append (no flock or stat for the

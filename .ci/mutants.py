@@ -156,8 +156,8 @@ MUTANTS: list[tuple[str, list[Change]]] = [
         "send a burst's answers before their records",
         [
             (
-                "HeldOutput.hold(0, self._append_held, record)",
-                "HeldOutput.hold(2, self._append_held, record)",
+                "HeldOutput.hold(HeldOutput.RECORDS, self._append_held, record)",
+                "HeldOutput.hold(HeldOutput.ANSWERS + 1, self._append_held, record)",
             )
         ],
     ),
