@@ -15566,36 +15566,50 @@ class Calls:
             ask_id = call.ask_id
             if self._stopping:
                 self._settled.notify_all()
-        if not answer and req_id is not None:
-            # closed unanswered before its record is written: once the record can be
-            # seen, the client may use the id again
-            self._wire.forget(req_id)
         try:
-            transport, request_id = pending
-            if (
-                prior in (CallState.FORWARDED, CallState.WAITING_INPUT)
-                and transport is not None
-                and request_id is not None
-            ):
-                transport.cancel(request_id, outcome.note or "the call ended")
-            if ask_id is not None:
-                self._wire.cancel_ask(ask_id, "the call ended")
-            if call.suspended:
-                self.bridge.drop(call)
-            if permit is not None:
-                self._limiter.give_back(permit.server)
-                permit.breaker.settle(permit.ticket, outcome.verdict)
-            if call.sent and call.target is not None:
-                call.target.downstream.tally(failed=outcome.verdict is BreakerVerdict.FAILURE)
-            self._trail.call(call, outcome)
+            if not answer and req_id is not None:
+                # closed unanswered before its record is written: once the record can be
+                # seen, the client may use the id again
+                self._wire.forget(req_id)
+            self._withdraw(call, prior, pending, ask_id, outcome)
         finally:
-            if answer and outcome.result is not None:
-                self._wire.reply(req_id, outcome.result)
-            elif answer and outcome.error is not None:
-                self._wire.reply_error(req_id, outcome.error)
-            elif answer:
-                self._wire.forget(req_id)  # an outcome with nothing to say
-            self._hooks.changed()
+            try:  # whatever withdrawing met: the permit goes back, the record is written
+                if permit is not None:
+                    self._limiter.give_back(permit.server)
+                    permit.breaker.settle(permit.ticket, outcome.verdict)
+                if call.sent and call.target is not None:
+                    call.target.downstream.tally(failed=outcome.verdict is BreakerVerdict.FAILURE)
+                self._trail.call(call, outcome)
+            finally:
+                if answer and outcome.result is not None:
+                    self._wire.reply(req_id, outcome.result)
+                elif answer and outcome.error is not None:
+                    self._wire.reply_error(req_id, outcome.error)
+                elif answer:
+                    self._wire.forget(req_id)  # an outcome with nothing to say
+                self._hooks.changed()
+
+    def _withdraw(
+        self,
+        call: Call,
+        prior: CallState,
+        pending: tuple[Transport | None, int | None],
+        ask_id: str | None,
+        outcome: Outcome,
+    ) -> None:
+        """What a finished call still has out: its request at its server, our request to
+        the client, its suspension."""
+        transport, request_id = pending
+        if (
+            prior in (CallState.FORWARDED, CallState.WAITING_INPUT)
+            and transport is not None
+            and request_id is not None
+        ):
+            transport.cancel(request_id, outcome.note or "the call ended")
+        if ask_id is not None:
+            self._wire.cancel_ask(ask_id, "the call ended")
+        if call.suspended:
+            self.bridge.drop(call)
 
     def wait_settled(self, deadline: float) -> bool:
         """Wait until no call has an open request of the client's (at stop); a call whose
