@@ -14449,7 +14449,8 @@ class ToolSource(Protocol):
 class Catalog:
     """The names the client sees and who owns each, as one frozen view. Rebuilds run
     without a lock held; the rebuild that started last is the one that lands, and it
-    reads every server only after it started, so that it sees every change made before:
+    reads which servers there are, and each one's tools, only after it started, so that
+    it sees every change made before (a server added, a server ready):
     two servers ready at once can never leave the view with the older reading."""
 
     def __init__(self) -> None:
@@ -14464,7 +14465,7 @@ class Catalog:
         return self._view  # one reference, swapped whole under the lock: read as it is
 
     def rebuild_tools(
-        self, sources: Iterable[ToolSource], max_len: int, blocked: Sequence[str] = ()
+        self, sources: Callable[[], Iterable[ToolSource]], max_len: int, blocked: Sequence[str] = ()
     ) -> bool:
         """Index every server's tools afresh; True when the client's tool list changed."""
         with self._lock:
@@ -14473,7 +14474,7 @@ class Catalog:
         index: dict[str, ToolEntry] = {}
         renames: dict[str, str] = {}
         warnings: list[tuple[str, dict[str, object]]] = []
-        for server in (source.tools_now() for source in sources):  # read after starting
+        for server in (source.tools_now() for source in sources()):  # read after starting
             for tool in server.tools:
                 bare = str(tool["name"])
                 exposed = exposed_tool_name(server.name, bare, max_len)
@@ -16471,9 +16472,7 @@ class Gateway:
     def _tools_changed(self) -> None:
         """Index every server's tools afresh; tell the client if its list changed."""
         policy = self.config.rules().policy
-        if self.catalog.rebuild_tools(
-            self.servers.all(), policy.max_tool_name, policy.blocked_tools
-        ):
+        if self.catalog.rebuild_tools(self.servers.all, policy.max_tool_name, policy.blocked_tools):
             self.relay.notify("notifications/tools/list_changed")
         self._state_changed()
 

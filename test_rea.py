@@ -5666,34 +5666,40 @@ class TestSection5Proxying:
 
 class TestSection5ToolNames:
     def test_two_servers_ready_at_once_both_reach_the_list(self) -> None:
-        """A rebuild reads its servers only after it started, and the one that started
-        last lands: a rebuild that looked before the second server was ready can never
-        undo the one that came after (a server's tools once went missing this way)."""
+        """A rebuild reads which servers there are, and their tools, only after it
+        started, and the one that started last lands: a rebuild held up before a server
+        was added or ready can never undo the one that came after (a server's tools once
+        went missing from tools/list this way)."""
         have: dict[str, tuple[JsonDoc, ...]] = {"a": ({"name": "t"},), "b": ()}
         release = threading.Event()
         reading = threading.Event()
 
         class Source:
-            def __init__(self, name: str, wait: bool = False) -> None:
-                self.name, self.wait = name, wait
+            def __init__(self, name: str) -> None:
+                self.name = name
 
             def tools_now(self) -> rea.ServerTools:
-                if self.wait:  # the first rebuild is held up before it reads anything
-                    reading.set()
-                    assert release.wait(10)
                 return rea.ServerTools(self.name, True, have[self.name], {}, {})
 
+        def servers() -> list[Source]:
+            return [Source(name) for name in have]
+
+        def held_servers() -> list[Source]:  # the first rebuild looks, then is held up
+            seen = servers()
+            reading.set()
+            assert release.wait(10)
+            return seen
+
         catalog = rea.Catalog()
-        first = threading.Thread(
-            target=catalog.rebuild_tools, args=([Source("a", wait=True), Source("b")], 52)
-        )
+        first = threading.Thread(target=catalog.rebuild_tools, args=(held_servers, 52))
         first.start()
         assert reading.wait(10)
-        have["b"] = ({"name": "t"},)  # b is ready now, and its own rebuild follows
-        catalog.rebuild_tools([Source("a"), Source("b")], 52)
+        have["b"] = ({"name": "t"},)  # b is ready now
+        have["c"] = ({"name": "t"},)  # and c was added; their own rebuild follows
+        catalog.rebuild_tools(servers, 52)
         release.set()
         first.join(10)
-        assert set(catalog.view.tools) == {"a__t", "b__t"}
+        assert set(catalog.view.tools) == {"a__t", "b__t", "c__t"}
 
     def test_exposed_name_is_deterministic_short_and_safe(self):
         long = "x" * 80
